@@ -1,0 +1,117 @@
+"""State-only Gaussian MLP policy: the baseline model for PPO correctness and for comparing with
+Stable-Baselines3 (same network: tanh MLP, orthogonal init, state-independent log-std).
+
+Observation: {"state": float32 [B, obs_dim]}. Actions: [B, H, D] with H = action_horizon, so
+the same code path serves chunked policies; for a gym task H is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from openpi_rl.rl.rl_api import Array, ArraySpec, Observation, ObsSpec
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianMLPConfig:
+    """Builds a `GaussianMLP` (`GaussianMLPConfig(obs_dim=4, action_dim=1).create(rng)`)."""
+
+    obs_dim: int = 4
+    action_dim: int = 1
+    action_horizon: int = 1
+    hidden: tuple[int, ...] = (64, 64)
+    log_std_init: float = 0.0
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        return {"state": ArraySpec((self.obs_dim,), "float32")}
+
+    @property
+    def value_in_dim(self) -> int:
+        """Width of `value_features`: the critic reads the state, like SB3's separate critic."""
+        return self.obs_dim
+
+    def create(self, rng: Array) -> GaussianMLP:
+        return GaussianMLP(self, rngs=nnx.Rngs(rng))
+
+    def fake_obs(self, batch: int = 1) -> dict[str, Array]:
+        return {"state": jnp.zeros((batch, self.obs_dim), jnp.float32)}
+
+    def fake_act(self, batch: int = 1) -> Array:
+        return jnp.zeros((batch, self.action_horizon, self.action_dim), jnp.float32)
+
+
+def mlp_layers(sizes: tuple[int, ...], out_scale: float, rngs: nnx.Rngs) -> nnx.List:
+    """Linear layers sizes[0] -> ... -> sizes[-1]; orthogonal init with gain sqrt(2) on hidden
+    layers and `out_scale` on the last (the PPO implementation detail CleanRL and SB3 share)."""
+    layers = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        scale = out_scale if i == len(sizes) - 2 else math.sqrt(2.0)
+        layers.append(
+            nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.orthogonal(scale), rngs=rngs)
+        )
+    return nnx.List(layers)
+
+
+def mlp_apply(layers: nnx.List, x: Array) -> Array:
+    for layer in layers[:-1]:
+        x = jnp.tanh(layer(x))
+    return layers[-1](x)
+
+
+def diag_gaussian_logprob(x: Array, mean: Array, log_std: Array) -> Array:
+    """Log-density of a diagonal Gaussian, summed over all axes after the first. x, mean: [B, ...]."""
+    z = (x - mean) * jnp.exp(-log_std)
+    per_dim = -0.5 * (z * z + _LOG_2PI) - log_std
+    return per_dim.reshape(per_dim.shape[0], -1).sum(-1)
+
+
+class GaussianMLP(nnx.Module):
+    """Actions ~ N(mlp(state), exp(log_std)^2), one independent Gaussian per chunk entry."""
+
+    def __init__(self, config: GaussianMLPConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        out = config.action_horizon * config.action_dim
+        self.mean_net = mlp_layers((config.obs_dim, *config.hidden, out), 0.01, rngs)
+        self.log_std = nnx.Param(
+            jnp.full((config.action_horizon, config.action_dim), config.log_std_init, jnp.float32)
+        )
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        return self.config.obs_spec
+
+    def _mean(self, obs: Observation) -> Array:
+        state = jnp.asarray(obs["state"], jnp.float32)
+        mean = mlp_apply(self.mean_net, state)
+        return mean.reshape(state.shape[0], self.config.action_horizon, self.config.action_dim)
+
+    def sample_actions(self, rng: Array, obs: Observation) -> Array:
+        mean = self._mean(obs)
+        return mean + jnp.exp(self.log_std[...]) * jax.random.normal(rng, mean.shape)
+
+    def sample_actions_and_logprobs(self, rng: Array, obs: Observation) -> tuple[Array, Array]:
+        """Sample [B, H, D] and its log-prob [B] in one pass (what a rollout or server stores)."""
+        mean = self._mean(obs)
+        actions = mean + jnp.exp(self.log_std[...]) * jax.random.normal(rng, mean.shape)
+        return actions, diag_gaussian_logprob(actions, mean, self.log_std[...])
+
+    def policy_logprobs(self, rng: Array, obs: Observation, actions: Array) -> Array:
+        return diag_gaussian_logprob(jnp.asarray(actions), self._mean(obs), self.log_std[...])
+
+    def value_features(self, rng: Array, obs: Observation) -> Array:
+        return jnp.asarray(obs["state"], jnp.float32)
+
+    def entropy(self, rng: Array, obs: Observation) -> Array:
+        batch = np.shape(obs["state"])[0]
+        per_chunk = jnp.sum(self.log_std[...] + 0.5 * (_LOG_2PI + 1.0))
+        return jnp.broadcast_to(per_chunk, (batch,))

@@ -1,0 +1,99 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openpi_rl.cli import _seed_style_args
+from openpi_rl.train.train_ppo import PPOTrainConfig, train
+
+SMALL = dict(num_envs=2, rollout_length=32)
+
+
+def test_short_run_collects_episodes_and_reports_finite_metrics():
+    result = train(PPOTrainConfig(num_train_steps=2, **SMALL), display=False)
+    assert result.updates == 2
+    assert result.env_steps == 2 * 2 * 32
+    assert result.episodes and all(length >= 1 for _, _, length in result.episodes)
+    for key in (
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "approx_kl",
+        "clip_fraction",
+        "explained_variance",
+        "grad_norm",
+    ):
+        assert np.isfinite(result.metrics[key]), key
+
+
+def test_external_reward_replaces_the_env_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def minus_one(observation, actions):\n    return -1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = PPOTrainConfig(
+        num_train_steps=1,
+        reward_type="external",
+        external_reward_fn="my_rewards:minus_one",
+        **SMALL,
+    )
+    result = train(config, display=False)
+    assert result.updates == 1
+    # Every step is rewarded -1: the critic's targets are negative, so the value loss is large.
+    assert result.metrics["value_loss"] > 0.1
+
+
+def test_a_bad_reward_configuration_is_refused_before_training():
+    with pytest.raises(ValueError, match="needs --external_reward_fn"):
+        train(PPOTrainConfig(reward_type="external", **SMALL), display=False)
+    with pytest.raises(ValueError, match="weight 'x' is not a number"):
+        train(PPOTrainConfig(reward_type="composite", composite=("env:x",), **SMALL), display=False)
+
+
+def test_seed_style_model_flag_maps_to_the_tyro_subcommand():
+    from openpi_rl.train.train_ppo import MODEL_NAMES
+
+    expected = ["model:gaussian_mlp"] if len(MODEL_NAMES) > 1 else []
+    assert _seed_style_args(["--model.gaussian_mlp", "--env", "X"]) == [*expected, "--env", "X"]
+    assert _seed_style_args(["--model.hidden", "8"]) == ["--model.hidden", "8"]
+
+
+def _train_cmd(ckpt: Path, updates: int) -> list[str]:
+    return [
+        sys.executable, "-m", "openpi_rl.cli", "train", "--model.gaussian_mlp",
+        "--num_envs", "2", "--rollout_length", "16", "--num_train_steps", str(updates),
+        "--save_interval", "1", "--checkpoint_dir", str(ckpt),
+    ]  # fmt: skip
+
+
+def _steps(ckpt: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _train_cmd(ckpt, 10_000), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(_steps(ckpt)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_steps(ckpt)) >= 2, "no checkpoints written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = _steps(ckpt)[-1]
+    out = subprocess.run(
+        _train_cmd(ckpt, last + 2), capture_output=True, text=True, env=env, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resumed" in out.stderr and f"update={last}" in out.stderr
+    assert f"updates={last + 2}" in out.stderr  # it ran the two remaining updates, not all
+    assert _steps(ckpt)[-1] == last + 2
