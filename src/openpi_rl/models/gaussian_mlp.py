@@ -8,7 +8,6 @@ the same code path serves chunked policies; for a gym task H is 1.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from openpi_rl.rl.nn import MLP
 from openpi_rl.rl.rl_api import Array, ArraySpec, Observation, ObsSpec
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -50,24 +50,6 @@ class GaussianMLPConfig:
         return jnp.zeros((batch, self.action_horizon, self.action_dim), jnp.float32)
 
 
-def mlp_layers(sizes: tuple[int, ...], out_scale: float, rngs: nnx.Rngs) -> nnx.List:
-    """Linear layers sizes[0] -> ... -> sizes[-1]; orthogonal init with gain sqrt(2) on hidden
-    layers and `out_scale` on the last (the PPO implementation detail CleanRL and SB3 share)."""
-    layers = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        scale = out_scale if i == len(sizes) - 2 else math.sqrt(2.0)
-        layers.append(
-            nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.orthogonal(scale), rngs=rngs)
-        )
-    return nnx.List(layers)
-
-
-def mlp_apply(layers: nnx.List, x: Array) -> Array:
-    for layer in layers[:-1]:
-        x = jnp.tanh(layer(x))
-    return layers[-1](x)
-
-
 def diag_gaussian_logprob(x: Array, mean: Array, log_std: Array) -> Array:
     """Log-density of a diagonal Gaussian, summed over all axes after the first. x, mean: [B, ...]."""
     z = (x - mean) * jnp.exp(-log_std)
@@ -81,7 +63,7 @@ class GaussianMLP(nnx.Module):
     def __init__(self, config: GaussianMLPConfig, *, rngs: nnx.Rngs):
         self.config = config
         out = config.action_horizon * config.action_dim
-        self.mean_net = mlp_layers((config.obs_dim, *config.hidden, out), 0.01, rngs)
+        self.mean_net = MLP((config.obs_dim, *config.hidden, out), 0.01, rngs)
         self.log_std = nnx.Param(
             jnp.full((config.action_horizon, config.action_dim), config.log_std_init, jnp.float32)
         )
@@ -92,7 +74,7 @@ class GaussianMLP(nnx.Module):
 
     def _mean(self, obs: Observation) -> Array:
         state = jnp.asarray(obs["state"], jnp.float32)
-        mean = mlp_apply(self.mean_net, state)
+        mean = self.mean_net(state)
         return mean.reshape(state.shape[0], self.config.action_horizon, self.config.action_dim)
 
     def sample_actions(self, rng: Array, obs: Observation) -> Array:

@@ -8,42 +8,23 @@ The value head is any `nnx.Module` mapping [B, F] to [B]; `ValueHead` is the def
 
 from __future__ import annotations
 
-import itertools
-import math
-
-import jax.numpy as jnp
 from flax import nnx
 
+from openpi_rl.rl.nn import MLP
 from openpi_rl.rl.rl_api import Array, Observation, RLModel
 
 
 class ValueHead(nnx.Module):
-    """MLP from features [B, F] to values [B]: tanh hidden layers, orthogonal init (gain 1 on
-    the output, as CleanRL and SB3 do for the critic)."""
+    """MLP from features [B, F] to values [B] (tanh hidden layers, orthogonal init with gain 1
+    on the output, as CleanRL and SB3 do for the critic)."""
 
     def __init__(
         self, in_dim: int, rngs: nnx.Rngs | None = None, hidden: tuple[int, ...] = (256, 256)
     ):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        sizes = (in_dim, *hidden, 1)
-        self.layers = nnx.List(
-            [
-                nnx.Linear(
-                    n_in,
-                    n_out,
-                    kernel_init=nnx.initializers.orthogonal(
-                        1.0 if i == len(sizes) - 2 else math.sqrt(2.0)
-                    ),
-                    rngs=rngs,
-                )
-                for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes))
-            ]
-        )
+        self.mlp = MLP((in_dim, *hidden, 1), 1.0, rngs if rngs is not None else nnx.Rngs(0))
 
     def __call__(self, x: Array) -> Array:
-        for layer in self.layers[:-1]:
-            x = jnp.tanh(layer(x))
-        return self.layers[-1](x)[..., 0]
+        return self.mlp(x)[..., 0]
 
 
 class ActorCritic(nnx.Module):

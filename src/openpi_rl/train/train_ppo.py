@@ -8,7 +8,6 @@ PPO code trains the policy in the service's learner.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections import deque
@@ -22,11 +21,12 @@ from flax import nnx
 
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.rl.actor_critic import ActorCritic
-from openpi_rl.rl.ppo import PPOConfig, PPOTrainer, flatten_rollout, gae_advantages
+from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.rl.reward import RewardConfig
 from openpi_rl.train.checkpoints import TrainCheckpoints
 from openpi_rl.train.display import TrainDisplay
 from openpi_rl.train.envs import EnvBatch
+from openpi_rl.train.learner import RolloutLearner
 from openpi_rl.train.rewards import build_reward
 
 log = structlog.get_logger("openpi_rl.train")
@@ -39,7 +39,7 @@ MODEL_NAMES = ("gaussian_mlp",)
 # meant for fine-tuning a large pretrained policy; a small MLP from scratch learns faster with
 # these (measured on InvertedPendulum-v5 by benchmarks/learn_inverted_pendulum.py).
 TRAIN_PPO_DEFAULTS = PPOConfig(
-    lr=1e-3, train_iters=10, minibatch_size=64, entropy_coef=0.0, max_grad_norm=0.5
+    lr=2e-3, train_iters=10, minibatch_size=64, entropy_coef=0.0, max_grad_norm=0.5
 )
 
 
@@ -50,7 +50,7 @@ class PPOTrainConfig:
     model: ModelChoice = GaussianMLPConfig()
     ppo: PPOConfig = TRAIN_PPO_DEFAULTS
     env: str = "InvertedPendulum-v5"  # gymnasium id
-    num_envs: int = 4  # environments stepped in lockstep
+    num_envs: int = 8  # environments stepped in lockstep
     reward_type: Literal["env", "human_cli", "external", "websocket", "http", "composite"] = "env"
     reward_config: RewardConfig = RewardConfig()  # clamps provider rewards (not the env's)
     external_reward_fn: str | None = None  # "module:function" for reward_type external
@@ -58,7 +58,7 @@ class PPOTrainConfig:
     reward_timeout_s: float = 30.0
     reward_default: float | None = None  # reward when a rater times out (None: error)
     composite: tuple[str, ...] = ("env:1.0",)  # "kind:weight" parts for reward_type composite
-    rollout_length: int = 128  # transitions per env per update
+    rollout_length: int = 64  # transitions per env per update
     num_ppo_epochs: int | None = None  # overrides ppo.train_iters when set (seed name)
     num_train_steps: int = 100  # PPO updates (each after one rollout)
     max_env_steps: int | None = None  # stop after this many env steps
@@ -87,19 +87,6 @@ class TrainResult:
         return float(np.mean(recent)) if recent else math.nan
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _act(graphdef, params, rest, key, step, state):
-    return nnx.merge(graphdef, params, rest).act(jax.random.fold_in(key, step), {"state": state})
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _value(graphdef, params, rest, state):
-    return nnx.merge(graphdef, params, rest).value(jax.random.key(0), {"state": state})
-
-
-_gae = jax.jit(gae_advantages)
-
-
 def _sized_model(config: PPOTrainConfig, env: EnvBatch):
     m = config.model
     if (m.obs_dim, m.action_dim) != (env.obs_dim, env.action_dim):
@@ -124,45 +111,40 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     )
     env = EnvBatch(config.env, config.num_envs, config.seed)
     model_config = _sized_model(config, env)
+    n, t_len = config.num_envs, config.rollout_length
+    h, d = model_config.action_horizon, model_config.action_dim
     key = jax.random.key(config.seed)
-    model = model_config.create(jax.random.fold_in(key, 0))
     ac = ActorCritic(
-        model,
+        model_config.create(jax.random.fold_in(key, 0)),
         value_in_dim=model_config.value_in_dim,
         value_hidden=config.value_hidden,
         rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
     )
-    trainer = PPOTrainer(ac, ppo)
+    learner = RolloutLearner(ac, ppo, config.seed, t_len, n, env.obs_dim, (h, d))
 
     update, env_steps = 0, 0
     episodes: list[tuple[int, float, int]] = []
-    ckpt = (
-        TrainCheckpoints(config.checkpoint_dir, config.keep_checkpoints)
-        if config.checkpoint_dir
-        else None
-    )
-    if ckpt is not None and (step := ckpt.latest_step()) is not None:
-        like = {"params": trainer.params, "opt_state": trainer.opt_state, "rest": trainer.rest}
-        state, meta = ckpt.restore(step, like)
-        trainer.params, trainer.opt_state, trainer.rest = (
-            state["params"],
-            state["opt_state"],
-            state["rest"],
-        )
-        nnx.update(ac, trainer.params, trainer.rest)
-        update, env_steps = int(meta["update"]), int(meta["env_steps"])
-        episodes = [tuple(e) for e in meta["recent_episodes"]]
-        env = EnvBatch(config.env, config.num_envs, config.seed + 7919 * update)
-        log.info("resumed", checkpoint_dir=str(ckpt.directory), update=update, env_steps=env_steps)
+    ckpt = None
+    if config.checkpoint_dir:
+        ckpt = TrainCheckpoints(config.checkpoint_dir, config.keep_checkpoints)
+        if (step := ckpt.latest_step()) is not None:
+            state, meta = ckpt.restore(step, learner.state())
+            learner.load(state)
+            update, env_steps = int(meta["update"]), int(meta["env_steps"])
+            episodes = [tuple(e) for e in meta["recent_episodes"]]
+            env.close()
+            env = EnvBatch(config.env, n, config.seed + 7919 * update)  # fresh episodes
+            log.info(
+                "resumed", checkpoint_dir=str(ckpt.directory), update=update, env_steps=env_steps
+            )
 
-    n, t_len = config.num_envs, config.rollout_length
-    h, d, obs_dim = model_config.action_horizon, model_config.action_dim, env.obs_dim
     window: deque[float] = deque(
         (r for _, r, _ in episodes[-config.target_window :]), maxlen=config.target_window
     )
     steps_to_target: int | None = None
     metrics: dict[str, float] = {}
     total = config.num_train_steps
+    buf = RolloutLearner.rollout_spec(t_len, n, env.obs_dim, (h, d))
 
     def reached() -> bool:
         return (
@@ -176,29 +158,22 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             if config.max_env_steps is not None and env_steps >= config.max_env_steps:
                 break
             t0, steps0 = time.perf_counter(), env_steps
-            obs_buf = np.zeros((t_len, n, obs_dim), np.float32)
-            act_buf = np.zeros((t_len, n, h, d), np.float32)
-            logp_buf, val_buf, rew_buf = (np.zeros((t_len, n), np.float32) for _ in range(3))
-            term_buf, trunc_buf = np.zeros((t_len, n), bool), np.zeros((t_len, n), bool)
-            final_buf = np.zeros((t_len, n, obs_dim), np.float32)
-            update_key = jax.random.fold_in(key, 1000 + update)
             for t in range(t_len):
-                obs_buf[t] = env.obs
-                actions, logp, value = jax.device_get(
-                    _act(trainer.graphdef, trainer.params, trainer.rest, update_key, t, env.obs)
-                )
-                act_buf[t], logp_buf[t], val_buf[t] = actions, logp, value
+                buf["obs"][t] = env.obs
+                actions, logp, value = learner.act(update, t, env.obs)
                 out, taken = env.step(actions)
                 env_steps += taken
-                rew = env_weight * out.rewards if env_weight else np.zeros(n, np.float32)
+                rew = env_weight * out.rewards
                 if provider is not None:
                     rew = rew + np.array(
-                        [provider.get({"state": obs_buf[t, i]}, actions[i]) for i in range(n)],
+                        [provider.get({"state": buf["obs"][t, i]}, actions[i]) for i in range(n)],
                         np.float32,
                     )
-                rew_buf[t], term_buf[t], trunc_buf[t], final_buf[t] = (
-                    rew, out.terminated, out.truncated, out.final_obs,
+                buf["actions"][t], buf["logp"][t], buf["values"][t], buf["rewards"][t] = (
+                    actions, logp, value, rew,
                 )  # fmt: skip
+                buf["terminated"][t], buf["truncated"][t] = out.terminated, out.truncated
+                buf["final_obs"][t] = out.final_obs
                 for _, ret, length in out.finished:
                     episodes.append((env_steps, ret, length))
                     window.append(ret)
@@ -208,28 +183,15 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
                     break
             if steps_to_target is not None:
                 break  # solved: the rollout is cut short, no update needed
-
-            final_values = _value(
-                trainer.graphdef, trainer.params, trainer.rest, final_buf.reshape(-1, obs_dim)
-            )
-            last_values = _value(trainer.graphdef, trainer.params, trainer.rest, env.obs)
-            adv, ret = _gae(
-                rew_buf, val_buf, term_buf, trunc_buf, last_values, ppo.gamma, ppo.lam,
-                final_values.reshape(t_len, n),
-            )  # fmt: skip
-            batch = flatten_rollout({"state": obs_buf}, act_buf, logp_buf, val_buf, adv, ret)
-            metrics = {
-                k: float(v)
-                for k, v in trainer.update(jax.random.fold_in(key, 10**6 + update), batch).items()
-            }
+            buf["last_obs"][:] = env.obs
+            metrics = learner.learn(update, buf)
             update += 1
-            dt = time.perf_counter() - t0
             ui.add(
                 {
                     "update": update,
                     "env_steps": env_steps,
                     "return": float(np.mean(window)) if window else None,
-                    "steps_per_s": (env_steps - steps0) / dt,
+                    "steps_per_s": (env_steps - steps0) / (time.perf_counter() - t0),
                     **metrics,
                 }
             )
@@ -239,25 +201,15 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
                     "env_steps": env_steps,
                     "recent_episodes": episodes[-config.target_window :],
                 }
-                ckpt.save(
-                    update,
-                    {
-                        "params": trainer.params,
-                        "opt_state": trainer.opt_state,
-                        "rest": trainer.rest,
-                    },
-                    meta,
-                )
-                log.debug("checkpoint", update=update)
+                ckpt.save(update, learner.state(), meta)
 
     if ckpt is not None:
         ckpt.close()
     env.close()
     if provider is not None:
         provider.close()
-    return TrainResult(
-        update, env_steps, episodes, steps_to_target, time.perf_counter() - t_start, metrics
-    )
+    wall = time.perf_counter() - t_start
+    return TrainResult(update, env_steps, episodes, steps_to_target, wall, metrics)
 
 
 class _NoDisplay:
