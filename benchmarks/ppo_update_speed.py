@@ -37,7 +37,7 @@ class Args:
     samples: int = 2048
     epochs: int = 10
     minibatch: int = 64
-    repeats: int = 7  # timed updates per contender (median taken)
+    repeats: int = 21  # timed updates per contender, interleaved (median taken)
     quick: bool = False  # fewer repeats, skip SB3
     sb3: bool = True
 
@@ -48,14 +48,18 @@ def make_batch(n: int, obs_dim: int = 4, act_dim: int = 1, seed: int = 0) -> PPO
     return PPOBatch({"state": f(n, obs_dim)}, f(n, 1, act_dim), f(n) - 1.0, f(n), f(n), f(n))
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    times = []
+def timed_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls alternating between them so that the
+    shared machine's noise falls on all alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile / warm up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def build(config: PPOConfig) -> ActorCritic:
@@ -134,19 +138,20 @@ def unfused_update_fn(ac: ActorCritic, config: PPOConfig, n: int):
         optimizer.update(ac, grads)
 
     def update(batch: PPOBatch, rng: np.random.Generator):
+        host = jax.device_get(batch)  # minibatches sliced in NumPy, as a CleanRL-style loop does
         mb = config.minibatch_size
         for _ in range(config.train_iters):
             perm = rng.permutation(n)
             for i in range(n // mb):
                 idx = perm[i * mb : (i + 1) * mb]
-                step(ac, optimizer, jax.tree.map(lambda a, idx=idx: a[idx], batch))
+                step(ac, optimizer, jax.tree.map(lambda a, idx=idx: a[idx], host))
         return nnx.state(ac, nnx.Param)
 
     return update
 
 
 def main(args: Args) -> dict:
-    repeats = 3 if args.quick else args.repeats
+    repeats = 5 if args.quick else args.repeats
     config = PPOConfig(
         lr=3e-4, train_iters=args.epochs, minibatch_size=args.minibatch, entropy_coef=0.0
     )
@@ -156,16 +161,21 @@ def main(args: Args) -> dict:
 
     trainer = PPOTrainer(build(config), config)
     key = jax.random.key(0)
-    t_fused = timed(lambda: trainer.update(key, batch), repeats)
-
     p = plain_init(jax.random.key(0))
     plain_state = [p, make_optimizer(config).init(p)]
     plain = plain_update_fn(config, n)
-    t_plain = timed(lambda: plain(plain_state[0], plain_state[1], key, batch), repeats)
+    t = timed_interleaved(
+        {
+            "fused": lambda: trainer.update(key, batch),
+            "plain": lambda: plain(plain_state[0], plain_state[1], key, batch),
+        },
+        repeats,
+    )
+    t_fused, t_plain = t["fused"], t["plain"]
 
     unfused = unfused_update_fn(build(config), config, n)
     np_rng = np.random.default_rng(0)
-    t_unfused = timed(lambda: unfused(batch, np_rng), max(1, repeats // 3))
+    t_unfused = timed_interleaved({"unfused": lambda: unfused(batch, np_rng)}, 2)["unfused"]
 
     out = {
         "fused_samples_per_s": round(samples / t_fused),

@@ -255,3 +255,20 @@ def test_ppo_step_rejects_non_trajectory_rewards():
             jnp.zeros(2),
             PPOConfig(),
         )
+
+
+def test_ppo_step_rejects_an_observation_that_does_not_match_the_spec():
+    _, ac = _ac()
+    bad = {"state": jnp.ones((2, 5))}
+    with pytest.raises(ValueError, match=r"observation\['state'\]: expected float32 \['B', 3\]"):
+        ppo_step(
+            ac,
+            jax.random.key(0),
+            bad,
+            jnp.zeros((2, 1, 2)),
+            jnp.zeros(2),
+            jnp.zeros(2),
+            jnp.zeros(2),
+            jnp.zeros(2),
+            PPOConfig(),
+        )

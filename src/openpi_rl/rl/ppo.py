@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from openpi_rl.rl.actor_critic import ActorCritic
-from openpi_rl.rl.rl_api import Array, Observation
+from openpi_rl.rl.rl_api import Array, Observation, validate_observation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +295,10 @@ def ppo_step(
     obs: dict of [T, ...]; actions: [T, H, D]; rewards, dones, old_logp, old_values: [T], in
     time order. last_value: the value after step T-1 if the trajectory was cut (0 = it ended).
     Runs GAE then `config.train_iters` epochs of minibatch updates. Returns the mean loss over
-    the applied minibatch steps and the metrics dict.
+    the applied minibatch steps and the metrics dict. `obs` is checked against the model's
+    `obs_spec` first (ValueError naming the key).
     """
+    validate_observation(obs, ac_model.model.obs_spec)
     rewards = jnp.asarray(rewards, jnp.float32)
     if rewards.ndim != 1:
         raise ValueError(f"rewards: expected [T], got shape {list(rewards.shape)}")

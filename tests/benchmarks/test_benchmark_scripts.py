@@ -1,0 +1,29 @@
+"""The benchmark scripts keep working: their --quick runs end in one JSON line with the
+figures the issue names. (Timings themselves are not asserted: the machine is shared.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "benchmarks"
+
+
+def _last_json(script: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ppo_update_speed_quick_reports_its_ratios():
+    figures = _last_json("ppo_update_speed.py", "--samples", "512", "--epochs", "2")
+    assert figures["fused_samples_per_s"] > 0
+    assert figures["fused_over_unfused"] > 0 and figures["fused_over_plain"] > 0
+
+
+def test_learn_inverted_pendulum_quick_reaches_950():
+    figures = _last_json("learn_inverted_pendulum.py")
+    steps = figures["steps_to_950"]
+    assert len(steps) == 1 and steps[0] is not None and steps[0] <= 100_000
