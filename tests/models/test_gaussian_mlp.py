@@ -25,7 +25,8 @@ def test_samples_have_the_policy_mean_and_std_and_fused_logprob_agrees():
     config = GaussianMLPConfig(obs_dim=4, action_dim=1, log_std_init=np.log(0.5))
     model = config.create(jax.random.key(0))
     obs = {"state": jnp.ones((20000, 4))}
-    actions, logp = model.sample_actions_and_logprobs(jax.random.key(3), obs)
+    actions, logp, stored = model.sample_with_logprobs(jax.random.key(3), obs)
+    assert stored is actions
     assert actions.shape == (20000, 1, 1)
     mean = float(model._mean(obs)[0, 0, 0])
     assert abs(float(actions.mean()) - mean) < 0.02

@@ -123,7 +123,7 @@ def _ac(obs_dim=3, seed=0):
 def _batch_for(ac, n=256, seed=0, advantage=None):
     rng = np.random.default_rng(seed)
     obs = {"state": jnp.asarray(rng.standard_normal((n, 3)), jnp.float32)}
-    actions, logp, value = ac.act(jax.random.key(seed), obs)
+    actions, logp, value, _ = ac.act(jax.random.key(seed), obs)
     adv = jnp.asarray(rng.standard_normal(n), jnp.float32) if advantage is None else advantage
     return PPOBatch(obs, actions, logp, value, adv, value + adv)
 

@@ -15,6 +15,10 @@ normalises them; values outside [low, high] are clipped.
 `decode` never raises on the serving path for ids of the right shape: ids outside
 [0, vocab_size) are clipped into range, and positions at or past `num_valid` read as padding
 (a zero DCT coefficient, or the 0.0 action for binning). End-of-actions is the model's job.
+
+Each tokenizer jits its own `encode`/`decode` once: an eager call (tests, the policy server's
+numpy path) compiles once per batch size instead of once per op, and inside a caller's
+`jax.jit` the inner jit simply inlines.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ class BinningTokenizer:
         self.num_tokens = self.action_horizon * self.action_dim
         self.bin_width = (self.high - self.low) / self.num_bins
         self.max_abs_error = self.bin_width / 2
+        self._encode, self._decode = jax.jit(self._encode_impl), jax.jit(self._decode_impl)
 
     def __repr__(self) -> str:
         return (
@@ -152,6 +157,16 @@ class BinningTokenizer:
 
     def encode(self, actions: Array) -> Array:
         """actions float [B, H, D] -> int32 bin ids [B, H * D] (time-major)."""
+        return self._encode(actions)
+
+    def decode(self, tokens: Array, num_valid: Array | None = None) -> Array:
+        """int32 bin ids [B, H * D] -> float32 bin centres [B, H, D]; never raises on values.
+
+        num_valid: [B] or None; positions >= num_valid[b] decode to the 0.0 action.
+        """
+        return self._decode(tokens, num_valid)
+
+    def _encode_impl(self, actions: Array) -> Array:
         actions = _as_actions(actions, self.action_horizon, self.action_dim)
         x = jnp.clip(actions, self.low, self.high)
         # `high` itself lands in bin num_bins; the clip puts it in the last bin.
@@ -159,11 +174,7 @@ class BinningTokenizer:
         ids = jnp.clip(ids, 0, self.num_bins - 1)
         return ids.reshape(actions.shape[0], self.num_tokens)
 
-    def decode(self, tokens: Array, num_valid: Array | None = None) -> Array:
-        """int32 bin ids [B, H * D] -> float32 bin centres [B, H, D]; never raises on values.
-
-        num_valid: [B] or None; positions >= num_valid[b] decode to the 0.0 action.
-        """
+    def _decode_impl(self, tokens: Array, num_valid: Array | None) -> Array:
         tokens = _as_tokens(tokens, self.num_tokens)
         ids = jnp.clip(tokens, 0, self.num_bins - 1)
         values = self.low + (ids.astype(jnp.float32) + 0.5) * self.bin_width
@@ -234,6 +245,7 @@ class FASTTokenizer:
         basis = dct_basis(self.action_horizon)
         self.basis = basis.astype(np.float32)  # [H(freq), H(time)]
         self.max_abs_error = float(np.abs(basis).sum(axis=0).max() * 0.5 / self.scale)
+        self._encode, self._decode = jax.jit(self._encode_impl), jax.jit(self._decode_impl)
 
     def __repr__(self) -> str:
         return (
@@ -243,12 +255,7 @@ class FASTTokenizer:
 
     def encode(self, actions: Array) -> Array:
         """actions float [B, H, D] -> int32 coefficient ids [B, H * D] (frequency-major)."""
-        actions = _as_actions(actions, self.action_horizon, self.action_dim)
-        x = jnp.clip(actions, self.low, self.high)
-        coeffs = jnp.einsum("kt,btd->bkd", self.basis, x, precision=_PRECISION)
-        q = jnp.clip(jnp.round(coeffs * self.scale), -self.max_coeff, self.max_coeff)
-        ids = q.astype(jnp.int32) + self.zero_token
-        return ids.reshape(actions.shape[0], self.num_tokens)
+        return self._encode(actions)
 
     def decode(self, tokens: Array, num_valid: Array | None = None) -> Array:
         """int32 coefficient ids [B, H * D] -> float32 actions [B, H, D]; never raises on values.
@@ -256,6 +263,17 @@ class FASTTokenizer:
         num_valid: [B] or None; positions >= num_valid[b] are zero coefficients, so a prefix
         decodes to the chunk with its high frequencies removed.
         """
+        return self._decode(tokens, num_valid)
+
+    def _encode_impl(self, actions: Array) -> Array:
+        actions = _as_actions(actions, self.action_horizon, self.action_dim)
+        x = jnp.clip(actions, self.low, self.high)
+        coeffs = jnp.einsum("kt,btd->bkd", self.basis, x, precision=_PRECISION)
+        q = jnp.clip(jnp.round(coeffs * self.scale), -self.max_coeff, self.max_coeff)
+        ids = q.astype(jnp.int32) + self.zero_token
+        return ids.reshape(actions.shape[0], self.num_tokens)
+
+    def _decode_impl(self, tokens: Array, num_valid: Array | None) -> Array:
         tokens = _as_tokens(tokens, self.num_tokens)
         ids = jnp.clip(tokens, 0, self.vocab_size - 1)
         pad = _padding_mask(num_valid, tokens.shape[0], self.num_tokens)

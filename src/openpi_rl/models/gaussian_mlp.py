@@ -81,11 +81,12 @@ class GaussianMLP(nnx.Module):
         mean = self._mean(obs)
         return mean + jnp.exp(self.log_std[...]) * jax.random.normal(rng, mean.shape)
 
-    def sample_actions_and_logprobs(self, rng: Array, obs: Observation) -> tuple[Array, Array]:
-        """Sample [B, H, D] and its log-prob [B] in one pass (what a rollout or server stores)."""
+    def sample_with_logprobs(self, rng: Array, obs: Observation) -> tuple[Array, Array, Array]:
+        """(actions [B, H, D], log-prob [B], policy actions) in one pass; for a continuous
+        policy the policy actions are the actions themselves."""
         mean = self._mean(obs)
         actions = mean + jnp.exp(self.log_std[...]) * jax.random.normal(rng, mean.shape)
-        return actions, diag_gaussian_logprob(actions, mean, self.log_std[...])
+        return actions, diag_gaussian_logprob(actions, mean, self.log_std[...]), actions
 
     def policy_logprobs(self, rng: Array, obs: Observation, actions: Array) -> Array:
         return diag_gaussian_logprob(jnp.asarray(actions), self._mean(obs), self.log_std[...])

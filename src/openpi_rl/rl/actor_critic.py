@@ -53,7 +53,9 @@ class ActorCritic(nnx.Module):
 
     def value(self, rng: Array, obs: Observation) -> Array:
         """Critic's estimate per example: [B]."""
-        features = self.model.value_features(rng, obs)
+        return self._head(self.model.value_features(rng, obs))
+
+    def _head(self, features: Array) -> Array:
         if features.shape[-1] != self.value_in_dim:
             raise ValueError(
                 f"value_features: expected width value_in_dim={self.value_in_dim}, "
@@ -61,22 +63,30 @@ class ActorCritic(nnx.Module):
             )
         return self.value_head(features)
 
-    def evaluate(self, rng: Array, obs: Observation, actions: Array) -> tuple[Array, Array, Array]:
-        """(log-prob [B], entropy [B], value [B]) of `actions`: everything the PPO loss needs."""
-        logp = self.model.policy_logprobs(rng, obs, actions)
-        entropy = self.model.entropy(rng, obs)
-        return logp, entropy, self.value(rng, obs)
+    def evaluate(
+        self, rng: Array, obs: Observation, policy_actions: Array
+    ) -> tuple[Array, Array, Array]:
+        """(log-prob [B], entropy [B], value [B]) of stored policy actions: what PPO needs.
 
-    def act(self, rng: Array, obs: Observation) -> tuple[Array, Array, Array]:
-        """Sample for a rollout or a robot: (actions [B, H, D], behaviour log-prob [B], value [B]).
-
-        Uses the model's fused `sample_actions_and_logprobs` when it has one (a token policy
-        knows its log-prob while decoding); otherwise scores the sample with `policy_logprobs`.
+        A model with `evaluate_actions` gives all three from one forward pass (a token
+        policy's teacher-forced pass also yields the prefix features the critic reads).
         """
-        fused = getattr(self.model, "sample_actions_and_logprobs", None)
+        fused = getattr(self.model, "evaluate_actions", None)
         if fused is not None:
-            actions, logp = fused(rng, obs)
+            logp, entropy, features = fused(rng, obs, policy_actions)
+            return logp, entropy, self._head(features)
+        logp = self.model.policy_logprobs(rng, obs, policy_actions)
+        return logp, self.model.entropy(rng, obs), self.value(rng, obs)
+
+    def act(self, rng: Array, obs: Observation) -> tuple[Array, Array, Array, Array]:
+        """Sample for a rollout or a robot: (actions [B, H, D], behaviour log-prob [B],
+        value [B], policy actions). Store the policy actions: `evaluate` needs them for an
+        exact ratio (a token policy's sampled tokens; a continuous policy's actions).
+        """
+        fused = getattr(self.model, "sample_with_logprobs", None)
+        if fused is not None:
+            actions, logp, policy_actions = fused(rng, obs)
         else:
-            actions = self.model.sample_actions(rng, obs)
+            actions = policy_actions = self.model.sample_actions(rng, obs)
             logp = self.model.policy_logprobs(rng, obs, actions)
-        return actions, logp, self.value(rng, obs)
+        return actions, logp, self.value(rng, obs), policy_actions

@@ -4,6 +4,14 @@ A model is an `nnx.Module` with four methods of (rng, obs, ...) and an `obs_spec
 first everywhere: an observation is a dict of arrays [B, ...], actions are [B, H, D]
 (H = action horizon, the chunk a robot plays per request; D = action dimension).
 
+Two optional methods let a model do better than the four required ones:
+- `sample_with_logprobs(rng, obs) -> (actions [B, H, D], logp [B], policy_actions)`: the
+  log-prob known while sampling, and the *policy actions* to store for an exact PPO ratio
+  (a token policy's sampled tokens, which the continuous actions do not determine; a
+  continuous policy returns its actions again). `policy_logprobs` accepts either form.
+- `evaluate_actions(rng, obs, policy_actions) -> (logp [B], entropy [B], features [B, F])`:
+  everything the PPO loss needs from one forward pass.
+
 `validate_observation` is the one place an observation is checked against a spec: the
 trainer, the policy server and the tests all call it, so they reject the same inputs with
 the same message.

@@ -53,11 +53,14 @@ class RolloutLearner:
         ) -> tuple:
             params, rest = jax.tree.unflatten(treedef, leaves)
             key = jax.random.fold_in(jax.random.fold_in(key, update), step)
-            actions, logp, value = nnx.merge(graphdef, params, rest).act(key, {"state": obs})
-            # One array back to the host instead of three: each transfer costs ~50 us.
-            return jnp.concatenate(
+            ac = nnx.merge(graphdef, params, rest)
+            actions, logp, value, policy_actions = ac.act(key, {"state": obs})
+            # One array back to the host instead of three: each transfer costs ~50 us. A
+            # continuous policy's policy actions are its actions: not sent twice.
+            floats = jnp.concatenate(
                 [actions.reshape(obs.shape[0], -1), logp[:, None], value[:, None]], 1
             )
+            return floats if policy_actions is actions else (floats, policy_actions)
 
         def learn(params, rest, opt_state, key, r: dict) -> tuple:
             ac = nnx.merge(graphdef, params, rest)
@@ -75,7 +78,22 @@ class RolloutLearner:
 
         self._act = jax.jit(act)
         self._action_shape = action_shape
-        spec = self.rollout_spec(num_steps, num_envs, obs_dim, action_shape)
+        out = jax.eval_shape(
+            act,
+            self._leaves_of(),
+            self.key,
+            0,
+            0,
+            jax.ShapeDtypeStruct((num_envs, obs_dim), np.float32),
+        )
+        self._separate = isinstance(out, tuple)
+        policy = (
+            out[1]
+            if self._separate
+            else jax.ShapeDtypeStruct((num_envs, *action_shape), np.float32)
+        )
+        self._sizes = (num_steps, num_envs, obs_dim, policy.shape[1:], policy.dtype)
+        spec = self.new_rollout()
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), spec)
         lowered = jax.jit(learn).lower(self.params, self.rest, self.opt_state, self.key, abstract)
         # XLA compiles without the GIL: the first rollout runs meanwhile on the other core.
@@ -84,29 +102,34 @@ class RolloutLearner:
         self._pool.shutdown(wait=False)
         self.refresh()
 
-    @staticmethod
-    def rollout_spec(
-        t: int, n: int, obs_dim: int, action_shape: tuple[int, int]
-    ) -> dict[str, np.ndarray]:
-        """Zeroed rollout buffers of the shapes `learn` expects."""
+    def _leaves_of(self) -> list:
+        return jax.tree.leaves((self.params, self.rest))
+
+    def new_rollout(self) -> dict[str, np.ndarray]:
+        """Zeroed rollout buffers of the shapes `learn` expects; "actions" holds the policy
+        actions (what the ratio is computed on), not necessarily what the env played."""
+        t, n, obs_dim, policy_shape, policy_dtype = self._sizes
         f = lambda *s: np.zeros(s, np.float32)  # noqa: E731
         return {
-            "obs": f(t, n, obs_dim), "actions": f(t, n, *action_shape), "logp": f(t, n),
+            "obs": f(t, n, obs_dim), "actions": np.zeros((t, n, *policy_shape), policy_dtype), "logp": f(t, n),
             "values": f(t, n), "rewards": f(t, n), "terminated": np.zeros((t, n), bool),
             "truncated": np.zeros((t, n), bool), "final_obs": f(t, n, obs_dim), "last_obs": f(n, obs_dim),
         }  # fmt: skip
 
     def refresh(self) -> None:
         """Re-read the flat weights `act` uses (after an update or a restore)."""
-        self._leaves = jax.tree.leaves((self.params, self.rest))
+        self._leaves = self._leaves_of()
 
     def act(
         self, update: int, step: int, obs: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(actions [N, H, D], log-prob [N], value [N]) as numpy, sampled with a key derived from
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(actions [N, H, D], log-prob [N], value [N], policy actions [N, ...]) as numpy, sampled with a key derived from
         (seed, update, step) so a resumed run draws what an uninterrupted one would."""
-        out = np.asarray(self._act(self._leaves, self.key, np.int32(update), np.int32(step), obs))
-        return out[:, :-2].reshape(len(obs), *self._action_shape), out[:, -2], out[:, -1]
+        out = self._act(self._leaves, self.key, np.int32(update), np.int32(step), obs)
+        floats = np.asarray(out[0] if self._separate else out)
+        actions = floats[:, :-2].reshape(len(obs), *self._action_shape)
+        policy_actions = np.asarray(out[1]) if self._separate else actions
+        return actions, floats[:, -2], floats[:, -1], policy_actions
 
     def learn(self, update: int, rollout: dict[str, np.ndarray]) -> dict[str, float]:
         key = jax.random.fold_in(self.key, 2**30 + update)

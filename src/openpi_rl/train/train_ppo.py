@@ -144,7 +144,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     steps_to_target: int | None = None
     metrics: dict[str, float] = {}
     total = config.num_train_steps
-    buf = RolloutLearner.rollout_spec(t_len, n, env.obs_dim, (h, d))
+    buf = learner.new_rollout()
 
     def reached() -> bool:
         return (
@@ -160,7 +160,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             t0, steps0 = time.perf_counter(), env_steps
             for t in range(t_len):
                 buf["obs"][t] = env.obs
-                actions, logp, value = learner.act(update, t, env.obs)
+                actions, logp, value, policy_actions = learner.act(update, t, env.obs)
                 out, taken = env.step(actions)
                 env_steps += taken
                 rew = env_weight * out.rewards
@@ -170,7 +170,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
                         np.float32,
                     )
                 buf["actions"][t], buf["logp"][t], buf["values"][t], buf["rewards"][t] = (
-                    actions, logp, value, rew,
+                    policy_actions, logp, value, rew,
                 )  # fmt: skip
                 buf["terminated"][t], buf["truncated"][t] = out.terminated, out.truncated
                 buf["final_obs"][t] = out.final_obs
