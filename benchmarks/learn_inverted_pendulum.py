@@ -8,12 +8,17 @@ Ours and SB3 alternate per seed so machine noise hits both alike.
 
     python benchmarks/learn_inverted_pendulum.py            # seeds 0 1 2, both sides
     python benchmarks/learn_inverted_pendulum.py --quick    # seed 0, ours only
+
+With `--model pi0_fast`, the token policy (dummy variant, one action per chunk) trains for
+`--max-steps` env steps per seed; the figure is its mean return over the last 20 episodes
+against the first 20 (the random-init policy), with the sampling and update rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +32,7 @@ from _common import print_json, steps_to_threshold  # noqa: E402
 
 @dataclasses.dataclass
 class Args:
+    model: str = "gaussian_mlp"  # or "pi0_fast"
     seeds: tuple[int, ...] = (0, 1, 2)
     env: str = "InvertedPendulum-v5"
     threshold: float = 950.0
@@ -36,6 +42,31 @@ class Args:
     sb3: bool = True
     worker: str | None = None  # internal: "ours" or "sb3" runs one seed in this process
     seed: int = 0
+
+
+def run_pi0_fast(args: Args) -> dict:
+    import dataclasses as dc
+
+    from openpi_rl.models.pi0_fast import Pi0FASTConfig
+    from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS, PPOTrainConfig, train
+
+    config = PPOTrainConfig(
+        model=Pi0FASTConfig(variant="dummy", action_horizon=1),
+        ppo=dc.replace(TRAIN_PPO_DEFAULTS, lr=3e-4),  # a transformer wants a smaller step
+        env=args.env,
+        seed=args.seed,
+        num_train_steps=10**9,
+        max_env_steps=args.max_steps,
+    )
+    result = train(config, display=False)
+    returns = [e[1] for e in result.episodes]
+    first, last = sum(returns[:20]) / 20, sum(returns[-20:]) / 20
+    return {
+        "init_return": first,
+        "final_return": last,
+        "env_steps": result.env_steps,
+        **result.rates(),
+    }
 
 
 def run_ours(args: Args) -> dict:
@@ -63,6 +94,30 @@ def run_sb3(args: Args) -> dict:
         args.seed, args.env, args.threshold, args.window, args.max_steps
     )
     return {"steps": steps, "wall_s": wall}
+
+
+def main_pi0_fast(args: Args) -> dict:
+    runs = []
+    for seed in (0,) if args.quick else args.seeds:
+        runs.append(spawn("pi0_fast", seed, args))
+        r = runs[-1]
+        print(
+            f"seed {seed}: return {r['init_return']:.1f} -> {r['final_return']:.1f} in "
+            f"{r['env_steps']} env steps; sampling {r['sample_steps_per_s']:.0f} env steps/s, "
+            f"updates {r['update_samples_per_s']:.0f} samples/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "pi0_fast_return_ratio": [round(r["final_return"] / r["init_return"], 2) for r in runs],
+        "init_return": [round(r["init_return"], 2) for r in runs],
+        "final_return": [round(r["final_return"], 2) for r in runs],
+        "sample_steps_per_s": [round(r["sample_steps_per_s"]) for r in runs],
+        "update_samples_per_s": [
+            None if math.isnan(r["update_samples_per_s"]) else round(r["update_samples_per_s"])
+            for r in runs
+        ],
+    }
 
 
 def spawn(worker: str, seed: int, args: Args) -> dict:
@@ -109,6 +164,11 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     a = tyro.cli(Args)
     if a.worker is not None:
-        print(json.dumps(run_ours(a) if a.worker == "ours" else run_sb3(a)))
+        workers = {"ours": run_ours, "sb3": run_sb3, "pi0_fast": run_pi0_fast}
+        print(json.dumps(workers[a.worker](a)))
+    elif a.model == "pi0_fast":
+        if a.quick:
+            a = dataclasses.replace(a, max_steps=10_000)
+        print_json(main_pi0_fast(a))
     else:
         print_json(main(a))

@@ -40,6 +40,11 @@ class GaussianMLPConfig:
         """Width of `value_features`: the critic reads the state, like SB3's separate critic."""
         return self.obs_dim
 
+    normalized_actions = False  # actions are in env units (clipped to the env's bounds)
+
+    def for_env(self, obs_dim: int, action_dim: int) -> GaussianMLPConfig:
+        return dataclasses.replace(self, obs_dim=obs_dim, action_dim=action_dim)
+
     def create(self, rng: Array) -> GaussianMLP:
         return GaussianMLP(self, rngs=nnx.Rngs(rng))
 

@@ -53,8 +53,14 @@ class EnvBatch:
     def _flat(self, obs: object) -> np.ndarray:
         return np.asarray(gym.spaces.flatten(self.obs_space, obs), np.float32)
 
-    def step(self, chunks: np.ndarray) -> tuple[ChunkStep, int]:
-        """Play one chunk [H, D] per env. Returns the step and the number of env steps taken."""
+    def step(self, chunks: np.ndarray, rescale: bool = False) -> tuple[ChunkStep, int]:
+        """Play one chunk [H, D] per env. Returns the step and the number of env steps taken.
+
+        rescale: the chunks are in [-1, 1] (a normalised policy) and map onto the env's bounds;
+        otherwise they are in env units and clipped to the bounds.
+        """
+        if rescale:
+            chunks = self.low + (np.clip(chunks, -1.0, 1.0) + 1.0) * 0.5 * (self.high - self.low)
         n = len(self.envs)
         rewards = np.zeros(n, np.float32)
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)

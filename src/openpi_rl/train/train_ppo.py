@@ -20,6 +20,7 @@ import tyro
 from flax import nnx
 
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.models.pi0_fast import Pi0FASTConfig
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.rl.reward import RewardConfig
@@ -31,9 +32,12 @@ from openpi_rl.train.rewards import build_reward
 
 log = structlog.get_logger("openpi_rl.train")
 
-# One tyro subcommand per model (`--model.gaussian_mlp`); the next models join this union.
-ModelChoice = Annotated[GaussianMLPConfig, tyro.conf.subcommand("gaussian_mlp")]
-MODEL_NAMES = ("gaussian_mlp",)
+# One tyro subcommand per model (`--model.gaussian_mlp`, `--model.pi0_fast`).
+ModelChoice = (
+    Annotated[GaussianMLPConfig, tyro.conf.subcommand("gaussian_mlp")]
+    | Annotated[Pi0FASTConfig, tyro.conf.subcommand("pi0_fast")]
+)
+MODEL_NAMES = ("gaussian_mlp", "pi0_fast")
 
 # Defaults for gymnasium control tasks: the seed's PPOConfig values (lr 5e-5, 4 epochs) are
 # meant for fine-tuning a large pretrained policy; a small MLP from scratch learns faster with
@@ -81,17 +85,21 @@ class TrainResult:
     steps_to_target: int | None
     wall_s: float
     metrics: dict[str, float]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
+
+    def rates(self) -> dict[str, float]:
+        """Env steps/s of sampling (policy calls only) and samples/s of the PPO updates."""
+        t = self.timings
+        return {
+            "sample_steps_per_s": self.env_steps / t["act_s"] if t.get("act_s") else math.nan,
+            "update_samples_per_s": t["learn_samples"] / t["learn_s"]
+            if t.get("learn_s")
+            else math.nan,
+        }
 
     def mean_return(self, window: int = 20) -> float:
         recent = [r for _, r, _ in self.episodes[-window:]]
         return float(np.mean(recent)) if recent else math.nan
-
-
-def _sized_model(config: PPOTrainConfig, env: EnvBatch):
-    m = config.model
-    if (m.obs_dim, m.action_dim) != (env.obs_dim, env.action_dim):
-        m = dataclasses.replace(m, obs_dim=env.obs_dim, action_dim=env.action_dim)
-    return m
 
 
 def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
@@ -110,7 +118,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
         reward_default=config.reward_default,
     )
     env = EnvBatch(config.env, config.num_envs, config.seed)
-    model_config = _sized_model(config, env)
+    model_config = config.model.for_env(env.obs_dim, env.action_dim)
     n, t_len = config.num_envs, config.rollout_length
     h, d = model_config.action_horizon, model_config.action_dim
     key = jax.random.key(config.seed)
@@ -145,6 +153,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     metrics: dict[str, float] = {}
     total = config.num_train_steps
     buf = learner.new_rollout()
+    timings = {"act_s": 0.0, "learn_s": 0.0, "learn_samples": 0.0}
 
     def reached() -> bool:
         return (
@@ -160,8 +169,10 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             t0, steps0 = time.perf_counter(), env_steps
             for t in range(t_len):
                 buf["obs"][t] = env.obs
+                t_act = time.perf_counter()
                 actions, logp, value, policy_actions = learner.act(update, t, env.obs)
-                out, taken = env.step(actions)
+                timings["act_s"] += time.perf_counter() - t_act
+                out, taken = env.step(actions, rescale=model_config.normalized_actions)
                 env_steps += taken
                 rew = env_weight * out.rewards
                 if provider is not None:
@@ -184,7 +195,11 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             if steps_to_target is not None:
                 break  # solved: the rollout is cut short, no update needed
             buf["last_obs"][:] = env.obs
+            t_learn = time.perf_counter()
             metrics = learner.learn(update, buf)
+            if update > 0:  # the first update waits for compilation
+                timings["learn_s"] += time.perf_counter() - t_learn
+                timings["learn_samples"] += t_len * n * ppo.train_iters
             update += 1
             ui.add(
                 {
@@ -209,7 +224,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     if provider is not None:
         provider.close()
     wall = time.perf_counter() - t_start
-    return TrainResult(update, env_steps, episodes, steps_to_target, wall, metrics)
+    return TrainResult(update, env_steps, episodes, steps_to_target, wall, metrics, timings)
 
 
 class _NoDisplay:
