@@ -27,3 +27,15 @@ def test_learn_inverted_pendulum_quick_reaches_950():
     figures = _last_json("learn_inverted_pendulum.py")
     steps = figures["steps_to_950"]
     assert len(steps) == 1 and steps[0] is not None and steps[0] <= 100_000
+
+
+def test_pi0_fast_learning_quick_reports_the_return_ratio():
+    figures = _last_json("learn_inverted_pendulum.py", "--model", "pi0_fast")
+    assert set(figures) >= {"pi0_fast_return_ratio", "init_return", "final_return"}
+    assert figures["final_return"][0] > figures["init_return"][0]
+
+
+def test_pi0_fast_sizes_quick_reports_params_and_times():
+    figures = _last_json("pi0_fast_sizes.py")
+    assert figures["params"]["dummy"] < 1_000_000 < figures["params"]["gemma_2b"]
+    assert figures["sample_ms"]["dummy"] > 0 and figures["update_ms"]["dummy"] > 0

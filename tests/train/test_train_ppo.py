@@ -97,3 +97,31 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert "resumed" in out.stderr and f"update={last}" in out.stderr
     assert f"updates={last + 2}" in out.stderr  # it ran the two remaining updates, not all
     assert _steps(ckpt)[-1] == last + 2
+
+
+def test_token_policy_rollouts_store_tokens_whose_logprob_matches_the_behaviour():
+    import jax
+
+    from openpi_rl.models.pi0_fast import Pi0FASTConfig
+    from openpi_rl.rl import ActorCritic, PPOConfig
+    from openpi_rl.train.learner import RolloutLearner
+
+    config = Pi0FASTConfig(variant="dummy", action_horizon=2).for_env(obs_dim=4, action_dim=1)
+    ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=config.value_in_dim)
+    learner = RolloutLearner(ac, PPOConfig(), 0, 8, 3, 4, (2, 1))
+    obs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    actions, logp, _, tokens = learner.act(0, 0, obs)
+    assert actions.shape == (3, 2, 1) and tokens.dtype == np.int32
+    assert learner.new_rollout()["actions"].shape == (8, 3, *tokens.shape[1:])
+    recomputed = ac.model.policy_logprobs(None, {"state": obs}, tokens)
+    np.testing.assert_allclose(recomputed, logp, atol=1e-4)  # the PPO ratio starts at exactly 1
+
+
+def test_pi0_fast_trains_through_the_cli_config():
+    from openpi_rl.models.pi0_fast import Pi0FASTConfig
+
+    config = PPOTrainConfig(
+        model=Pi0FASTConfig(variant="dummy", action_horizon=2), num_train_steps=2, **SMALL
+    )
+    result = train(config, display=False)
+    assert result.updates == 2 and np.isfinite(result.metrics["policy_loss"])
