@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ class GaussianMLPConfig:
         """Width of `value_features`: the critic reads the state, like SB3's separate critic."""
         return self.obs_dim
 
+    KIND: ClassVar[str] = "gaussian_mlp"  # its name in config files and on the CLI
     normalized_actions = False  # actions are in env units (clipped to the env's bounds)
 
     def for_env(self, obs_dim: int, action_dim: int) -> GaussianMLPConfig:

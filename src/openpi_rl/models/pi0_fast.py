@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +111,7 @@ class Pi0FASTConfig:
             self.tokenizer, self.action_horizon, self.action_dim, self.fast_scale, self.num_bins
         )
 
+    KIND: ClassVar[str] = "pi0_fast"  # its name in config files and on the CLI
     normalized_actions = True  # actions in [-1, 1], rescaled to the env's bounds
 
     def for_env(self, obs_dim: int, action_dim: int) -> Pi0FASTConfig:
