@@ -67,7 +67,40 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main}
+def serve_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl serve [--config FILE] [flags]`: the policy server."""
+    from openpi_rl import config_file
+    from openpi_rl.policy_server.serve import ServeConfig, serve
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = ServeConfig()
+    if "--config" in argv:
+        i = argv.index("--config")
+        default = config_file.load(ServeConfig, argv[i + 1])
+        del argv[i : i + 2]
+    config = tyro.cli(
+        ServeConfig,
+        args=_seed_style_args(argv),
+        default=default,
+        prog="openpi-rl serve",
+        config=(tyro.conf.CascadeSubcommandArgs,),
+    )
+    configure_logging(json=not sys.stderr.isatty())
+    return serve(config)
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl replay stats DIR`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "stats":
+        print("usage: openpi-rl replay stats DIR", file=sys.stderr)
+        return 2
+    from openpi_rl.replay import stats_main
+
+    return stats_main(argv[1:])
+
+
+COMMANDS = {"train": train_main, "serve": serve_main, "replay": replay_main}
 
 
 def main(argv: list[str] | None = None) -> int:

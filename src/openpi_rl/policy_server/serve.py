@@ -1,0 +1,65 @@
+"""`openpi-rl serve --config FILE`: build the model, the replay and the server from one config
+and serve until SIGTERM / Ctrl-C (stop accepting, flush the replay, exit 0)."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+
+import jax
+import structlog
+from flax import nnx
+from prometheus_client import start_http_server
+
+from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.server import PolicyServer, ServeOptions
+from openpi_rl.replay import ReplayConfig
+from openpi_rl.rl.actor_critic import ActorCritic
+from openpi_rl.train.train_ppo import ModelChoice
+
+log = structlog.get_logger("openpi_rl.policy_server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model: ModelChoice = GaussianMLPConfig()
+    serve: ServeOptions = ServeOptions()
+    replay_dir: str | None = "replay"  # None: log nothing (benchmarks only)
+    commit_interval_s: float = 0.05
+    value_hidden: tuple[int, ...] = (64, 64)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9101  # Prometheus /metrics; None: off
+    seed: int = 0
+
+
+def build_server(config: ServeConfig) -> PolicyServer:
+    key = jax.random.key(config.seed)
+    model = config.model.create(jax.random.fold_in(key, 0))
+    ac = ActorCritic(
+        model,
+        value_in_dim=config.model.value_in_dim,
+        value_hidden=config.value_hidden,
+        rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
+    )
+    replay = (
+        ReplayConfig(path=config.replay_dir, commit_interval_s=config.commit_interval_s)
+        if config.replay_dir
+        else None
+    )
+    return PolicyServer(ac, config.serve, replay, metrics=ServerMetrics())
+
+
+def serve(config: ServeConfig) -> int:
+    server = build_server(config)
+    if config.metrics_port is not None:
+        start_http_server(
+            config.metrics_port, config.metrics_host, registry=server.metrics.registry
+        )
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.close())
+    log.info("serving", endpoint=server.endpoint, model=type(config.model).__name__)
+    server.run()
+    return 0

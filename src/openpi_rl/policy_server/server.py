@@ -1,0 +1,287 @@
+"""The ZMQ serving loop: ROUTER socket, micro-batching, validation, replies, replay logging.
+
+One thread serves: it drains every request waiting on the socket, answers cheap messages at
+once, and runs infer requests as one padded batch per group of observation keys (robots that
+arrive while the model runs are batched on the next pass: continuous batching). The replay
+writer has its own thread; the reply never waits for the disk (guarantee 1). Bad input of any
+kind gets an error reply and a counter, and the loop goes on (guarantee 6).
+
+Framing: a DEALER client sends [b"", payload]; the ROUTER sees [identity, b"", payload] and
+replies [identity, b"", reply]. A REQ client produces the same frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+
+from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
+from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.rl.actor_critic import ActorCritic
+from openpi_rl.rl.rl_api import validate_observation
+from openpi_rl_client import protocol, wire
+
+log = structlog.get_logger("openpi_rl.policy_server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """Serving knobs (the model and replay are configured beside them)."""
+
+    endpoint: str = "tcp://127.0.0.1:5555"  # loopback unless configured (guarantee 7)
+    max_batch: int = 8
+    max_wait_us: int = 200  # wait this long for more robots once one request is pending
+    max_message_bytes: int = 16 * 1024 * 1024
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class _Pending:
+    identity: bytes
+    msg: dict
+    payload: bytes
+    t_recv: float
+
+
+class PolicyServer:
+    """`PolicyServer(ac, options, replay_config).run()`; `close()` from any thread stops it."""
+
+    def __init__(
+        self,
+        ac: ActorCritic,
+        options: ServeOptions = ServeOptions(),
+        replay_config: ReplayConfig | None = None,
+        version: int = 0,
+        metrics: ServerMetrics | None = None,
+    ):
+        self.options = options
+        self.obs_spec = ac.model.obs_spec
+        self.config = getattr(ac.model, "config", None)
+        self.snapshot = PolicySnapshot(version, ac, self.obs_spec, padded_sizes(options.max_batch))
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.policy_version.set(version)
+        self.replay = ReplayWriter(replay_config) if replay_config is not None else None
+        self._ctx = zmq.Context.instance()
+        self.socket = self._ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # The codec answers messages over the cap with `too_large`; libzmq's hard limit (which
+        # drops the connection without a reply) only guards memory against absurd frames.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * options.max_message_bytes)
+        self.socket.bind(options.endpoint)
+        self.endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        self._finished = threading.Event()
+        self._counter = 0  # sampling calls: the key is derived from (version, counter)
+        self._unlogged = 0  # transition ids when no replay is configured
+        self._steps: dict[str, tuple[str, int]] = {}  # robot -> (episode, next step)
+        self.served = 0
+        example = example_observation(self.obs_spec)
+        self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
+
+    # -- lifecycle
+
+    def warm_up(self) -> None:
+        """Compile every padded batch size; until then infer answers `not_ready`."""
+        t = time.perf_counter()
+        example = example_observation(self.obs_spec)
+        required = tuple(k for k, s in self.obs_spec.items() if not s.optional)
+        self.snapshot.warm_up(example, [required] if len(required) < len(example) else [])
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("ready", seconds=round(time.perf_counter() - t, 2), sizes=self.snapshot.sizes)
+
+    def run(self) -> None:
+        """Serve until `close()`; warms up in a thread so health answers meanwhile."""
+        threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        pending: list[_Pending] = []
+        wait_s = self.options.max_wait_us / 1e6
+        while not self._stop.is_set():
+            timeout_ms = (
+                100
+                if not pending
+                else max(0.0, wait_s - (time.perf_counter() - pending[0].t_recv)) * 1e3
+            )
+            if poller.poll(timeout_ms):
+                self._drain(pending)
+            if pending and (
+                len(pending) >= self.options.max_batch
+                or time.perf_counter() - pending[0].t_recv >= wait_s
+                or not self._ready.is_set()
+            ):
+                try:
+                    self._serve(pending)
+                except Exception:  # a bug must not end serving; the robots see a timeout
+                    log.exception("serving pass failed")
+                pending = []
+        self._finish()
+
+    def close(self, wait_s: float | None = None) -> None:
+        """Stop serving; the loop flushes the replay and closes the socket. Idempotent. With
+        `wait_s`, return once that is done (or the time is up)."""
+        self._stop.set()
+        if wait_s is not None:
+            self._finished.wait(wait_s)
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.socket.close(linger=0)
+        if self.replay is not None:
+            self.replay.close()
+        log.info("stopped", served=self.served)
+        self._finished.set()
+
+    # -- requests
+
+    def _drain(self, pending: list[_Pending]) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            t_recv = time.perf_counter()
+            if len(frames) < 2:
+                continue  # not a DEALER/REQ envelope: nothing to reply to
+            identity, payload = frames[0], frames[-1]
+            rid = None
+            try:
+                msg = wire.unpackb(payload, max_bytes=self.options.max_message_bytes)
+                rid = msg.get("request_id") if isinstance(msg, dict) else None
+                kind, msg = protocol.validate_request(msg)
+                if kind == "infer":
+                    self._check_infer(msg)
+                    pending.append(_Pending(identity, msg, payload, t_recv))
+                    if len(pending) >= self.options.max_batch:
+                        return
+                    continue
+                reply = self._handle(kind, msg)
+            except protocol.ProtocolError as e:
+                reply = self._error(e.code, e.message)
+                kind = "invalid"
+            except Exception:  # a bug must not kill the server; the traceback goes to the log
+                log.exception("request failed")
+                reply = self._error(protocol.INTERNAL, "internal error (see the server log)")
+                kind = "invalid"
+            if rid is not None:
+                reply["request_id"] = rid  # the client matches replies to requests by it
+            self._send(identity, reply, kind, t_recv)
+
+    def _check_infer(self, msg: dict) -> None:
+        if not self._ready.is_set():
+            raise protocol.ProtocolError(protocol.NOT_READY, "warming up: compiling the policy")
+        obs = msg["observation"]
+        try:
+            validate_observation(obs, self.obs_spec, batched=False)
+        except ValueError as e:
+            raise protocol.ProtocolError(protocol.INVALID_OBSERVATION, str(e)) from None
+
+    def _handle(self, kind: str, msg: dict) -> dict:
+        if kind == "health":
+            status = "ready" if self._ready.is_set() else "warming"
+            return {"status": status, "policy_version": self.snapshot.version}
+        if kind == "metadata":
+            return {
+                "obs_spec": {
+                    k: {"shape": list(s.shape), "dtype": s.dtype, "optional": s.optional}
+                    for k, s in self.obs_spec.items()
+                },
+                "action_horizon": self.action_shape[0],
+                "action_dim": self.action_shape[1],
+                "policy_version": self.snapshot.version,
+            }
+        if kind == "report":
+            if self.replay is not None:
+                self.replay.report(
+                    int(msg["transition_id"]),
+                    float(msg.get("reward", 0.0)),
+                    bool(msg.get("done", False)),
+                    bool(msg.get("truncated", False)),
+                    executed_actions=msg.get("executed_actions"),
+                    intervened=bool(msg.get("intervened", False)),
+                )
+            return {"ok": True}
+        raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}")
+
+    def _reply(self, p: _Pending, reply: dict) -> None:
+        if "request_id" in p.msg:
+            reply["request_id"] = p.msg["request_id"]
+        self._send(p.identity, reply, "infer", p.t_recv)
+
+    def _serve(self, pending: list[_Pending]) -> None:
+        if not self._ready.is_set():
+            for p in pending:
+                self._reply(p, self._error(protocol.NOT_READY, "warming up"))
+            return
+        groups: dict[tuple[str, ...], list[_Pending]] = {}
+        for p in pending:
+            groups.setdefault(tuple(sorted(p.msg["observation"])), []).append(p)
+        snapshot = self.snapshot  # one reference for the whole batch: a swap lands between batches
+        for group in groups.values():
+            t0 = time.perf_counter()
+            self._counter += 1
+            try:
+                out = snapshot.sample(self._counter, [p.msg["observation"] for p in group])
+            except Exception:
+                log.exception("inference failed")
+                for p in group:
+                    self._reply(p, self._error(protocol.INTERNAL, "inference failed"))
+                continue
+            infer_ms = (time.perf_counter() - t0) * 1e3
+            self.metrics.batch_size.observe(len(group))
+            for i, p in enumerate(group):
+                tid = self._log_transition(p, out, i, snapshot.version)
+                reply = {
+                    "actions": np.ascontiguousarray(out.actions[i], np.float32),
+                    "policy_version": snapshot.version,
+                    "transition_id": tid,
+                    "server_timing": {"queue_ms": (t0 - p.t_recv) * 1e3, "infer_ms": infer_ms},
+                }
+                self._reply(p, reply)
+                self.served += 1
+
+    def _log_transition(self, p: _Pending, out: Any, i: int, version: int) -> int:
+        if self.replay is None:
+            self._unlogged += 1
+            return self._unlogged
+        robot, episode = str(p.msg["robot_id"]), str(p.msg.get("episode_id", ""))
+        prev = self._steps.get(robot)
+        step = prev[1] if prev is not None and prev[0] == episode else 0
+        self._steps[robot] = (episode, step + 1)
+        tid = self.replay.append_transition(
+            robot_id=robot,
+            episode_id=episode,
+            step=step,
+            policy_version=version,
+            obs_bytes=p.payload,  # the request as it came: msgpack holding the observation
+            actions=out.actions[i],
+            policy_actions=out.policy_actions[i],
+            logp=float(out.logp[i]),
+            value=float(out.value[i]),
+            t_mono=p.t_recv,
+        )
+        self.metrics.replay_queue_depth.set(self.replay.queue_depth())
+        return tid
+
+    def _error(self, code: str, message: str) -> dict:
+        self.metrics.errors.labels(code=code).inc()
+        return protocol.error_reply(code, message)
+
+    def _send(self, identity: bytes, reply: dict, kind: str, t_recv: float) -> None:
+        try:
+            self.socket.send_multipart([identity, b"", wire.packb(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the robot went away (EHOSTUNREACH) or its queue is full
+            log.warning("reply dropped", error=str(e))
+        self.metrics.requests.labels(type=kind).inc()
+        self.metrics.request_seconds.labels(type=kind).observe(time.perf_counter() - t_recv)

@@ -1,0 +1,27 @@
+"""Replay store: every served action chunk, its rewards, and human feedback events.
+
+SQLite (WAL) holds the index: `transitions`, `episodes`, `reward_events`; observation bytes go
+to append-only segment files that rows point at. One `ReplayWriter` (a thread in the policy
+server) writes; any number of `ReplayReader`s (learner, reward bridge, CLI) read, from any
+process. Talks to: the policy server and reward bridge (writers), the learner (reader).
+"""
+
+from openpi_rl.replay.cli import stats_main
+from openpi_rl.replay.reader import ReplayReader, ReplayStats, TransitionRow
+from openpi_rl.replay.recovery import RecoveryReport
+from openpi_rl.replay.segments import CorruptRecord, MissingRecord
+from openpi_rl.replay.writer import ReplayClosed, ReplayConfig, ReplayFull, ReplayWriter
+
+__all__ = [
+    "CorruptRecord",
+    "MissingRecord",
+    "RecoveryReport",
+    "ReplayClosed",
+    "ReplayConfig",
+    "ReplayFull",
+    "ReplayReader",
+    "ReplayStats",
+    "ReplayWriter",
+    "TransitionRow",
+    "stats_main",
+]

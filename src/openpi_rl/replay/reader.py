@@ -1,0 +1,204 @@
+"""`ReplayReader`: read-only access to a replay directory, from any process, while the writer
+runs. Each query sees the rows committed when it starts."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openpi_rl.replay import schema
+from openpi_rl.replay.segments import MissingRecord, list_segments, read_payload, segment_path
+
+_COLUMNS = (
+    "id, robot_id, episode_id, step, policy_version, t_mono, t_wall, seg, off, len, crc,"
+    " actions, policy_actions, logp, value, reward, done, truncated, intervened,"
+    " executed_actions, consumed"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionRow:
+    """One served action chunk as stored. Observation bytes: `ReplayReader.observation_bytes`."""
+
+    id: int
+    robot_id: str
+    episode_id: str
+    step: int
+    policy_version: int
+    t_mono: float
+    t_wall: float
+    seg: int
+    off: int
+    len: int
+    crc: int
+    actions: np.ndarray
+    policy_actions: np.ndarray | None
+    logp: float
+    value: float
+    reward: float
+    done: bool
+    truncated: bool
+    intervened: bool
+    executed_actions: np.ndarray | None
+    consumed: bool
+
+    @classmethod
+    def from_sql(cls, r: tuple) -> TransitionRow:
+        return cls(
+            *r[:11],
+            schema.unpack_array(r[11]),  # type: ignore[arg-type]
+            schema.unpack_array(r[12]),
+            r[13],
+            r[14],
+            r[15],
+            bool(r[16]),
+            bool(r[17]),
+            bool(r[18]),
+            schema.unpack_array(r[19]),
+            bool(r[20]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayStats:
+    rows: int
+    episodes: int
+    reward_events: int
+    bytes_db: int  # database + WAL + shared-memory index
+    bytes_segments: int
+    bytes_total: int
+    segments: int
+    oldest_t_wall: float | None
+    newest_t_wall: float | None
+    boot_epoch: int
+    per_robot: dict[str, int]
+
+
+class ReplayReader:
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self._seg_dir = self.root / schema.SEGMENTS_DIR
+        self._conn = schema.connect_reader(self.root)
+        self._fds: dict[int, int] = {}
+
+    def count(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+
+    def transitions(
+        self,
+        robot_id: str | None = None,
+        episode_id: str | None = None,
+        policy_version: int | None = None,
+        since_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[TransitionRow]:
+        """Committed transitions matching all the given filters, in id (serving) order."""
+        where, args = [], []
+        for col, val in (
+            ("robot_id", robot_id),
+            ("episode_id", episode_id),
+            ("policy_version", policy_version),
+        ):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since_id is not None:
+            where.append("id > ?")
+            args.append(since_id)
+        sql = f"SELECT {_COLUMNS} FROM transitions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [TransitionRow.from_sql(r) for r in self._conn.execute(sql, args)]
+
+    def episodes(self, robot_id: str | None = None) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT robot_id, episode_id, first_transition, last_transition, steps, ep_return,"
+            " ended FROM episodes"
+        )
+        args: tuple = ()
+        if robot_id is not None:
+            sql, args = sql + " WHERE robot_id = ?", (robot_id,)
+        cols = ("robot_id", "episode_id", "first_transition", "last_transition", "steps")
+        cols += ("ep_return", "ended")
+        return [dict(zip(cols, r, strict=True)) for r in self._conn.execute(sql, args)]
+
+    def reward_events(
+        self, robot_id: str | None = None, since_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        cols = ("id", "robot_id", "kind", "value", "operator", "t", "t_wall")
+        cols += ("idempotency_key", "transition_id")
+        sql = f"SELECT {', '.join(cols)} FROM reward_events WHERE id > ?"
+        args: list = [since_id or 0]
+        if robot_id is not None:
+            sql += " AND robot_id = ?"
+            args.append(robot_id)
+        rows = self._conn.execute(sql + " ORDER BY id", args)
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def observation_bytes(self, row: TransitionRow) -> bytes:
+        """The row's observation bytes, verified against its crc32 (`CorruptRecord` if not);
+        `MissingRecord` if retention deleted its segment."""
+        fd = self._fds.get(row.seg)
+        if fd is None:
+            try:
+                fd = os.open(segment_path(self._seg_dir, row.seg), os.O_RDONLY)
+            except FileNotFoundError as e:
+                raise MissingRecord(f"transition {row.id}: segment {row.seg} is gone") from e
+            self._fds[row.seg] = fd
+        return read_payload(fd, row.off, row.len, row.crc, where=f"transition {row.id}")
+
+    def stats(self) -> ReplayStats:
+        q = self._conn.execute
+        rows = q("SELECT count(*) FROM transitions").fetchone()[0]
+        oldest = q("SELECT t_wall FROM transitions ORDER BY id LIMIT 1").fetchone()
+        newest = q("SELECT t_wall FROM transitions ORDER BY id DESC LIMIT 1").fetchone()
+        epoch = q("SELECT value FROM meta WHERE key = 'boot_epoch'").fetchone()
+        per_robot = dict(q("SELECT robot_id, count(*) FROM transitions GROUP BY robot_id"))
+        db = schema.db_path(self.root)
+        bytes_db = sum(
+            p.stat().st_size
+            for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
+            if p.exists()
+        )
+        segs = list_segments(self._seg_dir)
+        bytes_segments = 0
+        for s in segs:
+            with contextlib.suppress(FileNotFoundError):  # retention may delete it meanwhile
+                bytes_segments += segment_path(self._seg_dir, s).stat().st_size
+        return ReplayStats(
+            rows=rows,
+            episodes=q("SELECT count(*) FROM episodes").fetchone()[0],
+            reward_events=q("SELECT count(*) FROM reward_events").fetchone()[0],
+            bytes_db=bytes_db,
+            bytes_segments=bytes_segments,
+            bytes_total=bytes_db + bytes_segments,
+            segments=len(segs),
+            oldest_t_wall=oldest[0] if oldest else None,
+            newest_t_wall=newest[0] if newest else None,
+            boot_epoch=int(epoch[0]) if epoch else 0,
+            per_robot=per_robot,
+        )
+
+    def integrity_check(self) -> str:
+        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._conn.close()
+
+    def __enter__(self) -> ReplayReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,551 @@
+"""`ReplayWriter`: the one thread that writes the replay store.
+
+Callers (the policy server's loop, the reward bridge) get an id back at once and the row goes on
+a bounded queue; the writer thread appends observation bytes to the current segment file,
+flushes that file to the OS, and only then commits the SQLite transaction whose rows point at
+those bytes, every `commit_interval_s` (guarantee 2: a `kill -9` loses at most the rows of one
+commit interval; an event passed with `wait=True` is acknowledged only after its commit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from openpi_rl.replay import schema
+from openpi_rl.replay.recovery import RecoveryReport, recover
+from openpi_rl.replay.segments import HEADER_SIZE, SegmentWriter, list_segments, segment_path
+
+log = structlog.get_logger("openpi_rl.replay")
+
+# id = (boot_epoch << SEQ_BITS) | seq. The epoch is committed at open, before any id is handed
+# out, so ids given out but never committed before a crash are never reused. 40 bits of seq is
+# ~35 years at 1000 rows/s per boot; ids stay below 2**53 (JSON-safe) for the first 8191 boots.
+SEQ_BITS = 40
+SEQ_MASK = (1 << SEQ_BITS) - 1
+
+_APPEND, _REPORT, _EVENT, _BARRIER, _STOP = range(5)
+
+
+class ReplayFull(Exception):
+    """The writer's queue stayed full for `enqueue_timeout_s`: the disk cannot keep up."""
+
+
+class ReplayClosed(Exception):
+    """The writer was closed (or its thread failed); nothing more is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    path: Path
+    """Directory of the store (created if missing): `replay.sqlite` + `segments/`."""
+    commit_interval_s: float = 0.05
+    """Rows are committed in batches at most this long after they were handed to the writer."""
+    fsync_interval_s: float | None = None
+    """None: never fsync (a `kill -9` loses nothing committed: the page cache outlives the
+    process). A number: fdatasync segments and the WAL that often, against power loss."""
+    max_queue: int = 4096
+    segment_max_bytes: int = 256 * 2**20
+    retention_max_rows: int | None = None
+    """Keep at most this many transitions (oldest deleted first)."""
+    retention_max_bytes: int | None = None
+    """Keep at most this many segment bytes, by deleting the oldest whole segments and their
+    rows; choose it several times `segment_max_bytes`."""
+    enqueue_timeout_s: float = 0.1
+    """How long an append waits on a full queue before raising `ReplayFull`."""
+
+    def create(self) -> ReplayWriter:
+        return ReplayWriter(self)
+
+
+class _Waiter:
+    __slots__ = ("error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: int | None = None
+        self.error: BaseException | None = None
+
+    def wait(self, timeout: float | None) -> int | None:
+        if not self.event.wait(timeout):
+            raise TimeoutError(f"replay commit not done after {timeout} s")
+        if self.error is not None:
+            raise ReplayClosed(f"replay writer failed: {self.error!r}") from self.error
+        return self.result
+
+
+@dataclasses.dataclass
+class _Batch:
+    rows: list[tuple] = dataclasses.field(default_factory=list)
+    episodes: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
+    reports: list[tuple] = dataclasses.field(default_factory=list)
+    events: list[tuple] = dataclasses.field(default_factory=list)
+    waiters: list[_Waiter] = dataclasses.field(default_factory=list)
+    obs_bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.reports or self.events or self.waiters)
+
+
+class ReplayWriter:
+    """Single writer of a replay directory. Thread-safe to call; `close()` flushes."""
+
+    def __init__(self, config: ReplayConfig):
+        self.config = config
+        self.root = Path(config.path)
+        self._seg_dir = self.root / schema.SEGMENTS_DIR
+        self._seg_dir.mkdir(parents=True, exist_ok=True)
+        self._conn = schema.connect_writer(self.root)
+        self.recovery: RecoveryReport = recover(self._conn, self._seg_dir)
+        self.boot_epoch = self._next_boot_epoch()
+        self._id_base = self.boot_epoch << SEQ_BITS
+        self._seq = 0
+        self._id_lock = threading.Lock()
+
+        segs = list_segments(self._seg_dir)
+        self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
+        self._next_seg = (segs[-1] + 1) if segs else 1
+        self._seg: SegmentWriter | None = None  # opened lazily, so idle restarts add no files
+        self._rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+        self._last_sync = time.monotonic()
+        self._counters = dict.fromkeys(
+            (
+                "transitions_committed",
+                "bytes_committed",
+                "commits",
+                "reports_missing",
+                "events_committed",
+                "events_duplicate",
+                "retention_rows_deleted",
+                "retention_segments_deleted",
+            ),
+            0,
+        )
+
+        self._q: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self._put_lock = threading.Lock()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="replay-writer", daemon=True)
+        self._thread.start()
+        log.info(
+            "replay.open",
+            path=str(self.root),
+            boot_epoch=self.boot_epoch,
+            rows=self._rows,
+            segments=len(segs),
+            torn_bytes=self.recovery.torn_bytes,
+            rows_deleted=self.recovery.rows_deleted,
+        )
+
+    # ---- caller side -------------------------------------------------------------------------
+
+    def append_transition(
+        self,
+        robot_id: str,
+        episode_id: str,
+        step: int,
+        policy_version: int,
+        obs_bytes: bytes,
+        actions: np.ndarray,
+        policy_actions: np.ndarray | None,
+        logp: float,
+        value: float,
+        t_mono: float,
+    ) -> int:
+        """Queue one served action chunk; returns its transition id without waiting for disk.
+
+        `obs_bytes` is the msgpack-encoded observation as received (not copied: do not mutate).
+        `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
+        from `actions`. Raises `ReplayFull` when the queue stays full, `ReplayClosed` after close.
+        """
+        tid = self._new_id()
+        item = (
+            _APPEND,
+            tid,
+            str(robot_id),
+            str(episode_id),
+            int(step),
+            int(policy_version),
+            float(t_mono),
+            time.time(),
+            obs_bytes,
+            schema.pack_array(np.asarray(actions)),
+            schema.pack_array(None if policy_actions is None else np.asarray(policy_actions)),
+            float(logp),
+            float(value),
+        )
+        self._put(item)
+        return tid
+
+    def report(
+        self,
+        transition_id: int,
+        reward: float,
+        done: bool,
+        truncated: bool,
+        executed_actions: np.ndarray | None = None,
+        intervened: bool = False,
+    ) -> None:
+        """Queue an environment report for a transition: rewards are summed into it; done,
+        truncated and intervened are set (never cleared); executed actions (teleop) replace."""
+        executed = None if executed_actions is None else np.asarray(executed_actions)
+        self._put(
+            (
+                _REPORT,
+                float(reward),
+                int(bool(done)),
+                int(bool(truncated)),
+                int(bool(intervened)),
+                schema.pack_array(executed),
+                int(transition_id),
+            )
+        )
+
+    def add_reward_event(
+        self,
+        robot_id: str,
+        kind: str,
+        value: float,
+        operator: str | None = None,
+        t: float | None = None,
+        idempotency_key: str | None = None,
+        transition_id: int | None = None,
+        wait: bool = False,
+        timeout: float | None = 5.0,
+    ) -> int:
+        """Queue a human feedback event. With `wait=True`, return only once it is committed
+        (acknowledge to the pendant after this); if `idempotency_key` was stored before, nothing
+        is inserted and the stored event's id is returned."""
+        eid = self._new_id()
+        waiter = _Waiter() if wait else None
+        self._put(
+            (
+                _EVENT,
+                eid,
+                str(robot_id),
+                str(kind),
+                float(value),
+                operator,
+                time.time() if t is None else float(t),
+                time.time(),
+                idempotency_key,
+                transition_id,
+                waiter,
+            )
+        )
+        if waiter is None:
+            return eid
+        result = waiter.wait(timeout)
+        assert result is not None
+        return result
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Block until everything queued before this call is committed."""
+        waiter = _Waiter()
+        self._put((_BARRIER, waiter), timeout=timeout)
+        waiter.wait(timeout)
+
+    def queue_depth(self) -> int:
+        return self._q.qsize()
+
+    def counters(self) -> dict[str, int]:
+        """Totals since open, for metrics (`openpi_rl_replay_<name>_total`)."""
+        return dict(self._counters)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop accepting, commit everything queued, close files. Idempotent."""
+        with self._put_lock:
+            if self._closed:
+                already = True
+            else:
+                already, self._closed = False, True
+        if not already and self._thread.is_alive():
+            self._q.put((_STOP,))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"replay writer did not finish within {timeout} s")
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+            log.info("replay.close", path=str(self.root), **self._counters)
+
+    def __enter__(self) -> ReplayWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _new_id(self) -> int:
+        with self._id_lock:
+            self._seq += 1
+            if self._seq > SEQ_MASK:
+                raise OverflowError("replay ids of this boot epoch exhausted; reopen the writer")
+            return self._id_base | self._seq
+
+    def _put(self, item: tuple, timeout: float | None = None) -> None:
+        # The closed check and the put happen under one lock so that nothing lands on the queue
+        # after close()'s stop marker; a full queue is waited on outside the lock.
+        timeout = self.config.enqueue_timeout_s if timeout is None else timeout
+        deadline = None
+        while True:
+            with self._put_lock:
+                if self._closed:
+                    cause = f": writer failed: {self._error!r}" if self._error else ""
+                    raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
+                try:
+                    self._q.put_nowait(item)
+                    return
+                except queue.Full:
+                    pass
+            now = time.monotonic()
+            deadline = deadline or now + timeout
+            if now >= deadline:
+                raise ReplayFull(
+                    f"replay queue: expected room within {timeout} s, "
+                    f"got {self.config.max_queue} items still queued"
+                )
+            time.sleep(0.001)
+
+    def _next_boot_epoch(self) -> int:
+        conn = self._conn
+        conn.execute("PRAGMA synchronous=FULL")  # this one commit must outlive power loss too
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'boot_epoch'").fetchone()
+        epoch = (int(row[0]) if row else 0) + 1
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('boot_epoch', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(epoch),),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return epoch
+
+    # ---- writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch = _Batch()
+        deadline: float | None = None  # commit by then: commit_interval after the batch began
+        stop = False
+        try:
+            while not stop:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    items = [self._q.get(timeout=timeout)]
+                except queue.Empty:
+                    items = []
+                # Take what else is waiting, a bounded number so the deadline is checked often.
+                while items and len(items) < 64:
+                    try:
+                        items.append(self._q.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in items:
+                    if item[0] == _STOP:
+                        stop = True
+                    else:
+                        self._stage(item, batch)
+                if batch and deadline is None:
+                    deadline = time.monotonic() + self.config.commit_interval_s
+                urgent = bool(batch.waiters) or stop
+                if batch and (urgent or time.monotonic() >= deadline):  # type: ignore[operator]
+                    self._commit(batch)
+                    batch, deadline = _Batch(), None
+                    self._apply_retention()
+        except BaseException as exc:
+            log.exception("replay.writer_failed", path=str(self.root))
+            self._error = exc
+            with self._put_lock:
+                self._closed = True
+            for w in batch.waiters:
+                w.error = exc
+                w.event.set()
+            while True:  # fail whoever still waits on a commit
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                w = item[1] if item[0] == _BARRIER else item[-1] if item[0] == _EVENT else None
+                if w is not None:
+                    w.error = exc
+                    w.event.set()
+
+    def _stage(self, item: tuple, batch: _Batch) -> None:
+        kind = item[0]
+        if kind == _APPEND:
+            (_, tid, robot, ep, step, ver, t_mono, t_wall, obs, act, pact, logp, value) = item
+            seg = self._segment_for(len(obs))
+            off, length, crc = seg.append(obs)
+            self._seg_sizes[seg.seg] = seg.size
+            where = (seg.seg, off, length, crc)
+            batch.rows.append(
+                (tid, robot, ep, step, ver, t_mono, t_wall, *where, act, pact, logp, value)
+            )
+            batch.obs_bytes += length
+            agg = batch.episodes.get((robot, ep))
+            if agg is None:
+                batch.episodes[(robot, ep)] = [tid, tid, 1]
+            else:
+                agg[0], agg[1], agg[2] = min(agg[0], tid), max(agg[1], tid), agg[2] + 1
+        elif kind == _REPORT:
+            batch.reports.append(item[1:])
+        elif kind == _EVENT:
+            batch.events.append(item[1:])
+            if item[-1] is not None:
+                batch.waiters.append(item[-1])
+        elif kind == _BARRIER:
+            batch.waiters.append(item[1])
+
+    def _segment_for(self, payload_len: int) -> SegmentWriter:
+        seg = self._seg
+        full = (
+            seg is not None and seg.size + HEADER_SIZE + payload_len > self.config.segment_max_bytes
+        )
+        if seg is not None and seg.size > 0 and full:
+            # The rows pointing into it commit later; closing (flushing) here keeps the rule
+            # "bytes reach the OS before the rows that reference them commit".
+            if self.config.fsync_interval_s is not None:
+                seg.sync()
+            seg.close()
+            seg = None
+        if seg is None:
+            seg = self._seg = SegmentWriter(self._seg_dir, self._next_seg)
+            self._seg_sizes[seg.seg] = seg.size
+            self._next_seg += 1
+        return seg
+
+    def _commit(self, batch: _Batch) -> None:
+        conn = self._conn
+        fsync = self.config.fsync_interval_s
+        now = time.monotonic()
+        sync_due = fsync is not None and now - self._last_sync >= fsync
+        if self._seg is not None:
+            if sync_due:
+                self._seg.sync()
+            else:
+                self._seg.flush()
+        if sync_due:
+            conn.execute("PRAGMA synchronous=FULL")  # WAL mode: the WAL is synced on commit
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
+                " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                batch.rows,
+            )
+            conn.executemany(
+                "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
+                " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
+                " first_transition = min(first_transition, excluded.first_transition),"
+                " last_transition = max(last_transition, excluded.last_transition),"
+                " steps = steps + excluded.steps",
+                [(r, e, *agg) for (r, e), agg in batch.episodes.items()],
+            )
+            if batch.reports:
+                cur = conn.executemany(
+                    "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
+                    " truncated = max(truncated, ?), intervened = max(intervened, ?),"
+                    " executed_actions = coalesce(?, executed_actions) WHERE id = ?",
+                    batch.reports,
+                )
+                missing = len(batch.reports) - cur.rowcount
+                if missing:
+                    self._counters["reports_missing"] += missing
+                    log.warning("replay.report_for_unknown_transition", count=missing)
+                conn.executemany(
+                    "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
+                    " WHERE (robot_id, episode_id) ="
+                    " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
+                    [(r[0], r[1], r[2], r[5]) for r in batch.reports],
+                )
+            results: dict[int, int] = {}
+            for eid, robot, kind, value, operator, t, t_wall, key, trans, waiter in batch.events:
+                cur = conn.execute(
+                    "INSERT INTO reward_events (id, robot_id, kind, value, operator, t, t_wall,"
+                    " idempotency_key, transition_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    (eid, robot, kind, value, operator, t, t_wall, key, trans),
+                )
+                if cur.rowcount == 0:
+                    self._counters["events_duplicate"] += 1
+                    eid = conn.execute(
+                        "SELECT id FROM reward_events WHERE idempotency_key = ?", (key,)
+                    ).fetchone()[0]
+                else:
+                    self._counters["events_committed"] += 1
+                if waiter is not None:
+                    results[id(waiter)] = eid
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if sync_due:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._last_sync = now
+        self._rows += len(batch.rows)
+        self._counters["transitions_committed"] += len(batch.rows)
+        self._counters["bytes_committed"] += batch.obs_bytes
+        self._counters["commits"] += 1
+        for w in batch.waiters:
+            w.result = results.get(id(w))
+            w.event.set()
+
+    def _apply_retention(self) -> None:
+        max_rows, max_bytes = self.config.retention_max_rows, self.config.retention_max_bytes
+        conn = self._conn
+        if max_rows is not None and self._rows > max_rows:
+            cut = conn.execute(
+                "SELECT id FROM transitions ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)
+            ).fetchone()
+            if cut is not None:
+                self._delete_rows("id <= ?", (cut[0],))
+            self._drop_unreferenced_segments()
+        if max_bytes is not None:
+            current = None if self._seg is None else self._seg.seg
+            while sum(self._seg_sizes.values()) > max_bytes:
+                oldest = min(self._seg_sizes)
+                if oldest == current:
+                    break
+                # Rows go first (committed), then the file: a crash in between leaves an
+                # unreferenced file, never a row without its bytes.
+                self._delete_rows("seg <= ?", (oldest,))
+                self._unlink_segment(oldest)
+
+    def _delete_rows(self, where: str, args: tuple) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")
+        n = conn.execute(f"DELETE FROM transitions WHERE {where}", args).rowcount
+        conn.execute(
+            "DELETE FROM episodes WHERE last_transition <"
+            " coalesce((SELECT min(id) FROM transitions), 1 << 62)"
+        )
+        conn.execute("COMMIT")
+        self._rows -= n
+        self._counters["retention_rows_deleted"] += n
+
+    def _drop_unreferenced_segments(self) -> None:
+        min_seg = self._conn.execute("SELECT min(seg) FROM transitions").fetchone()[0]
+        current = None if self._seg is None else self._seg.seg
+        for seg in sorted(self._seg_sizes):
+            if seg == current or (min_seg is not None and seg >= min_seg):
+                break
+            self._unlink_segment(seg)
+
+    def _unlink_segment(self, seg: int) -> None:
+        segment_path(self._seg_dir, seg).unlink(missing_ok=True)
+        self._seg_sizes.pop(seg, None)
+        self._counters["retention_segments_deleted"] += 1
+        log.info("replay.segment_deleted", segment=seg)

@@ -1,0 +1,111 @@
+"""The ZMQ policy server on loopback, driven by the robot client over real sockets."""
+
+import threading
+
+import jax
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.policy_server.server import PolicyServer, ServeOptions
+from openpi_rl.replay import ReplayConfig, ReplayReader
+from openpi_rl.rl import ActorCritic
+from openpi_rl_client import PolicyClient, ServerError, wire
+
+CONFIG = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=4)
+
+
+@pytest.fixture
+def server(tmp_path):
+    ac = ActorCritic(CONFIG.create(jax.random.key(0)), value_in_dim=6, value_hidden=(16,))
+    srv = PolicyServer(
+        ac,
+        ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=4),
+        ReplayConfig(path=str(tmp_path / "replay"), commit_interval_s=0.02),
+    )
+    thread = threading.Thread(target=srv.run, name="server", daemon=True)
+    thread.start()
+    srv._ready.wait(60)
+    yield srv
+    srv.close()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def _obs(rng):
+    return {"state": rng.standard_normal(6).astype(np.float32)}
+
+
+def test_infer_returns_the_declared_chunk_and_every_reply_is_a_stored_transition(server, tmp_path):
+    rng = np.random.default_rng(0)
+    with PolicyClient(server.endpoint, robot_id="r1", timeout_s=5.0) as client:
+        meta = client.metadata()
+        assert (meta["action_horizon"], meta["action_dim"]) == (4, 2)
+        assert client.health()["status"] == "ready"
+        ids = []
+        for _ in range(20):
+            out = client.infer(_obs(rng), episode_id="e1")
+            assert out.actions.shape == (4, 2) and out.actions.dtype == np.float32
+            ids.append(out.transition_id)
+            client.report(out.transition_id, reward=1.0, done=len(ids) == 20)
+    server.close(wait_s=30)  # a graceful stop flushes the replay queue
+    reader = ReplayReader(str(tmp_path / "replay"))
+    rows = reader.transitions(robot_id="r1")
+    assert sorted(r.id for r in rows) == sorted(ids)
+    assert [r.step for r in sorted(rows, key=lambda r: r.id)] == list(range(20))
+    assert all(r.reward == 1.0 for r in rows) and sum(r.done for r in rows) == 1
+    stored = wire.unpackb(reader.observation_bytes(rows[0]))  # the request as it came
+    assert stored["observation"]["state"].shape == (6,)
+
+
+def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server):
+    rng = np.random.default_rng(1)
+    with PolicyClient(server.endpoint, robot_id="r2", timeout_s=5.0) as client:
+        with pytest.raises(ServerError) as e:
+            client.infer({"state": np.zeros(5, np.float32)})
+        assert e.value.code == "invalid_observation" and "expected float32 [6]" in e.value.message
+        with pytest.raises(ServerError) as e:
+            client.infer({"state": np.full(6, np.nan, np.float32)})
+        assert e.value.code == "invalid_observation"
+        assert client.infer(_obs(rng)).actions.shape == (4, 2)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(server.endpoint)
+    for payload in (b"\xc1garbage", msgpack.packb({"type": "dance"}), msgpack.packb([1, 2]), b""):
+        raw.send_multipart([b"", payload])
+        assert raw.poll(5000)
+        reply = wire.unpackb(raw.recv_multipart()[-1])
+        assert "error" in reply and reply["error"]["code"]
+    raw.close(0)
+
+
+def test_four_robots_at_50_hz_every_reply_is_stored(server, tmp_path):
+    import time
+
+    replies, errors = [], []
+
+    def robot(name: str) -> None:
+        rng = np.random.default_rng(hash(name) % 2**32)
+        with PolicyClient(server.endpoint, robot_id=name, timeout_s=2.0) as client:
+            next_tick = time.monotonic()
+            end = next_tick + 10.0
+            while next_tick < end:
+                try:
+                    replies.append(client.infer(_obs(rng), episode_id="e").transition_id)
+                except Exception as e:  # counted, the assertion below names them
+                    errors.append(repr(e))
+                next_tick += 0.02
+                time.sleep(max(0.0, next_tick - time.monotonic()))
+
+    threads = [threading.Thread(target=robot, args=(f"robot{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.close(wait_s=30)
+    assert errors == []
+    assert len(replies) >= 4 * 450  # 500 ticks each; a late tick is not skipped, only delayed
+    stored = ReplayReader(str(tmp_path / "replay")).count()
+    assert stored == len(replies) == len(set(replies))
