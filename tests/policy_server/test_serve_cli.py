@@ -24,7 +24,7 @@ def test_serve_from_a_config_file_then_sigterm_flushes_and_exits_0(tmp_path):
     port = _free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
-        f'replay_dir = "{tmp_path / "replay"}"\nmetrics_port = 0\n\n'
+        f'replay_dir = "{tmp_path / "replay"}"\nmetrics_port = 0\nopenpi_ws_port = 0\n\n'
         f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\nmax_batch = 2\n\n'
         '[model]\nkind = "gaussian_mlp"\nobs_dim = 3\naction_dim = 2\n'
     )

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.replay import ReplayConfig
 from openpi_rl.rl.actor_critic import ActorCritic
@@ -31,6 +32,10 @@ class ServeConfig:
     value_hidden: tuple[int, ...] = (64, 64)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9101  # Prometheus /metrics; None: off
+    openpi_ws_host: str = "127.0.0.1"
+    openpi_ws_port: int | None = 8000  # openpi-client's WebSocket protocol; None: off
+    openpi_api_key: str | None = None  # required `Authorization: Api-Key …` when set
+    openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
     seed: int = 0
 
 
@@ -60,6 +65,25 @@ def serve(config: ServeConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.close())
-    log.info("serving", endpoint=server.endpoint, model=type(config.model).__name__)
-    server.run()
+    ws = None
+    if config.openpi_ws_port is not None:
+        ws = OpenPIWebSocketEndpoint(
+            server.inproc_endpoint,
+            server.metadata(),
+            host=config.openpi_ws_host,
+            port=config.openpi_ws_port,
+            api_key=config.openpi_api_key,
+            key_map=dict(config.openpi_key_map),
+        ).start()
+    log.info(
+        "serving",
+        endpoint=server.endpoint,
+        openpi_ws=None if ws is None else f"ws://{config.openpi_ws_host}:{ws.port}",
+        model=type(config.model).__name__,
+    )
+    try:
+        server.run()
+    finally:
+        if ws is not None:
+            ws.close()
     return 0

@@ -76,6 +76,9 @@ class PolicyServer:
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * options.max_message_bytes)
         self.socket.bind(options.endpoint)
         self.endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        # In-process front ends (the openpi WebSocket endpoint) reach the same loop here.
+        self.inproc_endpoint = f"inproc://openpi-rl-server-{id(self):x}"
+        self.socket.bind(self.inproc_endpoint)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._closed = False
@@ -187,20 +190,24 @@ class PolicyServer:
         except ValueError as e:
             raise protocol.ProtocolError(protocol.INVALID_OBSERVATION, str(e)) from None
 
+    def metadata(self) -> dict:
+        """What a robot needs to know: the observation spec, the chunk shape, the live version."""
+        return {
+            "obs_spec": {
+                k: {"shape": list(s.shape), "dtype": s.dtype, "optional": s.optional}
+                for k, s in self.obs_spec.items()
+            },
+            "action_horizon": self.action_shape[0],
+            "action_dim": self.action_shape[1],
+            "policy_version": self.snapshot.version,
+        }
+
     def _handle(self, kind: str, msg: dict) -> dict:
         if kind == "health":
             status = "ready" if self._ready.is_set() else "warming"
             return {"status": status, "policy_version": self.snapshot.version}
         if kind == "metadata":
-            return {
-                "obs_spec": {
-                    k: {"shape": list(s.shape), "dtype": s.dtype, "optional": s.optional}
-                    for k, s in self.obs_spec.items()
-                },
-                "action_horizon": self.action_shape[0],
-                "action_dim": self.action_shape[1],
-                "policy_version": self.snapshot.version,
-            }
+            return self.metadata()
         if kind == "report":
             if self.replay is not None:
                 self.replay.report(
