@@ -39,6 +39,7 @@ class PPOConfig:
     clip_value: bool = False  # clip the value change to +-value_clip_range (CleanRL's clip_vloss)
     value_clip_range: float = 0.2
     adam_eps: float = 1e-5  # SB3 / CleanRL value, not optax's 1e-8
+    bc_coef: float = 0.0  # weight of the behaviour-cloning term on `PPOBatch.bc_actions` (0: off)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -101,12 +102,26 @@ class PPOBatch(NamedTuple):
     old_values: Array  # [N] critic's value at sampling time
     advantages: Array  # [N]
     returns: Array  # [N] advantages + old_values: the critic's regression target
+    # Optional masks (None: every sample counts). Padding has both masks 0; a transition an
+    # operator took over has policy_mask 0 (its behaviour log-prob is not the policy's).
+    policy_mask: Array | None = None  # [N] 1: in the clipped surrogate, approx KL, clip fraction
+    value_mask: Array | None = None  # [N] 1: a real sample (value loss, entropy, BC normaliser)
+    bc_actions: Array | None = None  # [N, H, D] actions an operator executed (teleop)
+    bc_mask: Array | None = None  # [N] 1: bc_actions[i] is trained by behaviour cloning
 
 
-def explained_variance(predicted: Array, target: Array) -> Array:
+def masked_mean(x: Array, mask: Array | None) -> Array:
+    """Mean of x [N] over mask [N] (all of x when mask is None); 0 when the mask is empty."""
+    if mask is None:
+        return x.mean()
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def explained_variance(predicted: Array, target: Array, mask: Array | None = None) -> Array:
     """1 - Var[target - predicted] / Var[target]; 1 is perfect, 0 is no better than the mean."""
-    var = jnp.var(target)
-    return jnp.where(var > 0, 1.0 - jnp.var(target - predicted) / var, jnp.nan)
+    var_of = lambda x: masked_mean(jnp.square(x - masked_mean(x, mask)), mask)  # noqa: E731
+    var = var_of(target)
+    return jnp.where(var > 0, 1.0 - var_of(target - predicted) / var, jnp.nan)
 
 
 def ppo_loss(
@@ -117,16 +132,25 @@ def ppo_loss(
     loss = policy_loss + value_coef * value_loss - entropy_coef * entropy, where
     policy_loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(logp - old_logp), and
     value_loss = mean((V - R)^2) (SB3's form; with clip_value, the max with the clipped V).
+    With the batch's masks, means run over the masked samples. With `bc_actions` and
+    `config.bc_coef` > 0, it adds bc_coef * bc_loss, bc_loss = -sum(bc_mask * log pi(bc_actions))
+    / (number of real samples): behaviour cloning of operator take-overs (HIL-SERL's lesson),
+    scaled by their share of the minibatch so a lone take-over does not dominate it.
     """
+    pmask, vmask = batch.policy_mask, batch.value_mask
     logp, entropy, value = ac_model.evaluate(rng, batch.obs, batch.actions)
     log_ratio = logp - batch.old_logp
+    if pmask is not None:  # masked-out samples may hold any log-prob: keep exp() finite
+        log_ratio = jnp.where(pmask > 0, log_ratio, 0.0)
     ratio = jnp.exp(log_ratio)
 
     adv = batch.advantages
     if config.normalize_advantages and adv.shape[0] > 1:
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        mean = masked_mean(adv, pmask)
+        adv = (adv - mean) / (jnp.sqrt(masked_mean(jnp.square(adv - mean), pmask)) + 1e-8)
     eps = config.clip_ratio
-    policy_loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - eps, 1.0 + eps)).mean()
+    surrogate = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - eps, 1.0 + eps))
+    policy_loss = masked_mean(surrogate, pmask)
 
     value_err = jnp.square(value - batch.returns)
     if config.clip_value:
@@ -134,19 +158,26 @@ def ppo_loss(
             value - batch.old_values, -config.value_clip_range, config.value_clip_range
         )
         value_err = jnp.maximum(value_err, jnp.square(clipped - batch.returns))
-    value_loss = value_err.mean()
+    value_loss = masked_mean(value_err, vmask)
 
-    entropy = entropy.mean()
+    entropy = masked_mean(entropy, vmask)
     loss = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
     metrics = {
-        "loss": loss,
         "policy_loss": policy_loss,
         "value_loss": value_loss,
         "entropy": entropy,
         # k3 estimator of KL(old || new) (Schulman's "Approximating KL divergence"): unbiased, >= 0.
-        "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
-        "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > eps).astype(jnp.float32)),
+        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, pmask),
+        "clip_fraction": masked_mean((jnp.abs(ratio - 1.0) > eps).astype(jnp.float32), pmask),
     }
+    if batch.bc_actions is not None and config.bc_coef > 0:
+        bc_logp = ac_model.model.policy_logprobs(rng, batch.obs, batch.bc_actions)
+        bc_mask = jnp.ones_like(bc_logp) if batch.bc_mask is None else batch.bc_mask
+        bc_nll = jnp.where(bc_mask > 0, -bc_logp, 0.0)
+        n_real = bc_logp.shape[0] if vmask is None else jnp.maximum(vmask.sum(), 1.0)
+        metrics["bc_loss"] = bc_nll.sum() / n_real
+        loss = loss + config.bc_coef * metrics["bc_loss"]
+    metrics["loss"] = loss
     return loss, metrics
 
 
@@ -220,7 +251,9 @@ def ppo_update(
     count = jnp.maximum(applied.sum(), 1.0)
     out = {k: (v * applied).sum() / count for k, v in metrics.items()}
     out["update_fraction"] = applied.mean()
-    out["explained_variance"] = explained_variance(batch.old_values, batch.returns)
+    out["explained_variance"] = explained_variance(
+        batch.old_values, batch.returns, batch.value_mask
+    )
     return params, opt_state, out
 
 
