@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -206,6 +206,7 @@ def ppo_update(
     rng: Array,
     batch: PPOBatch,
     config: PPOConfig,
+    constrain_minibatch: Callable[[PPOBatch], PPOBatch] | None = None,
 ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
     """`config.train_iters` epochs x minibatches of PPO in one pure function (jit it whole).
 
@@ -213,6 +214,8 @@ def ppo_update(
     new (params, opt_state) and metrics averaged over the minibatch steps that were applied.
     With `target_kl`, a minibatch whose approx KL passes 1.5 x target_kl is not applied and
     neither is anything after it (SB3's early stop, as masks since a scan cannot break).
+    constrain_minibatch: applied to each gathered minibatch, e.g. a `with_sharding_constraint`
+    that splits it across devices so gradients are computed data-parallel.
     """
     tx = make_optimizer(config)
     n = batch.actions.shape[0]
@@ -227,6 +230,8 @@ def ppo_update(
         params, opt_state, stopped = carry
         idx, key = x
         mb = jax.tree.map(lambda a: a[idx], batch)
+        if constrain_minibatch is not None:
+            mb = constrain_minibatch(mb)
         (_, metrics), grads = grad_fn(params, mb, key)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)

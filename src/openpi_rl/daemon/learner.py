@@ -1,0 +1,307 @@
+"""`Learner`: PPO on the replay's data, one checkpointed and published version per update.
+
+    replay (read-only + `consumed` flag) -> segments -> ChunkBatch -> learn step (values, GAE
+    over chunks, fused PPO + BC, on all local devices) -> guard -> orbax version -> PUB notice
+
+Guarantees it keeps: the PPO ratio uses the behaviour log-prob stored at serving time; data
+more than `max_policy_lag` versions old is dropped and counted (4); an update with non-finite
+loss, gradients or weights, or whose KL(before || after) passes `max_kl`, is not published,
+and is logged and counted (5); versions are written atomically by orbax and the learner resumes
+from the newest complete one (2). Data is marked consumed after its update was published (or
+refused): a learner killed in between trains on it once more, never loses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import structlog
+from flax import nnx
+
+from openpi_rl.daemon.batch import ChunkBatch, build_batch
+from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
+from openpi_rl.daemon.metrics import LearnerMetrics
+from openpi_rl.daemon.publish import Publisher
+from openpi_rl.daemon.replay_source import ReplaySource, Segment
+from openpi_rl.daemon.update import DataParallel
+from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.replay import CorruptRecord, MissingRecord, TransitionRow
+from openpi_rl.rl.ppo import PPOConfig, make_optimizer
+from openpi_rl.train.train_ppo import ModelChoice
+
+log = structlog.get_logger("openpi_rl.learner")
+
+# The library's PPO defaults (made for fine-tuning a large pretrained policy) with operator
+# take-overs cloned at full weight.
+LEARNER_PPO_DEFAULTS = PPOConfig(bc_coef=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Everything `openpi-rl learn` needs. `model`, `value_hidden` and `seed` must be the
+    server's (its ServeConfig), so version 0 is the same weights on both sides and a published
+    version restores into the server's ActorCritic."""
+
+    model: ModelChoice = GaussianMLPConfig()
+    value_hidden: tuple[int, ...] = (64, 64)
+    seed: int = 0
+    replay_dir: str = "replay"
+    checkpoint_dir: str = "checkpoints"
+    keep_versions: int = 10  # versions kept on disk (rollback targets)
+    ppo: PPOConfig = LEARNER_PPO_DEFAULTS
+    segment_length: int = 32  # T: chunks per GAE column; long episodes are cut to this
+    batch_segments: int = 64  # S: columns per update (rounded up to a multiple of the devices)
+    min_transitions: int = 256  # wait until this many chunks can be taken
+    max_policy_lag: int = 2  # drop chunks served by a policy more than this many versions old
+    max_kl: float | None = 0.1  # refuse to publish an update moving the policy further (None: off)
+    settle_s: float = 1.0  # take an open episode's chunks only once this old (late reports)
+    poll_interval_s: float = 0.5
+    publish_endpoint: str = "tcp://127.0.0.1:5557"  # ZMQ PUB: version notices + heartbeat
+    heartbeat_s: float = 0.5
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9102  # Prometheus /metrics; None: off
+    max_updates: int | None = None  # stop after this many published updates (None: run on)
+
+
+@dataclasses.dataclass
+class UpdateResult:
+    version: int  # the learner's version after the update (unchanged when refused)
+    published: bool
+    reason: str | None  # why it was refused: "nonfinite" or "kl"
+    metrics: dict[str, float]
+    path: str | None = None
+    transitions: int = 0
+
+
+class Learner:
+    """Built from a LearnerConfig; `run()` blocks until `close()` (from any thread) or
+    `max_updates`; `step()` is one poll (tests drive it directly)."""
+
+    def __init__(self, config: LearnerConfig, devices: list[jax.Device] | None = None):
+        self.config = config
+        self.metrics = LearnerMetrics()
+        self.ac = build_actor_critic(config.model, config.value_hidden, config.seed)
+        self.obs_spec = config.model.obs_spec
+        self.action_shape = (config.model.action_horizon, config.model.action_dim)
+        self.dp = DataParallel(config.ppo, devices)
+        self.num_segments = math.ceil(config.batch_segments / self.dp.size) * self.dp.size
+        self.graphdef, params, self.rest = nnx.split(self.ac, nnx.Param, ...)
+        opt_state = make_optimizer(config.ppo).init(params)
+        self.counters = dict.fromkeys(
+            (
+                "updates",
+                "refused_nonfinite",
+                "refused_kl",
+                "transitions_trained",
+                "transitions_stale",
+                "transitions_refused",
+                "transitions_skipped",
+            ),
+            0,
+        )
+        self.checkpoints = VersionCheckpoints(config.checkpoint_dir, config.keep_versions)
+        latest = self.checkpoints.latest_version()
+        if latest is None:
+            self.version = 0  # what the server serves before any update
+            self.checkpoints.save(0, nnx.state(self.ac), opt_state, self._meta())
+        else:
+            weights, opt_state, meta = self.checkpoints.restore(
+                latest, nnx.state(self.ac), opt_state
+            )
+            nnx.update(self.ac, weights)
+            self.version = latest
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+            log.info("learner.resumed", version=latest, path=str(self.checkpoints.path(latest)))
+        _, params, self.rest = nnx.split(self.ac, nnx.Param, ...)
+        self.params, self.rest = self.dp.put_replicated(params), self.dp.put_replicated(self.rest)
+        self.opt_state = self.dp.put_replicated(opt_state)
+        self.key = jax.random.key(config.seed)
+        self.metrics.version.set(self.version)
+
+        self.publisher = Publisher(config.publish_endpoint, config.heartbeat_s)
+        if latest is not None:  # heartbeats carry it: a server that missed it catches up
+            self.publisher.version, self.publisher.path = latest, str(self.checkpoints.path(latest))
+        self._source: ReplaySource | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # -- one poll
+
+    def source(self) -> ReplaySource | None:
+        """The replay reader, opened once the server has created the store."""
+        if self._source is None:
+            try:
+                self._source = ReplaySource(self.config.replay_dir)
+            except FileNotFoundError:
+                return None
+        return self._source
+
+    @property
+    def min_version(self) -> int:
+        return self.version - self.config.max_policy_lag
+
+    def step(self) -> UpdateResult | None:
+        """Read the replay; when enough data is ready, run one update on it (published or
+        refused) and mark that data consumed. None: not enough data yet."""
+        c = self.config
+        source = self.source()
+        if source is None:
+            return None
+        collected = source.collect(self.min_version, c.segment_length, c.settle_s)
+        if collected.stale_ids:
+            n = source.mark_consumed(collected.stale_ids)
+            self._count("stale", n)
+            log.info("learner.dropped_stale", transitions=n, min_version=self.min_version)
+        segments = collected.segments[: self.num_segments]
+        if sum(len(s) for s in segments) < c.min_transitions:
+            return None
+        t0 = time.perf_counter()
+        self.publisher.set_state("training")
+        used, skipped, observation = self._usable(source, segments)
+        if skipped:
+            self._count("skipped", source.mark_consumed(skipped))
+        if not used:
+            return None
+        batch = build_batch(
+            used, observation, self.obs_spec, self.action_shape, c.segment_length,
+            self.num_segments,
+        )  # fmt: skip
+        result = self.update_on(batch)
+        ids = [i for s in used for i in s.ids]
+        n = source.mark_consumed(ids)
+        result.transitions = n
+        self._count("trained" if result.published else "refused", n)
+        self.metrics.update_seconds.observe(time.perf_counter() - t0)
+        self.publisher.set_state("waiting")
+        return result
+
+    def _usable(
+        self, source: ReplaySource, segments: list[Segment]
+    ) -> tuple[list[Segment], list[int], Any]:
+        """(segments to train on, ids to skip for good, observation lookup). Segments whose
+        observation keys differ from the first segment's wait for a batch of their own; those
+        with unreadable bytes (retention deleted them) or mixed keys are skipped."""
+        cache: dict[int, dict[str, np.ndarray]] = {}
+
+        def keys_of(row: TransitionRow) -> tuple[str, ...]:
+            if row.id not in cache:
+                cache[row.id] = source.observation(row)
+            return tuple(sorted(k for k in cache[row.id] if k in self.obs_spec))
+
+        used, skipped, want = [], [], None
+        for seg in segments:
+            rows = [s.row for s in seg.steps] + ([seg.bootstrap] if seg.bootstrap else [])
+            try:
+                keys = {keys_of(r) for r in rows}
+            except (MissingRecord, CorruptRecord, ValueError) as e:
+                log.warning("learner.segment_unreadable", error=str(e), robot_id=seg.robot_id)
+                skipped += seg.ids
+                continue
+            if len(keys) > 1:
+                log.warning("learner.segment_mixed_keys", keys=sorted(keys), robot_id=seg.robot_id)
+                skipped += seg.ids
+                continue
+            want = want or next(iter(keys))
+            if keys == {want}:
+                used.append(seg)
+        return used, skipped, lambda row: cache[row.id]
+
+    def update_on(self, batch: ChunkBatch) -> UpdateResult:
+        """One learn step on a built batch; publish the new version unless the guard refuses."""
+        key = jax.random.fold_in(self.key, self.version)
+        params, opt_state, metrics = self.dp(
+            self.graphdef, self.params, self.rest, self.opt_state, key, batch
+        )
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        reason = None
+        if m["finite"] < 1.0:
+            reason = "nonfinite"
+        elif self.config.max_kl is not None and m["update_kl"] > self.config.max_kl:
+            reason = "kl"
+        if reason is not None:
+            self.counters[f"refused_{reason}"] += 1
+            self.metrics.refused.labels(reason=reason).inc()
+            self.publisher.set_state("refused")
+            log.warning(
+                "learner.update_refused", reason=reason, version=self.version,
+                loss=m["loss"], grad_norm=m["grad_norm"], update_kl=m["update_kl"],
+                max_kl=self.config.max_kl,
+            )  # fmt: skip
+            return UpdateResult(self.version, False, reason, m)
+
+        self.params, self.opt_state = params, opt_state
+        nnx.update(self.ac, params)
+        self.version += 1
+        self.counters["updates"] += 1
+        path = self.checkpoints.save(
+            self.version, nnx.state(self.ac), self.opt_state, self._meta(m)
+        )
+        self.publisher.publish(self.version, str(path))
+        self.metrics.updates.inc()
+        self.metrics.version.set(self.version)
+        self.metrics.batch_reward.set(m["reward_mean"])
+        self.metrics.update_kl.set(m["update_kl"])
+        log.info(
+            "learner.published", version=self.version, path=str(path),
+            reward_mean=round(m["reward_mean"], 4), loss=round(m["loss"], 4),
+            update_kl=round(m["update_kl"], 5), explained_variance=round(m["explained_variance"], 3),
+        )  # fmt: skip
+        return UpdateResult(self.version, True, None, m, str(path))
+
+    def _count(self, fate: str, n: int) -> None:
+        self.counters[f"transitions_{fate}"] += n
+        self.metrics.transitions.labels(fate=fate).inc(n)
+
+    def _meta(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        finite = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
+        return {
+            "version": self.version,
+            "t_wall": time.time(),
+            "counters": dict(self.counters),
+            "metrics": finite,
+            "model": type(self.config.model).__name__,
+        }
+
+    # -- process
+
+    def run(self) -> int:
+        """Poll and update until `close()` or `max_updates` published updates; then close."""
+        c = self.config
+        log.info(
+            "learner.start", version=self.version, endpoint=self.publisher.endpoint,
+            replay_dir=str(Path(c.replay_dir).absolute()), devices=self.dp.size,
+        )  # fmt: skip
+        self.publisher.set_state("waiting")
+        done = 0
+        try:
+            while not self._stop.is_set():
+                if c.max_updates is not None and done >= c.max_updates:
+                    break
+                result = self.step()
+                if result is None:
+                    self._stop.wait(c.poll_interval_s)
+                elif result.published:
+                    done += 1
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        """Stop `run`, finish pending checkpoint writes, close sockets and the replay. Idempotent."""
+        self._stop.set()
+        if self._closed:
+            return
+        self._closed = True
+        self.publisher.set_state("stopping")
+        self.checkpoints.close()
+        self.publisher.close()
+        if self._source is not None:
+            self._source.close()
+        log.info("learner.stopped", version=self.version, **self.counters)
