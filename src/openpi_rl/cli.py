@@ -89,6 +89,22 @@ def serve_main(argv: list[str] | None = None) -> int:
     return serve(config)
 
 
+def bridge_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl bridge [--config FILE] [flags]`: the reward bridge and its pendant page."""
+    from openpi_rl import config_file
+    from openpi_rl.reward_bridge import BridgeConfig, serve
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = BridgeConfig()
+    if "--config" in argv:
+        i = argv.index("--config")
+        default = config_file.load(BridgeConfig, argv[i + 1])
+        del argv[i : i + 2]
+    config = tyro.cli(BridgeConfig, args=argv, default=default, prog="openpi-rl bridge")
+    configure_logging(json=not sys.stderr.isatty())
+    return serve(config)
+
+
 def replay_main(argv: list[str] | None = None) -> int:
     """`openpi-rl replay stats DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -100,7 +116,12 @@ def replay_main(argv: list[str] | None = None) -> int:
     return stats_main(argv[1:])
 
 
-COMMANDS = {"train": train_main, "serve": serve_main, "replay": replay_main}
+COMMANDS = {
+    "train": train_main,
+    "serve": serve_main,
+    "bridge": bridge_main,
+    "replay": replay_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

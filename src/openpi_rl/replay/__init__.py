@@ -10,7 +10,13 @@ from openpi_rl.replay.cli import stats_main
 from openpi_rl.replay.reader import ReplayReader, ReplayStats, TransitionRow
 from openpi_rl.replay.recovery import RecoveryReport
 from openpi_rl.replay.segments import CorruptRecord, MissingRecord
-from openpi_rl.replay.writer import ReplayClosed, ReplayConfig, ReplayFull, ReplayWriter
+from openpi_rl.replay.writer import (
+    ReplayClosed,
+    ReplayConfig,
+    ReplayFull,
+    ReplayWriter,
+    RewardEventResult,
+)
 
 __all__ = [
     "CorruptRecord",
@@ -22,6 +28,7 @@ __all__ = [
     "ReplayReader",
     "ReplayStats",
     "ReplayWriter",
+    "RewardEventResult",
     "TransitionRow",
     "stats_main",
 ]

@@ -13,7 +13,15 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 (reward bridge): reward_events gained episode_id, status and client_time.
+MIGRATIONS = {
+    1: (
+        "ALTER TABLE reward_events ADD COLUMN episode_id TEXT",
+        "ALTER TABLE reward_events ADD COLUMN status TEXT",
+        "ALTER TABLE reward_events ADD COLUMN client_time REAL",
+    ),
+}
 DB_NAME = "replay.sqlite"
 SEGMENTS_DIR = "segments"
 
@@ -69,9 +77,14 @@ CREATE TABLE IF NOT EXISTS reward_events (
     t REAL NOT NULL,
     t_wall REAL NOT NULL,
     idempotency_key TEXT UNIQUE,
-    transition_id INTEGER
+    transition_id INTEGER,  -- NULL: stored but not attached (see status)
+    episode_id TEXT,
+    status TEXT,            -- credit assignment's verdict: attached, unknown_robot, ...
+    client_time REAL        -- the pendant clock, kept for the record (credit uses t)
 );
 CREATE INDEX IF NOT EXISTS reward_events_robot_t ON reward_events (robot_id, t);
+CREATE INDEX IF NOT EXISTS reward_events_transition ON reward_events (transition_id);
+CREATE INDEX IF NOT EXISTS reward_events_episode ON reward_events (robot_id, episode_id);
 """
 
 
@@ -79,7 +92,7 @@ def db_path(root: Path) -> Path:
     return root / DB_NAME
 
 
-def connect_writer(root: Path) -> sqlite3.Connection:
+def connect_writer(root: Path, busy_timeout_s: float = 5.0) -> sqlite3.Connection:
     """Open (creating if needed) the store's database for the single writer: WAL mode,
     synchronous=NORMAL (a commit is durable against a killed process; against power loss only
     after the next WAL sync, see `ReplayConfig.fsync_interval_s`), schema applied."""
@@ -88,21 +101,33 @@ def connect_writer(root: Path) -> sqlite3.Connection:
     if mode.lower() != "wal":
         raise RuntimeError(f"{db_path(root)}: journal_mode: expected wal, got {mode}")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     conn.execute("BEGIN IMMEDIATE")
+    row = _version(conn)
+    while row is not None and row in MIGRATIONS:
+        for stmt in MIGRATIONS[row]:
+            conn.execute(stmt)
+        row += 1
+        conn.execute("UPDATE schema_version SET version = ?", (row,))
     for stmt in SCHEMA.split(";"):
         if stmt.strip():
             conn.execute(stmt)
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    row = _version(conn)
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif row[0] != SCHEMA_VERSION:
+    elif row != SCHEMA_VERSION:
         conn.execute("ROLLBACK")
-        raise RuntimeError(
-            f"{db_path(root)}: schema_version: expected {SCHEMA_VERSION}, got {row[0]}"
-        )
+        raise RuntimeError(f"{db_path(root)}: schema_version: expected {SCHEMA_VERSION}, got {row}")
     conn.execute("COMMIT")
     return conn
+
+
+def _version(conn: sqlite3.Connection) -> int | None:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    row = exists and conn.execute("SELECT version FROM schema_version").fetchone()
+    return row[0] if row else None
 
 
 def connect_reader(root: Path) -> sqlite3.Connection:

@@ -9,12 +9,15 @@ commit interval; an event passed with `wait=True` is acknowledged only after its
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import queue
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
@@ -60,25 +63,44 @@ class ReplayConfig:
     rows; choose it several times `segment_max_bytes`."""
     enqueue_timeout_s: float = 0.1
     """How long an append waits on a full queue before raising `ReplayFull`."""
+    events_only: bool = False
+    """Write reward events only (the reward bridge, alongside a live server that owns the
+    transitions): no segment recovery, no segment files, no retention."""
+    busy_timeout_s: float = 5.0
+    """How long one commit waits for another process's write lock; past it the commit is
+    rolled back and retried (counted as `commit_retries`), never dropped."""
 
     def create(self) -> ReplayWriter:
         return ReplayWriter(self)
 
 
-class _Waiter:
-    __slots__ = ("error", "event", "result")
+class RewardEventResult(NamedTuple):
+    """A committed reward event as stored (`duplicate`: its idempotency key was stored before,
+    and these are the first event's fields)."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.result: int | None = None
-        self.error: BaseException | None = None
+    id: int
+    transition_id: int | None
+    episode_id: str | None
+    status: str | None
+    duplicate: bool
 
-    def wait(self, timeout: float | None) -> int | None:
-        if not self.event.wait(timeout):
-            raise TimeoutError(f"replay commit not done after {timeout} s")
-        if self.error is not None:
-            raise ReplayClosed(f"replay writer failed: {self.error!r}") from self.error
-        return self.result
+
+Credit = tuple[int | None, str | None, str | None, bool]
+"""(transition_id, episode_id, status, close_episode), from a `resolve` callable."""
+Resolve = Callable[[sqlite3.Connection], Credit]
+
+
+def _waiter() -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_running_or_notify_cancel()  # a caller's cancel() can no longer break the writer
+    return fut
+
+
+def _wait(fut: concurrent.futures.Future, timeout: float | None) -> Any:
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"replay commit not done after {timeout} s") from None
 
 
 @dataclasses.dataclass
@@ -87,7 +109,7 @@ class _Batch:
     episodes: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
     reports: list[tuple] = dataclasses.field(default_factory=list)
     events: list[tuple] = dataclasses.field(default_factory=list)
-    waiters: list[_Waiter] = dataclasses.field(default_factory=list)
+    waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
     obs_bytes: int = 0
 
     def __bool__(self) -> bool:
@@ -101,15 +123,21 @@ class ReplayWriter:
         self.config = config
         self.root = Path(config.path)
         self._seg_dir = self.root / schema.SEGMENTS_DIR
-        self._seg_dir.mkdir(parents=True, exist_ok=True)
-        self._conn = schema.connect_writer(self.root)
-        self.recovery: RecoveryReport = recover(self._conn, self._seg_dir)
+        if config.events_only:
+            self.root.mkdir(parents=True, exist_ok=True)
+        else:
+            self._seg_dir.mkdir(parents=True, exist_ok=True)
+        self._conn = schema.connect_writer(self.root, busy_timeout_s=config.busy_timeout_s)
+        # Recovery truncates segment tails: only the owner of the segments may run it.
+        self.recovery: RecoveryReport = (
+            RecoveryReport(None, 0, 0) if config.events_only else recover(self._conn, self._seg_dir)
+        )
         self.boot_epoch = self._next_boot_epoch()
         self._id_base = self.boot_epoch << SEQ_BITS
         self._seq = 0
         self._id_lock = threading.Lock()
 
-        segs = list_segments(self._seg_dir)
+        segs = [] if config.events_only else list_segments(self._seg_dir)
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
         self._next_seg = (segs[-1] + 1) if segs else 1
         self._seg: SegmentWriter | None = None  # opened lazily, so idle restarts add no files
@@ -125,6 +153,7 @@ class ReplayWriter:
                 "events_duplicate",
                 "retention_rows_deleted",
                 "retention_segments_deleted",
+                "commit_retries",
             ),
             0,
         )
@@ -166,6 +195,8 @@ class ReplayWriter:
         `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
         from `actions`. Raises `ReplayFull` when the queue stays full, `ReplayClosed` after close.
         """
+        if self.config.events_only:
+            raise ValueError(f"{self.root}: events_only writer; transitions need the store's owner")
         tid = self._new_id()
         item = (
             _APPEND,
@@ -224,34 +255,46 @@ class ReplayWriter:
         """Queue a human feedback event. With `wait=True`, return only once it is committed
         (acknowledge to the pendant after this); if `idempotency_key` was stored before, nothing
         is inserted and the stored event's id is returned."""
-        eid = self._new_id()
-        waiter = _Waiter() if wait else None
-        self._put(
-            (
-                _EVENT,
-                eid,
-                str(robot_id),
-                str(kind),
-                float(value),
-                operator,
-                time.time() if t is None else float(t),
-                time.time(),
-                idempotency_key,
-                transition_id,
-                waiter,
-            )
+        fut = self.submit_reward_event(
+            robot_id, kind, value, operator, t, idempotency_key, transition_id
         )
-        if waiter is None:
-            return eid
-        result = waiter.wait(timeout)
-        assert result is not None
-        return result
+        return _wait(fut, timeout).id if wait else fut.event_id  # type: ignore[attr-defined]
+
+    def submit_reward_event(
+        self,
+        robot_id: str,
+        kind: str,
+        value: float,
+        operator: str | None = None,
+        t: float | None = None,
+        idempotency_key: str | None = None,
+        transition_id: int | None = None,
+        *,
+        episode_id: str | None = None,
+        status: str | None = None,
+        client_time: float | None = None,
+        resolve: Resolve | None = None,
+    ) -> concurrent.futures.Future:
+        """Queue a reward event; the future gives its `RewardEventResult` once committed (async
+        callers: `asyncio.wrap_future`). `resolve(conn)`, if given, runs inside the commit's write
+        transaction, so it sees every committed transition and no other writer can change them
+        before the event lands: it returns (transition_id, episode_id, status, close_episode),
+        replacing the given fields; close_episode sets `episodes.ended`. It is not run for a
+        duplicate; if it raises, the event is stored unattached with the error as status."""
+        eid = self._new_id()
+        fut = _waiter()
+        fut.event_id = eid  # type: ignore[attr-defined]
+        item = (_EVENT, eid, str(robot_id), str(kind), float(value), operator)
+        item += (time.time() if t is None else float(t), time.time(), idempotency_key)
+        item += (transition_id, episode_id, status, client_time, resolve, fut)
+        self._put(item)
+        return fut
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Block until everything queued before this call is committed."""
-        waiter = _Waiter()
-        self._put((_BARRIER, waiter), timeout=timeout)
-        waiter.wait(timeout)
+        fut = _waiter()
+        self._put((_BARRIER, fut), timeout=timeout)
+        _wait(fut, timeout)
 
     def queue_depth(self) -> int:
         return self._q.qsize()
@@ -362,15 +405,16 @@ class ReplayWriter:
                 if batch and (urgent or time.monotonic() >= deadline):  # type: ignore[operator]
                     self._commit(batch)
                     batch, deadline = _Batch(), None
-                    self._apply_retention()
+                    if not self.config.events_only:
+                        self._apply_retention()
         except BaseException as exc:
             log.exception("replay.writer_failed", path=str(self.root))
             self._error = exc
             with self._put_lock:
                 self._closed = True
+            failed = ReplayClosed(f"replay writer failed: {exc!r}")
             for w in batch.waiters:
-                w.error = exc
-                w.event.set()
+                w.set_exception(failed)
             while True:  # fail whoever still waits on a commit
                 try:
                     item = self._q.get_nowait()
@@ -378,8 +422,7 @@ class ReplayWriter:
                     break
                 w = item[1] if item[0] == _BARRIER else item[-1] if item[0] == _EVENT else None
                 if w is not None:
-                    w.error = exc
-                    w.event.set()
+                    w.set_exception(failed)
 
     def _stage(self, item: tuple, batch: _Batch) -> None:
         kind = item[0]
@@ -402,8 +445,7 @@ class ReplayWriter:
             batch.reports.append(item[1:])
         elif kind == _EVENT:
             batch.events.append(item[1:])
-            if item[-1] is not None:
-                batch.waiters.append(item[-1])
+            batch.waiters.append(item[-1])
         elif kind == _BARRIER:
             batch.waiters.append(item[1])
 
@@ -426,6 +468,21 @@ class ReplayWriter:
         return seg
 
     def _commit(self, batch: _Batch) -> None:
+        # Another process (server or bridge) may hold the write lock past busy_timeout: roll
+        # back and retry the same batch; the rows and waiters stay with us, nothing is dropped.
+        pause = 0.01
+        while True:
+            try:
+                return self._commit_once(batch)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                self._counters["commit_retries"] += 1
+                log.warning("replay.commit_busy_retry", path=str(self.root), error=str(e))
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _commit_once(self, batch: _Batch) -> None:
         conn = self._conn
         fsync = self.config.fsync_interval_s
         now = time.monotonic()
@@ -437,7 +494,9 @@ class ReplayWriter:
                 self._seg.flush()
         if sync_due:
             conn.execute("PRAGMA synchronous=FULL")  # WAL mode: the WAL is synced on commit
-        conn.execute("BEGIN")
+        # IMMEDIATE: take the write lock first (waiting busy_timeout), so reads made by an
+        # event's `resolve` cannot go stale before the write (SQLITE_BUSY_SNAPSHOT).
+        conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
                 "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
@@ -470,23 +529,7 @@ class ReplayWriter:
                     " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
                     [(r[0], r[1], r[2], r[5]) for r in batch.reports],
                 )
-            results: dict[int, int] = {}
-            for eid, robot, kind, value, operator, t, t_wall, key, trans, waiter in batch.events:
-                cur = conn.execute(
-                    "INSERT INTO reward_events (id, robot_id, kind, value, operator, t, t_wall,"
-                    " idempotency_key, transition_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (idempotency_key) DO NOTHING",
-                    (eid, robot, kind, value, operator, t, t_wall, key, trans),
-                )
-                if cur.rowcount == 0:
-                    self._counters["events_duplicate"] += 1
-                    eid = conn.execute(
-                        "SELECT id FROM reward_events WHERE idempotency_key = ?", (key,)
-                    ).fetchone()[0]
-                else:
-                    self._counters["events_committed"] += 1
-                if waiter is not None:
-                    results[id(waiter)] = eid
+            results = [self._insert_event(conn, *ev) for ev in batch.events]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -499,9 +542,60 @@ class ReplayWriter:
         self._counters["transitions_committed"] += len(batch.rows)
         self._counters["bytes_committed"] += batch.obs_bytes
         self._counters["commits"] += 1
+        dups = sum(r.duplicate for r in results)
+        self._counters["events_duplicate"] += dups
+        self._counters["events_committed"] += len(results) - dups
+        for ev, result in zip(batch.events, results, strict=True):
+            ev[-1].set_result(result)
         for w in batch.waiters:
-            w.result = results.get(id(w))
-            w.event.set()
+            if not w.done():
+                w.set_result(None)
+
+    @staticmethod
+    def _insert_event(
+        conn, eid, robot, kind, value, operator, t, t_wall, key, trans, episode, status,
+        client_time, resolve, fut,
+    ) -> RewardEventResult:  # fmt: skip
+        if key is not None:
+            row = conn.execute(
+                "SELECT id, transition_id, episode_id, status FROM reward_events"
+                " WHERE idempotency_key = ?",
+                (key,),
+            ).fetchone()
+            if row is not None:
+                return RewardEventResult(*row, duplicate=True)
+        close = False
+        if resolve is not None:
+            try:
+                trans, episode, status, close = resolve(conn)
+            except Exception as e:  # a broken rule must not lose the event or stop the writer
+                log.exception("replay.event_resolve_failed", robot_id=robot, kind=kind)
+                trans, close, status = None, False, f"credit_error: {e!r:.200}"
+        conn.execute(
+            "INSERT INTO reward_events (id, robot_id, kind, value, operator, t, t_wall,"
+            " idempotency_key, transition_id, episode_id, status, client_time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                eid,
+                robot,
+                kind,
+                value,
+                operator,
+                t,
+                t_wall,
+                key,
+                trans,
+                episode,
+                status,
+                client_time,
+            ),
+        )
+        if close and episode is not None:
+            conn.execute(
+                "UPDATE episodes SET ended = 1 WHERE robot_id = ? AND episode_id = ?",
+                (robot, episode),
+            )
+        return RewardEventResult(eid, trans, episode, status, duplicate=False)
 
     def _apply_retention(self) -> None:
         max_rows, max_bytes = self.config.retention_max_rows, self.config.retention_max_bytes

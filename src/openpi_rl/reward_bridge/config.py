@@ -1,0 +1,47 @@
+"""`BridgeConfig`: what `openpi-rl bridge --config FILE` reads (TOML, same names as flags)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+    replay_dir: str = "replay"
+    """The policy server's replay directory; the bridge writes reward events only."""
+    host: str = "127.0.0.1"
+    """Every listener binds here; set 0.0.0.0 (or the pendant network's address) to expose."""
+    ws_port: int = 8765
+    """Pendant page (GET /), WebSocket /pendant and /query, GET /healthz."""
+    http_port: int | None = 8766
+    """POST /feedback, POST /query, GET /healthz; None: off."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9102
+    """Prometheus /metrics; None: off."""
+    operators: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Operator name -> token. Put tokens in the TOML file (`[operators]`), not on the command
+    line; they are compared in constant time and never logged. Empty: nobody gets in."""
+    query_token: str | None = None
+    """When set, /query needs `?token=...` in the URL given to HumanRewardWebSocket/HTTP."""
+    robots: tuple[str, ...] = ()
+    """Robots listed on the page before they have served anything."""
+    press_latency_s: float = 0.3
+    """A step reward lands on the transition live this long before the press."""
+    verdict_settle_s: float = 0.1
+    """Success/failure/end wait this long before credit, so the server's last commit interval
+    (default 50 ms) has reached the database."""
+    success_value: float = 1.0
+    failure_value: float = 1.0
+    """Terminal rewards when a verdict carries no value (failure gives minus this)."""
+    max_abs_value: float = 10.0
+    status_interval_s: float = 0.5
+    ack_timeout_s: float = 10.0
+    """An event not committed by then gets a `not_stored` error (resend with the same key)."""
+    auth_timeout_s: float = 10.0
+    max_message_bytes: int = 64 * 1024
+    """Pendant frames and /feedback bodies; a larger one gets `too_large`, the connection stays."""
+    max_query_bytes: int = 16 * 2**20
+    """Reward queries carry observations (images); frames past this close the connection."""
+    query_timeout_s: float = 20.0
+    """Keep it below the provider's own `timeout_s` so the default, not an error, comes back."""
+    query_default_reward: float = 0.0

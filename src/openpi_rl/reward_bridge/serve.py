@@ -1,0 +1,28 @@
+"""`openpi-rl bridge --config FILE`: the reward bridge as a service (SIGTERM / Ctrl-C: stop
+accepting, let commits finish, close the replay writer, exit 0)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from prometheus_client import start_http_server
+
+from openpi_rl.reward_bridge.config import BridgeConfig
+from openpi_rl.reward_bridge.server import RewardBridge
+
+
+def serve(config: BridgeConfig) -> int:
+    bridge = RewardBridge(config)
+    if config.metrics_port is not None:
+        start_http_server(
+            config.metrics_port, config.metrics_host, registry=bridge.metrics.registry
+        )
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: bridge.request_stop())
+    try:
+        bridge.run()
+    finally:
+        bridge.close()
+    return 0

@@ -1,0 +1,78 @@
+"""A real replay (normal writer in the test process, as the policy server would hold it) and a
+real bridge on loopback ports (events-only writer on the same directory)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import websockets.sync.client
+
+from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.reward_bridge import BridgeConfig, RewardBridge
+
+OPERATORS = {"ana": "tok-ana-0123456789", "bob": "tok-bob-9876543210"}
+
+
+def add_transitions(writer: ReplayWriter, robot: str, episode: str, n: int, gap_s: float = 0.0):
+    """Append n transitions (policy version 3), committed on return; their ids in order."""
+    ids = []
+    for i in range(n):
+        ids.append(
+            writer.append_transition(
+                robot, episode, i, 3, b"obs", np.zeros((2, 2), np.float32), None, -0.1, 0.0, 0.0
+            )
+        )
+        if gap_s:
+            time.sleep(gap_s)
+    writer.flush()
+    return ids
+
+
+@pytest.fixture
+def replay(tmp_path):
+    with ReplayWriter(ReplayConfig(path=tmp_path / "replay", commit_interval_s=0.01)) as w:
+        yield w
+
+
+@pytest.fixture
+def make_bridge(tmp_path, replay):
+    bridges = []
+
+    def make(**overrides) -> RewardBridge:
+        config = dict(
+            replay_dir=str(tmp_path / "replay"),
+            ws_port=0,
+            http_port=0,
+            metrics_port=None,
+            operators=OPERATORS,
+            status_interval_s=0.1,
+            verdict_settle_s=0.02,
+            press_latency_s=0.0,  # transitions here are written just before the press
+        )
+        config.update(overrides)
+        bridge = RewardBridge(BridgeConfig(**config)).start()
+        bridges.append(bridge)
+        return bridge
+
+    yield make
+    for b in bridges:
+        b.close()
+
+
+def pendant(bridge: RewardBridge, token: str = OPERATORS["ana"]):
+    """A logged-in pendant connection (the welcome message already read)."""
+    ws = websockets.sync.client.connect(f"ws://127.0.0.1:{bridge.ws_port}/pendant").__enter__()
+    ws.send(json.dumps({"type": "hello", "token": token}))
+    welcome = json.loads(ws.recv(timeout=10))
+    assert welcome["type"] == "welcome"
+    return ws
+
+
+def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:
+    """The next message of this type (status pushes may come in between)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        if msg["type"] == kind:
+            return msg
