@@ -10,6 +10,7 @@ weights and optimizer state are replicated, so XLA all-reduces the gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,14 +107,7 @@ class DataParallel:
                 f"ppo.minibatch_size: expected a multiple of the {self.size} devices, "
                 f"got {config.minibatch_size}"
             )
-        mesh = self.mesh
-
-        def step(graphdef, params, rest, opt_state, rng, batch):
-            return learn_step(graphdef, params, rest, opt_state, rng, batch, config, mesh)
-
-        self._step = jax.jit(
-            step, static_argnums=0, out_shardings=(self.replicated, self.replicated, None)
-        )
+        self._step = _jitted_learn_step(self.mesh)
 
     @property
     def size(self) -> int:
@@ -139,4 +133,18 @@ class DataParallel:
         rng: Array,
         batch: ChunkBatch,
     ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
-        return self._step(graphdef, params, rest, opt_state, rng, self.put_batch(batch))
+        return self._step(
+            graphdef, params, rest, opt_state, rng, self.put_batch(batch), self.config, self.mesh
+        )
+
+
+@functools.cache
+def _jitted_learn_step(mesh: Mesh) -> Any:
+    """One jitted `learn_step` per mesh, shared by every learner on it (tests build many), so
+    equal configs and shapes compile once. Weights and optimizer state come out replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        learn_step,
+        static_argnames=("graphdef", "config", "mesh"),
+        out_shardings=(replicated, replicated, None),
+    )
