@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench-deps bench clean
+.PHONY: demo test chromium lint format bench-deps bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml client/pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/openpi-rl train --env InvertedPendulum-v5 --num_train_steps 60 --target_return 950
 
-test: $(STAMP) lint
+# The pendant page's browser test drives Debian's chromium (no browser download).
+test: $(STAMP) lint chromium
 	$(PY) -m pytest -q -m "not slow"
+
+chromium:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
