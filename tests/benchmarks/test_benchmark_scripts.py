@@ -39,3 +39,10 @@ def test_pi0_fast_sizes_quick_reports_params_and_times():
     figures = _last_json("pi0_fast_sizes.py")
     assert figures["params"]["dummy"] < 1_000_000 < figures["params"]["gemma_2b"]
     assert figures["sample_ms"]["dummy"] > 0 and figures["update_ms"]["dummy"] > 0
+
+
+def test_bridge_load_quick_stores_every_acked_event_once():
+    figures = _last_json("bridge_load.py")
+    assert figures["connections"] == 20 and figures["acked"] == figures["sent"] > 0
+    assert figures["stored"] == figures["acked"] and figures["missing"] == 0
+    assert figures["duplicates"] > 0  # resends were answered, not stored again

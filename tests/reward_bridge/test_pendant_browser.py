@@ -11,6 +11,7 @@ from tests.reward_bridge.conftest import OPERATORS, add_transitions
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).parents[2] / "docs"
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
