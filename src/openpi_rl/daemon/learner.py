@@ -126,8 +126,9 @@ class Learner:
         self.metrics.version.set(self.version)
 
         self.publisher = Publisher(config.publish_endpoint, config.heartbeat_s)
-        if latest is not None:  # heartbeats carry it: a server that missed it catches up
-            self.publisher.version, self.publisher.path = latest, str(self.checkpoints.path(latest))
+        # Heartbeats carry the newest version: a server that missed its notice catches up.
+        self.publisher.version = self.version
+        self.publisher.path = str(self.checkpoints.path(self.version))
         self._source: ReplaySource | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -150,6 +151,22 @@ class Learner:
     def step(self) -> UpdateResult | None:
         """Read the replay; when enough data is ready, run one update on it (published or
         refused) and mark that data consumed. None: not enough data yet."""
+        t0 = time.perf_counter()
+        taken = self.take()
+        if taken is None:
+            return None
+        batch, segments = taken
+        self.publisher.set_state("training")
+        ids = [i for s in segments for i in s.ids]
+        result = self.update_on(batch, transitions=len(ids))
+        self._source.mark_consumed(ids)
+        self.metrics.update_seconds.observe(time.perf_counter() - t0)
+        self.publisher.set_state("waiting")
+        return result
+
+    def take(self) -> tuple[ChunkBatch, list[Segment]] | None:
+        """The next training batch and the segments in it (oldest first), once at least
+        `min_transitions` chunks are ready; stale and unreadable data is marked consumed here."""
         c = self.config
         source = self.source()
         if source is None:
@@ -162,8 +179,6 @@ class Learner:
         segments = collected.segments[: self.num_segments]
         if sum(len(s) for s in segments) < c.min_transitions:
             return None
-        t0 = time.perf_counter()
-        self.publisher.set_state("training")
         used, skipped, observation = self._usable(source, segments)
         if skipped:
             self._count("skipped", source.mark_consumed(skipped))
@@ -173,14 +188,7 @@ class Learner:
             used, observation, self.obs_spec, self.action_shape, c.segment_length,
             self.num_segments,
         )  # fmt: skip
-        result = self.update_on(batch)
-        ids = [i for s in used for i in s.ids]
-        n = source.mark_consumed(ids)
-        result.transitions = n
-        self._count("trained" if result.published else "refused", n)
-        self.metrics.update_seconds.observe(time.perf_counter() - t0)
-        self.publisher.set_state("waiting")
-        return result
+        return batch, used
 
     def _usable(
         self, source: ReplaySource, segments: list[Segment]
@@ -213,8 +221,9 @@ class Learner:
                 used.append(seg)
         return used, skipped, lambda row: cache[row.id]
 
-    def update_on(self, batch: ChunkBatch) -> UpdateResult:
-        """One learn step on a built batch; publish the new version unless the guard refuses."""
+    def update_on(self, batch: ChunkBatch, transitions: int = 0) -> UpdateResult:
+        """One learn step on a built batch; publish the new version unless the guard refuses.
+        transitions: how many chunks the batch holds, counted as trained or refused."""
         key = jax.random.fold_in(self.key, self.version)
         params, opt_state, metrics = self.dp(
             self.graphdef, self.params, self.rest, self.opt_state, key, batch
@@ -226,6 +235,7 @@ class Learner:
         elif self.config.max_kl is not None and m["update_kl"] > self.config.max_kl:
             reason = "kl"
         if reason is not None:
+            self._count("refused", transitions)
             self.counters[f"refused_{reason}"] += 1
             self.metrics.refused.labels(reason=reason).inc()
             self.publisher.set_state("refused")
@@ -234,12 +244,13 @@ class Learner:
                 loss=m["loss"], grad_norm=m["grad_norm"], update_kl=m["update_kl"],
                 max_kl=self.config.max_kl,
             )  # fmt: skip
-            return UpdateResult(self.version, False, reason, m)
+            return UpdateResult(self.version, False, reason, m, transitions=transitions)
 
         self.params, self.opt_state = params, opt_state
         nnx.update(self.ac, params)
         self.version += 1
         self.counters["updates"] += 1
+        self._count("trained", transitions)  # before the save: the version's meta includes it
         path = self.checkpoints.save(
             self.version, nnx.state(self.ac), self.opt_state, self._meta(m)
         )
@@ -253,7 +264,7 @@ class Learner:
             reward_mean=round(m["reward_mean"], 4), loss=round(m["loss"], 4),
             update_kl=round(m["update_kl"], 5), explained_variance=round(m["explained_variance"], 3),
         )  # fmt: skip
-        return UpdateResult(self.version, True, None, m, str(path))
+        return UpdateResult(self.version, True, None, m, str(path), transitions)
 
     def _count(self, fate: str, n: int) -> None:
         self.counters[f"transitions_{fate}"] += n

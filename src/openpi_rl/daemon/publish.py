@@ -105,6 +105,7 @@ class LatestVersion:
         self.seen: int | None = None  # newest version returned
         self.last_heartbeat: dict[str, Any] | None = None
         self.heartbeat_t: float | None = None  # monotonic time of the last heartbeat
+        self.heartbeats = 0
 
     def poll(self, timeout_s: float = 0.0) -> dict[str, Any] | None:
         newest: dict[str, Any] | None = None
@@ -118,6 +119,7 @@ class LatestVersion:
                 continue
             if msg.get("type") == HEARTBEAT:
                 self.last_heartbeat, self.heartbeat_t = msg, time.monotonic()
+                self.heartbeats += 1
             version, path = msg.get("version"), msg.get("path")
             if version is None or path is None:
                 continue

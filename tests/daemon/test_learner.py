@@ -1,0 +1,196 @@
+"""The learner's update, guard, behaviour cloning, checkpoints and publishing, on a real replay,
+real orbax checkpoints and a real ZMQ SUB socket."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from learner_helpers import MODEL, learner_config
+
+from openpi_rl.daemon import LatestVersion, Learner, build_actor_critic, restore_version
+from openpi_rl.rl import PPOBatch, PPOConfig, ppo_loss
+
+
+def _wait_heartbeat(sub: LatestVersion, timeout_s: float = 5.0) -> None:
+    """PUB/SUB drops what is sent before the subscription lands: wait for proof that it has."""
+    deadline = time.monotonic() + timeout_s
+    while sub.last_heartbeat is None and time.monotonic() < deadline:
+        sub.poll(0.1)
+    assert sub.last_heartbeat is not None, "no heartbeat"
+
+
+def _params(learner: Learner) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(learner.params)]
+
+
+def test_notice_arrives_and_its_path_restores_into_a_fresh_actor_critic(tmp_path, recorder):
+    learner = Learner(learner_config(tmp_path, heartbeat_s=0.1))
+    sub = LatestVersion(learner.publisher.endpoint)
+    try:
+        _wait_heartbeat(sub)
+        assert sub.last_heartbeat["type"] == "heartbeat"
+        assert sub.last_heartbeat["version"] == 0 and sub.last_heartbeat["state"] == "starting"
+        recorder.episode("r", "a", 6, np.random.default_rng(0))
+        recorder.writer.flush()
+        result = learner.step()
+        assert result.published and result.version == 1
+        notice = sub.poll(5.0)
+        assert notice == {"version": 1, "path": str(tmp_path / "ckpt" / "1")}
+        assert sub.poll(0.3) is None  # heartbeats name version 1 too: nothing newer
+
+        fresh = build_actor_critic(MODEL, (16, 16), seed=123)  # other weights until restored
+        obs = {"state": jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)), jnp.float32)}
+        key = jax.random.key(7)
+        assert not np.allclose(fresh.value(key, obs), learner.ac.value(key, obs))
+        nnx.update(fresh, restore_version(notice["path"], fresh))
+        for got, want in zip(fresh.act(key, obs), learner.ac.act(key, obs), strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        sub.close()
+        learner.close()
+
+
+def test_heartbeat_every_interval(tmp_path):
+    learner = Learner(learner_config(tmp_path, heartbeat_s=0.1))
+    sub = LatestVersion(learner.publisher.endpoint)
+    try:
+        _wait_heartbeat(sub)
+        first = sub.heartbeats
+        time.sleep(1.0)
+        sub.poll(0.0)
+        assert 6 <= sub.heartbeats - first <= 12
+    finally:
+        sub.close()
+        learner.close()
+
+
+def test_nan_batch_is_refused_and_nothing_is_published(tmp_path, recorder):
+    learner = Learner(learner_config(tmp_path, heartbeat_s=0.1))
+    sub = LatestVersion(learner.publisher.endpoint)
+    try:
+        _wait_heartbeat(sub)
+        recorder.episode("r", "a", 6, np.random.default_rng(0))
+        recorder.writer.flush()
+        batch, _ = learner.take()
+        batch.rewards[2, 0] = np.nan  # e.g. a corrupt reward source
+        before = _params(learner)
+        result = learner.update_on(batch)
+        assert not result.published and result.reason == "nonfinite"
+        assert learner.counters["refused_nonfinite"] == 1 and learner.version == 0
+        assert learner.checkpoints.versions() == [0]
+        for a, b in zip(before, _params(learner), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert sub.poll(0.5) is None and learner.publisher.sent["version"] == 0
+        assert sub.last_heartbeat["state"] == "refused"
+        # The same data without the NaN trains and publishes.
+        batch.rewards[2, 0] = 0.0
+        assert learner.update_on(batch).published
+        assert sub.poll(5.0)["version"] == 1
+    finally:
+        sub.close()
+        learner.close()
+
+
+def test_update_past_the_kl_limit_is_refused_and_its_data_consumed(tmp_path, recorder):
+    learner = Learner(learner_config(tmp_path, max_kl=1e-9))
+    try:
+        recorder.episode("r", "a", 6, np.random.default_rng(0))
+        recorder.writer.flush()
+        result = learner.step()
+        assert not result.published and result.reason == "kl" and result.metrics["update_kl"] > 0
+        assert learner.counters["refused_kl"] == 1
+        assert learner.counters["transitions_refused"] == 6
+        assert learner.checkpoints.versions() == [0] and learner.publisher.sent["version"] == 0
+        assert learner.step() is None  # consumed: not retried forever
+    finally:
+        learner.close()
+
+
+def test_intervened_samples_are_out_of_the_ratio():
+    """A take-over's stored log-prob is not the policy's: with policy_mask 0 it changes nothing
+    in the clipped surrogate, KL or clip fraction, however far off it is."""
+    ac = build_actor_critic(MODEL, (16, 16), 0)
+    rng = np.random.default_rng(0)
+    n = 32
+    obs = {"state": jnp.asarray(rng.standard_normal((n, 3)), jnp.float32)}
+    actions = jnp.asarray(rng.standard_normal((n, 2, 2)), jnp.float32)
+    logp = ac.model.policy_logprobs(jax.random.key(0), obs, actions)
+    intervened = np.arange(n) % 4 == 0
+    old_logp = jnp.where(intervened, logp - 50.0, logp + 0.01 * jnp.arange(n))
+    adv = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    full = PPOBatch(obs, actions, old_logp, adv * 0, adv, adv, policy_mask=1.0 - intervened)
+    keep = ~intervened
+    subset = PPOBatch(
+        {"state": obs["state"][keep]}, actions[keep], old_logp[keep], adv[keep] * 0, adv[keep],
+        adv[keep],
+    )  # fmt: skip
+    config = PPOConfig()
+    _, m_full = ppo_loss(ac, jax.random.key(1), full, config)
+    _, m_sub = ppo_loss(ac, jax.random.key(1), subset, config)
+    for k in ("policy_loss", "approx_kl", "clip_fraction"):
+        np.testing.assert_allclose(m_full[k], m_sub[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bc_coef", [1.0, 0.0])
+def test_take_overs_train_behaviour_cloning(tmp_path, recorder, bc_coef):
+    """Every chunk an operator took over, executing `target`: BC raises the policy's log-prob
+    of the executed actions; with weight 0 the policy does not move at all."""
+    rng = np.random.default_rng(0)
+    target = np.full((2, 2), 0.8, np.float32)
+    states = []
+    for e in range(3):
+        for t in range(5):
+            obs = {"state": rng.standard_normal(3).astype(np.float32)}
+            tid, _ = recorder.serve("r", f"e{e}", t, obs)
+            recorder.writer.report(
+                tid, 0.0, done=t == 4, truncated=False, executed_actions=target, intervened=True
+            )
+            states.append(obs["state"])
+    recorder.writer.flush()
+    ppo = PPOConfig(lr=1e-2, train_iters=4, minibatch_size=16, bc_coef=bc_coef, entropy_coef=0.0)
+    learner = Learner(learner_config(tmp_path, ppo=ppo, max_kl=None))
+    try:
+        obs = {"state": jnp.asarray(np.stack(states))}
+        executed = jnp.broadcast_to(jnp.asarray(target), (len(states), 2, 2))
+        key = jax.random.key(0)
+        before = np.asarray(learner.ac.model.policy_logprobs(key, obs, executed))
+        result = learner.step()
+        assert result.published
+        after = np.asarray(learner.ac.model.policy_logprobs(key, obs, executed))
+        if bc_coef > 0:
+            assert after.mean() > before.mean() + 0.5, (before.mean(), after.mean())
+            assert result.metrics["bc_loss"] > 0
+        else:
+            np.testing.assert_array_equal(after, before)
+            assert result.metrics["approx_kl"] == 0.0  # no sample was in the ratio
+    finally:
+        learner.close()
+
+
+def test_resume_picks_the_newest_version(tmp_path, recorder):
+    rng = np.random.default_rng(0)
+    config = learner_config(tmp_path)
+    learner = Learner(config)
+    for v in (1, 2):
+        recorder.episode("r", f"e{v}", 6, rng, version=v - 1)
+        recorder.writer.flush()
+        assert learner.step().version == v
+    weights, opt = _params(learner), jax.tree.leaves(learner.opt_state)
+    learner.close()
+
+    again = Learner(config)
+    try:
+        assert again.version == 2 and again.checkpoints.versions() == [0, 1, 2]
+        assert again.counters["updates"] == 2 and again.counters["transitions_trained"] == 12
+        for a, b in zip(weights, _params(again), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(opt, jax.tree.leaves(again.opt_state), strict=True):
+            np.testing.assert_array_equal(a, b)
+        recorder.episode("r", "e3", 6, rng, version=2)
+        recorder.writer.flush()
+        assert again.step().version == 3
+    finally:
+        again.close()
