@@ -7,14 +7,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
+import urllib.request
 
 import websockets.sync.client
 
 from tests.reward_bridge.conftest import OPERATORS, add_transitions
 
 
-def _start_bridge(tmp_path) -> tuple[subprocess.Popen, int]:
+def _start_bridge(tmp_path) -> tuple[subprocess.Popen, int, int]:
     config = tmp_path / "bridge.toml"
     config.write_text(
         f'replay_dir = "{tmp_path / "replay"}"\nws_port = 0\nhttp_port = 0\nmetrics_port = 0\n'
@@ -25,18 +25,19 @@ def _start_bridge(tmp_path) -> tuple[subprocess.Popen, int]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    metrics_port = None
+    while True:  # the log says where it listens (ports were 0: any free one)
         line = proc.stderr.readline()
         assert line, "bridge exited before listening"
+        if '"bridge.metrics"' in line:
+            metrics_port = json.loads(line)["port"]
         if '"bridge.listening"' in line:
-            return proc, json.loads(line)["ws_port"]
-    raise TimeoutError("bridge did not start")
+            return proc, json.loads(line)["ws_port"], metrics_port
 
 
 def test_kill_9_right_after_an_ack_keeps_every_acked_event(tmp_path, replay):
     ids = add_transitions(replay, "arm-1", "ep-1", 3)
-    proc, port = _start_bridge(tmp_path)
+    proc, port, _ = _start_bridge(tmp_path)
     acked = []
     try:
         with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/pendant") as ws:
@@ -59,7 +60,10 @@ def test_kill_9_right_after_an_ack_keeps_every_acked_event(tmp_path, replay):
     assert acked[0] in stored and stored[acked[0]] == ids[-1]
 
 
-def test_sigterm_stops_the_bridge_cleanly(tmp_path, replay):
-    proc, _ = _start_bridge(tmp_path)
+def test_metrics_are_served_and_sigterm_stops_the_bridge_cleanly(tmp_path, replay):
+    proc, _, metrics_port = _start_bridge(tmp_path)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "openpi_rl_bridge_connections 0.0" in text and "openpi_rl_bridge_ack_seconds" in text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 
+import structlog
 from prometheus_client import start_http_server
 
 from openpi_rl.reward_bridge.config import BridgeConfig
@@ -15,8 +16,11 @@ from openpi_rl.reward_bridge.server import RewardBridge
 def serve(config: BridgeConfig) -> int:
     bridge = RewardBridge(config)
     if config.metrics_port is not None:
-        start_http_server(
+        httpd, _ = start_http_server(
             config.metrics_port, config.metrics_host, registry=bridge.metrics.registry
+        )
+        structlog.get_logger("openpi_rl.reward_bridge").info(
+            "bridge.metrics", host=config.metrics_host, port=httpd.server_address[1]
         )
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
