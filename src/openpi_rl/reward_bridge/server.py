@@ -118,6 +118,8 @@ class RewardBridge:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
         self.writer.close()
+        if self._reader is not None:
+            self._db.submit(self._reader.close)  # the connection belongs to that thread
         self._db.shutdown(wait=True)
 
     async def _main(self) -> None:
@@ -293,6 +295,11 @@ class RewardBridge:
         except BadRequest as e:
             self.metrics.errors.labels(e.code).inc()
             reply = error_reply(e.code, e.message, idempotency_key=msg.get("idempotency_key"))
+        except Exception as e:  # a bug must not leave the pendant waiting without an answer
+            log.exception("bridge.feedback_failed")
+            self.metrics.errors.labels("internal").inc()
+            key = msg.get("idempotency_key")
+            reply = error_reply("internal", f"{e!r:.200}", idempotency_key=key)
         await self._send(ws, reply)
 
     async def _query_ws(self, ws: ServerConnection, robot_id: str) -> None:
