@@ -105,6 +105,29 @@ def bridge_main(argv: list[str] | None = None) -> int:
     return serve(config)
 
 
+def learn_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl learn [--config FILE] [flags]`: the learner daemon (PPO on the replay,
+    versioned checkpoints, ZMQ PUB notices)."""
+    from openpi_rl import config_file
+    from openpi_rl.daemon.learner import LearnerConfig, learn
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = LearnerConfig()
+    if "--config" in argv:
+        i = argv.index("--config")
+        default = config_file.load(LearnerConfig, argv[i + 1])
+        del argv[i : i + 2]
+    config = tyro.cli(
+        LearnerConfig,
+        args=_seed_style_args(argv),
+        default=default,
+        prog="openpi-rl learn",
+        config=(tyro.conf.CascadeSubcommandArgs,),
+    )
+    configure_logging(json=not sys.stderr.isatty())
+    return learn(config)
+
+
 def replay_main(argv: list[str] | None = None) -> int:
     """`openpi-rl replay stats DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -120,6 +143,7 @@ COMMANDS = {
     "train": train_main,
     "serve": serve_main,
     "bridge": bridge_main,
+    "learn": learn_main,
     "replay": replay_main,
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import structlog
 from flax import nnx
+from prometheus_client import start_http_server
 
 from openpi_rl.daemon.batch import ChunkBatch, build_batch
 from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
@@ -304,6 +306,10 @@ class Learner:
             self.close()
         return 0
 
+    def stop(self) -> None:
+        """Ask `run` to return after the current step (safe from a signal handler)."""
+        self._stop.set()
+
     def close(self) -> None:
         """Stop `run`, finish pending checkpoint writes, close sockets and the replay. Idempotent."""
         self._stop.set()
@@ -316,3 +322,17 @@ class Learner:
         if self._source is not None:
             self._source.close()
         log.info("learner.stopped", version=self.version, **self.counters)
+
+
+def learn(config: LearnerConfig) -> int:
+    """`openpi-rl learn`: run a Learner until SIGTERM / Ctrl-C (finish the current update,
+    close, exit 0), with Prometheus /metrics on `metrics_port`."""
+    learner = Learner(config)
+    if config.metrics_port is not None:
+        start_http_server(
+            config.metrics_port, config.metrics_host, registry=learner.metrics.registry
+        )
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: learner.stop())
+    return learner.run()

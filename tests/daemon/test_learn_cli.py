@@ -1,0 +1,67 @@
+"""`openpi-rl learn --config FILE` as a process: trains on the replay, publishes, exits 0 on
+SIGTERM."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_learn_cli_trains_from_config_file_and_stops_on_sigterm(tmp_path, recorder):
+    recorder.episode("arm-1", "a", 6, np.random.default_rng(0))
+    recorder.writer.flush()
+    config = tmp_path / "learn.toml"
+    config.write_text(
+        f"""
+replay_dir = "{tmp_path / "replay"}"
+checkpoint_dir = "{tmp_path / "ckpt"}"
+value_hidden = [16, 16]
+segment_length = 8
+batch_segments = 8
+min_transitions = 1
+settle_s = 0.0
+poll_interval_s = 0.1
+publish_endpoint = "tcp://127.0.0.1:{_free_port()}"
+metrics_port = {_free_port()}
+
+[model]
+kind = "gaussian_mlp"
+obs_dim = 3
+action_dim = 2
+action_horizon = 2
+hidden = [16, 16]
+
+[ppo]
+lr = 1e-3
+train_iters = 2
+minibatch_size = 16
+"""
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "openpi_rl.cli", "learn", "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ckpt" / "1").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no version 1"
+            time.sleep(0.2)
+        time.sleep(0.5)  # now waiting for more data
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stderr.read()
+    assert "learner.published" in log and "learner.stopped" in log
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["0", "1"]
