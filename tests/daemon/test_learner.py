@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from learner_helpers import MODEL, learner_config
+from learner_helpers import MODEL, Recorder, learner_config
 
 from openpi_rl.daemon import LatestVersion, Learner, build_actor_critic, restore_version
+from openpi_rl.models.pi0_fast import Pi0FASTConfig
 from openpi_rl.rl import PPOBatch, PPOConfig, ppo_loss
 
 
@@ -194,3 +195,34 @@ def test_resume_picks_the_newest_version(tmp_path, recorder):
         assert again.step().version == 3
     finally:
         again.close()
+
+
+@pytest.mark.slow  # ~27 s on 2 cores: compiles pi0_fast's decoder and its learn step
+def test_token_policy_ratio_is_exact_through_the_replay(tmp_path):
+    """pi0_fast: the stored action tokens and log-prob reproduce the serving policy's log-prob
+    exactly (gap 0 at version 0), and the published version restores into a fresh model."""
+    model = Pi0FASTConfig(
+        variant="dummy", action_horizon=2, action_dim=2, state_dim=3, image_keys=(), prompt_len=4
+    )
+    ac = build_actor_critic(model, (16, 16), 0)
+    rec = Recorder(tmp_path / "replay", ac=ac)
+    obs = {k: np.asarray(v)[0] for k, v in model.fake_obs(1).items()}
+    for e in range(2):
+        for t in range(4):
+            tid, _ = rec.serve("r", f"e{e}", t, obs)
+            rec.writer.report(tid, 0.1, done=t == 3, truncated=False)
+    rec.close()
+    ppo = PPOConfig(lr=1e-4, train_iters=1, minibatch_size=16)
+    learner = Learner(learner_config(tmp_path, model=model, ppo=ppo, max_kl=None))
+    try:
+        result = learner.step()
+        assert result.published and result.metrics["finite"] == 1.0
+        assert result.metrics["behaviour_logp_gap"] < 1e-4
+        fresh = build_actor_critic(model, (16, 16), seed=5)
+        nnx.update(fresh, restore_version(result.path, fresh))
+        batched = {k: jnp.asarray(v)[None] for k, v in obs.items()}
+        key = jax.random.key(3)
+        for got, want in zip(fresh.act(key, batched), learner.ac.act(key, batched), strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        learner.close()

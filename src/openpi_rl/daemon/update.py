@@ -38,8 +38,9 @@ def learn_step(
 ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
     """Values -> GAE -> fused PPO update on one ChunkBatch. Returns new (params, opt_state) and
     metrics: PPO's, plus `update_kl` (k3 estimate of KL(before || after) on the policy's samples
-    of the batch), `finite` (1 when loss, gradient norm and every new weight are finite) and
-    means of reward, value and advantage over real steps.
+    of the batch), `finite` (1 when loss, gradient norm and every new weight are finite),
+    `behaviour_logp_gap` (mean |stored - current log-prob|) and means of reward, value and
+    advantage over real steps.
 
     Intervened steps are left out of the ratio (policy_mask 0) and, with `config.bc_coef` > 0,
     their executed actions are cloned. Padding steps are out of everything.
@@ -89,6 +90,11 @@ def learn_step(
     for k in ("loss", "grad_norm", "update_kl"):
         finite = finite & jnp.isfinite(metrics[k])
     metrics["finite"] = finite.astype(jnp.float32)
+    # How far the current policy is from the one that served the data (0 when the same
+    # version served it: the stored log-prob and policy actions reproduce the ratio exactly).
+    metrics["behaviour_logp_gap"] = masked_mean(
+        jnp.abs(logp_before - flat(batch.logp)), policy_mask
+    )
     metrics["reward_mean"] = masked_mean(flat(batch.rewards), valid)
     metrics["value_mean"] = masked_mean(values, valid)
     metrics["advantage_mean"] = masked_mean(flat(adv), valid)
