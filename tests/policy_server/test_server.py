@@ -1,6 +1,7 @@
 """The ZMQ policy server on loopback, driven by the robot client over real sockets."""
 
 import threading
+import time
 
 import jax
 import msgpack
@@ -109,3 +110,82 @@ def test_four_robots_at_50_hz_every_reply_is_stored(server, tmp_path):
     assert len(replies) >= 4 * 450  # 500 ticks each; a late tick is not skipped, only delayed
     stored = ReplayReader(str(tmp_path / "replay")).count()
     assert stored == len(replies) == len(set(replies))
+
+
+def _raw_request(endpoint: str, payload: bytes, read: bool) -> dict | None:
+    """Send on a fresh DEALER (as a lazy-pirate retry does); optionally wait for the reply."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0 if read else 2000)  # an unread request still goes out
+    sock.connect(endpoint)
+    sock.send_multipart([b"", payload])
+    reply = None
+    if read:
+        assert sock.poll(5000)
+        reply = wire.unpackb(sock.recv_multipart()[-1])
+    sock.close(0)
+    return reply
+
+
+def _start(tmp_path, **options):
+    ac = ActorCritic(CONFIG.create(jax.random.key(0)), value_in_dim=6, value_hidden=(16,))
+    srv = PolicyServer(
+        ac,
+        ServeOptions(endpoint="tcp://127.0.0.1:*", **options),
+        ReplayConfig(path=str(tmp_path / "replay"), commit_interval_s=0.02),
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    assert srv._ready.wait(60)
+    return srv, thread
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["after-reply", "while-queued"])
+def test_a_resent_request_is_answered_once_and_stored_once(tmp_path, pending):
+    # "while-queued": the server holds a lone request 300 ms for a batch, so the resend (from a
+    # new socket, as the client's lazy-pirate retry does) arrives before it is served.
+    srv, thread = _start(tmp_path, max_batch=4, max_wait_us=300_000 if pending else 200)
+    rng = np.random.default_rng(3)
+    head = {"protocol_version": 1, "robot_id": "r1", "episode_id": "e"}
+    infer = wire.packb({**head, "type": "infer", "request_id": "s-1", "observation": _obs(rng)})
+    if pending:
+        _raw_request(srv.endpoint, infer, read=False)  # the first socket is gone before replying
+        deadline = time.monotonic() + 5
+        while ("r1", "s-1") not in srv._recent and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the server holds it
+        second = _raw_request(srv.endpoint, infer, read=True)
+        first = second
+    else:
+        first = _raw_request(srv.endpoint, infer, read=True)
+        second = _raw_request(srv.endpoint, infer, read=True)
+    assert second["transition_id"] == first["transition_id"]
+    np.testing.assert_array_equal(second["actions"], first["actions"])
+    tid = first["transition_id"]
+    report = wire.packb(
+        {
+            **head,
+            "type": "report",
+            "request_id": "s-2",
+            "transition_id": tid,
+            "reward": 1.5,
+            "done": False,
+            "truncated": False,
+        }
+    )
+    assert _raw_request(srv.endpoint, report, read=True)["ok"]
+    assert _raw_request(srv.endpoint, report, read=True)["ok"]
+    # A new request_id is a new request.
+    fresh = wire.packb({**head, "type": "infer", "request_id": "s-3", "observation": _obs(rng)})
+    assert _raw_request(srv.endpoint, fresh, read=True)["transition_id"] != tid
+    dupes = {
+        s.labels["type"]: s.value
+        for m in srv.metrics.registry.collect()
+        if m.name == "openpi_rl_server_duplicate_requests"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert dupes == {"infer": 1.0, "report": 1.0}
+    srv.close(wait_s=30)
+    thread.join(30)
+    rows = ReplayReader(str(tmp_path / "replay")).transitions(robot_id="r1")
+    assert len(rows) == 2 and len({r.id for r in rows}) == 2
+    assert {r.id: r.reward for r in rows}[tid] == 1.5  # the resent report counted once

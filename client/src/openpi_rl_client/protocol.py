@@ -13,8 +13,10 @@ receives ``[identity, b"", payload]`` (the same as from a REQ client) and answer
 one reply, one payload frame each way.
 
 Every request carries ``"request_id"`` (a str, unique per request); the server copies it into
-the reply. A resend after a timeout reuses the id, so a server may dedupe ``report`` messages
-by ``(robot_id, request_id)``. The client discards replies whose id is not the one it waits
+the reply. A resend after a timeout reuses the id, so the server dedupes ``infer`` and
+``report`` by ``(robot_id, request_id)``: it answers a resend with the first reply (or, while the
+first is still queued, sends that reply to the new socket), so one request is one transition and
+one report one reward. The client discards replies whose id is not the one it waits
 for (a late reply to an abandoned request). A reply without an id is accepted only if it is
 an error reply: a server that cannot decode a request cannot know its id.
 

@@ -42,6 +42,12 @@ class ServerMetrics:
         self.errors = Counter(
             "openpi_rl_server_errors_total", "Error replies by code.", ["code"], registry=r
         )
+        self.duplicates = Counter(
+            "openpi_rl_server_duplicate_requests_total",
+            "Resent requests (same robot and request_id) answered without serving them twice.",
+            ["type"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "openpi_rl_server_batch_size",
             "Requests served by one model call.",

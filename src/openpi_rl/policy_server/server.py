@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ class ServeOptions:
     max_wait_us: int = 200  # wait this long for more robots once one request is pending
     max_message_bytes: int = 16 * 1024 * 1024
     seed: int = 0
+    dedupe_window: int = 4096  # replies kept to answer a resent request without serving it twice
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ class _Pending:
     msg: dict
     payload: bytes
     t_recv: float
+    resent_from: list[bytes] = dataclasses.field(default_factory=list)  # sockets of resends
 
 
 class PolicyServer:
@@ -86,6 +89,10 @@ class PolicyServer:
         self._counter = 0  # sampling calls: the key is derived from (version, counter)
         self._unlogged = 0  # transition ids when no replay is configured
         self._steps: dict[str, tuple[str, int]] = {}  # robot -> (episode, next step)
+        # (robot_id, request_id) -> the packed reply, or the request while it is still pending.
+        # A client that timed out resends the same request_id from a new socket (lazy pirate);
+        # answering from here keeps one request one transition and one report one reward.
+        self._recent: OrderedDict[tuple[str, str], bytes | _Pending] = OrderedDict()
         self.served = 0
         example = example_observation(self.obs_spec)
         self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
@@ -163,13 +170,23 @@ class PolicyServer:
                 msg = wire.unpackb(payload, max_bytes=self.options.max_message_bytes)
                 rid = msg.get("request_id") if isinstance(msg, dict) else None
                 kind, msg = protocol.validate_request(msg)
+                key = (str(msg.get("robot_id")), str(rid)) if rid is not None else None
+                if key is not None and self._resent(key, identity, kind, t_recv):
+                    continue
                 if kind == "infer":
                     self._check_infer(msg)
-                    pending.append(_Pending(identity, msg, payload, t_recv))
+                    p = _Pending(identity, msg, payload, t_recv)
+                    pending.append(p)
+                    if key is not None:
+                        self._remember(key, p)
                     if len(pending) >= self.options.max_batch:
                         return
                     continue
                 reply = self._handle(kind, msg)
+                if key is not None and kind == "report":
+                    reply["request_id"] = rid
+                    self._remember(key, self._send(identity, reply, kind, t_recv))
+                    continue
             except protocol.ProtocolError as e:
                 reply = self._error(e.code, e.message)
                 kind = "invalid"
@@ -180,6 +197,24 @@ class PolicyServer:
             if rid is not None:
                 reply["request_id"] = rid  # the client matches replies to requests by it
             self._send(identity, reply, kind, t_recv)
+
+    def _resent(self, key: tuple[str, str], identity: bytes, kind: str, t_recv: float) -> bool:
+        """Answer a request seen before (same robot and request_id); False if it is new."""
+        seen = self._recent.get(key)
+        if seen is None:
+            return False
+        self.metrics.duplicates.labels(type=kind).inc()
+        if isinstance(seen, _Pending):
+            seen.resent_from.append(identity)  # still queued: its reply goes to every socket
+        else:
+            self._send_bytes(identity, seen, kind, t_recv)
+        return True
+
+    def _remember(self, key: tuple[str, str], entry: bytes | _Pending) -> None:
+        self._recent[key] = entry
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.options.dedupe_window:
+            self._recent.popitem(last=False)
 
     def _check_infer(self, msg: dict) -> None:
         if not self._ready.is_set():
@@ -221,10 +256,19 @@ class PolicyServer:
             return {"ok": True}
         raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}")
 
-    def _reply(self, p: _Pending, reply: dict) -> None:
-        if "request_id" in p.msg:
-            reply["request_id"] = p.msg["request_id"]
-        self._send(p.identity, reply, "infer", p.t_recv)
+    def _reply(self, p: _Pending, reply: dict, remember: bool = False) -> None:
+        rid = p.msg.get("request_id")
+        if rid is not None:
+            reply["request_id"] = rid
+        packed = self._send(p.identity, reply, "infer", p.t_recv)
+        for identity in p.resent_from:  # a gone socket's reply is dropped by the ROUTER
+            self._send_bytes(identity, packed, "infer", p.t_recv)
+        key = (str(p.msg.get("robot_id")), str(rid))
+        if rid is not None and key in self._recent:
+            if remember:
+                self._remember(key, packed)
+            else:  # an error reply: a resend is served afresh
+                del self._recent[key]
 
     def _serve(self, pending: list[_Pending]) -> None:
         if not self._ready.is_set():
@@ -255,7 +299,7 @@ class PolicyServer:
                     "transition_id": tid,
                     "server_timing": {"queue_ms": (t0 - p.t_recv) * 1e3, "infer_ms": infer_ms},
                 }
-                self._reply(p, reply)
+                self._reply(p, reply, remember=True)
                 self.served += 1
 
     def _log_transition(self, p: _Pending, out: Any, i: int, version: int) -> int:
@@ -285,9 +329,14 @@ class PolicyServer:
         self.metrics.errors.labels(code=code).inc()
         return protocol.error_reply(code, message)
 
-    def _send(self, identity: bytes, reply: dict, kind: str, t_recv: float) -> None:
+    def _send(self, identity: bytes, reply: dict, kind: str, t_recv: float) -> bytes:
+        packed = wire.packb(reply)
+        self._send_bytes(identity, packed, kind, t_recv)
+        return packed
+
+    def _send_bytes(self, identity: bytes, packed: bytes, kind: str, t_recv: float) -> None:
         try:
-            self.socket.send_multipart([identity, b"", wire.packb(reply)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, b"", packed], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the robot went away (EHOSTUNREACH) or its queue is full
             log.warning("reply dropped", error=str(e))
         self.metrics.requests.labels(type=kind).inc()
