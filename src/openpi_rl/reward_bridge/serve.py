@@ -9,6 +9,7 @@ import threading
 import structlog
 from prometheus_client import start_http_server
 
+from openpi_rl.daemon.sdnotify import HealthWatchdog, http_health
 from openpi_rl.reward_bridge.config import BridgeConfig
 from openpi_rl.reward_bridge.server import RewardBridge
 
@@ -25,8 +26,13 @@ def serve(config: BridgeConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: bridge.request_stop())
+    # READY=1 once listening, WATCHDOG=1 only while the event loop answers GET /healthz.
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    watchdog = HealthWatchdog(http_health(lambda: f"http://{host}:{bridge.ws_port}/healthz"))
+    watchdog.start()
     try:
         bridge.run()
     finally:
+        watchdog.close()
         bridge.close()
     return 0

@@ -1,0 +1,229 @@
+"""`openpi-rl check --config openpi-rl.toml`: every problem of a configuration and of this
+machine, named at once, before anything starts.
+
+Checks: the file parses and every key is known and well typed (per role); no two listeners
+share a port and every port can be bound now; every directory a role writes (replay,
+checkpoints) exists and is writable, or can be created; each model builds and samples once
+(traced abstractly with `jax.eval_shape`, so a 2B model is checked in seconds without its
+memory); the server and the learner build the same policy. Exit status 0 when clean, 1 with
+problems (each on its own line, naming the key), 78 when the file cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from openpi_rl.daemon.config import EX_CONFIG, ROLES, ServiceFile
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    where: str  # the key it is about: "serve.metrics_port"
+    message: str
+    severity: str = "problem"  # or "warning" (reported, exit status unaffected)
+
+    def __str__(self) -> str:
+        return f"{self.severity:8} {self.where}: {self.message}"
+
+
+def check(path: str | Path) -> list[Finding]:
+    """Every finding for the file at `path` (empty: ready to start)."""
+    try:
+        service = ServiceFile.load(path)
+    except (OSError, ValueError) as e:  # tomllib's errors are ValueErrors
+        return [Finding("config", str(e))]
+    findings: list[Finding] = []
+    configs: dict[str, Any] = {}
+    for role in service.daemon.roles:
+        try:
+            configs[role] = service.role_config(role)
+        except (ValueError, TypeError) as e:
+            findings.append(Finding(role, str(e)))
+    findings += check_ports(_listeners(service, configs))
+    findings += check_dirs(_directories(configs))
+    findings += check_models(configs)
+    bridge = configs.get("bridge")
+    if bridge is not None and not bridge.operators:
+        findings.append(Finding("bridge.operators", "empty: no pendant can log in", "warning"))
+    return findings
+
+
+# -- ports
+
+
+def _listeners(service: ServiceFile, configs: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(key, host, port) of every TCP listener the service will open (port 0: any, skipped)."""
+    out = []
+    d = service.daemon
+    if d.metrics_port:
+        out.append(("daemon.metrics_port", d.metrics_host, d.metrics_port))
+    serve = configs.get("serve")
+    if serve is not None:
+        out += _endpoint("serve.serve.endpoint", serve.serve.endpoint)
+        if serve.metrics_port:
+            out.append(("serve.metrics_port", serve.metrics_host, serve.metrics_port))
+        if serve.openpi_ws_port:
+            out.append(("serve.openpi_ws_port", serve.openpi_ws_host, serve.openpi_ws_port))
+    bridge = configs.get("bridge")
+    if bridge is not None:
+        for key in ("ws_port", "http_port"):
+            if getattr(bridge, key):
+                out.append((f"bridge.{key}", bridge.host, getattr(bridge, key)))
+        if bridge.metrics_port:
+            out.append(("bridge.metrics_port", bridge.metrics_host, bridge.metrics_port))
+    learn = configs.get("learn")
+    if learn is not None:
+        out += _endpoint("learn.publish_endpoint", learn.publish_endpoint)
+        if learn.metrics_port:
+            out.append(("learn.metrics_port", learn.metrics_host, learn.metrics_port))
+    return out
+
+
+def _endpoint(key: str, endpoint: str) -> list[tuple[str, str, int]]:
+    """A ZMQ `tcp://host:port` bind address; other transports (ipc, inproc) have no port."""
+    url = urlsplit(endpoint)
+    if url.scheme != "tcp":
+        return []
+    host = url.hostname or "0.0.0.0"
+    port = url.port if url.netloc.rsplit(":", 1)[-1] != "*" else None
+    return [(key, "0.0.0.0" if host == "*" else host, port)] if port else []
+
+
+def check_ports(listeners: list[tuple[str, str, int]]) -> list[Finding]:
+    findings = []
+    seen: dict[int, str] = {}
+    for key, host, port in listeners:
+        if port in seen:
+            findings.append(Finding(key, f"port {port} is also {seen[port]}'s"))
+            continue
+        seen[port] = key
+        problem = _bind_problem(host, port)
+        if problem:
+            findings.append(Finding(key, f"{host}:{port} {problem}"))
+    return findings
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))  # no SO_REUSEADDR: a listening socket must make this fail
+        except OSError as e:
+            reasons = {
+                errno.EADDRINUSE: "is in use (another process listens there)",
+                errno.EACCES: "needs privileges (ports below 1024)",
+                errno.EADDRNOTAVAIL: "is not an address of this machine",
+            }
+            return reasons.get(e.errno, f"cannot be bound: {e.strerror}")
+    return None
+
+
+# -- directories
+
+
+def _directories(configs: dict[str, Any]) -> list[tuple[str, Path]]:
+    out = []
+    for role in ROLES:
+        cfg = configs.get(role)
+        for key in ("replay_dir", "checkpoint_dir"):
+            value = getattr(cfg, key, None)
+            if value:
+                out.append((f"{role}.{key}", Path(value)))
+    return out
+
+
+def check_dirs(dirs: list[tuple[str, Path]]) -> list[Finding]:
+    """Each directory must be writable, or creatable under its nearest existing ancestor. The
+    test is a real file created and removed (root passes any permission bits `os.access`
+    would look at, and a read-only mount fails only on a real write)."""
+    findings, seen = [], set()
+    for key, path in dirs:
+        path = path.absolute()
+        if path in seen:
+            continue
+        seen.add(path)
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            findings.append(Finding(key, f"{path}: {existing} is not a directory"))
+            continue
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            what = "not writable" if existing == path else f"cannot be created in {existing}"
+            findings.append(Finding(key, f"{path}: {what} ({e.strerror})"))
+    return findings
+
+
+# -- models
+
+
+def check_models(configs: dict[str, Any]) -> list[Finding]:
+    """Build each role's policy and sample once, abstractly; the learner's must be the server's
+    (a published version restores into the server's ActorCritic only then)."""
+    findings = []
+    for role in ("serve", "learn"):
+        cfg = configs.get(role)
+        if cfg is not None:
+            error = _model_error(cfg.model, cfg.value_hidden, cfg.seed)
+            if error:
+                findings.append(Finding(f"{role}.model", error))
+    serve, learn = configs.get("serve"), configs.get("learn")
+    if serve is not None and learn is not None:
+        for key in ("model", "value_hidden", "seed"):
+            if getattr(serve, key) != getattr(learn, key):
+                findings.append(
+                    Finding(
+                        f"learn.{key}",
+                        f"differs from serve.{key} ({getattr(learn, key)!r} vs "
+                        f"{getattr(serve, key)!r}): published versions would not load into the "
+                        "server; set it once at the top level",
+                    )
+                )
+    return findings
+
+
+def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | None:
+    import jax
+
+    from openpi_rl.daemon.checkpoints import build_actor_critic
+
+    def build_and_sample() -> Any:
+        ac = build_actor_critic(model, value_hidden, seed)
+        obs = model.fake_obs(1)
+        return ac.model.sample_actions(jax.random.key(0), obs), ac.value(jax.random.key(0), obs)
+
+    try:
+        jax.eval_shape(build_and_sample)
+    except Exception as e:  # any failure is the finding; its text names what broke
+        return f"{type(model).__name__} does not build: {type(e).__name__}: {e}"
+    return None
+
+
+def check_main(argv: list[str]) -> int:
+    """`openpi-rl check --config FILE`."""
+    if len(argv) != 2 or argv[0] != "--config":
+        print("usage: openpi-rl check --config openpi-rl.toml", file=sys.stderr)
+        return 2
+    if "JAX_PLATFORMS" not in os.environ:  # shapes only: never claim the accelerator
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    findings = check(argv[1])
+    for f in findings:
+        print(f)
+    problems = [f for f in findings if f.severity == "problem"]
+    if problems and problems[0].where == "config":
+        return EX_CONFIG
+    print(f"{argv[1]}: {len(problems)} problem(s)" if problems else f"{argv[1]}: ok")
+    return 1 if problems else 0

@@ -1,0 +1,132 @@
+"""`openpi-rl.toml`: one file for the whole service (the daemon and every systemd unit).
+
+    replay_dir = "/var/lib/openpi-rl/replay"          # shared settings: each fills the field
+    checkpoint_dir = "/var/lib/openpi-rl/checkpoints" # of the same name in every role that
+    publish_endpoint = "tcp://127.0.0.1:5557"         # has one, unless the role's table sets it
+    [model]                                           # shared too: server and learner must
+    kind = "gaussian_mlp"                             # build the same ActorCritic
+    [serve]   ... ServeConfig's keys (`[serve.serve]` holds the ZMQ endpoint)
+    [bridge]  ... BridgeConfig's keys
+    [learn]   ... LearnerConfig's keys
+    [daemon]  ... DaemonConfig's keys (restart back-off, watchdogs, the daemon's metrics)
+
+A role reads its part with `openpi-rl serve --config openpi-rl.toml --section serve`; the
+daemon starts its children exactly so, and the systemd units do the same. Whatever fields a
+role's config gains are set in its table: the daemon passes the tables through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from openpi_rl import config_file
+
+ROLES = ("serve", "bridge", "learn")
+
+# Settings the three processes must agree on. Each fills the same-named field of every role
+# whose config has it; a role's own table wins. `publish_endpoint` is the learner's PUB address
+# and therefore also where the server's weight subscriber connects.
+SHARED = ("replay_dir", "checkpoint_dir", "publish_endpoint", "model", "value_hidden", "seed")
+# A shared key may go by another name in a role's config: (role, shared key) -> field name.
+ALIASES: dict[tuple[str, str], str] = {}
+
+# Defaults that differ inside one service from each role's stand-alone default: the learner's
+# stand-alone metrics port is the bridge's (9102), so next to it the learner takes 9103.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"learn": {"metrics_port": 9103}}
+
+# exit status of a role whose configuration is wrong (sysexits' EX_CONFIG); the daemon and
+# systemd (`RestartPreventExitStatus=78`) do not restart it.
+EX_CONFIG = 78
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """`[daemon]`: how the supervisor runs the roles."""
+
+    roles: tuple[str, ...] = ROLES
+    """Which roles to run (each as its own process)."""
+    restart_backoff_s: float = 1.0
+    """Delay before restarting a crashed child; doubles with each crash in a row."""
+    restart_backoff_max_s: float = 60.0
+    healthy_after_s: float = 60.0
+    """A child up this long is healthy again: its next crash restarts after restart_backoff_s."""
+    stop_timeout_s: float = 90.0
+    """SIGTERM, then SIGKILL after this long (a learner finishes its update first)."""
+    start_timeout_s: float = 900.0
+    """Bridge and learner start once the server is READY (it creates the replay), or after this."""
+    watchdog_s: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"serve": 30.0, "bridge": 30.0, "learn": 900.0}
+    )
+    """A ready child silent this long (no WATCHDOG=1) is killed and restarted. The learner pings
+    between updates, so its limit must cover the longest update (first compilation included)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9104
+    """The daemon's own /metrics (child up/ready, restarts by reason); None: off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceFile:
+    """A parsed openpi-rl.toml: shared settings, the daemon's table and each role's raw table."""
+
+    path: Path
+    raw: dict[str, Any]
+    daemon: DaemonConfig
+    log_json: bool | None  # None: JSON lines unless stderr is a terminal
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServiceFile:
+        """Parse and check the daemon's own keys; raises ValueError naming the key."""
+        path = Path(path)
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        known = {*SHARED, *ROLES, "daemon", "log_json"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        for role in ROLES:
+            if not isinstance(raw.get(role, {}), dict):
+                raise ValueError(f"{role}: expected a table [{role}]")
+        daemon = config_file.from_dict(DaemonConfig, raw.get("daemon", {}), "daemon.")
+        bad = sorted(set(daemon.roles) - set(ROLES))
+        if bad:
+            raise ValueError(f"daemon.roles: {bad} not in {list(ROLES)}")
+        log_json = raw.get("log_json")
+        if log_json is not None and not isinstance(log_json, bool):
+            raise ValueError(f"log_json: expected bool, got {log_json!r}")
+        return cls(path.absolute(), raw, daemon, log_json)
+
+    def role_table(self, role: str) -> dict[str, Any]:
+        """The role's table with the daemon's defaults and the shared settings filled in."""
+        fields = {f.name for f in dataclasses.fields(role_class(role))}
+        table = {k: v for k, v in ROLE_DEFAULTS.get(role, {}).items() if k in fields}
+        for key in SHARED:
+            name = ALIASES.get((role, key), key)
+            if key in self.raw and name in fields:
+                table[name] = self.raw[key]
+        table.update(self.raw.get(role, {}))
+        return table
+
+    def role_config(self, role: str) -> Any:
+        """The role's frozen config (ServeConfig, BridgeConfig or LearnerConfig); raises
+        ValueError naming the key (`serve.model.obs_dim: ...`)."""
+        return config_file.from_dict(role_class(role), self.role_table(role), f"{role}.")
+
+
+def role_class(role: str) -> type:
+    """The config class of a role, imported on demand: the daemon itself never imports JAX."""
+    if role == "serve":
+        from openpi_rl.policy_server.serve import ServeConfig
+
+        return ServeConfig
+    if role == "bridge":
+        from openpi_rl.reward_bridge.config import BridgeConfig
+
+        return BridgeConfig
+    if role == "learn":
+        from openpi_rl.daemon.learner import LearnerConfig
+
+        return LearnerConfig
+    raise ValueError(f"role: expected one of {list(ROLES)}, got {role!r}")
