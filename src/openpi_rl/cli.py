@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -26,7 +27,9 @@ def _seed_style_args(argv: list[str]) -> list[str]:
 
 
 def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
-    """structlog: readable console lines for CLIs, JSON lines for services."""
+    """structlog: readable console lines for CLIs, JSON lines for services.
+    `OPENPI_RL_LOG_JSON=1|0` overrides (the daemon sets it so its children log alike)."""
+    json = {"1": True, "0": False}.get(os.environ.get("OPENPI_RL_LOG_JSON", ""), json)
     renderer = (
         structlog.processors.JSONRenderer()
         if json
@@ -41,6 +44,34 @@ def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
+
+
+def _file_config(cls: type, argv: list[str], role: str) -> object:
+    """The default `cls` for tyro: `--config FILE` (the role's own TOML), or `--config FILE
+    --section ROLE` (openpi-rl.toml, shared settings filled in; what the daemon and the systemd
+    units run). Both options are removed from argv. A wrong file exits with EX_CONFIG (78),
+    which neither the daemon nor systemd restarts."""
+    from openpi_rl import config_file
+    from openpi_rl.daemon.config import EX_CONFIG, ServiceFile
+
+    if "--config" not in argv:
+        return cls()
+    i = argv.index("--config")
+    path = argv[i + 1]
+    del argv[i : i + 2]
+    try:
+        if "--section" not in argv:
+            return config_file.load(cls, path)
+        j = argv.index("--section")
+        section = argv[j + 1]
+        del argv[j : j + 2]
+        service = ServiceFile.load(path)
+        if service.log_json is not None:
+            os.environ.setdefault("OPENPI_RL_LOG_JSON", "1" if service.log_json else "0")
+        return config_file.from_dict(cls, service.role_table(section), f"{section}.")
+    except (OSError, ValueError) as e:
+        print(f"openpi-rl {role}: {path}: {e}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -69,15 +100,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def serve_main(argv: list[str] | None = None) -> int:
     """`openpi-rl serve [--config FILE] [flags]`: the policy server."""
-    from openpi_rl import config_file
     from openpi_rl.policy_server.serve import ServeConfig, serve
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    default = ServeConfig()
-    if "--config" in argv:
-        i = argv.index("--config")
-        default = config_file.load(ServeConfig, argv[i + 1])
-        del argv[i : i + 2]
+    default = _file_config(ServeConfig, argv, "serve")
     config = tyro.cli(
         ServeConfig,
         args=_seed_style_args(argv),
@@ -91,15 +117,10 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 def bridge_main(argv: list[str] | None = None) -> int:
     """`openpi-rl bridge [--config FILE] [flags]`: the reward bridge and its pendant page."""
-    from openpi_rl import config_file
     from openpi_rl.reward_bridge import BridgeConfig, serve
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    default = BridgeConfig()
-    if "--config" in argv:
-        i = argv.index("--config")
-        default = config_file.load(BridgeConfig, argv[i + 1])
-        del argv[i : i + 2]
+    default = _file_config(BridgeConfig, argv, "bridge")
     config = tyro.cli(BridgeConfig, args=argv, default=default, prog="openpi-rl bridge")
     configure_logging(json=not sys.stderr.isatty())
     return serve(config)
@@ -108,15 +129,10 @@ def bridge_main(argv: list[str] | None = None) -> int:
 def learn_main(argv: list[str] | None = None) -> int:
     """`openpi-rl learn [--config FILE] [flags]`: the learner daemon (PPO on the replay,
     versioned checkpoints, ZMQ PUB notices)."""
-    from openpi_rl import config_file
     from openpi_rl.daemon.learner import LearnerConfig, learn
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    default = LearnerConfig()
-    if "--config" in argv:
-        i = argv.index("--config")
-        default = config_file.load(LearnerConfig, argv[i + 1])
-        del argv[i : i + 2]
+    default = _file_config(LearnerConfig, argv, "learn")
     config = tyro.cli(
         LearnerConfig,
         args=_seed_style_args(argv),
@@ -126,6 +142,26 @@ def learn_main(argv: list[str] | None = None) -> int:
     )
     configure_logging(json=not sys.stderr.isatty())
     return learn(config)
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl daemon --config openpi-rl.toml`: server, bridge and learner as supervised
+    child processes (restarted when they crash; SIGTERM stops all cleanly)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "--config":
+        print("usage: openpi-rl daemon --config openpi-rl.toml", file=sys.stderr)
+        return 2
+    from openpi_rl.daemon.supervisor import daemon
+
+    configure_logging(json=not sys.stderr.isatty())
+    return daemon(argv[1])
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl check --config openpi-rl.toml`: every problem of the file and this machine."""
+    from openpi_rl.daemon.check import check_main
+
+    return check_main(list(sys.argv[1:] if argv is None else argv))
 
 
 def replay_main(argv: list[str] | None = None) -> int:
@@ -144,6 +180,8 @@ COMMANDS = {
     "serve": serve_main,
     "bridge": bridge_main,
     "learn": learn_main,
+    "daemon": daemon_main,
+    "check": check_main,
     "replay": replay_main,
 }
 

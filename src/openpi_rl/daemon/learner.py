@@ -32,6 +32,7 @@ from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.publish import Publisher
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
+from openpi_rl.daemon.sdnotify import Notifier
 from openpi_rl.daemon.update import DataParallel
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.replay import CorruptRecord, MissingRecord, TransitionRow
@@ -293,8 +294,13 @@ class Learner:
         )  # fmt: skip
         self.publisher.set_state("waiting")
         done = 0
+        # READY=1: version 0 is saved or the newest version restored. WATCHDOG=1 between steps
+        # only, so a stuck update silences it; the watchdog limit must cover one update.
+        notifier = Notifier()
+        notifier.ready(status=f"version {self.version}")
         try:
             while not self._stop.is_set():
+                notifier.watchdog()
                 if c.max_updates is not None and done >= c.max_updates:
                     break
                 result = self.step()

@@ -12,6 +12,7 @@ import structlog
 from flax import nnx
 from prometheus_client import start_http_server
 
+from openpi_rl.daemon.sdnotify import HealthWatchdog, zmq_health
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
@@ -81,9 +82,12 @@ def serve(config: ServeConfig) -> int:
         openpi_ws=None if ws is None else f"ws://{config.openpi_ws_host}:{ws.port}",
         model=type(config.model).__name__,
     )
+    # READY=1 after warm-up, WATCHDOG=1 only while the ROUTER loop answers a health request.
+    watchdog = HealthWatchdog(zmq_health(server.inproc_endpoint)).start()
     try:
         server.run()
     finally:
+        watchdog.close()
         if ws is not None:
             ws.close()
     return 0
