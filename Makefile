@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chromium lint format bench-deps bench clean
+.PHONY: demo test debs chromium lint format bench-deps bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,21 @@ $(STAMP): pyproject.toml client/pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/openpi-rl train --env InvertedPendulum-v5 --num_train_steps 60 --target_return 950
 
-# The pendant page's browser test drives Debian's chromium (no browser download).
-test: $(STAMP) lint chromium
+# Tests drive Debian's chromium (the pendant page; no browser download), prometheus (scraping
+# the services) and systemd (systemd-analyze verify on the units): whichever is missing is
+# installed here, in one apt-get.
+DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze
+
+test: $(STAMP) lint debs
 	$(PY) -m pytest -q -m "not slow"
 
-chromium:
-	@test -x /usr/bin/chromium || { \
+debs:
+	@missing="$$(for d in $(DEBS); do test -x "$${d#*=}" || printf '%s ' "$${d%%=*}"; done)"; \
+	test -z "$$missing" || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; }
+
+chromium: debs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

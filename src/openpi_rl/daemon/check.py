@@ -72,6 +72,9 @@ def _listeners(service: ServiceFile, configs: dict[str, Any]) -> list[tuple[str,
             out.append(("serve.metrics_port", serve.metrics_host, serve.metrics_port))
         if serve.openpi_ws_port:
             out.append(("serve.openpi_ws_port", serve.openpi_ws_host, serve.openpi_ws_port))
+        swap = getattr(serve, "swap", None)  # the admin endpoint binds only with a token
+        if swap is not None and (swap.admin_token or os.environ.get("OPENPI_RL_ADMIN_TOKEN")):
+            out += _endpoint("serve.swap.admin_endpoint", swap.admin_endpoint)
     bridge = configs.get("bridge")
     if bridge is not None:
         for key in ("ws_port", "http_port"):

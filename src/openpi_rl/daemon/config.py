@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,11 @@ ROLES = ("serve", "bridge", "learn")
 # whose config has it; a role's own table wins. `publish_endpoint` is the learner's PUB address
 # and therefore also where the server's weight subscriber connects.
 SHARED = ("replay_dir", "checkpoint_dir", "publish_endpoint", "model", "value_hidden", "seed")
-# A shared key may go by another name in a role's config: (role, shared key) -> field name.
-ALIASES: dict[tuple[str, str], str] = {}
+# A shared key may sit elsewhere in a role's config: (role, shared key) -> dotted field path.
+ALIASES: dict[tuple[str, str], str] = {
+    ("serve", "publish_endpoint"): "swap.learner_endpoint",
+    ("serve", "checkpoint_dir"): "swap.checkpoint_dir",
+}
 
 # Defaults that differ inside one service from each role's stand-alone default: the learner's
 # stand-alone metrics port is the bridge's (9102), so next to it the learner takes 9103.
@@ -62,6 +66,9 @@ class DaemonConfig:
     )
     """A ready child silent this long (no WATCHDOG=1) is killed and restarted. The learner pings
     between updates, so its limit must cover the longest update (first compilation included)."""
+    nice: dict[str, int] = dataclasses.field(default_factory=lambda: {"learn": 10})
+    """Niceness added to a child's: the server keeps the daemon's priority, the learner yields
+    (as the units' Nice=). A negative value needs CAP_SYS_NICE."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9104
     """The daemon's own /metrics (child up/ready, restarts by reason); None: off."""
@@ -100,19 +107,54 @@ class ServiceFile:
 
     def role_table(self, role: str) -> dict[str, Any]:
         """The role's table with the daemon's defaults and the shared settings filled in."""
-        fields = {f.name for f in dataclasses.fields(role_class(role))}
-        table = {k: v for k, v in ROLE_DEFAULTS.get(role, {}).items() if k in fields}
+        cls = role_class(role)
+        base: dict[str, Any] = {}
+        for key, value in ROLE_DEFAULTS.get(role, {}).items():
+            _put(base, cls, key, value)
         for key in SHARED:
-            name = ALIASES.get((role, key), key)
-            if key in self.raw and name in fields:
-                table[name] = self.raw[key]
-        table.update(self.raw.get(role, {}))
-        return table
+            if key in self.raw:
+                value = self.raw[key]
+                if key == "publish_endpoint" and role != "learn":
+                    value = connect_address(value)  # the learner binds it, the others connect
+                _put(base, cls, ALIASES.get((role, key), key), value)
+        serve_endpoint = self.raw.get("serve", {}).get("serve", {}).get("endpoint")
+        if role == "learn" and serve_endpoint:  # the learner watches the server's health
+            _put(base, cls, "server_endpoints", [connect_address(serve_endpoint)])
+        return _merge(base, self.raw.get(role, {}))
 
     def role_config(self, role: str) -> Any:
         """The role's frozen config (ServeConfig, BridgeConfig or LearnerConfig); raises
         ValueError naming the key (`serve.model.obs_dim: ...`)."""
         return config_file.from_dict(role_class(role), self.role_table(role), f"{role}.")
+
+
+def connect_address(endpoint: str) -> str:
+    """Where a peer connects to reach a ZMQ bind address: a wildcard host means this machine."""
+    for wildcard in ("*", "0.0.0.0"):
+        endpoint = endpoint.replace(f"tcp://{wildcard}:", "tcp://127.0.0.1:")
+    return endpoint
+
+
+def _put(table: dict[str, Any], cls: type, path: str, value: Any) -> None:
+    """Set the dotted `path` in `table` if `cls` (a config dataclass) has that field."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        hints = typing.get_type_hints(cls)
+        if name not in hints or not dataclasses.is_dataclass(hints[name]):
+            return
+        cls, table = hints[name], table.setdefault(name, {})
+    if leaf in {f.name for f in dataclasses.fields(cls)}:
+        table[leaf] = value
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`, table by table."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        out[key] = value
+    return out
 
 
 def role_class(role: str) -> type:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from openpi_rl.replay import schema
 
 
 class LearnerMetrics:
@@ -38,4 +47,40 @@ class LearnerMetrics:
         )
         self.update_kl = Gauge(
             "openpi_rl_learner_update_kl", "KL(before || after) of the last update", registry=r
+        )
+        self.ppo = Gauge(
+            "openpi_rl_learner_ppo_stat",
+            "PPO statistics of the last published update (policy_loss, value_loss, entropy, "
+            "approx_kl, clip_fraction, explained_variance, grad_norm, ...)",
+            ["stat"],
+            registry=r,
+        )
+
+    def watch_replay(self, replay_dir: str | Path) -> None:
+        """Export the replay's size (`openpi_rl_replay_*`), read when Prometheus scrapes."""
+        self.registry.register(ReplaySize(Path(replay_dir)))
+
+
+class ReplaySize(Collector):
+    """Rows and bytes of the replay store, from a read-only connection opened per scrape (the
+    learner's own connection belongs to its loop thread). A store not created yet reads 0."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def describe(self) -> list:
+        return []  # no scrape at registration: the store may not exist yet
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rows, size = 0, 0
+        db = schema.db_path(self.root)
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                rows = conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+            size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        yield GaugeMetricFamily(
+            "openpi_rl_replay_transitions", "Transitions stored in the replay", value=rows
+        )
+        yield GaugeMetricFamily(
+            "openpi_rl_replay_bytes", "Disk used by the replay (index and segments)", value=size
         )

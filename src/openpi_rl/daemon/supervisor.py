@@ -51,6 +51,7 @@ class ChildSpec:
     argv: list[str]
     watchdog_s: float | None = None  # ready but silent this long: killed (None: no watchdog)
     after: str | None = None  # start once this role is ready
+    nice: int = 0  # added to the daemon's niceness (the learner yields the CPU to the server)
 
 
 class SupervisorMetrics:
@@ -231,6 +232,8 @@ class Supervisor:
         if child.spec.watchdog_s is not None:
             env["WATCHDOG_USEC"] = str(int(child.spec.watchdog_s * 1e6))
         child.proc = subprocess.Popen(child.spec.argv, env=env)
+        if child.spec.nice:
+            _renice(child.proc.pid, child.spec.nice)
         child.started_at, child.ready, child.status = now, False, ""
         self.metrics.up.labels(child.spec.role).set(1)
         log.info(
@@ -277,6 +280,14 @@ class Supervisor:
         return code
 
 
+def _renice(pid: int, increment: int) -> None:
+    """Set right after exec, before the child starts threads (they inherit it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + increment)
+    except OSError as e:
+        log.warning("daemon.renice_failed", pid=pid, increment=increment, error=str(e))
+
+
 def role_specs(service: ServiceFile) -> list[ChildSpec]:
     """One child per configured role, each reading its section of the same file."""
     d = service.daemon
@@ -286,6 +297,7 @@ def role_specs(service: ServiceFile) -> list[ChildSpec]:
             [*_CLI, role, "--config", str(service.path), "--section", role],
             watchdog_s=d.watchdog_s.get(role),
             after="serve" if role != "serve" and "serve" in d.roles else None,
+            nice=d.nice.get(role, 0),
         )
         for role in d.roles
     ]

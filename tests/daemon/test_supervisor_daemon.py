@@ -1,0 +1,131 @@
+"""`openpi-rl daemon --config openpi-rl.toml` with the three real roles, under a real
+NOTIFY_SOCKET as systemd gives it: every child reports READY=1 (server after warm-up, bridge
+once listening, learner once version 0 is saved) and the daemon then says READY=1 and keeps
+sending WATCHDOG=1; `kill -9` of a child gets it restarted after the back-off and counted;
+SIGTERM during a learner update: every child gets SIGTERM, the server's replay is flushed,
+the learner finishes the update and writes that version, and everything exits 0."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
+from daemon_process import MODEL, DaemonProcess, NotifySocket
+
+from openpi_rl.daemon import LatestVersion, VersionCheckpoints, build_actor_critic
+from openpi_rl.daemon.checkpoints import restore_version
+from openpi_rl.models import GaussianMLPConfig
+from openpi_rl_client import PolicyClient
+
+ROLES = ("serve", "bridge", "learn")
+
+
+def wall(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def daemon_metric(port: int, line_start: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture
+def notify(tmp_path):
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, notify):
+    d = DaemonProcess(tmp_path, notify, watchdog_s=3.0)
+    try:
+        # -- start: server first (it creates the replay), then bridge and learner
+        ready = {r: d.wait_for("daemon.child_ready", role=r)[0] for r in ROLES}
+        deadline = time.monotonic() + 10
+        while not notify.times("READY=1"):
+            assert time.monotonic() < deadline, notify.lines
+            time.sleep(0.05)
+        ready_t = notify.times("READY=1")[0]
+        assert all(wall(e) <= ready_t + 0.01 for e in ready.values())  # only after all three
+        started = {r: d.named("daemon.child_started", role=r)[0] for r in ROLES}
+        assert wall(started["bridge"]) >= wall(ready["serve"])
+        assert wall(started["learn"]) >= wall(ready["serve"])
+        pids = {r: started[r]["pid"] for r in ROLES}
+        assert len(set(pids.values())) == 3
+        assert all(parent_of(p) == d.proc.pid for p in pids.values())  # separate child processes
+
+        # -- kill -9 of a child: restarted after the back-off, counted
+        os.kill(pids["bridge"], signal.SIGKILL)
+        exited = d.wait_for("daemon.child_exited", role="bridge")[0]
+        assert exited["rc"] == -9 and exited["reason"] == "signal"
+        assert exited["restart_in_s"] == 0.5 and exited["restarts"] == 1
+        again = d.wait_for("daemon.child_started", 2, role="bridge")[1]
+        assert again["pid"] != pids["bridge"] and wall(again) - wall(exited) >= 0.5
+        d.wait_for("daemon.child_ready", 2, role="bridge")
+        restarts = daemon_metric(
+            d.ports["daemon_metrics"],
+            'openpi_rl_daemon_child_restarts_total{reason="signal",role="bridge"}',
+        )
+        assert restarts == 1.0
+
+        # -- robots: one finished episode of 6 chunks for the learner
+        watch = LatestVersion(f"tcp://127.0.0.1:{d.ports['publish']}")
+        with PolicyClient(f"tcp://127.0.0.1:{d.ports['endpoint']}", robot_id="arm-1") as client:
+            obs = {"state": np.ones(MODEL["obs_dim"], np.float32)}
+            ids = [client.infer(obs).transition_id for _ in range(6)]
+            client.report(ids[-1], reward=1.0, done=True)
+
+        # -- SIGTERM while the learner is in its first update (compiling, then training)
+        deadline = time.monotonic() + 120
+        while (watch.last_heartbeat or {}).get("state") != "training":
+            assert time.monotonic() < deadline, watch.last_heartbeat
+            watch.poll(0.05)
+        watch.close()
+        assert d.terminate() == 0, d.tail()
+    finally:
+        d.kill()
+
+    stopped = {e["role"]: e["rc"] for e in d.named("daemon.child_stopped")}
+    assert stopped == dict.fromkeys(ROLES, 0), stopped  # each handled SIGTERM itself
+    assert "STOPPING=1" in [ln for _, ln in notify.lines]
+    pings = notify.times("WATCHDOG=1")
+    assert len(pings) >= 3 and max(b - a for a, b in itertools.pairwise(pings)) < 3.0
+
+    # The server flushed: every served chunk is in the replay.
+    stats = subprocess.run(
+        [sys.executable, "-m", "openpi_rl.cli", "replay", "stats", str(tmp_path / "replay")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(stats.stdout)["rows"] == len(ids) == 6
+
+    # The learner finished the update it was in and wrote it: version 1, complete, restorable.
+    learner = d.named("learner.stopped")[0]
+    assert learner["version"] == 1 and learner["transitions_trained"] == 6
+    checkpoints = VersionCheckpoints(tmp_path / "ckpt")
+    try:
+        assert checkpoints.versions() == [0, 1]
+    finally:
+        checkpoints.close()
+    model = GaussianMLPConfig(**MODEL, hidden=(16, 16))
+    restore_version(tmp_path / "ckpt" / "1", build_actor_critic(model, (16, 16), 0))
