@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[2] / "benchmarks"
 
 
@@ -46,3 +48,17 @@ def test_bridge_load_quick_stores_every_acked_event_once():
     assert figures["connections"] == 20 and figures["acked"] == figures["sent"] > 0
     assert figures["stored"] == figures["acked"] and figures["missing"] == 0
     assert figures["duplicates"] > 0  # resends were answered, not stored again
+
+
+def test_robots_50hz_quick_every_reply_is_stored():
+    figures = _last_json("robots_50hz.py")
+    assert figures["errors"] == 0 and figures["replies"] >= 4 * 100
+    assert figures["stored"] == figures["replies"]
+
+
+@pytest.mark.slow
+def test_serve_latency_quick_reports_every_case():
+    figures = _last_json("serve_latency.py")
+    assert figures["errors"] == 0
+    for key in ("echo_p50_ms", "noop_p50_ms", "pi0_fast_p50_ms", "ws_p50_ms", "fleet4_p99_ms"):
+        assert figures[key] > 0, key
