@@ -164,6 +164,14 @@ def check_main(argv: list[str] | None = None) -> int:
     return check_main(list(sys.argv[1:] if argv is None else argv))
 
 
+def admin_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl admin status|pin N|unpin|rollback|pause-learning|resume-learning`: the policy
+    server's admin endpoint (token from --token or $OPENPI_RL_ADMIN_TOKEN)."""
+    from openpi_rl.policy_server.admin import admin_main
+
+    return admin_main(list(sys.argv[1:] if argv is None else argv))
+
+
 def replay_main(argv: list[str] | None = None) -> int:
     """`openpi-rl replay stats DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -183,6 +191,7 @@ COMMANDS = {
     "daemon": daemon_main,
     "check": check_main,
     "replay": replay_main,
+    "admin": admin_main,
 }
 
 

@@ -30,7 +30,7 @@ from prometheus_client import start_http_server
 from openpi_rl.daemon.batch import ChunkBatch, build_batch
 from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.metrics import LearnerMetrics
-from openpi_rl.daemon.publish import Publisher
+from openpi_rl.daemon.publish import Publisher, ServerWatch
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.sdnotify import Notifier
 from openpi_rl.daemon.update import DataParallel
@@ -68,6 +68,10 @@ class LearnerConfig:
     poll_interval_s: float = 0.5
     publish_endpoint: str = "tcp://127.0.0.1:5557"  # ZMQ PUB: version notices + heartbeat
     heartbeat_s: float = 0.5
+    # Policy servers whose `health` the learner watches (their heartbeat to it, and the
+    # operator's pause switch); a server silent for server_timeout_s shows down.
+    server_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    server_timeout_s: float = 1.5
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9102  # Prometheus /metrics; None: off
     max_updates: int | None = None  # stop after this many published updates (None: run on)
@@ -90,7 +94,6 @@ class Learner:
     def __init__(self, config: LearnerConfig, devices: list[jax.Device] | None = None):
         self.config = config
         self.metrics = LearnerMetrics()
-        self.metrics.watch_replay(config.replay_dir)
         self.ac = build_actor_critic(config.model, config.value_hidden, config.seed)
         self.obs_spec = config.model.obs_spec
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
@@ -133,6 +136,10 @@ class Learner:
         # Heartbeats carry the newest version: a server that missed its notice catches up.
         self.publisher.version = self.version
         self.publisher.path = str(self.checkpoints.path(self.version))
+        self.servers = ServerWatch(
+            config.server_endpoints, timeout_s=config.server_timeout_s,
+            registry=self.metrics.registry,
+        )  # fmt: skip
         self._source: ReplaySource | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -263,8 +270,6 @@ class Learner:
         self.metrics.version.set(self.version)
         self.metrics.batch_reward.set(m["reward_mean"])
         self.metrics.update_kl.set(m["update_kl"])
-        for stat, value in m.items():
-            self.metrics.ppo.labels(stat).set(value)
         log.info(
             "learner.published", version=self.version, path=str(path),
             reward_mean=round(m["reward_mean"], 4), loss=round(m["loss"], 4),
@@ -306,6 +311,9 @@ class Learner:
                 notifier.watchdog()
                 if c.max_updates is not None and done >= c.max_updates:
                     break
+                if self._paused():
+                    self._stop.wait(0.1)
+                    continue
                 result = self.step()
                 if result is None:
                     self._stop.wait(c.poll_interval_s)
@@ -314,6 +322,17 @@ class Learner:
         finally:
             self.close()
         return 0
+
+    def _paused(self) -> bool:
+        """An operator paused learning on a server (`openpi-rl admin pause-learning`): no new
+        update starts until it is resumed; the heartbeat's state says so."""
+        paused = self.servers.paused
+        if paused != (self.publisher.state == "paused"):
+            self.publisher.set_state("paused" if paused else "waiting")
+            log.info(
+                "learner.paused" if paused else "learner.resumed_learning", version=self.version
+            )
+        return paused
 
     def stop(self) -> None:
         """Ask `run` to return after the current step (safe from a signal handler)."""
@@ -326,6 +345,7 @@ class Learner:
             return
         self._closed = True
         self.publisher.set_state("stopping")
+        self.servers.close()
         self.checkpoints.close()
         self.publisher.close()
         if self._source is not None:

@@ -10,6 +10,11 @@ The learner binds a PUB socket and sends, msgpack via `openpi_rl_client.wire`:
 Weights travel through a single latest-version slot: a subscriber keeps only the newest
 version it has heard of (`LatestVersion`), so a slow server skips versions instead of
 queueing them.
+
+The other direction (`ServerWatch`): the learner asks each policy server's `health` over the
+robots' protocol every 0.25 s. A reply proves the serving loop itself is alive (not only the
+process); it also carries `learning_paused`, the operator's switch (`openpi-rl admin
+pause-learning`), which the learner obeys between updates.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import time
 from typing import Any
 
 import zmq
+from prometheus_client import CollectorRegistry, Gauge
 
-from openpi_rl_client import wire
+from openpi_rl_client import PolicyClient, wire
 
 VERSION, HEARTBEAT = "version", "heartbeat"
 
@@ -133,3 +139,86 @@ class LatestVersion:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+
+
+class ServerWatch:
+    """The learner's heartbeat to and from the policy servers: one thread per endpoint asks
+    `health` every `interval_s` (timeout `interval_s * 2`). A server without a reply for
+    `timeout_s` is down. `paused`: some live server's operator paused learning (a server that
+    went down keeps its last word, so a restart of the learner or server is needed to lose it).
+
+    Gauges (in `registry`): openpi_rl_learner_server_up{endpoint},
+    openpi_rl_learner_server_heartbeat_age_seconds{endpoint}, openpi_rl_learner_paused.
+    """
+
+    def __init__(
+        self,
+        endpoints: tuple[str, ...],
+        interval_s: float = 0.25,
+        timeout_s: float = 1.5,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.endpoints, self.interval_s, self.timeout_s = tuple(endpoints), interval_s, timeout_s
+        self._started = time.monotonic()
+        self.last_ok: dict[str, float | None] = dict.fromkeys(self.endpoints)
+        self.last_health: dict[str, dict[str, Any] | None] = dict.fromkeys(self.endpoints)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._watch, args=(e,), name=f"server-watch-{i}", daemon=True)
+            for i, e in enumerate(self.endpoints)
+        ]
+        if registry is not None:
+            up = Gauge(
+                "openpi_rl_learner_server_up",
+                "1 while the policy server answers health (within timeout_s).",
+                ["endpoint"],
+                registry=registry,
+            )
+            age = Gauge(
+                "openpi_rl_learner_server_heartbeat_age_seconds",
+                "Seconds since the server's last health reply (since start when none).",
+                ["endpoint"],
+                registry=registry,
+            )
+            for e in self.endpoints:
+                up.labels(endpoint=e).set_function(lambda e=e: float(self.alive(e)))
+                age.labels(endpoint=e).set_function(lambda e=e: self.age(e))
+            Gauge(
+                "openpi_rl_learner_paused",
+                "1 while a server's operator has paused learning.",
+                registry=registry,
+            ).set_function(lambda: float(self.paused))
+        for t in self._threads:
+            t.start()
+
+    def age(self, endpoint: str) -> float:
+        t = self.last_ok[endpoint]
+        return time.monotonic() - (t if t is not None else self._started)
+
+    def alive(self, endpoint: str) -> bool:
+        return self.age(endpoint) < self.timeout_s
+
+    @property
+    def paused(self) -> bool:
+        return any(bool(h and h.get("learning_paused")) for h in self.last_health.values())
+
+    def _watch(self, endpoint: str) -> None:
+        client = PolicyClient(
+            endpoint, robot_id="learner", timeout_s=2 * self.interval_s, retries=0
+        )
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.last_health[endpoint] = client.health()
+                    self.last_ok[endpoint] = time.monotonic()
+                except Exception:  # a timeout (down or hung) or an error reply: not alive
+                    pass
+                self._stop.wait(self.interval_s)
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        """Stop watching. Idempotent."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)

@@ -65,3 +65,61 @@ class ServerMetrics:
         self.ready = Gauge(
             "openpi_rl_server_ready", "1 once every batch size is compiled.", registry=r
         )
+        self.compilations = Gauge(
+            "openpi_rl_server_compilations",
+            "Sampler executables compiled; constant after warm-up (a swap must not compile).",
+            registry=r,
+        )
+        # Hot-swap (swapper.py); the gauges read the swapper's state when scraped.
+        self.swaps = Counter(
+            "openpi_rl_server_swaps_total", "Policy versions swapped in.", registry=r
+        )
+        self.swap_seconds = Histogram(
+            "openpi_rl_server_swap_seconds",
+            "Restore + warm-up of a new version, off the serving path.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.swap_failures = Counter(
+            "openpi_rl_server_swap_failures_total",
+            "Versions not swapped in (restore failed, other shapes, non-finite outputs).",
+            ["reason"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "openpi_rl_server_rollbacks_total", "Rollbacks by trigger.", ["trigger"], registry=r
+        )
+        self.seconds_since_swap = Gauge(
+            "openpi_rl_server_seconds_since_swap",
+            "Seconds since the last swap (since start when none).",
+            registry=r,
+        )
+        self.versions_behind = Gauge(
+            "openpi_rl_server_versions_behind",
+            "The learner's newest version minus the live one.",
+            registry=r,
+        )
+        self.learner_up = Gauge(
+            "openpi_rl_server_learner_up",
+            "1 while the learner's heartbeats arrive (within swap.peer_timeout_s).",
+            registry=r,
+        )
+        self.learner_heartbeat_age = Gauge(
+            "openpi_rl_server_learner_heartbeat_age_seconds",
+            "Seconds since the learner's last heartbeat (since start when none).",
+            registry=r,
+        )
+        self.pinned_version = Gauge(
+            "openpi_rl_server_pinned_version", "The pinned version; -1: following.", registry=r
+        )
+        self.learning_paused = Gauge(
+            "openpi_rl_server_learning_paused",
+            "1 while an operator has paused learning (the learner reads it from health).",
+            registry=r,
+        )
+        self.admin_requests = Counter(
+            "openpi_rl_server_admin_requests_total",
+            "Admin requests by command and outcome.",
+            ["command", "outcome"],
+            registry=r,
+        )

@@ -1,9 +1,11 @@
 """`openpi-rl serve --config FILE`: build the model, the replay and the server from one config
-and serve until SIGTERM / Ctrl-C (stop accepting, flush the replay, exit 0)."""
+and serve until SIGTERM / Ctrl-C (stop accepting, flush the replay, exit 0). Beside the serving
+loop: the swapper (follows the learner's versions) and, with a token, the admin endpoint."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 
@@ -14,9 +16,11 @@ from prometheus_client import start_http_server
 
 from openpi_rl.daemon.sdnotify import HealthWatchdog, zmq_health
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
+from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.train.train_ppo import ModelChoice
@@ -38,6 +42,7 @@ class ServeConfig:
     openpi_api_key: str | None = None  # required `Authorization: Api-Key …` when set
     openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
     seed: int = 0
+    swap: SwapOptions = SwapOptions()  # hot-swap from the learner, heartbeats, admin
 
 
 def build_server(config: ServeConfig) -> PolicyServer:
@@ -66,6 +71,11 @@ def serve(config: ServeConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.close())
+    swapper = Swapper(server, config.swap).start()
+    token = config.swap.admin_token or os.environ.get(TOKEN_ENV)
+    admin = None
+    if token:
+        admin = AdminEndpoint(swapper, config.swap.admin_endpoint, token).start()
     ws = None
     if config.openpi_ws_port is not None:
         ws = OpenPIWebSocketEndpoint(
@@ -80,6 +90,8 @@ def serve(config: ServeConfig) -> int:
         "serving",
         endpoint=server.endpoint,
         openpi_ws=None if ws is None else f"ws://{config.openpi_ws_host}:{ws.port}",
+        learner=config.swap.learner_endpoint,
+        admin=None if admin is None else admin.endpoint,
         model=type(config.model).__name__,
     )
     # READY=1 after warm-up, WATCHDOG=1 only while the ROUTER loop answers a health request.
@@ -90,4 +102,7 @@ def serve(config: ServeConfig) -> int:
         watchdog.close()
         if ws is not None:
             ws.close()
+        if admin is not None:
+            admin.close()
+        swapper.close()
     return 0

@@ -24,6 +24,7 @@ import zmq
 
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
+from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayWriter
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
@@ -70,6 +71,9 @@ class PolicyServer:
         self.snapshot = PolicySnapshot(version, ac, self.obs_spec, padded_sizes(options.max_batch))
         self.metrics = metrics or ServerMetrics()
         self.metrics.policy_version.set(version)
+        self.metrics.compilations.set_function(lambda: self.snapshot.compilations)
+        self.swapper: Swapper | None = None  # set by Swapper(self, ...): hot-swap and admin
+        self.returns = EpisodeReturns()  # per-version episode returns (automatic rollback)
         self.replay = ReplayWriter(replay_config) if replay_config is not None else None
         self._ctx = zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.ROUTER)
@@ -102,12 +106,28 @@ class PolicyServer:
     def warm_up(self) -> None:
         """Compile every padded batch size; until then infer answers `not_ready`."""
         t = time.perf_counter()
-        example = example_observation(self.obs_spec)
-        required = tuple(k for k, s in self.obs_spec.items() if not s.optional)
-        self.snapshot.warm_up(example, [required] if len(required) < len(example) else [])
+        self.warm(self.snapshot)
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready", seconds=round(time.perf_counter() - t, 2), sizes=self.snapshot.sizes)
+
+    def warm(self, snapshot: PolicySnapshot) -> bool:
+        """Run `snapshot` on every padded batch size and key set the server serves (it compiles
+        only the first time: versions share the jitted sampler). True if outputs are finite."""
+        example = example_observation(self.obs_spec)
+        required = tuple(k for k, s in self.obs_spec.items() if not s.optional)
+        return snapshot.warm_up(example, [required] if len(required) < len(example) else [])
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def swap(self, snapshot: PolicySnapshot) -> PolicySnapshot:
+        """Make `snapshot` live (one reference assignment: `_serve` reads it once per batch, so
+        the swap lands between batches); returns the snapshot it replaced."""
+        old, self.snapshot = self.snapshot, snapshot
+        self.metrics.policy_version.set(snapshot.version)
+        return old
 
     def run(self) -> None:
         """Serve until `close()`; warms up in a thread so health answers meanwhile."""
@@ -240,10 +260,15 @@ class PolicyServer:
     def _handle(self, kind: str, msg: dict) -> dict:
         if kind == "health":
             status = "ready" if self._ready.is_set() else "warming"
-            return {"status": status, "policy_version": self.snapshot.version}
+            reply = {"status": status, "policy_version": self.snapshot.version}
+            if self.swapper is not None:  # the learner's liveness; the learner reads the pause
+                reply.update(self.swapper.health())
+            return reply
         if kind == "metadata":
             return self.metadata()
         if kind == "report":
+            ended = bool(msg.get("done", False)) or bool(msg.get("truncated", False))
+            self.returns.reported(str(msg["robot_id"]), float(msg.get("reward", 0.0)), ended)
             if self.replay is not None:
                 self.replay.report(
                     int(msg["transition_id"]),
@@ -293,6 +318,9 @@ class PolicyServer:
             self.metrics.batch_size.observe(len(group))
             for i, p in enumerate(group):
                 tid = self._log_transition(p, out, i, snapshot.version)
+                self.returns.served(
+                    str(p.msg["robot_id"]), str(p.msg["episode_id"]), snapshot.version
+                )
                 reply = {
                     "actions": np.ascontiguousarray(out.actions[i], np.float32),
                     "policy_version": snapshot.version,

@@ -37,27 +37,68 @@ class PolicySnapshot:
     """(version, graphdef, state) and a pure `jax.jit` sampler over them.
 
     Requests are padded to the next size in `sizes`, so after `warm_up` no request compiles.
-    `compilations` counts traces, for tests that check exactly that.
+    `with_state` makes the next version's snapshot around the same jitted function: weights
+    are an argument, so a version with the same shapes reuses the compiled executables and a
+    hot-swap never compiles. `compilations` (shared by all versions) is for tests that check
+    exactly that.
     """
 
     def __init__(self, version: int, ac: ActorCritic, obs_spec: ObsSpec, sizes: Sequence[int]):
-        self.version = version
-        self.obs_spec = obs_spec
-        self.sizes = tuple(sorted(sizes))
-        self.graphdef, self.state = nnx.split(ac)
+        graphdef, state = nnx.split(ac)
         # A flat list of arrays crosses jit's C++ fast path; an nnx.State would be flattened
         # in Python on every request.
-        self._leaves, treedef = jax.tree.flatten(self.state)
-        self._key = jax.random.key(version)
-        self.compilations = 0
-        graphdef = self.graphdef
+        leaves, treedef = jax.tree.flatten(state)
+        # Committed arrays: a restored checkpoint's are, and jit keys its compiled executables on
+        # that flag, so the first swap would otherwise compile again.
+        leaves = [jax.device_put(x, x.sharding) for x in leaves]
+        traces = [0]
 
         def sample(leaves: list, key: jax.Array, counter: jax.Array, obs: dict) -> tuple:
-            self.compilations += 1  # runs at trace time only
+            traces[0] += 1  # runs at trace time only
             ac = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             return ac.act(jax.random.fold_in(key, counter), obs)
 
-        self._sample = jax.jit(sample)
+        self._init(version, obs_spec, tuple(sorted(sizes)), graphdef, treedef, leaves)
+        self._sample, self._traces = jax.jit(sample), traces
+
+    def _init(self, version, obs_spec, sizes, graphdef, treedef, leaves) -> None:
+        self.version = version
+        self.obs_spec = obs_spec
+        self.sizes = sizes
+        self.graphdef, self._treedef, self._leaves = graphdef, treedef, leaves
+        self._key = jax.random.key(version)
+
+    @property
+    def compilations(self) -> int:
+        """Executables compiled so far. jit's cache size counts what tracing alone misses: a
+        re-compile for other argument shardings (committed or not) without a new trace."""
+        cache_size = getattr(self._sample, "_cache_size", None)
+        return max(self._traces[0], cache_size() if cache_size is not None else 0)
+
+    @property
+    def state(self) -> nnx.State:
+        return jax.tree.unflatten(self._treedef, self._leaves)
+
+    def with_state(self, version: int, state: nnx.State) -> PolicySnapshot:
+        """The snapshot of `version` with weights `state` (e.g. `restore_version`'s), sharing
+        this one's jitted sampler. Raises ValueError naming the first leaf whose structure,
+        shape or dtype differs (a checkpoint of another model config)."""
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self._treedef:
+            raise ValueError(f"version {version}: weights tree differs from the served model's")
+        for i, (new, old) in enumerate(zip(leaves, self._leaves, strict=True)):
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(
+                    f"version {version}: leaf {i}: expected {old.dtype} {list(old.shape)}, "
+                    f"got {new.dtype} {list(new.shape)}"
+                )
+        leaves = [
+            jax.device_put(x, old.sharding) for x, old in zip(leaves, self._leaves, strict=True)
+        ]
+        other = object.__new__(PolicySnapshot)
+        other._init(version, self.obs_spec, self.sizes, self.graphdef, self._treedef, leaves)
+        other._sample, other._traces = self._sample, self._traces
+        return other
 
     def pad_to(self, n: int) -> int:
         for size in self.sizes:
@@ -82,13 +123,17 @@ class PolicySnapshot:
 
     def warm_up(
         self, example: Mapping[str, np.ndarray], key_sets: Sequence[tuple[str, ...]] = ()
-    ) -> None:
-        """Compile every padded size (for the full key set and each listed subset of optional
-        keys) before the server reports ready."""
+    ) -> bool:
+        """Run every padded size once (for the full key set and each listed subset of optional
+        keys): the first snapshot compiles here, before the server reports ready; a swapped-in
+        version checks its weights here, off the serving path. True if every output is finite."""
+        finite = True
         for keys in [tuple(example), *key_sets]:
             obs = {k: np.asarray(example[k]) for k in keys}
             for size in self.sizes:
-                self.sample(0, [obs] * size)
+                out = self.sample(0, [obs] * size)
+                finite &= all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value))
+        return bool(finite)
 
 
 def example_observation(obs_spec: ObsSpec) -> dict[str, np.ndarray]:

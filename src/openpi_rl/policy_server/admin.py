@@ -1,0 +1,184 @@
+"""The operator's admin endpoint (guarantee 7: loopback and a token): a ZMQ ROUTER on its own
+thread, so a pin that loads a version never touches the serving loop.
+
+Request (msgpack, `openpi_rl_client.wire`): `{"token": str, "command": str, "version"?: int}`.
+Commands: `status`, `pin` (with `version`), `unpin`, `rollback`, `pause-learning`,
+`resume-learning`. Pin and rollback act on this server; pause and resume set the switch the
+learner reads from the server's `health` replies (within its 0.25 s poll).
+Reply: `{"ok": true, "status": {...}}`, or `{"error": {"code", "message"}}` with a code from
+`openpi_rl_client.protocol` (`unauthorized`, `bad_message`, `invalid_field`, `internal`). Bad
+input gets an error reply; nothing an admin sends stops the server. The token is compared in
+constant time and never logged.
+
+CLI: `openpi-rl admin status|pin N|unpin|rollback|pause-learning|resume-learning
+[--endpoint tcp://127.0.0.1:5559] [--token T]` (default token: $OPENPI_RL_ADMIN_TOKEN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import zmq
+
+from openpi_rl_client import protocol, wire
+
+if TYPE_CHECKING:
+    from openpi_rl.policy_server.swapper import Swapper
+
+log = structlog.get_logger("openpi_rl.policy_server.admin")
+
+COMMANDS = ("status", "pin", "unpin", "rollback", "pause-learning", "resume-learning")
+TOKEN_ENV = "OPENPI_RL_ADMIN_TOKEN"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5559"
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class AdminEndpoint:
+    """`AdminEndpoint(swapper, endpoint, token).start()`; `close()` stops it. `endpoint` is the
+    bound address once constructed (port 0 / `*` resolved)."""
+
+    def __init__(self, swapper: Swapper, endpoint: str, token: str):
+        if not token:
+            raise ValueError("admin token: expected a non-empty str")
+        self.swapper = swapper
+        self._token = token.encode()
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)
+        self._sock.bind(endpoint)
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="admin", daemon=True)
+
+    def start(self) -> AdminEndpoint:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop answering and close the socket. Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(100):
+                continue
+            frames = self._sock.recv_multipart()
+            if len(frames) < 2:
+                continue  # not a DEALER/REQ envelope: nothing to reply to
+            reply = self.handle(frames[-1])
+            try:
+                self._sock.send_multipart([frames[0], b"", wire.packb(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # the operator's socket went away
+                log.warning("admin.reply_dropped", error=str(e))
+
+    def handle(self, payload: bytes) -> dict[str, Any]:
+        """One request's reply; never raises."""
+        command = "invalid"
+        try:
+            msg = wire.unpackb(payload, max_bytes=MAX_REQUEST_BYTES)
+            if not isinstance(msg, dict):
+                raise protocol.ProtocolError(protocol.BAD_MESSAGE, "expected a map")
+            token = msg.get("token")
+            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+                command = "unauthorized"
+                raise protocol.ProtocolError(protocol.UNAUTHORIZED, "missing or wrong token")
+            command = msg.get("command")
+            if command not in COMMANDS:
+                command = "invalid"
+                raise protocol.ProtocolError(
+                    protocol.INVALID_FIELD,
+                    f"'command': expected one of {list(COMMANDS)}, got {msg.get('command')!r}",
+                )
+            reply = {"ok": True, "status": self._run_command(command, msg)}
+            outcome = "ok"
+        except protocol.ProtocolError as e:
+            reply, outcome = e.reply(), e.code
+        except Exception as e:  # a SwapError or a bug: the operator sees why, the server serves on
+            from openpi_rl.policy_server.swapper import SwapError
+
+            if not isinstance(e, SwapError):
+                log.exception("admin.failed", command=command)
+            reply, outcome = protocol.error_reply(protocol.INTERNAL, str(e)), "failed"
+        self.swapper.metrics.admin_requests.labels(command=command, outcome=outcome).inc()
+        if command not in ("status", "invalid"):
+            log.info("admin", command=command, version=msg.get("version"), outcome=outcome)
+        return reply
+
+    def _run_command(self, command: str, msg: dict) -> dict[str, Any]:
+        s = self.swapper
+        if command == "pin":
+            version = msg.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise protocol.ProtocolError(
+                    protocol.INVALID_FIELD, f"'version': expected an int >= 0, got {version!r}"
+                )
+            s.pin(version)
+        elif command == "unpin":
+            s.unpin()
+        elif command == "rollback":
+            s.rollback("admin")
+        elif command in ("pause-learning", "resume-learning"):
+            s.learning_paused = command == "pause-learning"
+        return s.status()
+
+
+def admin_request(
+    endpoint: str,
+    token: str,
+    command: str,
+    version: int | None = None,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Send one admin command and return the reply (raises TimeoutError when none comes)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        msg: dict[str, Any] = {"token": token, "command": command}
+        if version is not None:
+            msg["version"] = version
+        sock.send_multipart([b"", wire.packb(msg)])
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"{endpoint}: no admin reply within {timeout_s} s")
+        return wire.unpackb(sock.recv_multipart()[-1])
+    finally:
+        sock.close(linger=0)
+
+
+def admin_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl admin COMMAND [VERSION]`: prints the reply as JSON; exit 0 ok, 1 error reply,
+    2 usage or no reply."""
+    parser = argparse.ArgumentParser(prog="openpi-rl admin", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("version", nargs="?", type=int, help="for pin: the version to serve")
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    parser.add_argument("--token", default=None, help=f"default: ${TOKEN_ENV}")
+    parser.add_argument("--timeout-s", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        parser.error(f"no token: pass --token or set {TOKEN_ENV}")
+    if args.command == "pin" and args.version is None:
+        parser.error("pin needs a VERSION")
+    try:
+        reply = admin_request(args.endpoint, token, args.command, args.version, args.timeout_s)
+    except TimeoutError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
+__all__ = ["COMMANDS", "TOKEN_ENV", "AdminEndpoint", "admin_main", "admin_request"]

@@ -1,0 +1,366 @@
+"""Hot-swap (guarantee 3): follow the learner's published versions and replace the live snapshot
+between batches, never stalling a request.
+
+    learner PUB {version, path} + heartbeat -> LatestVersion (single slot, newest only)
+      -> swapper thread: restore_version -> snapshot.with_state (same jitted sampler: no
+         compile) -> warm-up on every padded size (outputs must be finite) -> server.swap
+
+Weights never queue: a swapper that falls behind loads only the newest version it has heard
+of. The learner's heartbeats (every 0.5 s) show it alive; silent for `peer_timeout_s`, it is
+shown dead in `health` and the metrics, and the server keeps serving its last good version.
+The learner's side of the exchange asks the server's `health` (daemon/publish.py
+`ServerWatch`), which also carries `learning_paused`, the admin's pause switch.
+
+An operator (admin.py) can pin a version (newer notices are ignored until `unpin`) or roll
+back to the newest good version older than the live one (that pins it too; the version rolled
+back from is never followed again). Optionally, a new version whose last K episodes' mean
+return falls below the previous version's by a margin is rolled back automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from flax import nnx
+
+from openpi_rl.daemon.checkpoints import restore_version
+from openpi_rl.daemon.publish import LatestVersion
+from openpi_rl.policy_server.snapshot import PolicySnapshot
+
+if TYPE_CHECKING:
+    from openpi_rl.policy_server.server import PolicyServer
+
+log = structlog.get_logger("openpi_rl.policy_server.swapper")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapOptions:
+    """Hot-swap, heartbeats, admin and automatic rollback (`[swap]` in serve.toml)."""
+
+    learner_endpoint: str | None = "tcp://127.0.0.1:5557"  # the learner's PUB; None: no swaps
+    checkpoint_dir: str | None = None  # pin/rollback targets; None: where notices point
+    peer_timeout_s: float = 1.5  # a learner silent this long shows dead (it beats every 0.5 s)
+    admin_endpoint: str = "tcp://127.0.0.1:5559"  # ZMQ ROUTER for `openpi-rl admin`
+    admin_token: str | None = None  # None: $OPENPI_RL_ADMIN_TOKEN, else no admin endpoint
+    auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
+    auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
+
+
+class SwapError(Exception):
+    """A version that cannot go live: not on disk, other shapes, non-finite outputs."""
+
+
+class EpisodeReturns:
+    """Returns of finished episodes per policy version, from the robots' reports. An episode
+    counts for a version only if that version served every chunk of it. Thread-safe: the
+    serving thread writes, the swapper reads."""
+
+    def __init__(self, keep_versions: int = 16, keep_episodes: int = 256):
+        self._open: dict[str, list] = {}  # robot -> [episode_id, version or None (mixed), return]
+        self._done: OrderedDict[int, deque[float]] = OrderedDict()
+        self._keep_versions, self._keep_episodes = keep_versions, keep_episodes
+        self._lock = threading.Lock()
+
+    def served(self, robot: str, episode: str, version: int) -> None:
+        with self._lock:
+            cur = self._open.get(robot)
+            if cur is None or cur[0] != episode:
+                self._open[robot] = [episode, version, 0.0]
+            elif cur[1] != version:
+                cur[1] = None
+
+    def reported(self, robot: str, reward: float, ended: bool) -> None:
+        with self._lock:
+            cur = self._open.get(robot)
+            if cur is None:
+                return
+            cur[2] += reward
+            if not ended:
+                return
+            del self._open[robot]
+            if cur[1] is None:
+                return
+            if cur[1] not in self._done:
+                self._done[cur[1]] = deque(maxlen=self._keep_episodes)
+                while len(self._done) > self._keep_versions:
+                    self._done.popitem(last=False)
+            self._done[cur[1]].append(cur[2])
+
+    def last(self, version: int, k: int) -> list[float]:
+        with self._lock:
+            return list(self._done.get(version, ()))[-k:]
+
+
+class Swapper:
+    """`Swapper(server, options).start()`; `close()` stops it. Pin, unpin, rollback and status
+    are called by the admin endpoint's thread; one lock serialises every load and swap."""
+
+    def __init__(self, server: PolicyServer, options: SwapOptions = SwapOptions()):
+        self.server, self.options = server, options
+        self.metrics = server.metrics
+        # A model shaped like the served one, the target `restore_version` fills.
+        self._like = nnx.merge(server.snapshot.graphdef, server.snapshot.state)
+        self._sub = LatestVersion(options.learner_endpoint) if options.learner_endpoint else None
+        self._lock = threading.Lock()
+        self.newest: tuple[int, str] | None = None  # the learner's newest version and its path
+        self.pinned: int | None = None
+        self.previous: int | None = None  # live before the last swap
+        self.rejected: set[int] = set()  # rolled back from: never followed again
+        self.failed: dict[int, str] = {}  # would not go live: version -> why (not retried)
+        self.learning_paused = False
+        self.swaps = 0
+        self.last_swap_s: float | None = None
+        self._started_t = time.monotonic()
+        self._last_swap_t: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="swapper", daemon=True)
+        server.swapper = self
+        m = self.metrics
+        m.seconds_since_swap.set_function(self.seconds_since_swap)
+        m.versions_behind.set_function(self.versions_behind)
+        m.learner_up.set_function(lambda: float(self.learner_alive()))
+        m.learner_heartbeat_age.set_function(self.heartbeat_age)
+        m.pinned_version.set_function(lambda: -1 if self.pinned is None else self.pinned)
+        m.learning_paused.set_function(lambda: float(self.learning_paused))
+
+    # -- lifecycle
+
+    def start(self) -> Swapper:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop following the learner. Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._poll()
+                self._follow()
+                self._check_returns()
+            except Exception:  # a bug must not stop hot-swap for good; serving goes on anyway
+                log.exception("swapper pass failed")
+                self._stop.wait(1.0)
+
+    def _poll(self) -> None:
+        if self._sub is None:
+            self._stop.wait(0.1)
+            return
+        notice = self._sub.poll(0.1)  # heartbeats are read here too
+        if notice is not None:
+            self.newest = (notice["version"], notice["path"])
+
+    # -- learner state
+
+    def heartbeat_age(self) -> float:
+        t = self._sub.heartbeat_t if self._sub is not None else None
+        return time.monotonic() - (t if t is not None else self._started_t)
+
+    def learner_alive(self) -> bool:
+        return self._sub is not None and self.heartbeat_age() < self.options.peer_timeout_s
+
+    def learner_state(self) -> str | None:
+        beat = self._sub.last_heartbeat if self._sub is not None else None
+        return None if beat is None else beat.get("state")
+
+    def versions_behind(self) -> int:
+        return 0 if self.newest is None else max(0, self.newest[0] - self.server.snapshot.version)
+
+    def seconds_since_swap(self) -> float:
+        return time.monotonic() - (self._last_swap_t or self._started_t)
+
+    # -- swapping
+
+    def _follow(self) -> None:
+        """Swap to the learner's newest version unless pinned, already live, or refused before."""
+        if self.newest is None or not self.server.ready:
+            return
+        version, path = self.newest
+        with self._lock:  # checked under the lock: an admin pin may have just landed
+            live = self.server.snapshot.version
+            if self.pinned is not None or version <= live:
+                return
+            if version in self.rejected or version in self.failed:
+                return
+            with contextlib.suppress(SwapError):  # logged and counted; the live version serves on
+                self._swap_locked(version, path, "learner")
+
+    def _swap_locked(self, version: int, path: str | Path, reason: str) -> None:
+        """Restore, warm up and swap in `version`; the caller holds `_lock`."""
+        t0 = time.perf_counter()
+        try:
+            snapshot = self._load(version, path)
+        except SwapError as e:
+            self._fail(version, path, "nonfinite", e)
+        except ValueError as e:  # with_state: a checkpoint of another model config
+            self._fail(version, path, "mismatch", e)
+        except Exception as e:  # missing, partial or unreadable checkpoint
+            self._fail(version, path, "restore", e)
+        old = self.server.swap(snapshot)
+        seconds = time.perf_counter() - t0
+        self.previous = old.version
+        self.swaps += 1
+        self.last_swap_s, self._last_swap_t = seconds, time.monotonic()
+        self.metrics.swaps.inc()
+        self.metrics.swap_seconds.observe(seconds)
+        log.info(
+            "swap", version=version, previous=old.version, reason=reason,
+            seconds=round(seconds, 4), compilations=snapshot.compilations,
+        )  # fmt: skip
+
+    def _load(self, version: int, path: str | Path) -> PolicySnapshot:
+        state = restore_version(path, self._like)
+        snapshot = self.server.snapshot.with_state(version, state)
+        if not self.server.warm(snapshot):
+            raise SwapError(f"version {version}: non-finite outputs at warm-up")
+        return snapshot
+
+    def _fail(self, version: int, path: str | Path, reason: str, error: Exception) -> None:
+        self.failed[version] = f"{reason}: {error}"
+        self.metrics.swap_failures.labels(reason=reason).inc()
+        log.warning(
+            "swap.refused", version=version, path=str(path), reason=reason, error=str(error)
+        )
+        raise SwapError(f"version {version}: {reason}: {error}") from error
+
+    # -- operator commands (admin.py)
+
+    def checkpoint_dir(self) -> Path | None:
+        if self.options.checkpoint_dir is not None:
+            return Path(self.options.checkpoint_dir)
+        return None if self.newest is None else Path(self.newest[1]).parent
+
+    def versions_on_disk(self) -> list[int]:
+        """Complete versions: orbax renames a version's directory to its number when done."""
+        d = self.checkpoint_dir()
+        if d is None or not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def _path_of(self, version: int) -> Path:
+        d = self.checkpoint_dir()
+        if d is None:
+            raise SwapError("no checkpoint directory known: set swap.checkpoint_dir")
+        if version not in self.versions_on_disk():
+            raise SwapError(f"version {version}: not in {d} (on disk: {self.versions_on_disk()})")
+        return d / str(version)
+
+    def pin(self, version: int) -> None:
+        """Serve `version` (loading it if it is not live) and ignore newer notices until unpin."""
+        path = None if version == self.server.snapshot.version else self._path_of(version)
+        with self._lock:
+            if path is not None and version != self.server.snapshot.version:
+                self.failed.pop(version, None)  # an explicit request tries again
+                self._swap_locked(version, path, "pin")
+            self.pinned = version
+        log.info("pinned", version=version)
+
+    def unpin(self) -> None:
+        """Follow the learner again (its newest version goes live on the next pass)."""
+        with self._lock:
+            self.pinned = None
+        log.info("unpinned")
+
+    def rollback(self, trigger: str = "admin", target: int | None = None) -> int:
+        """Go back to `target` (default: the newest good version older than the live one),
+        pin it, and never follow the live version again. Returns the version now live."""
+        live = self.server.snapshot.version
+        if target is None:
+            good = [
+                v
+                for v in self.versions_on_disk()
+                if v < live and v not in self.rejected and v not in self.failed
+            ]
+            if not good:
+                raise SwapError(f"no good version older than {live} on disk")
+            target = good[-1]
+        path = self._path_of(target)
+        with self._lock:
+            self._swap_locked(target, path, f"rollback:{trigger}")
+            self.rejected.add(live)
+            self.pinned = target
+        self.metrics.rollbacks.labels(trigger=trigger).inc()
+        log.warning("rollback", trigger=trigger, version=target, rejected=live)
+        return target
+
+    def _check_returns(self) -> None:
+        """Automatic rollback: the live version's last K episodes against the previous one's."""
+        k, margin = self.options.auto_rollback_episodes, self.options.auto_rollback_margin
+        if k <= 0 or self.pinned is not None or self.previous is None:
+            return
+        live = self.server.snapshot.version
+        now = self.server.returns.last(live, k)
+        before = self.server.returns.last(self.previous, k)
+        if len(now) < k or len(before) < k:
+            return
+        mean_now, mean_before = sum(now) / k, sum(before) / k
+        if mean_now < mean_before - margin:
+            log.warning(
+                "auto_rollback", version=live, mean_return=mean_now,
+                previous=self.previous, previous_mean_return=mean_before, margin=margin,
+            )  # fmt: skip
+            try:
+                self.rollback("auto", self.previous)
+            except SwapError:
+                self.pinned = self.server.snapshot.version  # stop following; an operator decides
+
+    # -- reports
+
+    def health(self) -> dict[str, Any]:
+        """What `health` replies add: cheap fields only (the serving thread builds it)."""
+        age = self.heartbeat_age()
+        return {
+            "learner": {
+                "alive": self.learner_alive(),
+                "state": self.learner_state(),
+                "version": None if self.newest is None else self.newest[0],
+                "heartbeat_age_s": round(age, 3) if math.isfinite(age) else None,
+            },
+            "versions_behind": self.versions_behind(),
+            "pinned": self.pinned,
+            "learning_paused": self.learning_paused,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The admin's `status`: health plus swap history, rollback targets and episode returns."""
+        live = self.server.snapshot.version
+        k = max(self.options.auto_rollback_episodes, 1)
+
+        def returns(v: int | None) -> dict | None:
+            if v is None:
+                return None
+            r = self.server.returns.last(v, 256)
+            return {"episodes": len(r), "mean_return": sum(r) / len(r) if r else None}
+
+        return {
+            "policy_version": live,
+            **self.health(),
+            "previous": self.previous,
+            "swaps": self.swaps,
+            "seconds_since_swap": round(self.seconds_since_swap(), 3),
+            "last_swap_s": self.last_swap_s,
+            "rejected": sorted(self.rejected),
+            "failed": {str(v): why for v, why in self.failed.items()},
+            "checkpoint_dir": None if self.checkpoint_dir() is None else str(self.checkpoint_dir()),
+            "versions_on_disk": self.versions_on_disk(),
+            "compilations": self.server.snapshot.compilations,
+            "episode_returns": {"live": returns(live), "previous": returns(self.previous)},
+            "auto_rollback_episodes": k if self.options.auto_rollback_episodes else 0,
+        }
+
+
+__all__ = ["EpisodeReturns", "SwapError", "SwapOptions", "Swapper"]

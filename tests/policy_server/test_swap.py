@@ -1,0 +1,292 @@
+"""Hot-swap in the policy server (guarantee 3): a real server thread, a real ZMQ publisher and
+real orbax versions on disk, robots on real sockets; the admin endpoint over ZMQ and its CLI."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from openpi_rl.daemon import Publisher, VersionCheckpoints, build_actor_critic
+from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.policy_server.admin import AdminEndpoint, admin_request
+from openpi_rl.policy_server.server import PolicyServer, ServeOptions
+from openpi_rl.policy_server.swapper import SwapOptions, Swapper
+from openpi_rl_client import PolicyClient
+
+CONFIG = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=4, hidden=(32, 32))
+TOKEN = "test-admin-token"
+
+
+class Rig:
+    """Server + swapper + admin in this process, following a publisher that writes versions
+    into a real checkpoint directory, as the learner does."""
+
+    def __init__(self, tmp_path, **swap):
+        self.ac = build_actor_critic(CONFIG, (16,), 0)
+        self.server = PolicyServer(self.ac, ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=4))
+        self.publisher = Publisher("tcp://127.0.0.1:*", heartbeat_s=0.5)
+        self.checkpoints = VersionCheckpoints(tmp_path / "ckpt", max_to_keep=50)
+        self.save(0)
+        options = SwapOptions(learner_endpoint=self.publisher.endpoint, **swap)
+        self.swapper = Swapper(self.server, options)
+        self.admin = AdminEndpoint(self.swapper, "tcp://127.0.0.1:*", TOKEN)
+        self.thread = threading.Thread(target=self.server.run, name="server", daemon=True)
+        self.thread.start()
+        assert self.server._ready.wait(60)
+        self.swapper.start()
+        self.admin.start()
+        self.compiled = self.server.snapshot.compilations
+
+    def weights(self, version: int, scale: float = 0.05):
+        rng = np.random.default_rng(version)
+        state = nnx.state(self.ac)
+        return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape, np.float32), state)
+
+    def save(self, version: int, weights=None) -> str:
+        weights = self.weights(version) if weights is None else weights
+        return str(self.checkpoints.save(version, weights, {"step": np.zeros(())}, {}))
+
+    def publish(self, version: int, weights=None) -> None:
+        self.publisher.publish(version, self.save(version, weights))
+
+    def wait_live(self, version: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.server.snapshot.version != version:
+            assert time.monotonic() < deadline, (
+                f"live {self.server.snapshot.version}, not {version}"
+            )
+            time.sleep(0.01)
+
+    def admin_call(self, command: str, version: int | None = None, token: str = TOKEN) -> dict:
+        return admin_request(self.admin.endpoint, token, command, version, timeout_s=30)
+
+    def metric(self, name: str, labels: dict | None = None) -> float:
+        return self.server.metrics.registry.get_sample_value(name, labels or {})
+
+    def close(self) -> None:
+        self.admin.close()
+        self.swapper.close()
+        self.server.close(wait_s=30)
+        self.thread.join(30)
+        self.publisher.close()
+        self.checkpoints.close()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+class Robots:
+    """n robots in threads, each infer + report as fast as replies come, recording every
+    reply's version and every failure."""
+
+    def __init__(self, endpoint: str, n: int = 3, episode_len: int = 5, reward=lambda r, v: 0.0):
+        self.versions: dict[str, list[int]] = {}
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(endpoint, f"r{i}", episode_len, reward))
+            for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, endpoint: str, name: str, episode_len: int, reward) -> None:
+        rng = np.random.default_rng(hash(name) % 2**32)
+        seen = self.versions.setdefault(name, [])
+        with PolicyClient(endpoint, robot_id=name, timeout_s=5.0, retries=0) as client:
+            step, episode = 0, 0
+            while not self._stop.is_set():
+                try:
+                    obs = {"state": rng.standard_normal(6).astype(np.float32)}
+                    out = client.infer(obs, episode_id=f"{name}-{episode}")
+                    seen.append(out.policy_version)
+                    step += 1
+                    done = step == episode_len
+                    client.report(out.transition_id, reward(name, out.policy_version), done=done)
+                    if done:
+                        step, episode = 0, episode + 1
+                except Exception as e:  # counted: the test expects none
+                    self.failures.append(repr(e))
+                time.sleep(0.002)
+
+    def latest(self) -> set[int]:
+        return {v[-1] for v in self.versions.values() if v}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+def test_versions_swap_between_batches_without_compiling_or_failing(rig):
+    robots = Robots(rig.server.endpoint)
+    try:
+        for v in range(1, 6):
+            time.sleep(0.3)
+            rig.publish(v)
+            rig.wait_live(v)
+        deadline = time.monotonic() + 10
+        while robots.latest() != {5}:
+            assert time.monotonic() < deadline, robots.latest()
+            time.sleep(0.01)
+    finally:
+        robots.stop()
+    assert robots.failures == []
+    for seen in robots.versions.values():
+        assert seen == sorted(seen), "a robot saw an older version after a newer one"
+        assert set(seen) >= {0, 5}
+    assert rig.server.snapshot.compilations == rig.compiled  # swaps reuse the executables
+    assert rig.metric("openpi_rl_server_compilations") == rig.compiled
+    assert rig.metric("openpi_rl_server_swaps_total") == 5
+    assert rig.metric("openpi_rl_server_swap_seconds_count") == 5
+    assert rig.metric("openpi_rl_server_policy_version") == 5
+    assert rig.metric("openpi_rl_server_versions_behind") == 0
+    assert rig.metric("openpi_rl_server_seconds_since_swap") < 5
+    with PolicyClient(rig.server.endpoint, robot_id="h") as client:
+        health = client.health()
+    assert health["policy_version"] == 5 and health["learner"]["version"] == 5
+    assert health["learner"]["alive"] and health["versions_behind"] == 0
+
+
+def test_a_burst_of_versions_loads_only_the_newest(rig):
+    paths = [rig.save(v) for v in range(1, 21)]
+    for v, path in enumerate(paths, start=1):  # 20 notices in a burst: the slot keeps the last
+        rig.publisher.publish(v, path)
+    rig.wait_live(20)
+    time.sleep(0.3)
+    assert rig.swapper.swaps < 20, rig.swapper.swaps
+    assert rig.server.snapshot.version == 20
+
+
+def test_learner_silence_shows_in_health_and_metrics_within_3s(rig):
+    rig.publish(1)
+    rig.wait_live(1)
+    with PolicyClient(rig.server.endpoint, robot_id="h", timeout_s=5.0) as client:
+        assert client.health()["learner"]["alive"]
+        assert rig.metric("openpi_rl_server_learner_up") == 1
+        rig.publisher.close()  # the learner dies: no more heartbeats
+        t0 = time.monotonic()
+        while client.health()["learner"]["alive"]:
+            assert time.monotonic() - t0 < 3.0, "a dead learner still shows alive after 3 s"
+            time.sleep(0.05)
+        assert rig.metric("openpi_rl_server_learner_up") == 0
+        assert rig.metric("openpi_rl_server_learner_heartbeat_age_seconds") >= 1.5
+        out = client.infer({"state": np.zeros(6, np.float32)})  # the last good version serves
+        assert out.policy_version == 1
+
+
+def test_bad_versions_are_refused_and_the_live_one_keeps_serving(rig):
+    nan = jax.tree.map(lambda x: np.full(x.shape, np.nan, np.float32), nnx.state(rig.ac))
+    deadline = time.monotonic() + 10
+    rig.publish(1, nan)
+    while len(rig.swapper.failed) < 1:  # one at a time: the slot would skip 1 for 2
+        assert time.monotonic() < deadline, rig.swapper.failed
+        time.sleep(0.02)
+    rig.publisher.publish(2, str(rig.checkpoints.directory / "no-such-version"))
+    while len(rig.swapper.failed) < 2:
+        assert time.monotonic() < deadline, rig.swapper.failed
+        time.sleep(0.02)
+    assert rig.server.snapshot.version == 0
+    assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "nonfinite"}) == 1
+    assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "restore"}) == 1
+    with PolicyClient(rig.server.endpoint, robot_id="h") as client:
+        assert client.infer({"state": np.zeros(6, np.float32)}).policy_version == 0
+    rig.publish(3)
+    rig.wait_live(3)
+
+
+def test_admin_pin_unpin_rollback_and_pause(rig):
+    for v in (1, 2):
+        rig.publish(v)
+    rig.wait_live(2)
+
+    assert rig.admin_call("status", token="wrong")["error"]["code"] == "unauthorized"
+    assert rig.admin_call("dance")["error"]["code"] == "invalid_field"
+    assert rig.admin_call("pin", -3)["error"]["code"] == "invalid_field"
+    missing = rig.admin_call("pin", 99)["error"]
+    assert missing["code"] == "internal" and "not in" in missing["message"]
+    from openpi_rl_client import wire
+
+    assert rig.admin.handle(b"\xc1garbage")["error"]["code"] == "bad_message"
+    assert rig.admin.handle(wire.packb([1, 2]))["error"]["code"] == "bad_message"
+
+    status = rig.admin_call("pin", 1)["status"]
+    assert status["policy_version"] == 1 and status["pinned"] == 1
+    rig.publish(3)  # a pinned server ignores newer versions
+    time.sleep(1.0)
+    assert rig.server.snapshot.version == 1
+    assert rig.admin_call("status")["status"]["versions_behind"] == 2
+    rig.admin_call("unpin")
+    rig.wait_live(3)
+
+    status = rig.admin_call("rollback")["status"]  # back to the newest good older version
+    assert status["policy_version"] == 2 and status["pinned"] == 2 and status["rejected"] == [3]
+    assert rig.metric("openpi_rl_server_rollbacks_total", {"trigger": "admin"}) == 1
+    rig.admin_call("unpin")
+    time.sleep(0.5)
+    assert rig.server.snapshot.version == 2  # 3 was rolled back from: never followed again
+    rig.publish(4)
+    rig.wait_live(4)
+
+    assert rig.admin_call("pause-learning")["status"]["learning_paused"] is True
+    with PolicyClient(rig.server.endpoint, robot_id="learner") as client:
+        assert client.health()["learning_paused"] is True  # what the learner reads
+        rig.admin_call("resume-learning")
+        assert client.health()["learning_paused"] is False
+    assert rig.metric("openpi_rl_server_admin_requests_total", {"command": "pin", "outcome": "ok"})
+    assert rig.server.snapshot.compilations == rig.compiled
+
+
+def test_admin_cli_prints_the_reply_and_exits_by_outcome(rig):
+    cmd = [
+        sys.executable,
+        "-m",
+        "openpi_rl.cli",
+        "admin",
+        "status",
+        "--endpoint",
+        rig.admin.endpoint,
+    ]
+    env = {**os.environ, "OPENPI_RL_ADMIN_TOKEN": TOKEN}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"policy_version": 0' in out.stdout
+    bad = subprocess.run([*cmd, "--token", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unauthorized" in bad.stdout
+    assert TOKEN not in bad.stdout + bad.stderr
+
+
+def test_auto_rollback_when_a_new_version_earns_less(tmp_path):
+    """Episodes under version 1 return 0 where version 0's returned 1: with K=3 and margin 0.5
+    the server rolls back to 0 by itself and stays there."""
+    rig = Rig(tmp_path, auto_rollback_episodes=3, auto_rollback_margin=0.5)
+    robots = Robots(
+        rig.server.endpoint, n=2, episode_len=3, reward=lambda r, v: 0.4 if v == 0 else 0.0
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(rig.server.returns.last(0, 3)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        rig.publish(1)
+        rig.wait_live(1)
+        deadline = time.monotonic() + 20
+        while rig.metric("openpi_rl_server_rollbacks_total", {"trigger": "auto"}) != 1:
+            assert time.monotonic() < deadline, rig.server.returns.last(1, 3)
+            time.sleep(0.02)
+        assert rig.server.snapshot.version == 0 and rig.swapper.pinned == 0
+        assert rig.swapper.rejected == {1}
+    finally:
+        robots.stop()
+        rig.close()
+    assert robots.failures == []
