@@ -105,9 +105,10 @@ def test_a_crashing_child_is_restarted_with_doubling_back_off_and_counted(tmp_pa
     exits = [t for w, _, t in evs if w == "exit"]
     starts = [t for w, _, t in evs if w == "start"]
     delays = [s - e for e, s in zip(exits, starts[1:], strict=False)][:3]
-    # 0.3, 0.6, 1.2 s: each at least its back-off, at most a tick and a process start later.
+    # 0.3, 0.6, 1.2 s: each at least its back-off, at most a tick and a process start later
+    # (generous: Python's start-up on a loaded 2-core machine).
     for delay, expected in zip(delays, (0.3, 0.6, 1.2), strict=True):
-        assert expected <= delay < expected + 0.6, delays
+        assert expected <= delay < expected + 1.0, delays
     assert len({p for w, p, _ in evs if w == "start"}) == len(starts)  # a new process each time
     assert restarts(run.sup, "worker", "exit") >= 3
 
@@ -116,7 +117,7 @@ def test_a_ready_child_that_stops_pinging_is_killed_by_the_watchdog_and_restarte
     hang, ok = tmp_path / "hang.log", tmp_path / "ok.log"
     config = DaemonConfig(restart_backoff_s=0.1)
     sup = Supervisor(
-        [spec("hang", "hang", hang, watchdog_s=0.5), spec("ok", "ok", ok, watchdog_s=0.5)], config
+        [spec("hang", "hang", hang, watchdog_s=1.5), spec("ok", "ok", ok, watchdog_s=1.5)], config
     )
     run = Running(sup)
     try:
@@ -164,7 +165,7 @@ def notify_socket(tmp_path, monkeypatch):
     sock.bind(str(path))
     sock.settimeout(0.1)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     yield sock
     sock.close()
 
@@ -191,7 +192,7 @@ def test_ready_once_every_child_is_ready_in_order_then_watchdog_pings(
     sup = Supervisor([spec("first", "ok", first), spec("second", "ok", second, after="first")])
     run = Running(sup)
     try:
-        got = receive(notify_socket, lambda ls: ls.count("WATCHDOG=1") >= 5 and "READY=1" in ls)
+        got = receive(notify_socket, lambda ls: ls.count("WATCHDOG=1") >= 3 and "READY=1" in ls)
     finally:
         assert run.stop() == 0
     ready_t = next(t for t, ln in got if ln == "READY=1")
@@ -199,5 +200,5 @@ def test_ready_once_every_child_is_ready_in_order_then_watchdog_pings(
     assert second_start >= first_start + 1.0  # started once `first` was ready
     assert ready_t >= second_start + 1.0  # READY=1 only once the last child was ready
     pings = [t for t, ln in got if ln == "WATCHDOG=1"]
-    assert max(b - a for a, b in itertools.pairwise(pings)) < 0.4  # within WATCHDOG_USEC
+    assert max(b - a for a, b in itertools.pairwise(pings)) < 1.0  # within WATCHDOG_USEC
     assert any(ln.startswith("STATUS=first: ready; second:") for _, ln in got)

@@ -89,7 +89,8 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
 
         # -- robots: one finished episode of 6 chunks for the learner
         watch = LatestVersion(f"tcp://127.0.0.1:{d.ports['publish']}")
-        with PolicyClient(f"tcp://127.0.0.1:{d.ports['endpoint']}", robot_id="arm-1") as client:
+        endpoint = f"tcp://127.0.0.1:{d.ports['endpoint']}"
+        with PolicyClient(endpoint, robot_id="arm-1", timeout_s=5.0) as client:
             obs = {"state": np.ones(MODEL["obs_dim"], np.float32)}
             ids = [client.infer(obs).transition_id for _ in range(6)]
             client.report(ids[-1], reward=1.0, done=True)
@@ -129,3 +130,20 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
         checkpoints.close()
     model = GaussianMLPConfig(**MODEL, hidden=(16, 16))
     restore_version(tmp_path / "ckpt" / "1", build_actor_critic(model, (16, 16), 0))
+
+
+def test_a_role_with_a_wrong_config_exits_78_and_the_daemon_stops_with_78(tmp_path):
+    """EX_CONFIG end to end: the real role's CLI refuses its section, the daemon does not
+    restart it (systemd: RestartPreventExitStatus=78) and exits 78 itself."""
+    d = DaemonProcess(
+        tmp_path, edit=lambda text: text.replace("[serve]\n", "[serve]\ncolour = 1\n")
+    )
+    try:
+        assert d.proc.wait(120) == 78, d.tail()
+        d._reader.join(10)
+    finally:
+        d.kill()
+    assert d.named("daemon.config_error") == []  # the daemon's own keys were fine
+    assert [e["role"] for e in d.named("daemon.child_started")] == ["serve"]
+    assert d.named("daemon.child_config_error", role="serve")
+    assert any("unknown key(s) ['colour']" in line for line in d.other), d.tail()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,16 @@ class NotifySocket:
 
 
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, notify: NotifySocket | None = None, watchdog_s: float = 2):
+    def __init__(
+        self,
+        tmp_path: Path,
+        notify: NotifySocket | None = None,
+        watchdog_s: float = 2,
+        edit: Callable[[str], str] = lambda text: text,
+    ):
         self.ports = {name: free_port() for name in PORTS}
         self.config = tmp_path / "openpi-rl.toml"
-        self.config.write_text(service_config(tmp_path, self.ports))
+        self.config.write_text(edit(service_config(tmp_path, self.ports)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
         if notify is not None:
             env |= {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
