@@ -155,11 +155,13 @@ def test_reward_event_wait_is_visible_on_return_and_deduplicated(tmp_path):
         r.close()
 
 
-def test_full_queue_raises_and_depth_is_reported(tmp_path):
-    w = ReplayWriter(ReplayConfig(path=tmp_path, max_queue=3, enqueue_timeout_s=0.05))
+def test_full_queue_raises_and_depth_is_reported(tmp_path, monkeypatch):
     gate = threading.Event()
-    stage = w._stage
-    w._stage = lambda item, batch: (gate.wait(), stage(item, batch))  # a stalled disk
+    write = ReplayWriter._write_segment
+    monkeypatch.setattr(  # a stalled disk
+        ReplayWriter, "_write_segment", lambda self, item: (gate.wait(), write(self, item))[1]
+    )
+    w = ReplayWriter(ReplayConfig(path=tmp_path, max_queue=3, enqueue_timeout_s=0.05))
     accepted = []
     with pytest.raises(ReplayFull):
         for i in range(10):

@@ -9,6 +9,7 @@ record so recovery can cut what follows.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import zlib
@@ -18,6 +19,48 @@ MAGIC = b"OPRS"
 HEADER = struct.Struct("<4sII")
 HEADER_SIZE = HEADER.size  # 12
 MAX_RECORD = 0xFFFFFFFF
+WRITEBACK_BYTES = 8 << 20
+
+
+def _sync_file_range():  # Linux only; elsewhere writeback starts at the fsync
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libdeflate_crc32():
+    """libdeflate's crc32, the same CRC-32 as zlib's but ~5x faster than zlib 1.2 (PCLMUL): about
+    16 us instead of 50-80 us for 150 kB. Used when the system has the library (Debian and Ubuntu:
+    libdeflate0) and it agrees with zlib; ctypes releases the GIL for the call."""
+    for name in ("libdeflate.so.0", "libdeflate.so", "libdeflate.dylib"):
+        try:
+            fn = ctypes.CDLL(name).libdeflate_crc32
+            break
+        except (OSError, AttributeError):
+            continue
+    else:
+        return None
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_uint32
+    probe = bytes(range(256)) * 41
+    return fn if fn(0, probe, len(probe)) == zlib.crc32(probe) else None
+
+
+_FAST_CRC32 = _libdeflate_crc32()
+
+
+def crc32(data: bytes) -> int:
+    """CRC-32 of `data`, as `zlib.crc32` computes it (the record format names zlib's)."""
+    if _FAST_CRC32 is not None and type(data) is bytes:
+        return _FAST_CRC32(0, data, len(data))
+    return zlib.crc32(data)
 
 
 class CorruptRecord(Exception):
@@ -43,11 +86,6 @@ def list_segments(seg_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def encode_header(payload: bytes) -> tuple[bytes, int]:
-    crc = zlib.crc32(payload)
-    return HEADER.pack(MAGIC, len(payload), crc), crc
-
-
 def scan_valid_end(path: Path, chunk: int = 1 << 20) -> int:
     """Byte offset just past the last good record, reading from the start of `path`.
 
@@ -61,46 +99,59 @@ def scan_valid_end(path: Path, chunk: int = 1 << 20) -> int:
             magic, length, crc = HEADER.unpack(f.read(HEADER_SIZE))
             if magic != MAGIC or end + HEADER_SIZE + length > size:
                 break
-            if zlib.crc32(f.read(length)) != crc:
+            if crc32(f.read(length)) != crc:
                 break
             end += HEADER_SIZE + length
     return end
 
 
 class SegmentWriter:
-    """The current segment file, opened for append. Not thread-safe: the writer thread owns it."""
+    """The current segment file, opened for append without a user-space buffer: a record is in
+    the OS (safe from a `kill -9`) when `append` returns. Appends come from one thread; `sync`
+    may run on another (the commit stage), `close` on whichever thread owns the file last."""
 
     def __init__(self, seg_dir: Path, seg: int):
         self.seg = seg
         self.path = segment_path(seg_dir, seg)
-        self._f = open(self.path, "ab")  # noqa: SIM115 — kept open across many appends
-        self.size = self._f.tell()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = os.fstat(self._fd).st_size
+        self._writeback_from = self.size
 
     def append(self, payload: bytes) -> tuple[int, int, int]:
-        """Write one record; returns (payload offset, length, crc32). Bytes reach the OS on
-        `flush` (large payloads bypass the buffer and reach it at once)."""
-        if len(payload) > MAX_RECORD:
-            raise ValueError(
-                f"observation: expected at most {MAX_RECORD} bytes, got {len(payload)}"
-            )
-        header, crc = encode_header(payload)
-        self._f.write(header)
-        self._f.write(payload)
+        """Write one record; returns (payload offset, length, crc32)."""
+        n = len(payload)
+        if n > MAX_RECORD:
+            raise ValueError(f"observation: expected at most {MAX_RECORD} bytes, got {n}")
+        crc = crc32(payload)  # GIL-free, as os.writev is
+        header = HEADER.pack(MAGIC, n, crc)
+        # One syscall for header + payload, no concatenated copy of the payload.
+        done = os.writev(self._fd, (header, payload))
+        if done < HEADER_SIZE + n:  # a short write (rare: signals, near-full disks)
+            rest = memoryview(header + payload)[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
         off = self.size + HEADER_SIZE
-        self.size = off + len(payload)
-        return off, len(payload), crc
+        self.size = off + n
+        return off, n, crc
 
-    def flush(self) -> None:
-        self._f.flush()
+    def start_writeback(self) -> None:
+        """Once `WRITEBACK_BYTES` are new, start writing them to the disk without waiting
+        (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk works while the writer goes on, and
+        the next `sync` waits only for the rest. For writers that `sync` on a timer."""
+        start = self._writeback_from
+        if _SYNC_FILE_RANGE is not None and self.size - start >= WRITEBACK_BYTES:
+            _SYNC_FILE_RANGE(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
+            self._writeback_from = self.size
 
     def sync(self) -> None:
-        self._f.flush()
-        os.fdatasync(self._f.fileno())
+        """fdatasync: every record appended before this call is on the disk on return."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            self._f.close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def read_payload(fd: int, off: int, length: int, crc: int, where: str = "") -> bytes:
@@ -117,7 +168,7 @@ def read_payload(fd: int, off: int, length: int, crc: int, where: str = "") -> b
             f"got {magic!r} len {hlen} crc {hcrc}"
         )
     payload = buf[HEADER_SIZE:]
-    got = zlib.crc32(payload)
+    got = crc32(payload)
     if got != crc:
         raise CorruptRecord(f"{where}: crc32: expected {crc}, got {got}")
     return payload
