@@ -148,7 +148,7 @@ def test_sigterm_reaches_every_child_and_a_stubborn_one_is_killed_after_the_time
 
 def test_a_child_with_a_config_error_is_not_restarted_and_stops_the_daemon(tmp_path):
     bad, ok = tmp_path / "bad.log", tmp_path / "ok.log"
-    sup = Supervisor([spec("ok", "ok", ok), spec("bad", "config", bad)])
+    sup = Supervisor([spec("ok", "ok", ok), spec("bad", "config", bad, after="ok")])
     run = Running(sup)
     run.thread.join(20)
     assert run.rc == EX_CONFIG

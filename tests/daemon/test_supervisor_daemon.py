@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
-from daemon_process import MODEL, DaemonProcess, NotifySocket
+from daemon_process import MODEL, PORTS, DaemonProcess, NotifySocket, service_config
 
 from openpi_rl.daemon import LatestVersion, VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.checkpoints import restore_version
@@ -59,21 +59,16 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
     d = DaemonProcess(tmp_path, notify, watchdog_s=3.0)
     try:
         # -- start: server first (it creates the replay), then bridge and learner
-        ready = {r: d.wait_for("daemon.child_ready", role=r)[0] for r in ROLES}
-        deadline = time.monotonic() + 10
-        while not notify.times("READY=1"):
-            assert time.monotonic() < deadline, notify.lines
-            time.sleep(0.05)
-        ready_t = notify.times("READY=1")[0]
-        assert all(wall(e) <= ready_t + 0.01 for e in ready.values())  # only after all three
-        started = {r: d.named("daemon.child_started", role=r)[0] for r in ROLES}
-        assert wall(started["bridge"]) >= wall(ready["serve"])
-        assert wall(started["learn"]) >= wall(ready["serve"])
+        # -- start: server first (it creates the replay), then bridge and learner
+        first_ready = {r: d.wait_for("daemon.child_ready", role=r)[0] for r in ("serve", "bridge")}
+        started = {r: d.wait_for("daemon.child_started", role=r)[0] for r in ROLES}
+        assert wall(started["bridge"]) >= wall(first_ready["serve"])
+        assert wall(started["learn"]) >= wall(first_ready["serve"])
         pids = {r: started[r]["pid"] for r in ROLES}
         assert len(set(pids.values())) == 3
         assert all(parent_of(p) == d.proc.pid for p in pids.values())  # separate child processes
 
-        # -- kill -9 of a child: restarted after the back-off, counted
+        # -- kill -9 of a child (while the learner still starts): restarted after the back-off
         os.kill(pids["bridge"], signal.SIGKILL)
         exited = d.wait_for("daemon.child_exited", role="bridge")[0]
         assert exited["rc"] == -9 and exited["reason"] == "signal"
@@ -81,11 +76,20 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
         again = d.wait_for("daemon.child_started", 2, role="bridge")[1]
         assert again["pid"] != pids["bridge"] and wall(again) - wall(exited) >= 0.5
         d.wait_for("daemon.child_ready", 2, role="bridge")
+        first_ready["learn"] = d.wait_for("daemon.child_ready", role="learn")[0]
         restarts = daemon_metric(
             d.ports["daemon_metrics"],
             'openpi_rl_daemon_child_restarts_total{reason="signal",role="bridge"}',
         )
         assert restarts == 1.0
+
+        # -- READY=1 to systemd once all three were ready
+        deadline = time.monotonic() + 10
+        while not notify.times("READY=1"):
+            assert time.monotonic() < deadline, notify.lines
+            time.sleep(0.05)
+        ready_t = notify.times("READY=1")[0]
+        assert all(wall(e) <= ready_t + 0.01 for e in first_ready.values())
 
         # -- robots: one finished episode of 6 chunks for the learner
         watch = LatestVersion(f"tcp://127.0.0.1:{d.ports['publish']}")
@@ -132,18 +136,30 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
     restore_version(tmp_path / "ckpt" / "1", build_actor_critic(model, (16, 16), 0))
 
 
-def test_a_role_with_a_wrong_config_exits_78_and_the_daemon_stops_with_78(tmp_path):
-    """EX_CONFIG end to end: the real role's CLI refuses its section, the daemon does not
-    restart it (systemd: RestartPreventExitStatus=78) and exits 78 itself."""
-    d = DaemonProcess(
-        tmp_path, edit=lambda text: text.replace("[serve]\n", "[serve]\ncolour = 1\n")
+def test_a_role_with_a_wrong_section_exits_78_naming_the_key(tmp_path):
+    """EX_CONFIG from the real role CLI, as the daemon and the units run it: the daemon does not
+    restart such a child and stops with 78 (tests/daemon/test_supervisor.py), and systemd does
+    not either (RestartPreventExitStatus=78)."""
+    config = tmp_path / "openpi-rl.toml"
+    config.write_text(
+        service_config(tmp_path, dict.fromkeys(PORTS, 0)).replace(
+            "[bridge]\n", "[bridge]\ncolour = 1\n"
+        )
     )
-    try:
-        assert d.proc.wait(120) == 78, d.tail()
-        d._reader.join(10)
-    finally:
-        d.kill()
-    assert d.named("daemon.config_error") == []  # the daemon's own keys were fine
-    assert [e["role"] for e in d.named("daemon.child_started")] == ["serve"]
-    assert d.named("daemon.child_config_error", role="serve")
-    assert any("unknown key(s) ['colour']" in line for line in d.other), d.tail()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openpi_rl.cli",
+            "bridge",
+            "--config",
+            str(config),
+            "--section",
+            "bridge",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 78, out.stderr
+    assert "bridge: unknown key(s) ['colour']" in out.stderr

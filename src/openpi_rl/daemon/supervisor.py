@@ -310,10 +310,12 @@ def daemon(path: str | Path) -> int:
     except (OSError, ValueError) as e:
         log.error("daemon.config_error", error=str(e))
         return EX_CONFIG
-    env = dict(os.environ)
-    if service.log_json is not None:
-        env["OPENPI_RL_LOG_JSON"] = "1" if service.log_json else "0"
-    sup = Supervisor(role_specs(service), service.daemon, env)
+    if service.log_json is not None:  # the file decides for the daemon and its children alike
+        from openpi_rl.cli import configure_logging
+
+        os.environ["OPENPI_RL_LOG_JSON"] = "1" if service.log_json else "0"
+        configure_logging()
+    sup = Supervisor(role_specs(service), service.daemon)
     d = service.daemon
     if d.metrics_port is not None:
         httpd, _ = start_http_server(d.metrics_port, d.metrics_host, registry=sup.metrics.registry)
