@@ -126,6 +126,7 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
 
     # The learner finished the update it was in and wrote it: version 1, complete, restorable.
     learner = d.named("learner.stopped")[0]
+    assert wall(d.named("learner.published")[0]) > wall(d.named("daemon.stopping")[0])  # in flight
     assert learner["version"] == 1 and learner["transitions_trained"] == 6
     checkpoints = VersionCheckpoints(tmp_path / "ckpt")
     try:
