@@ -94,6 +94,7 @@ class Learner:
     def __init__(self, config: LearnerConfig, devices: list[jax.Device] | None = None):
         self.config = config
         self.metrics = LearnerMetrics()
+        self.metrics.watch_replay(config.replay_dir)
         self.ac = build_actor_critic(config.model, config.value_hidden, config.seed)
         self.obs_spec = config.model.obs_spec
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
@@ -270,6 +271,8 @@ class Learner:
         self.metrics.version.set(self.version)
         self.metrics.batch_reward.set(m["reward_mean"])
         self.metrics.update_kl.set(m["update_kl"])
+        for stat, value in m.items():
+            self.metrics.ppo.labels(stat).set(value)
         log.info(
             "learner.published", version=self.version, path=str(path),
             reward_mean=round(m["reward_mean"], 4), loss=round(m["loss"], 4),
