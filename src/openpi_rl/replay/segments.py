@@ -140,6 +140,7 @@ class SegmentWriter:
         the next `sync` waits only for the rest. For writers that `sync` on a timer."""
         start = self._writeback_from
         if _SYNC_FILE_RANGE is not None and self.size - start >= WRITEBACK_BYTES:
+            # A hint: an error (say, a filesystem without it) only leaves the work to `sync`.
             _SYNC_FILE_RANGE(self._fd, start, self.size - start, _SYNC_FILE_RANGE_WRITE)
             self._writeback_from = self.size
 
