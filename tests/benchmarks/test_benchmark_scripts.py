@@ -62,3 +62,12 @@ def test_serve_latency_quick_reports_every_case():
     assert figures["errors"] == 0
     for key in ("echo_p50_ms", "noop_p50_ms", "pi0_fast_p50_ms", "ws_p50_ms", "fleet4_p99_ms"):
         assert figures[key] > 0, key
+
+
+def test_hot_swap_quick_serves_every_version_without_a_failure():
+    figures = _last_json("hot_swap.py")
+    assert set(figures) >= {"swaps", "requests", "failed", "late", "p99_ratio"}
+    assert figures["final_version"] == 10 and 1 <= figures["swaps"] <= 10
+    assert figures["failed"] == 0 and figures["compilations_during_run"] == 0
+    assert figures["requests_quiet"] > 0 and figures["requests_swapping"] > 0
+    assert figures["p99_ratio"] > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -52,6 +53,7 @@ class SwapOptions:
     admin_token: str | None = None  # None: $OPENPI_RL_ADMIN_TOKEN, else no admin endpoint
     auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
     auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
+    nice: int = 10  # the swapper thread's niceness (Linux); 0: the serving thread's
 
 
 class SwapError(Exception):
@@ -147,6 +149,11 @@ class Swapper:
             self._sub = None
 
     def _run(self) -> None:
+        if self.options.nice and hasattr(os, "setpriority"):
+            # Linux schedules threads as tasks: a lower priority for this one (and the restore
+            # threads it starts) leaves the cores to the serving thread during a swap.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.options.nice)
         while not self._stop.is_set():
             try:
                 self._poll()
