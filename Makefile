@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install --quiet -e client -e '.[test]'
 	touch $(STAMP)
 
-# Until the service lands: PPO on MuJoCo InvertedPendulum with a live progress table.
+# The service learning live: openpi-rl daemon (server, bridge, learner), two simulated MuJoCo
+# robots and a simulated operator at the pendant, for 5 minutes (`openpi-rl demo --help`).
 demo: $(STAMP)
-	$(VENV)/bin/openpi-rl train --env InvertedPendulum-v5 --num_train_steps 60 --target_return 950
+	$(VENV)/bin/openpi-rl demo --minutes 5
 
 # Tests drive Debian's chromium (the pendant page; no browser download), prometheus (scraping
 # the services) and systemd (systemd-analyze verify on the units): whichever is missing is

@@ -172,6 +172,22 @@ def admin_main(argv: list[str] | None = None) -> int:
     return admin_main(list(sys.argv[1:] if argv is None else argv))
 
 
+def demo_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl demo [--minutes 5] [--robots 2] [--config FILE]`: the daemon, simulated
+    MuJoCo robots and a simulated operator, with a live table of what the service learns."""
+    from openpi_rl.demo import DemoConfig
+    from openpi_rl.demo import demo_main as run
+
+    config = tyro.cli(
+        DemoConfig,
+        args=list(sys.argv[1:] if argv is None else argv),
+        prog="openpi-rl demo",
+        description="The service learning live: robots, operator, daemon.",
+    )
+    configure_logging()
+    return run(config)
+
+
 def replay_main(argv: list[str] | None = None) -> int:
     """`openpi-rl replay stats DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -192,6 +208,7 @@ COMMANDS = {
     "check": check_main,
     "replay": replay_main,
     "admin": admin_main,
+    "demo": demo_main,
 }
 
 

@@ -64,6 +64,13 @@ def test_serve_latency_quick_reports_every_case():
         assert figures[key] > 0, key
 
 
+def test_learn_service_quick_reports_both_returns():
+    figures = _last_json("learn_service.py")
+    assert set(figures) >= {"service_return", "sync_return", "service_over_sync"}
+    assert figures["service_env_steps"] >= figures["budget"] == 2_000
+    assert figures["service_return"] > 0 and figures["sync_return"] > 0
+
+
 def test_hot_swap_quick_serves_every_version_without_a_failure():
     figures = _last_json("hot_swap.py")
     assert set(figures) >= {"swaps", "requests", "failed", "late", "p99_ratio"}

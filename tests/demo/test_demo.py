@@ -1,0 +1,57 @@
+"""`openpi-rl demo` through the real daemon (server, bridge, learner as child processes):
+simulated robots get replies, every reply is a stored transition, the simulated operator's
+presses are acknowledged and attached to the replay, a new policy version is published and
+served, and the daemon stops cleanly (exit 0)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+
+from openpi_rl.replay import ReplayReader
+
+
+def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "openpi_rl.cli", "demo", "--minutes", "1", "--until-version",
+            "1", "--workdir", str(tmp_path), "--operator-policy.reaction-s", "0.1",
+        ],
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "pendant: http://127.0.0.1:" in out.stderr and "#token=" in out.stderr
+    assert re.search(r"mean return, first version \(v0, \d+ episodes\): [\d.]+", out.stdout)
+    assert "mean return, last 20 episodes:" in out.stdout
+    served = int(re.search(r"newest version served: (\d+)", out.stdout)[1])
+    assert served >= 1
+
+    # Every served chunk is a stored transition, and later ones came from newer versions.
+    reader = ReplayReader(tmp_path / "replay")
+    rows = reader.transitions()
+    reader.close()
+    assert rows and {r.robot_id for r in rows} == {"sim-0", "sim-1"}
+    assert max(r.policy_version for r in rows) == served
+    assert all(r.reward == 1.0 for r in rows if not r.done)  # each step's env reward, reported
+    assert sum(r.done for r in rows) >= 2  # episodes ended (the pole fell)
+
+    # The operator's presses are in the replay, on transitions of the episodes it judged.
+    acked = int(re.search(r"operator presses acknowledged: (\d+)", out.stdout)[1])
+    attached = int(re.search(r"attached: (\d+)", out.stdout)[1])
+    assert acked >= 1 and attached >= 1
+    db = sqlite3.connect(tmp_path / "replay" / "replay.sqlite")
+    events = db.execute(
+        "SELECT e.kind, e.operator, t.episode_id = e.episode_id FROM reward_events e"
+        " JOIN transitions t ON t.id = e.transition_id"
+    ).fetchall()
+    db.close()
+    assert len(events) == attached
+    assert all(
+        kind in ("success", "failure") and op == "demo" and same for kind, op, same in events
+    )
+
+    # The daemon's children stopped cleanly.
+    log = (tmp_path / "service.log").read_text()
+    assert '"event": "daemon.stopped"' in log and '"rc": 0' in log
