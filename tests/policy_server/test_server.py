@@ -189,3 +189,33 @@ def test_a_resent_request_is_answered_once_and_stored_once(tmp_path, pending):
     rows = ReplayReader(str(tmp_path / "replay")).transitions(robot_id="r1")
     assert len(rows) == 2 and len({r.id for r in rows}) == 2
     assert {r.id: r.reward for r in rows}[tid] == 1.5  # the resent report counted once
+
+
+def test_the_key_sets_robots_send_are_compiled_before_ready(tmp_path):
+    # pi0_fast's images and prompt are optional: a robot sending cameras + state without a
+    # prompt must not make the serving loop compile (seconds of stall for every robot).
+    from openpi_rl.models.pi0_fast import Pi0FASTConfig
+
+    config = Pi0FASTConfig(variant="dummy", image_keys=("cam",), image_size=32, state_dim=4)
+    ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=config.value_in_dim)
+    srv = PolicyServer(
+        ac,
+        ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=1, warm_key_sets=(("state",),)),
+        None,
+    )
+    warmed = {frozenset(k) for k in srv.key_sets}
+    assert warmed >= {frozenset({"cam", "state"}), frozenset({"state"}), frozenset(config.obs_spec)}
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    assert srv._ready.wait(120)
+    compiled = srv.snapshot.compilations
+    rng = np.random.default_rng(0)
+    with PolicyClient(srv.endpoint, robot_id="r", timeout_s=30.0) as client:
+        obs = {"cam": rng.integers(0, 256, (32, 32, 3), np.uint8), "state": np.ones(4, np.float32)}
+        assert client.infer(obs).actions.shape == (10, 7)
+        assert client.infer({"state": np.ones(4, np.float32)}).actions.shape == (10, 7)
+    assert srv.snapshot.compilations == compiled
+    srv.close(wait_s=30)
+    thread.join(30)
+    with pytest.raises(ValueError, match="not in the model's obs_spec"):
+        PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*", warm_key_sets=(("x",),)))

@@ -39,9 +39,16 @@ class ServeOptions:
 
     endpoint: str = "tcp://127.0.0.1:5555"  # loopback unless configured (guarantee 7)
     max_batch: int = 8
-    max_wait_us: int = 200  # wait this long for more robots once one request is pending
+    # Continuous batching: a request is served as soon as the model is free, together with
+    # every request that arrived while it ran. A wait > 0 holds a lone request this long for
+    # company (worth it only when robots are in lockstep and the model's cost barely grows
+    # with the batch); 0 keeps a lone robot at the transport's floor.
+    max_wait_us: int = 0
     max_message_bytes: int = 16 * 1024 * 1024
     seed: int = 0
+    # Observation key sets to compile before ready, besides all keys and the required ones
+    # (e.g. [["image", "state"]] when robots leave an optional key out).
+    warm_key_sets: tuple[tuple[str, ...], ...] = ()
     dedupe_window: int = 4096  # replies kept to answer a resent request without serving it twice
 
 
@@ -96,8 +103,10 @@ class PolicyServer:
         # (robot_id, request_id) -> the packed reply, or the request while it is still pending.
         # A client that timed out resends the same request_id from a new socket (lazy pirate);
         # answering from here keeps one request one transition and one report one reward.
+        self._warned_sets: set[tuple[str, ...]] = set()
         self._recent: OrderedDict[tuple[str, str], bytes | _Pending] = OrderedDict()
         self.served = 0
+        self.key_sets = self._key_sets(ac.model)
         example = example_observation(self.obs_spec)
         self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
 
@@ -115,8 +124,23 @@ class PolicyServer:
         """Run `snapshot` on every padded batch size and key set the server serves (it compiles
         only the first time: versions share the jitted sampler). True if outputs are finite."""
         example = example_observation(self.obs_spec)
-        required = tuple(k for k, s in self.obs_spec.items() if not s.optional)
-        return snapshot.warm_up(example, [required] if len(required) < len(example) else [])
+        return snapshot.warm_up(example, [k for k in self.key_sets if k != tuple(example)])
+
+    def _key_sets(self, model: object) -> tuple[tuple[str, ...], ...]:
+        """Observation key sets compiled before ready: all keys, the required ones, those the
+        model config names as what robots send (`serving_key_sets`), and `warm_key_sets`. A
+        request with another set compiles on the serving path once (logged)."""
+        spec = self.obs_spec
+        sets = [tuple(spec), tuple(k for k, s in spec.items() if not s.optional)]
+        sets += getattr(getattr(model, "config", None), "serving_key_sets", ())
+        sets += self.options.warm_key_sets
+        out: dict[tuple[str, ...], None] = {}
+        for keys in sets:
+            unknown = set(keys) - set(spec)
+            if unknown:
+                raise ValueError(f"warm_key_sets: {sorted(unknown)} not in the model's obs_spec")
+            out[tuple(k for k in spec if k in keys)] = None  # spec order, no duplicates
+        return tuple(out)
 
     @property
     def ready(self) -> bool:
@@ -303,6 +327,16 @@ class PolicyServer:
         groups: dict[tuple[str, ...], list[_Pending]] = {}
         for p in pending:
             groups.setdefault(tuple(sorted(p.msg["observation"])), []).append(p)
+        for keys in groups:
+            if keys not in self._warned_sets and not any(
+                set(keys) == set(w) for w in self.key_sets
+            ):
+                self._warned_sets.add(keys)
+                log.warning(
+                    "compiling on the serving path for an unwarmed key set; add it to "
+                    "serve.warm_key_sets",
+                    keys=list(keys),
+                )
         snapshot = self.snapshot  # one reference for the whole batch: a swap lands between batches
         for group in groups.values():
             t0 = time.perf_counter()
