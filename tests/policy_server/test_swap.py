@@ -285,3 +285,30 @@ def test_auto_rollback_when_a_new_version_earns_less(tmp_path):
         robots.stop()
         rig.close()
     assert robots.failures == []
+
+
+def test_a_restarted_server_starts_at_the_newest_version_on_disk(tmp_path):
+    ac = build_actor_critic(CONFIG, (16,), 0)
+    checkpoints = VersionCheckpoints(tmp_path / "ckpt")
+    for v in range(3):
+        weights = jax.tree.map(lambda x, v=v: x + v, nnx.state(ac))
+        checkpoints.save(v, weights, {"step": np.zeros(())}, {})
+    checkpoints.close()
+    (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-1").mkdir()  # a save cut short: not a version
+    server = PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=2))
+    swapper = Swapper(
+        server, SwapOptions(learner_endpoint=None, checkpoint_dir=str(tmp_path / "ckpt"))
+    )
+    try:
+        assert server.snapshot.version == 2  # before warm-up: robots never see version 0
+        server.warm_up()
+        assert server.snapshot.compilations == 2  # sizes 1 and 2, nothing more
+        obs = {"state": np.ones(6, np.float32)}
+        expected = build_actor_critic(CONFIG, (16,), 0)
+        nnx.update(expected, jax.tree.map(lambda x: x + 2, nnx.state(expected)))
+        want = expected.value(jax.random.key(0), {"state": obs["state"][None]})[0]
+        np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], want, rtol=1e-5)
+    finally:
+        swapper.close()
+        server.close()
+        server._finish()

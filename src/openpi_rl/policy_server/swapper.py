@@ -132,6 +132,25 @@ class Swapper:
         m.learner_heartbeat_age.set_function(self.heartbeat_age)
         m.pinned_version.set_function(lambda: -1 if self.pinned is None else self.pinned)
         m.learning_paused.set_function(lambda: float(self.learning_paused))
+        self._start_from_disk()
+
+    def _start_from_disk(self) -> None:
+        """A (re)started server begins at the newest version in `checkpoint_dir`, not at its
+        seed's weights: loaded before the server warms up, so robots never see version 0 of a
+        run that has moved on. A version that does not load is skipped (logged)."""
+        if self.options.checkpoint_dir is None or self.server.ready:
+            return
+        for version in reversed(self.versions_on_disk()):
+            if version <= self.server.snapshot.version:
+                return
+            try:
+                state = restore_version(self._path_of(version), self._like)
+                self.server.swap(self.server.snapshot.with_state(version, state))
+            except Exception as e:
+                log.warning("swap.start_version_unreadable", version=version, error=str(e))
+                continue
+            log.info("swap.start_version", version=version)
+            return
 
     # -- lifecycle
 
