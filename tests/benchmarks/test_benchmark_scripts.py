@@ -78,3 +78,15 @@ def test_hot_swap_quick_serves_every_version_without_a_failure():
     assert figures["failed"] == 0 and figures["compilations_during_run"] == 0
     assert figures["requests_quiet"] > 0 and figures["requests_swapping"] > 0
     assert figures["p99_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_chaos_quick_survives_every_kill():
+    figures = _last_json("chaos.py", "--interval-min-s", "1", "--interval-max-s", "2")
+    assert set(figures) >= {
+        "kills", "survived", "acked_events_lost", "transitions_duplicated",
+        "checkpoints_unrestorable",
+    }  # fmt: skip
+    assert figures["kills"] == figures["survived"] == 5
+    assert figures["acked_events_lost"] == 0 and figures["transitions_duplicated"] == 0
+    assert figures["checkpoints_unrestorable"] == 0

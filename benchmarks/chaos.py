@@ -1,0 +1,498 @@
+"""Chaos run: `kill -9` the service's processes at random moments while it works, and check
+after every kill that no guarantee about the data broke (DESIGN.md, guarantee 2).
+
+    python benchmarks/chaos.py              # 100 kills, 3-6 s apart after each recovery
+    python benchmarks/chaos.py --quick      # 5 kills (smoke)
+
+The workload is the demo's: `openpi-rl daemon` (policy server, reward bridge, learner as its
+children), 4 simulated MuJoCo robots on `PolicyClient`s and a simulated operator at the
+pendant's WebSocket. A seeded RNG picks the victim (server, bridge and learner in shuffled
+rounds, so any three kills in a row hit each role once) and the moment; the daemon restarts it.
+After each kill, once every role is ready again:
+
+- the store: `PRAGMA integrity_check` on a read-only connection says ok;
+- acknowledged reward events: every idempotency key the bridge acknowledged to the operator is
+  in `reward_events` exactly once;
+- transitions: every transition id replied to a robot is unique and stored, except those a
+  killed server replied within one commit interval (plus `--slack-s` of scheduling) before it
+  died. Ids carry their server's boot epoch (`id >> SEQ_BITS`), so a missing id is charged to
+  the server run that handed it out;
+- after a learner kill: the newest complete version on disk restores (`restore_version`) into
+  a freshly built ActorCritic;
+- after a server kill: the restarted server's first reply carries at least the newest version
+  that was on disk when it was killed (it starts from `swap.checkpoint_dir`).
+
+Robot requests that fail while the server restarts are counted as `robot_failures`: the
+guarantees are about data, not availability. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from openpi_rl.daemon.config import ServiceFile
+from openpi_rl.demo import DaemonProcess, Episode, OperatorPolicy, SimOperator, write_demo_config
+from openpi_rl.replay.writer import SEQ_BITS
+from openpi_rl.train.envs import EnvBatch
+from openpi_rl_client import PolicyClient, protocol
+
+ROLES = ("serve", "bridge", "learn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    kills: int = 100
+    interval_min_s: float = 3.0
+    """After the service recovered from a kill, the next one comes this long later at least..."""
+    interval_max_s: float = 6.0
+    """... and at most."""
+    robots: int = 4
+    hz: float = 20.0
+    """Chunks per second per robot."""
+    seed: int = 0
+    recover_timeout_s: float = 120.0
+    """A kill the service has not recovered from within this long is not survived."""
+    slack_s: float = 0.05
+    """Scheduling slack added to the commit interval when judging a killed server's losses."""
+    quick: bool = False
+    """5 kills."""
+    workdir: str | None = None
+    keep: bool = False
+
+
+# -- the workload
+
+
+@dataclasses.dataclass
+class Reply:
+    transition_id: int
+    t: float  # time.monotonic() when the reply arrived
+    version: int
+    robot_id: str
+
+
+class Robots:
+    """Simulated robots (threads) that record every reply; failures counted, never fatal."""
+
+    def __init__(self, endpoint: str, n: int, hz: float, seed: int, rescale: bool, operator):
+        self.endpoint, self.hz, self.rescale, self.operator = endpoint, hz, rescale, operator
+        self.replies: list[Reply] = []
+        self.failures = 0
+        self.latencies_ms: list[float] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, args=(f"sim-{i}", seed + 1000 * i), daemon=True)
+            for i in range(n)
+        ]
+
+    def start(self) -> Robots:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+    def snapshot(self) -> list[Reply]:
+        with self._lock:
+            return list(self.replies)
+
+    def _run(self, robot_id: str, seed: int) -> None:
+        env = EnvBatch("InvertedPendulum-v5", 1, seed)
+        period, next_tick = 1.0 / self.hz, time.monotonic()
+        episode = f"{robot_id}-{uuid.uuid4().hex[:12]}"
+        try:
+            with PolicyClient(self.endpoint, robot_id, timeout_s=1.0, retries=2) as client:
+                while not self.stop.is_set():
+                    next_tick = max(next_tick + period, time.monotonic())
+                    self.stop.wait(max(0.0, next_tick - time.monotonic()))
+                    t0 = time.perf_counter()
+                    try:
+                        out = client.infer({"state": env.obs[0]}, episode_id=episode)
+                    except (TimeoutError, protocol.ProtocolError):
+                        with self._lock:
+                            self.failures += 1
+                        continue
+                    now = time.monotonic()
+                    with self._lock:
+                        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                        self.replies.append(
+                            Reply(out.transition_id, now, out.policy_version, robot_id)
+                        )
+                    step, _ = env.step(out.actions[None], rescale=self.rescale)
+                    term, trunc = bool(step.terminated[0]), bool(step.truncated[0])
+                    try:
+                        client.report(
+                            out.transition_id, reward=float(step.rewards[0]), done=term,
+                            truncated=trunc,
+                        )  # fmt: skip
+                    except (TimeoutError, protocol.ProtocolError):
+                        with self._lock:
+                            self.failures += 1
+                    if step.finished and self.operator is not None:
+                        _, ret, length = step.finished[0]
+                        v = out.policy_version
+                        ep = Episode(
+                            robot_id, episode, ret, length, v, v, term, time.monotonic(), 0
+                        )
+                        self.operator.saw(ep)
+                    if step.finished:
+                        episode = f"{robot_id}-{uuid.uuid4().hex[:12]}"
+        finally:
+            env.close()
+
+
+class Service:
+    """The daemon plus what the checks need: its children's pids, readiness, paths."""
+
+    def __init__(self, workdir: Path, robots: int, seed: int, daemon_extra: str = ""):
+        token = secrets.token_urlsafe(16)
+        path = write_demo_config(workdir, robots, token, seed, pendant_port=0)
+        text = path.read_text()
+        # Restart at once: kills seconds apart would otherwise climb the crash back-off.
+        extra = "restart_backoff_s = 0.2\nrestart_backoff_max_s = 1.0\n" + daemon_extra
+        path.write_text(text.replace("[daemon]\n", "[daemon]\n" + extra, 1))
+        self.file = ServiceFile.load(path)
+        self.serve = self.file.role_config("serve")
+        self.learn = self.file.role_config("learn")
+        self.daemon = DaemonProcess(path, workdir / "service.log")
+        self.service = self.daemon.service
+        self.replay_dir = Path(self.serve.replay_dir)
+        self.checkpoint_dir = Path(self.learn.checkpoint_dir)
+        self.healthz = self.service.pendant_ws.replace("ws://", "http://").replace(
+            "/pendant", "/healthz"
+        )
+        self.learner_metrics = f"http://127.0.0.1:{self.learn.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        self.daemon.start()
+        self.daemon.wait_ready(timeout_s)
+
+    def children(self) -> dict[str, int]:
+        """role -> pid of the daemon's live children (from /proc)."""
+        return {role: pid for pid, role in _children(self.daemon.proc.pid).items()}
+
+    def ready(self, role: str) -> bool:
+        try:
+            if role == "serve":
+                with PolicyClient(self.service.endpoint, "chaos-health", 0.5, retries=0) as c:
+                    return c.health().get("status") == "ready"
+            url = self.healthz if role == "bridge" else self.learner_metrics
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200
+        except (TimeoutError, OSError, protocol.ProtocolError):
+            return False
+
+    def wait_recovered(self, role: str, old_pid: int, timeout_s: float) -> float | None:
+        """Seconds until `role` runs under a new pid and every role is ready; None: timeout."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.daemon.proc.poll() is not None:
+                return None
+            pids = self.children()
+            if pids.get(role) not in (None, old_pid) and all(self.ready(r) for r in ROLES):
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        return None
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> role of `pid`'s child processes that run `openpi_rl.cli ROLE`."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            try:
+                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode(errors="replace") for a in argv]
+            if "openpi_rl.cli" in args:
+                role = args[args.index("openpi_rl.cli") + 1]
+                if role in ROLES:
+                    out[kid] = role
+    return out
+
+
+# -- the checks
+
+
+def newest_version(checkpoint_dir: Path) -> int | None:
+    """The newest complete version: orbax renames a step's temporary directory to its number
+    only when the step is complete."""
+    steps = [int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(steps, default=None)
+
+
+class Checker:
+    def __init__(self, svc: Service, slack_s: float):
+        from openpi_rl.daemon.checkpoints import build_actor_critic
+
+        self.svc = svc
+        self.window_s = svc.serve.commit_interval_s + slack_s
+        learn = svc.learn
+        self.ac = build_actor_critic(learn.model, learn.value_hidden, learn.seed + 1)
+        self.server_kills: dict[int, float] = {}  # boot epoch -> monotonic time of its kill
+        self.checked_upto = 0  # replies[:checked_upto] were accounted for
+        self.lost_in_window = 0
+        self.lost_outside: list[int] = []
+        self.max_loss_window_ms = 0.0
+        self.seen_ids: set[int] = set()
+        self.duplicated = 0
+
+    def integrity(self) -> str:
+        from openpi_rl.replay import ReplayReader
+
+        with ReplayReader(self.svc.replay_dir) as r:
+            return r.integrity_check()
+
+    def _db(self):
+        from openpi_rl.replay import schema
+
+        return schema.connect_reader(self.svc.replay_dir)
+
+    def events(self, acks: list[dict]) -> tuple[int, int]:
+        """(acked keys missing from reward_events, acked keys stored more than once)."""
+        keys = sorted({a["idempotency_key"] for a in acks})
+        counts: dict[str, int] = {}
+        conn = self._db()
+        try:
+            for i in range(0, len(keys), 500):
+                part = keys[i : i + 500]
+                q = ",".join("?" * len(part))
+                for k, n in conn.execute(
+                    f"SELECT idempotency_key, count(*) FROM reward_events "
+                    f"WHERE idempotency_key IN ({q}) GROUP BY idempotency_key",
+                    part,
+                ):
+                    counts[k] = n
+        finally:
+            conn.close()
+        return sum(1 for k in keys if k not in counts), sum(1 for n in counts.values() if n > 1)
+
+    def transitions(self, replies: list[Reply], upto: float) -> tuple[int, int, int]:
+        """Account for the replies that arrived before `upto` and were not yet checked:
+        (replies checked, lost within a killed server's commit interval, lost otherwise)."""
+        new = [r for r in replies[self.checked_upto :] if r.t < upto]
+        self.checked_upto += len(new)
+        for r in new:
+            if r.transition_id in self.seen_ids:
+                self.duplicated += 1
+            self.seen_ids.add(r.transition_id)
+        stored: set[int] = set()
+        ids = [r.transition_id for r in new]
+        conn = self._db()
+        try:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                q = ",".join("?" * len(part))
+                stored.update(
+                    x
+                    for (x,) in conn.execute(f"SELECT id FROM transitions WHERE id IN ({q})", part)
+                )
+        finally:
+            conn.close()
+        in_window = outside = 0
+        for r in new:
+            if r.transition_id in stored:
+                continue
+            t_kill = self.server_kills.get(r.transition_id >> SEQ_BITS)
+            # A reply that left the server before its kill may arrive just after it.
+            if t_kill is not None and r.t >= t_kill - self.window_s:
+                in_window += 1
+                self.max_loss_window_ms = max(self.max_loss_window_ms, (t_kill - r.t) * 1e3)
+            else:
+                outside += 1
+                self.lost_outside.append(r.transition_id)
+        self.lost_in_window += in_window
+        return len(new), in_window, outside
+
+    def checkpoint(self) -> tuple[int | None, bool]:
+        """(newest complete version, whether it restores into a fresh ActorCritic)."""
+        from openpi_rl.daemon.checkpoints import restore_version
+
+        v = newest_version(self.svc.checkpoint_dir)
+        if v is None:
+            return None, False
+        try:
+            state = restore_version(self.svc.checkpoint_dir / str(v), self.ac)
+            leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(state)]
+            return v, bool(leaves) and all(np.isfinite(x).all() for x in leaves)
+        except Exception as e:  # reported: the guarantee is that this never happens
+            print(f"  restore of version {v} failed: {e!r:.300}", flush=True)
+            return v, False
+
+
+def first_reply_after(robots: Robots, epoch: int, timeout_s: float) -> Reply | None:
+    """The first reply from a server run later than boot epoch `epoch` (every writer that
+    opens the store, the bridge's included, takes an epoch: the next server's may skip some)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for r in robots.snapshot()[-400:]:
+            if r.transition_id >> SEQ_BITS > epoch:
+                return r
+        time.sleep(0.05)
+    return None
+
+
+# -- the run
+
+
+def run(args: Args) -> dict:
+    kills = 5 if args.quick and args.kills == Args.kills else args.kills
+    rng = random.Random(args.seed)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="openpi-rl-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    svc = Service(workdir, args.robots, args.seed)
+    t_start = time.monotonic()
+    print(f"chaos: starting the service in {workdir}", file=sys.stderr, flush=True)
+    svc.start()
+    checker = Checker(svc, args.slack_s)
+    s = svc.service
+    operator = SimOperator(s.pendant_ws, s.operator_token, OperatorPolicy(press_hz=4.0))
+    operator.start()
+    rescale = bool(getattr(s.model, "normalized_actions", False))
+    robots = Robots(s.endpoint, args.robots, args.hz, args.seed, rescale, operator).start()
+    survived = acked_lost = unrestorable = 0
+    by_role = dict.fromkeys(ROLES, 0)
+    order: list[str] = []
+    daemon_rc = None
+    try:
+        for i in range(kills):
+            if not order:
+                order = list(ROLES)
+                rng.shuffle(order)
+            role = order.pop()
+            time.sleep(rng.uniform(args.interval_min_s, args.interval_max_s))
+            pids = svc.children()
+            if role not in pids:
+                print(f"kill {i + 1}: no {role} process to kill", flush=True)
+                break
+            newest_before = newest_version(svc.checkpoint_dir)
+            epoch = None
+            if role == "serve":
+                last = robots.snapshot()[-1:]
+                epoch = last[0].transition_id >> SEQ_BITS if last else None
+            t_kill = time.monotonic()
+            os.kill(pids[role], signal.SIGKILL)
+            if epoch is not None:
+                checker.server_kills[epoch] = t_kill
+            by_role[role] += 1
+            recovered_s = svc.wait_recovered(role, pids[role], args.recover_timeout_s)
+            problems = []
+            if recovered_s is None:
+                problems.append("not recovered")
+            integrity = checker.integrity()
+            if integrity != "ok":
+                problems.append(f"integrity {integrity!r}")
+            lost, dup = checker.events(list(operator.acks))
+            acked_lost = lost  # cumulative over every key acked so far
+            if lost or dup:
+                problems.append(f"acked events lost {lost}, stored twice {dup}")
+            n, in_window, outside = checker.transitions(robots.snapshot(), t_kill)
+            if outside:
+                problems.append(f"transitions lost outside a commit interval {outside}")
+            line = (
+                f"kill {i + 1:3d}/{kills} {role:6s} pid {pids[role]}: recovered "
+                f"{'-' if recovered_s is None else f'{recovered_s:.1f} s'} | integrity "
+                f"{integrity} | acked events {len(operator.acks)} lost {lost} | replies "
+                f"checked {n}, lost in window {in_window}, outside {outside}"
+            )
+            if role == "learn":
+                v, ok = checker.checkpoint()
+                unrestorable += not ok
+                line += f" | newest version {v} restores {ok}"
+                if not ok:
+                    problems.append(f"version {v} unrestorable")
+            if role == "serve" and recovered_s is not None and epoch is not None:
+                first = first_reply_after(robots, epoch, 15.0)
+                got = None if first is None else first.version
+                line += f" | newest on disk {newest_before}, first reply after restart v{got}"
+                if got is None or (newest_before is not None and got < newest_before):
+                    problems.append(f"served v{got} < newest v{newest_before}")
+            if not problems:
+                survived += 1
+            else:
+                line += " | FAILED: " + "; ".join(problems)
+            print(line, flush=True)
+    finally:
+        robots.close()
+        operator.close()
+        daemon_rc = svc.daemon.stop()
+    # Final accounting, the daemon stopped (every role flushed).
+    t_end = time.monotonic()
+    integrity = checker.integrity()
+    acked_lost, acked_twice = checker.events(list(operator.acks))
+    checker.transitions(robots.snapshot(), t_end)
+    v, ok = checker.checkpoint()
+    unrestorable_final = not ok
+    replies = robots.snapshot()
+    lat = np.array(robots.latencies_ms) if robots.latencies_ms else np.zeros(1)
+    figures = {
+        "kills": kills,
+        "survived": survived,
+        "acked_events_lost": acked_lost,
+        "transitions_duplicated": checker.duplicated,
+        "checkpoints_unrestorable": unrestorable + unrestorable_final,
+        "kills_by_role": by_role,
+        "acked_events": len({a["idempotency_key"] for a in operator.acks}),
+        "acked_events_stored_twice": acked_twice,
+        "replies": len(replies),
+        "transitions_lost_in_commit_window": checker.lost_in_window,
+        "transitions_lost_outside_window": len(checker.lost_outside),
+        "max_loss_window_ms": round(checker.max_loss_window_ms, 1),
+        "commit_window_ms": round(checker.window_s * 1e3, 1),
+        "robot_failures": robots.failures,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "final_integrity": integrity,
+        "final_version": v,
+        "daemon_rc": daemon_rc,
+        "wall_s": round(t_end - t_start, 1),
+    }
+    print(
+        f"chaos: kills survived {survived}/{kills}, acknowledged events lost {acked_lost} "
+        f"(of {figures['acked_events']}), transitions duplicated {checker.duplicated}, "
+        f"checkpoints unrestorable {figures['checkpoints_unrestorable']}; transitions lost "
+        f"within a killed server's commit interval {checker.lost_in_window} over "
+        f"{by_role['serve']} server kills (widest {figures['max_loss_window_ms']} ms before the "
+        f"kill, allowed {figures['commit_window_ms']} ms), outside it "
+        f"{len(checker.lost_outside)}; robot request failures "
+        f"{robots.failures} of {len(replies) + robots.failures}; final integrity {integrity}; "
+        f"daemon exit {daemon_rc}; {figures['wall_s']} s",
+        flush=True,
+    )
+    if args.workdir is None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"chaos: work directory {workdir}", file=sys.stderr)
+    return figures
+
+
+def main(args: Args) -> None:
+    print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
