@@ -8,7 +8,8 @@ learner reads from the server's `health` replies (within its 0.25 s poll).
 Reply: `{"ok": true, "status": {...}}`, or `{"error": {"code", "message"}}` with a code from
 `openpi_rl_client.protocol` (`unauthorized`, `bad_message`, `invalid_field`, `internal`). Bad
 input gets an error reply; nothing an admin sends stops the server. The token is compared in
-constant time and never logged.
+constant time and never logged. Each connection has a token bucket (`rate_limit_per_s`): a
+request over it gets `overloaded` without being decoded, so guessing tokens is slow.
 
 CLI: `openpi-rl admin status|pin N|unpin|rollback|pause-learning|resume-learning
 [--endpoint tcp://127.0.0.1:5559] [--token T]` (default token: $OPENPI_RL_ADMIN_TOKEN).
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
+from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl_client import protocol, wire
 
 if TYPE_CHECKING:
@@ -44,7 +46,15 @@ class AdminEndpoint:
     """`AdminEndpoint(swapper, endpoint, token).start()`; `close()` stops it. `endpoint` is the
     bound address once constructed (port 0 / `*` resolved)."""
 
-    def __init__(self, swapper: Swapper, endpoint: str, token: str):
+    def __init__(
+        self,
+        swapper: Swapper,
+        endpoint: str,
+        token: str,
+        rate_limit_per_s: float = 50.0,
+        rate_limit_burst: int = 100,
+        handshake_timeout_s: float = 5.0,
+    ):
         if not token:
             raise ValueError("admin token: expected a non-empty str")
         self.swapper = swapper
@@ -52,6 +62,8 @@ class AdminEndpoint:
         self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)
+        self._sock.setsockopt(zmq.HANDSHAKE_IVL, int(handshake_timeout_s * 1000))
+        self._limiter = RateLimiter(rate_limit_per_s, rate_limit_burst)
         self._sock.bind(endpoint)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
@@ -73,10 +85,17 @@ class AdminEndpoint:
         while not self._stop.is_set():
             if not self._sock.poll(100):
                 continue
-            frames = self._sock.recv_multipart()
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
             if len(frames) < 2:
                 continue  # not a DEALER/REQ envelope: nothing to reply to
-            reply = self.handle(frames[-1])
+            if self._limiter.allow(frames[0]):
+                reply = self.handle(frames[-1])
+            else:
+                self.swapper.metrics.rate_limited.labels(listener="admin").inc()
+                reply = protocol.error_reply(protocol.OVERLOADED, "rate limited")
             try:
                 self._sock.send_multipart([frames[0], b"", wire.packb(reply)], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # the operator's socket went away

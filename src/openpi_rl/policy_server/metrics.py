@@ -117,6 +117,19 @@ class ServerMetrics:
             "1 while an operator has paused learning (the learner reads it from health).",
             registry=r,
         )
+        # Hostile input (guarantee 6): what each listener refused before serving it.
+        self.rate_limited = Counter(
+            "openpi_rl_server_rate_limited_total",
+            "Requests refused for a connection over its rate limit, by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "openpi_rl_server_refused_connections_total",
+            "Connections refused (over max_connections, wrong key), by listener and reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.admin_requests = Counter(
             "openpi_rl_server_admin_requests_total",
             "Admin requests by command and outcome.",

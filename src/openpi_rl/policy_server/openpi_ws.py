@@ -8,6 +8,11 @@ here leaves the connection open, and listeners bind loopback unless configured.
 
 Each connection forwards its requests over an in-process ZMQ socket to the server's ROUTER, so
 they are validated, micro-batched with ZMQ robots and logged to the replay by the same code.
+
+Limits: frames over `max_message_bytes` close the connection (1009, websockets' `max_size`);
+a handshake not done in `open_timeout_s` is dropped (slow-loris); a connection that stops
+answering pings is closed; past `max_connections` a new one gets 503; each connection has a
+token bucket of `rate_limit_per_s` frames, and a frame over it gets an `overloaded` text frame.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl_client import PROTOCOL_VERSION, wire
 
 log = structlog.get_logger("openpi_rl.policy_server.openpi_ws")
@@ -45,6 +52,11 @@ class OpenPIWebSocketEndpoint:
         api_key: str | None = None,
         key_map: Mapping[str, str] | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
+        max_connections: int = 64,
+        rate_limit_per_s: float = 500.0,
+        rate_limit_burst: int = 500,
+        open_timeout_s: float = 5.0,
+        metrics: ServerMetrics | None = None,
     ):
         self.server_endpoint = server_endpoint
         self.metadata = dict(metadata)
@@ -52,6 +64,11 @@ class OpenPIWebSocketEndpoint:
         self.api_key = api_key
         self.key_map = dict(key_map or {})  # robot's key -> our obs_spec key
         self.max_message_bytes = max_message_bytes
+        self.max_connections = max_connections
+        self.rate_limit = (rate_limit_per_s, rate_limit_burst)
+        self.open_timeout_s = open_timeout_s
+        self.metrics = metrics or ServerMetrics()
+        self._active = 0  # connections past the handshake
         self._ctx = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,6 +99,8 @@ class OpenPIWebSocketEndpoint:
             self.port,
             process_request=self._authorize,
             max_size=self.max_message_bytes,
+            max_queue=4,  # frames read ahead per connection; TCP pushes back past that
+            open_timeout=self.open_timeout_s,
             compression=None,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
@@ -89,6 +108,11 @@ class OpenPIWebSocketEndpoint:
             await self._stop.wait()
 
     def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self._active >= self.max_connections:
+            self.metrics.refused_connections.labels(listener="openpi_ws", reason="full").inc()
+            return Response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable", Headers(), b"too many\n"
+            )
         if self.api_key is None:
             return None
         given = request.headers.get("Authorization", "")
@@ -96,6 +120,7 @@ class OpenPIWebSocketEndpoint:
         if hmac.compare_digest(given.encode(), expected.encode()):
             return None
         log.warning("unauthorized", peer=str(connection.remote_address))  # never log the key
+        self.metrics.refused_connections.labels(listener="openpi_ws", reason="unauthorized").inc()
         return Response(
             HTTPStatus.UNAUTHORIZED, "Unauthorized", Headers(), b"missing or wrong Api-Key\n"
         )
@@ -106,9 +131,15 @@ class OpenPIWebSocketEndpoint:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.server_endpoint)
+        limiter = RateLimiter(*self.rate_limit, max_keys=1)
+        self._active += 1
         try:
             await ws.send(wire.packb(self.metadata))
             async for frame in ws:
+                if not limiter.allow(0):
+                    self.metrics.rate_limited.labels(listener="openpi_ws").inc()
+                    await ws.send("overloaded: rate limited: too many requests")
+                    continue
                 reply = await self._infer(sock, frame, robot_id, episode_id)
                 if "error" in reply:
                     await ws.send(f"{reply['error']['code']}: {reply['error']['message']}")
@@ -118,6 +149,7 @@ class OpenPIWebSocketEndpoint:
         except Exception as e:  # the connection ended or broke: nothing to reply to
             log.info("connection closed", robot_id=robot_id, reason=repr(e))
         finally:
+            self._active -= 1
             sock.close(0)
 
     async def _infer(

@@ -85,7 +85,12 @@ def serve(config: ServeConfig) -> int:
     token = config.swap.admin_token or os.environ.get(TOKEN_ENV)
     admin = None
     if token:
-        admin = AdminEndpoint(swapper, config.swap.admin_endpoint, token).start()
+        admin = AdminEndpoint(
+            swapper,
+            config.swap.admin_endpoint,
+            token,
+            handshake_timeout_s=config.serve.handshake_timeout_s,
+        ).start()
     ws = None
     if config.openpi_ws_port is not None:
         ws = OpenPIWebSocketEndpoint(
@@ -95,6 +100,8 @@ def serve(config: ServeConfig) -> int:
             port=config.openpi_ws_port,
             api_key=config.openpi_api_key,
             key_map=dict(config.openpi_key_map),
+            max_message_bytes=config.serve.max_message_bytes,
+            metrics=server.metrics,
         ).start()
     log.info(
         "serving",

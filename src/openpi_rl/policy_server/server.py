@@ -6,6 +6,14 @@ arrive while the model runs are batched on the next pass: continuous batching). 
 writer has its own thread; the reply never waits for the disk (guarantee 1). Bad input of any
 kind gets an error reply and a counter, and the loop goes on (guarantee 6).
 
+Limits (guarantee 6 against hostile clients): frames over `max_message_bytes` get `too_large`
+(libzmq drops a connection past 4x that); each connection (ROUTER identity) has a token bucket
+of `rate_limit_per_s`, and a request over it gets `overloaded` without being decoded; a peer
+that has not finished the ZMQ handshake after `handshake_timeout_s` is dropped (slow-loris).
+With `curve_secret_key_file` the socket speaks CURVE and admits only the public keys in
+`curve_allowed_clients_dir` (`openpi-rl keys generate DIR`); an unknown key is refused at the
+handshake, so it never reaches this loop.
+
 Framing: a DEALER client sends [b"", payload]; the ROUTER sees [identity, b"", payload] and
 replies [identity, b"", reply]. A REQ client produces the same frames.
 """
@@ -13,6 +21,7 @@ replies [identity, b"", reply]. A REQ client produces the same frames.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +35,7 @@ from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
 from openpi_rl_client import protocol, wire
@@ -50,6 +60,59 @@ class ServeOptions:
     # (e.g. [["image", "state"]] when robots leave an optional key out).
     warm_key_sets: tuple[tuple[str, ...], ...] = ()
     dedupe_window: int = 4096  # replies kept to answer a resent request without serving it twice
+    # Per connection (ROUTER identity): a robot at 50 Hz uses 2-3 % of it; a flood past it is
+    # answered `overloaded` before decoding. 0: no limit.
+    rate_limit_per_s: float = 2000.0
+    rate_limit_burst: int = 2000
+    handshake_timeout_s: float = 5.0  # drop peers that never finish the ZMQ handshake
+    # CURVE (guarantee 7): the server's key pair (a `.key_secret` file from `openpi-rl keys
+    # generate`) and a directory of the robots' public `.key` files; None: plaintext.
+    curve_secret_key_file: str | None = None
+    curve_allowed_clients_dir: str | None = None
+
+
+_CURVE_DOMAINS = itertools.count()
+_AUTHENTICATORS: dict[int, Any] = {}  # id(context) -> its one ZAP handler (ThreadAuthenticator)
+_AUTH_LOCK = threading.Lock()
+
+
+def curve_server(socket: zmq.Socket, secret_key_file: str, allowed_clients_dir: str) -> str:
+    """Make `socket` (not yet bound) a CURVE server that admits only the public keys in
+    `allowed_clients_dir`. One ZAP handler serves the context; each socket has its own domain,
+    so several servers in one process keep separate allow-lists. Returns the domain."""
+    import os
+
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    if not zmq.has("curve"):
+        raise RuntimeError("this libzmq was built without CURVE support")
+    public, secret = zmq.auth.load_certificate(secret_key_file)
+    if not secret:
+        raise ValueError(f"curve_secret_key_file: {secret_key_file} holds no secret key")
+    if not os.path.isdir(allowed_clients_dir):
+        raise ValueError(f"curve_allowed_clients_dir: {allowed_clients_dir} is not a directory")
+    ctx = socket.context
+    with _AUTH_LOCK:
+        auth = _AUTHENTICATORS.get(id(ctx))
+        if auth is None:
+            auth = _AUTHENTICATORS[id(ctx)] = ThreadAuthenticator(ctx, log=_zap_log())
+            auth.start()
+        domain = f"openpi-rl-{next(_CURVE_DOMAINS)}"
+        auth.configure_curve(domain=domain, location=allowed_clients_dir)
+    socket.zap_domain = domain.encode()
+    socket.curve_server = True
+    socket.curve_publickey, socket.curve_secretkey = public, secret
+    log.info("curve on", allowed=len(zmq.auth.load_certificates(allowed_clients_dir)))
+    return domain
+
+
+def _zap_log() -> Any:
+    import logging
+
+    zap = logging.getLogger("openpi_rl.policy_server.zap")  # refusals: debug, never keys
+    zap.setLevel(logging.WARNING)
+    return zap
 
 
 @dataclasses.dataclass
@@ -88,6 +151,16 @@ class PolicyServer:
         # The codec answers messages over the cap with `too_large`; libzmq's hard limit (which
         # drops the connection without a reply) only guards memory against absurd frames.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * options.max_message_bytes)
+        self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(options.handshake_timeout_s * 1000))
+        if options.curve_secret_key_file is not None or options.curve_allowed_clients_dir:
+            if not (options.curve_secret_key_file and options.curve_allowed_clients_dir):
+                raise ValueError(
+                    "CURVE needs both curve_secret_key_file and curve_allowed_clients_dir"
+                )
+            curve_server(
+                self.socket, options.curve_secret_key_file, options.curve_allowed_clients_dir
+            )
+        self._limiter = RateLimiter(options.rate_limit_per_s, options.rate_limit_burst)
         self.socket.bind(options.endpoint)
         self.endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         # In-process front ends (the openpi WebSocket endpoint) reach the same loop here.
@@ -210,6 +283,11 @@ class PolicyServer:
                 continue  # not a DEALER/REQ envelope: nothing to reply to
             identity, payload = frames[0], frames[-1]
             rid = None
+            if not self._limiter.allow(identity):
+                self.metrics.rate_limited.labels(listener="zmq").inc()
+                reply = self._error(protocol.OVERLOADED, "rate limited: too many requests")
+                self._send(identity, reply, "invalid", t_recv)
+                continue
             try:
                 msg = wire.unpackb(payload, max_bytes=self.options.max_message_bytes)
                 rid = msg.get("request_id") if isinstance(msg, dict) else None

@@ -45,3 +45,12 @@ class BridgeConfig:
     query_timeout_s: float = 20.0
     """Keep it below the provider's own `timeout_s` so the default, not an error, comes back."""
     query_default_reward: float = 0.0
+    # Hostile clients (guarantee 6): each listener keeps serving good clients.
+    max_connections: int = 128
+    """Per port (WebSocket, HTTP): past it a new connection gets 503 and is closed."""
+    rate_limit_per_s: float = 100.0
+    rate_limit_burst: int = 200
+    """Frames per WebSocket connection; one over gets a `rate_limited` error reply."""
+    handshake_timeout_s: float = 5.0
+    """A WebSocket handshake or an HTTP request (headers and body) not done by then is dropped
+    (slow-loris)."""

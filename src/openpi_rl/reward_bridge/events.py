@@ -62,6 +62,8 @@ def parse_json(data: str | bytes, max_bytes: int) -> dict[str, Any]:
         raise
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest("bad_json", f"not JSON: {e}") from None
+    except RecursionError:  # `[[[[...` deeper than the interpreter's stack
+        raise BadRequest("bad_json", "not JSON: nested too deeply") from None
     if not isinstance(msg, dict):
         raise BadRequest("bad_json", f"expected a JSON object, got {type(msg).__name__}")
     return msg

@@ -37,6 +37,18 @@ class BridgeMetrics:
         self.auth_failures = Counter(
             "openpi_rl_bridge_auth_failures_total", "Refused tokens.", ["endpoint"], registry=r
         )
+        self.rate_limited = Counter(
+            "openpi_rl_bridge_rate_limited_total",
+            "Frames refused for a connection over its rate limit, by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "openpi_rl_bridge_refused_connections_total",
+            "Connections refused for being over max_connections, by port (ws, http).",
+            ["port"],
+            registry=r,
+        )
         self.ack_seconds = Histogram(
             "openpi_rl_bridge_ack_seconds",
             "From receiving an event to acknowledging it (after its commit).",

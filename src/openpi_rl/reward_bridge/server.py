@@ -11,6 +11,11 @@ Pendant protocol (JSON text frames): first `{"type": "hello", "token"}` (a wrong
 token closes with 4401); then events (see `events.py`), `{"type": "subscribe", "robot_id"}`,
 `{"type": "answer", "query_id", "reward"}`. The bridge pushes `status` (per robot: latest
 transition's episode, step, policy version; recent rewards), `query` and `query_done`.
+
+Limits (guarantee 6): `max_connections` per port (then 503), `handshake_timeout_s` for a
+WebSocket handshake or a whole HTTP request, websockets' `max_size` / `max_queue` and pings for
+frames and dead peers, and a token bucket of `rate_limit_per_s` frames per WebSocket
+connection (a frame over it gets a `rate_limited` error reply).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from openpi_rl.reward_bridge.credit import (
     resolver,
 )
 from openpi_rl.reward_bridge.events import BadRequest, error_reply, parse_feedback, parse_json
-from openpi_rl.reward_bridge.httpd import HttpRequest, HttpResponse, json_response
+from openpi_rl.reward_bridge.httpd import HttpRequest, HttpResponse, RateLimiter, json_response
 from openpi_rl.reward_bridge.httpd import start_http_server as start_http
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.reward_bridge.query import QueryBroker
@@ -91,6 +96,7 @@ class RewardBridge:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
+        self._ws_active = 0  # WebSocket connections past the handshake
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -133,6 +139,8 @@ class RewardBridge:
             c.ws_port,
             process_request=self._on_ws_http,
             max_size=c.max_query_bytes,
+            max_queue=4,
+            open_timeout=c.handshake_timeout_s,
             compression=None,
             logger=quiet,
         ) as ws_server:
@@ -140,7 +148,13 @@ class RewardBridge:
             http_server = None
             if c.http_port is not None:
                 http_server = await start_http(
-                    self._on_http, c.host, c.http_port, c.max_query_bytes
+                    self._on_http,
+                    c.host,
+                    c.http_port,
+                    c.max_query_bytes,
+                    header_timeout_s=c.handshake_timeout_s,
+                    max_connections=c.max_connections,
+                    on_refused=self.metrics.refused_connections.labels("http").inc,
                 )
                 self.http_port = http_server.sockets[0].getsockname()[1]
             poller = asyncio.create_task(self._poll_status())
@@ -218,6 +232,9 @@ class RewardBridge:
     def _on_ws_http(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if self._ws_active >= self.config.max_connections:
+                self.metrics.refused_connections.labels("ws").inc()
+                return _response(503, b"too many connections\n", "text/plain")
             if url.path == "/pendant":
                 return None
             if url.path == "/query":
@@ -231,6 +248,7 @@ class RewardBridge:
 
     async def _on_ws(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "/")
+        self._ws_active += 1
         try:
             if url.path == "/query":
                 await self._query_ws(ws, dict(parse_qsl(url.query)).get("robot_id", "query"))
@@ -238,6 +256,8 @@ class RewardBridge:
                 await self._pendant(ws)
         except ConnectionClosed:
             pass
+        finally:
+            self._ws_active -= 1
 
     async def _pendant(self, ws: ServerConnection) -> None:
         operator = await self._hello(ws)
@@ -247,7 +267,12 @@ class RewardBridge:
         self.metrics.connections.inc()
         try:
             await self._send(ws, self._welcome(operator))
+            limiter = self._limiter()
             async for frame in ws:
+                if not limiter.allow(0):
+                    self.metrics.rate_limited.labels("pendant").inc()
+                    await self._send(ws, error_reply("rate_limited", "too many messages"))
+                    continue
                 await self._pendant_message(ws, frame, operator)
         finally:
             self._pendants.pop(ws, None)
@@ -303,7 +328,13 @@ class RewardBridge:
         await self._send(ws, reply)
 
     async def _query_ws(self, ws: ServerConnection, robot_id: str) -> None:
+        limiter = self._limiter()
         async for frame in ws:
+            if not limiter.allow(0):
+                self.metrics.rate_limited.labels("query").inc()
+                msg = {"code": "rate_limited", "message": "too many messages"}
+                await ws.send(json.dumps({"error": msg}))
+                continue
             try:
                 request = parse_json(frame, self.config.max_query_bytes)
                 reply: dict[str, Any] = {"reward": await self.queries.ask(request, robot_id)}
@@ -438,6 +469,9 @@ class RewardBridge:
     async def _send_text(ws: ServerConnection, text: str) -> None:
         with contextlib.suppress(ConnectionClosed):
             await ws.send(text)
+
+    def _limiter(self) -> RateLimiter:
+        return RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst, 1)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
