@@ -199,6 +199,22 @@ def replay_main(argv: list[str] | None = None) -> int:
     return stats_main(argv[1:])
 
 
+def keys_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl keys generate DIR [NAME]`: a CURVE key pair, DIR/NAME.key (public: give it to
+    the other side) and DIR/NAME.key_secret (keep it). NAME defaults to `server`."""
+    import zmq.auth
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) not in (2, 3) or argv[0] != "generate":
+        print("usage: openpi-rl keys generate DIR [NAME]", file=sys.stderr)
+        return 2
+    os.makedirs(argv[1], exist_ok=True)
+    public, secret = zmq.auth.create_certificates(argv[1], argv[2] if len(argv) == 3 else "server")
+    os.chmod(secret, 0o600)
+    print(f"public: {public}\nsecret: {secret}")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "serve": serve_main,
@@ -209,6 +225,7 @@ COMMANDS = {
     "replay": replay_main,
     "admin": admin_main,
     "demo": demo_main,
+    "keys": keys_main,
 }
 
 
