@@ -53,6 +53,8 @@ from openpi_rl.train.envs import EnvBatch
 from openpi_rl_client import PolicyClient, protocol
 
 ROLES = ("serve", "bridge", "learn")
+# SIGUSR1: finish the kill in progress, then stop and report on the kills done so far.
+_FINISH = threading.Event()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,13 +386,19 @@ def run(args: Args) -> dict:
     by_role = dict.fromkeys(ROLES, 0)
     order: list[str] = []
     daemon_rc = None
+    done = 0
     try:
         for i in range(kills):
+            if _FINISH.is_set():
+                print(f"chaos: SIGUSR1: stopping after {done} of {kills} kills", flush=True)
+                kills = done
+                break
             if not order:
                 order = list(ROLES)
                 rng.shuffle(order)
             role = order.pop()
-            time.sleep(rng.uniform(args.interval_min_s, args.interval_max_s))
+            if _FINISH.wait(rng.uniform(args.interval_min_s, args.interval_max_s)):
+                continue  # stopping: reported at the top of the loop
             pids = svc.children()
             if role not in pids:
                 print(f"kill {i + 1}: no {role} process to kill", flush=True)
@@ -437,6 +445,7 @@ def run(args: Args) -> dict:
                 line += f" | newest on disk {newest_before}, first reply after restart v{got}"
                 if got is None or (newest_before is not None and got < newest_before):
                     problems.append(f"served v{got} < newest v{newest_before}")
+            done += 1
             if not problems:
                 survived += 1
             else:
@@ -499,6 +508,7 @@ def main(args: Args) -> None:
     # SIGTERM (a test's timeout, Ctrl-C's cousin) unwinds through `run`'s finally: the daemon
     # runs in its own session and would otherwise outlive this script.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGUSR1, lambda *_: _FINISH.set())
     print(json.dumps(run(args)), flush=True)
 
 
