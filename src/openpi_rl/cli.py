@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -121,6 +122,10 @@ def bridge_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(BridgeConfig, argv, "bridge")
+    if "-h" in argv or "--help" in argv:  # help prints defaults: never the file's tokens
+        hidden = {name: "<hidden>" for name in default.operators}
+        query = None if default.query_token is None else "<hidden>"
+        default = dataclasses.replace(default, operators=hidden, query_token=query)
     config = tyro.cli(BridgeConfig, args=argv, default=default, prog="openpi-rl bridge")
     configure_logging(json=not sys.stderr.isatty())
     return serve(config)

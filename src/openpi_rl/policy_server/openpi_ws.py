@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import logging
 import threading
 import uuid
 from collections.abc import Mapping
@@ -38,6 +39,8 @@ from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl_client import PROTOCOL_VERSION, wire
 
 log = structlog.get_logger("openpi_rl.policy_server.openpi_ws")
+_QUIET = logging.getLogger("openpi_rl.policy_server.openpi_ws.websockets")
+_QUIET.setLevel(logging.WARNING)
 
 
 class OpenPIWebSocketEndpoint:
@@ -102,6 +105,8 @@ class OpenPIWebSocketEndpoint:
             max_queue=4,  # frames read ahead per connection; TCP pushes back past that
             open_timeout=self.open_timeout_s,
             compression=None,
+            # websockets logs request headers at DEBUG (the Api-Key); never below WARNING here.
+            logger=_QUIET,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
             self._started.set()
