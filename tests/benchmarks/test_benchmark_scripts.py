@@ -90,3 +90,12 @@ def test_chaos_quick_survives_every_kill():
     assert figures["kills"] == figures["survived"] == 5
     assert figures["acked_events_lost"] == 0 and figures["transitions_duplicated"] == 0
     assert figures["checkpoints_unrestorable"] == 0
+
+
+def test_fuzz_listeners_quick_crashes_nothing_and_good_clients_see_no_error():
+    figures = _last_json("fuzz_listeners.py")
+    assert set(figures) == {"zmq", "openpi_ws", "bridge_ws", "bridge_http", "admin"}
+    for name, r in figures.items():
+        assert r["tried"] >= 500, name
+        assert r["crashes"] == 0 and r["good_client_errors"] == 0, (name, r)
+        assert r["good_client_p99_ms"] > 0, name
