@@ -80,6 +80,14 @@ def test_hot_swap_quick_serves_every_version_without_a_failure():
     assert figures["p99_ratio"] > 0
 
 
+def test_pi0_fast_decode_quick_reports_per_step_times_before_and_after():
+    figures = _last_json("pi0_fast_decode.py")
+    assert figures["same_tokens"]
+    for impl in ("before", "after"):
+        assert set(figures["per_step_ms"][impl]) == {"1", "4"}
+        assert figures["serve_ms"]["batched"][impl] > 0
+
+
 @pytest.mark.slow
 def test_chaos_quick_survives_every_kill():
     figures = _last_json("chaos.py", "--interval-min-s", "1", "--interval-max-s", "2")

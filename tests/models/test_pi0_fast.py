@@ -62,7 +62,7 @@ def test_logprob_while_sampling_equals_policy_logprobs(sampling):
 
 def test_kv_cache_decoding_equals_the_full_forward_pass(model):
     obs = _obs(DUMMY, 4)
-    out = model._decode(jax.random.key(5), obs)
+    out = model._decode(jax.random.key(5), obs, keep_logits=True)
     full, _, _ = model.forward(obs, out["ids"])
     steps = int(out["i"])
     np.testing.assert_allclose(out["logits"][:, :steps], full[:, :steps], atol=1e-4, rtol=1e-4)
@@ -70,6 +70,28 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(model):
     np.testing.assert_allclose(
         model.evaluate_actions(None, obs, out["ids"])[2], features, atol=1e-5
     )
+
+
+def test_a_batch_whose_rows_end_at_different_steps_decodes_as_the_full_forward_pass():
+    model = DUMMY.create(jax.random.key(0))
+    model.head.bias[...] = model.head.bias[...].at[model.eoa].set(2.0)  # ends early, or not
+    obs, rng = _obs(DUMMY, 6), jax.random.key(7)
+    out = jax.jit(lambda obs: model._decode(rng, obs, keep_logits=True))(obs)
+    ids, steps = np.asarray(out["ids"]), int(out["i"])
+    lengths = np.argmax(np.concatenate([ids == model.eoa, np.ones((6, 1), bool)], 1), 1)
+    assert len(set(lengths.tolist())) > 2 and steps == lengths.max() + 1
+    # Every row's cached logits, before and after its EOA, are the teacher-forced ones.
+    full, _, _ = model.forward(obs, out["ids"])
+    np.testing.assert_allclose(out["logits"][:, :steps], full[:, :steps], atol=1e-4, rtol=1e-4)
+    # Step i's tokens are what jax.random.categorical draws with fold_in(rng, i).
+    for i in range(steps):
+        drawn = jax.random.categorical(jax.random.fold_in(rng, i), out["logits"][:, i])
+        live = lengths >= i
+        np.testing.assert_array_equal(ids[live, i], np.asarray(drawn)[live])
+    np.testing.assert_allclose(model.policy_logprobs(None, obs, out["ids"]), out["logp"], atol=1e-4)
+    greedy = model._decode(rng, obs, greedy=True, keep_logits=True)
+    first = np.asarray(greedy["ids"])[:, 0]
+    np.testing.assert_array_equal(first, np.argmax(np.asarray(greedy["logits"])[:, 0], -1))
 
 
 def test_decoding_stops_at_the_end_token():

@@ -106,6 +106,13 @@ class Pi0FASTConfig:
             spec["prompt_mask"] = ArraySpec((self.prompt_len,), "bool", optional=True)
         return spec
 
+    @property
+    def serving_key_sets(self) -> tuple[tuple[str, ...], ...]:
+        """Key sets robots send (a server compiles these before it reports ready): every
+        camera and the state, with and without a prompt."""
+        base = (*self.image_keys, "state")
+        return (base, (*base, "prompt_tokens", "prompt_mask")) if self.prompt_len else (base,)
+
     def action_tokenizer(self) -> ActionTokenizer:
         return _tokenizer(
             self.tokenizer, self.action_horizon, self.action_dim, self.fast_scale, self.num_bins
@@ -150,11 +157,57 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     mask [B, T, S] bool (True: may attend). Returns [B, T, H * hd]."""
     b, t, h, hd = q.shape
     kh = k.shape[2]
-    q = q.reshape(b, t, kh, h // kh, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
-    logits = jnp.where(mask[:, None, None], logits, -1e30)
+    # Heads before positions in q, k, v ([B, T or S, hd] each, small) so that the dots take
+    # and give the logits [B, K, G, T, S] in the layout softmax reads, instead of XLA
+    # transposing the logits (T * S per head, the big array here) around the softmax.
+    q = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)
+    logits = jnp.einsum("bkgtd,bkds->bkgts", q, k.transpose(0, 2, 3, 1))
+    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32) / math.sqrt(hd), -1e30)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.transpose(0, 2, 1, 3))
+    return out.reshape(b, t, h * hd)
+
+
+# A decode step attends one query per row to a cache of S = P + N + 1 slots, so its cost is
+# reading the cache. The cache is laid out for that read and for an in-place write:
+#   keys   [B * K, hd, S]  transposed, so the logits dot runs along contiguous slots;
+#   values [B * K, S, hd]  so probs @ values is a plain matrix product.
+# Batch and kv-head axes are merged because XLA bitcasts away a size-1 kv-head axis (K = 1 in
+# every variant) before the dot; fused with the cache update, that bitcast made XLA copy the
+# whole cache several times per step instead of writing one slot in place.
+
+
+def cache_from_prefix(k: Array, v: Array, free: int) -> tuple[Array, Array]:
+    """Prefix keys and values [B, P, K, hd] -> a decode cache with `free` empty slots after
+    them: keys [B * K, hd, P + free], values [B * K, P + free, hd]."""
+    b, p, kh, hd = k.shape
+    keys = k.transpose(0, 2, 3, 1).reshape(b * kh, hd, p)
+    values = v.transpose(0, 2, 1, 3).reshape(b * kh, p, hd)
+    return jnp.pad(keys, ((0, 0), (0, 0), (0, free))), jnp.pad(values, ((0, 0), (0, free), (0, 0)))
+
+
+def cache_write(cache: tuple[Array, Array], k: Array, v: Array, pos: Array) -> tuple[Array, Array]:
+    """Write one token's k, v [B, 1, K, hd] into slot `pos` (a dynamic_update_slice that XLA
+    does in place when its result is the cache's only use)."""
+    keys, values = cache
+    b, _, kh, hd = k.shape
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.reshape(b * kh, hd, 1), pos, 2)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v.reshape(b * kh, 1, hd), pos, 1)
+    return keys, values
+
+
+def cached_attention(q: Array, cache: tuple[Array, Array], mask: Array) -> Array:
+    """`attention` of one query per row against a cache. q [B, 1, H, hd]; cache as written
+    by `cache_write`; mask [B, S] bool (True: a filled slot the query may attend).
+    Returns [B, 1, H * hd]."""
+    keys, values = cache
+    b, _, h, hd = q.shape
+    kh = keys.shape[0] // b
+    q = q.reshape(b * kh, h // kh, hd)
+    logits = jnp.einsum("xgd,xds->xgs", q, keys).astype(jnp.float32) / math.sqrt(hd)
+    logits = jnp.where(jnp.repeat(mask, kh, axis=0)[:, None], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    return jnp.einsum("xgs,xsd->xgd", probs, values).reshape(b, 1, h * hd)
 
 
 class Block(nnx.Module):
@@ -179,7 +232,11 @@ class Block(nnx.Module):
         return q, k, v
 
     def finish(self, x: Array, q: Array, k: Array, v: Array, mask: Array) -> Array:
-        x = x + self.out(attention(q, k, v, mask))
+        return self.mix(x, attention(q, k, v, mask))
+
+    def mix(self, x: Array, attended: Array) -> Array:
+        """The rest of the block after attention. x [B, T, W]; attended [B, T, H * hd]."""
+        x = x + self.out(attended)
         gate, up = jnp.split(self.gate_up(self.mlp_norm(x)), 2, axis=-1)
         return x + self.down(jax.nn.gelu(gate) * up)
 
@@ -288,49 +345,54 @@ class Pi0FAST(nnx.Module):
         w = m_pre[..., None].astype(jnp.float32)
         return (h * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
-    def _decode(self, rng: Array, obs: Observation, greedy: bool = False) -> dict[str, Array]:
+    def _decode(
+        self, rng: Array, obs: Observation, greedy: bool = False, keep_logits: bool = False
+    ) -> dict[str, Array]:
         """Sample tokens with a KV cache until every row has emitted EOA (at most N + 1 steps).
 
-        Returns ids [B, N + 1] (EOA-padded), logp [B], entropy [B] (mean per token), and the
-        logits of every step [B, N + 1, V] (for tests against the full forward pass).
+        Returns ids [B, N + 1] (EOA-padded), logp [B], entropy [B] (mean per token), i (the
+        steps taken), and with `keep_logits` the logits of every step [B, N + 1, V] (for tests
+        against the full forward pass; off on the serving path, where carrying them costs a
+        copy per step).
         """
         x, m_pre = self._prefix(obs)
         b, p = m_pre.shape
         n1 = self.num_tokens + 1
-        cache_k, cache_v = [], []
         mask = jnp.broadcast_to(m_pre[:, None], (b, p, p))
+        caches = []
         for blk in self.blocks:
             q, k, v = blk.qkv(x)
             x = blk.finish(x, q, k, v, mask)
-            pad = ((0, 0), (0, n1), (0, 0), (0, 0))
-            cache_k.append(jnp.pad(k, pad))
-            cache_v.append(jnp.pad(v, pad))
-        valid = jnp.concatenate([m_pre, jnp.zeros((b, n1), bool)], 1)  # cache slots written
+            caches.append(cache_from_prefix(k, v, n1))
+        # Step i's noise is drawn with fold_in(rng, i) as `jax.random.categorical` would (the
+        # same tokens), but all at once: drawn inside the loop, threefry runs as two nested
+        # while loops per step on a CPU, the larger part of a small model's step.
+        if not greedy:
+            keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n1))
+            noise = jax.vmap(lambda key: jax.random.gumbel(key, (b, self.vocab)))(keys)
+        slots = jnp.arange(p + n1)
 
         def step(carry: dict) -> dict:
             i = carry["i"]
             h = self._embed_actions(carry["last"][:, None], p + i)
-            valid = jax.lax.dynamic_update_slice_in_dim(
-                carry["valid"], jnp.ones((b, 1), bool), p + i, 1
-            )
-            ks, vs = [], []
-            for blk, ck, cv in zip(self.blocks, carry["k"], carry["v"], strict=True):
+            # The prefix's valid slots and the action slots written so far, this one included.
+            valid = jnp.where(slots < p, jnp.pad(m_pre, ((0, 0), (0, n1))), slots <= p + i)
+            new_caches = []
+            for blk, cache in zip(self.blocks, carry["caches"], strict=True):
                 q, k, v = blk.qkv(h)
-                ck = jax.lax.dynamic_update_slice_in_dim(ck, k, p + i, 1)
-                cv = jax.lax.dynamic_update_slice_in_dim(cv, v, p + i, 1)
-                h = blk.finish(h, q, ck, cv, valid[:, None])
-                ks.append(ck)
-                vs.append(cv)
+                # Written before it is read, so the write is the cache's only update (in place).
+                cache = cache_write(cache, k, v, p + i)
+                h = blk.mix(h, cached_attention(q, cache, valid))
+                new_caches.append(cache)
             logits = self._logits(h, i[None])[:, 0]
             logp_all = jax.nn.log_softmax(logits)
-            key = jax.random.fold_in(rng, i)
-            tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(key, logits)
+            tok = jnp.argmax(logits if greedy else logits + noise[i], -1)
             done = carry["done"]
             tok = jnp.where(done, self.eoa, tok).astype(jnp.int32)
             live = ~done
             ent = -jnp.sum(jnp.exp(logp_all) * jnp.where(logp_all > -1e29, logp_all, 0.0), -1)
             tok_logp = jnp.take_along_axis(logp_all, tok[:, None], 1)[:, 0]
-            return {
+            out = {
                 "i": i + 1,
                 "last": tok,
                 "done": done | (tok == self.eoa),
@@ -338,17 +400,26 @@ class Pi0FAST(nnx.Module):
                 "logp": carry["logp"] + jnp.where(live, tok_logp, 0.0),
                 "ent": carry["ent"] + jnp.where(live, ent, 0.0),
                 "count": carry["count"] + live,
-                "logits": jax.lax.dynamic_update_slice_in_dim(carry["logits"], logits[:, None], i, 1),
-                "k": ks, "v": vs, "valid": valid,
-            }  # fmt: skip
+                "caches": new_caches,
+            }
+            if keep_logits:
+                out["logits"] = carry["logits"].at[:, i].set(logits)
+            return out
 
         init = {
-            "i": jnp.int32(0), "last": jnp.full((b,), self.boa, jnp.int32),
-            "done": jnp.zeros((b,), bool), "ids": jnp.full((b, n1), self.eoa, jnp.int32),
-            "logp": jnp.zeros((b,)), "ent": jnp.zeros((b,)), "count": jnp.zeros((b,), jnp.int32),
-            "logits": jnp.zeros((b, n1, self.vocab)), "k": cache_k, "v": cache_v, "valid": valid,
-        }  # fmt: skip
+            "i": jnp.int32(0),
+            "last": jnp.full((b,), self.boa, jnp.int32),
+            "done": jnp.zeros((b,), bool),
+            "ids": jnp.full((b, n1), self.eoa, jnp.int32),
+            "logp": jnp.zeros((b,)),
+            "ent": jnp.zeros((b,)),
+            "count": jnp.zeros((b,), jnp.int32),
+            "caches": caches,
+        }
+        if keep_logits:
+            init["logits"] = jnp.zeros((b, n1, self.vocab))
         out = jax.lax.while_loop(lambda c: (c["i"] < n1) & ~jnp.all(c["done"]), step, init)
+        del out["caches"]
         out["entropy"] = out["ent"] / jnp.maximum(out["count"], 1)
         return out
 
