@@ -1,6 +1,8 @@
 """Reading training data from a real replay: rewards with operator events, episode ends, cuts of
 long open episodes, the batch layout, policy-lag drops and the consumed flag."""
 
+import time
+
 import numpy as np
 from learner_helpers import MODEL, learner_config
 
@@ -115,3 +117,20 @@ def test_learner_marks_consumed_and_drops_stale_data_counted(tmp_path, recorder)
         assert learner.step() is None  # nothing new to take
     finally:
         learner.close()
+
+
+def test_an_episode_the_robot_ended_waits_settle_s_for_the_operators_verdict(tmp_path, recorder):
+    rng = np.random.default_rng(1)
+    a = recorder.episode("arm-1", "a", 3, rng, end="done")  # the robot ended it just now
+    b = recorder.episode("arm-1", "b", 2, rng, end=None)
+    _events(recorder, "arm-1", (b[1], "failure", -1.0))  # the operator closed this one
+    recorder.writer.flush()
+    source = ReplaySource(tmp_path / "replay")
+    got = source.collect(min_version=0, segment_length=8, settle_s=30.0)
+    assert [seg.episode_id for seg in got.segments] == ["b"]  # a waits for a verdict
+    _events(recorder, "arm-1", (a[2], "success", 1.0))  # pressed after the end: not lost
+    recorder.writer.flush()
+    later = source.collect(min_version=0, segment_length=8, settle_s=30.0, now=time.time() + 31)
+    (sa,) = [seg for seg in later.segments if seg.episode_id == "a"]
+    assert sa.ids == a and sa.steps[-1].done and sa.steps[-1].reward > 1.0 - 1e-6
+    source.close()

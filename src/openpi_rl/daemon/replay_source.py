@@ -65,6 +65,7 @@ class Step:
     reward: float  # env reports + operator events
     done: bool  # terminal: no bootstrap
     time_limit: bool  # truncated / end_episode (and not done): bootstrap
+    verdict: bool = False  # an operator event (success, failure, end episode) ended it here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +160,9 @@ class ReplaySource:
         """Every takeable segment of unconsumed data, oldest first, and the stale ids.
 
         settle_s: steps of an open episode are taken only once this old (wall clock), so the
-        robot's report and the operator's feedback for them have landed.
+        robot's report and the operator's feedback for them have landed; an episode the robot
+        ended waits until its last step is this old (the operator's verdict comes after the
+        end); one the operator closed (success, failure, end episode) is taken at once.
         """
         cutoff = (time.time() if now is None else now) - settle_s
         episodes: dict[tuple[str, str], tuple[list[Step], bool]] = {}
@@ -172,6 +175,7 @@ class ReplaySource:
                 float(row.reward + ev_reward),
                 done,
                 bool(row.truncated or time_limit) and not done,
+                bool(terminal or time_limit),
             )
             steps, _ = episodes.setdefault((row.robot_id, row.episode_id), ([], bool(ended)))
             steps.append(step)
@@ -179,6 +183,10 @@ class ReplaySource:
         for steps, ended in episodes.values():
             last = steps[-1]
             complete = ended or last.done or last.time_limit
+            if complete and not last.verdict and last.row.t_wall > cutoff:
+                # The robot just ended it: the operator's verdict (success/failure, pressed after
+                # the end) lands on its last chunk; taken now, the verdict would never train.
+                continue
             settled = sum(1 for s in steps if s.row.t_wall <= cutoff)
             segs, stale = split_episode(steps, complete, min_version, segment_length, settled)
             out.segments += segs
