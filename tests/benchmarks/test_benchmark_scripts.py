@@ -1,5 +1,10 @@
 """The benchmark scripts keep working: their --quick runs end in one JSON line with the
-figures the issue names. (Timings themselves are not asserted: the machine is shared.)"""
+figures the issue names. (Timings themselves are not asserted: the machine is shared.)
+
+The heaviest smoke runs are marked slow (CI skips them; `pytest -m slow` runs them) where
+another test already covers the same path: pi0_fast training and sizes (tests/models,
+tests/train), the fuzz harness (tests/security), 4 robots at 50 Hz (tests/policy_server).
+"""
 
 import json
 import subprocess
@@ -31,12 +36,14 @@ def test_learn_inverted_pendulum_quick_reaches_950():
     assert len(steps) == 1 and steps[0] is not None and steps[0] <= 100_000
 
 
+@pytest.mark.slow
 def test_pi0_fast_learning_quick_reports_the_return_ratio():
     figures = _last_json("learn_inverted_pendulum.py", "--model", "pi0_fast")
     assert set(figures) >= {"pi0_fast_return_ratio", "init_return", "final_return"}
     assert figures["final_return"][0] > figures["init_return"][0]
 
 
+@pytest.mark.slow
 def test_pi0_fast_sizes_quick_reports_params_and_times():
     figures = _last_json("pi0_fast_sizes.py")
     assert figures["params"]["dummy"] < 1_000_000 < figures["params"]["gemma_2b"]
@@ -50,9 +57,11 @@ def test_bridge_load_quick_stores_every_acked_event_once():
     assert figures["duplicates"] > 0  # resends were answered, not stored again
 
 
+@pytest.mark.slow
 def test_robots_50hz_quick_every_reply_is_stored():
     figures = _last_json("robots_50hz.py")
-    assert figures["errors"] == 0 and figures["replies"] >= 4 * 100
+    # 3 s of 50 Hz control on 4 robots; a chunk of 10 steps is asked for every ~6 ticks.
+    assert figures["errors"] == 0 and figures["ticks"] >= 4 * 100 and figures["replies"] >= 4 * 10
     assert figures["stored"] == figures["replies"]
 
 
@@ -80,6 +89,7 @@ def test_hot_swap_quick_serves_every_version_without_a_failure():
     assert figures["p99_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_pi0_fast_decode_quick_reports_per_step_times_before_and_after():
     figures = _last_json("pi0_fast_decode.py")
     assert figures["same_tokens"]
@@ -100,6 +110,7 @@ def test_chaos_quick_survives_every_kill():
     assert figures["checkpoints_unrestorable"] == 0
 
 
+@pytest.mark.slow
 def test_fuzz_listeners_quick_crashes_nothing_and_good_clients_see_no_error():
     figures = _last_json("fuzz_listeners.py")
     assert set(figures) == {"zmq", "openpi_ws", "bridge_ws", "bridge_http", "admin"}

@@ -115,7 +115,7 @@ def test_four_robots_at_50_hz_every_reply_is_stored(server, tmp_path):
 def _raw_request(endpoint: str, payload: bytes, read: bool) -> dict | None:
     """Send on a fresh DEALER (as a lazy-pirate retry does); optionally wait for the reply."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0 if read else 2000)  # an unread request still goes out
+    sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     sock.send_multipart([b"", payload])
     reply = None
@@ -148,11 +148,15 @@ def test_a_resent_request_is_answered_once_and_stored_once(tmp_path, pending):
     head = {"protocol_version": 1, "robot_id": "r1", "episode_id": "e"}
     infer = wire.packb({**head, "type": "infer", "request_id": "s-1", "observation": _obs(rng)})
     if pending:
-        _raw_request(srv.endpoint, infer, read=False)  # the first socket is gone before replying
-        deadline = time.monotonic() + 5
-        while ("r1", "s-1") not in srv._recent and time.monotonic() < deadline:
+        abandoned = zmq.Context.instance().socket(zmq.DEALER)  # sends, never reads
+        abandoned.connect(srv.endpoint)
+        abandoned.send_multipart([b"", infer])
+        deadline = time.monotonic() + 30
+        while ("r1", "s-1") not in srv._recent:
+            assert time.monotonic() < deadline, "the first request never reached the server"
             time.sleep(0.005)  # until the server holds it
         second = _raw_request(srv.endpoint, infer, read=True)
+        abandoned.close(0)
         first = second
     else:
         first = _raw_request(srv.endpoint, infer, read=True)
