@@ -55,3 +55,30 @@ def test_serve_from_a_config_file_then_sigterm_flushes_and_exits_0(tmp_path):
     )
     stats = json.loads(out.stdout)
     assert stats["rows"] == len(ids) == 7
+
+
+def test_the_replay_cap_in_the_serve_config_is_applied(tmp_path):
+    import threading
+
+    from openpi_rl import config_file
+    from openpi_rl.policy_server.serve import ServeConfig, build_server
+    from openpi_rl.replay import ReplayReader
+
+    path = tmp_path / "serve.toml"
+    path.write_text(
+        f'replay_dir = "{tmp_path / "replay"}"\nretention_max_rows = 5\ncommit_interval_s = 0.01\n'
+        '[serve]\nendpoint = "tcp://127.0.0.1:*"\nmax_batch = 1\n'
+        '[model]\nkind = "gaussian_mlp"\nobs_dim = 3\naction_dim = 2\n'
+    )
+    server = build_server(config_file.load(ServeConfig, path))
+    assert server.replay.config.retention_max_rows == 5
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server._ready.wait(60)
+    with PolicyClient(server.endpoint, robot_id="r", timeout_s=5.0) as client:
+        for _ in range(12):
+            client.infer({"state": np.ones(3, np.float32)})
+            time.sleep(0.02)  # several commits, each followed by retention
+    server.close(wait_s=30)
+    thread.join(30)
+    assert ReplayReader(str(tmp_path / "replay")).count() == 5

@@ -36,6 +36,12 @@ class ServeConfig:
     serve: ServeOptions = ServeOptions()
     replay_dir: str | None = "replay"  # None: log nothing (benchmarks only)
     commit_interval_s: float = 0.05
+    # The replay's durability and retention (see `ReplayConfig`): fsync against power loss,
+    # and caps past which the oldest transitions (whole segments) are deleted.
+    fsync_interval_s: float | None = None
+    retention_max_rows: int | None = None
+    retention_max_bytes: int | None = None
+    segment_max_bytes: int = 256 * 2**20
     value_hidden: tuple[int, ...] = (64, 64)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9101  # Prometheus /metrics; None: off
@@ -58,7 +64,14 @@ def build_server(config: ServeConfig) -> PolicyServer:
         rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
     )
     replay = (
-        ReplayConfig(path=config.replay_dir, commit_interval_s=config.commit_interval_s)
+        ReplayConfig(
+            path=config.replay_dir,
+            commit_interval_s=config.commit_interval_s,
+            fsync_interval_s=config.fsync_interval_s,
+            retention_max_rows=config.retention_max_rows,
+            retention_max_bytes=config.retention_max_bytes,
+            segment_max_bytes=config.segment_max_bytes,
+        )
         if config.replay_dir
         else None
     )
