@@ -7,12 +7,39 @@ plus the `consumed` flag) and the policy servers (they subscribe to the notices 
 published path with `restore_version`).
 """
 
-from openpi_rl.daemon.batch import ChunkBatch, build_batch, chunk_gae
-from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic, restore_version
-from openpi_rl.daemon.learner import LEARNER_PPO_DEFAULTS, Learner, LearnerConfig, UpdateResult
-from openpi_rl.daemon.publish import LatestVersion, Publisher
-from openpi_rl.daemon.replay_source import ReplaySource, Segment, Step, split_episode
-from openpi_rl.daemon.update import DataParallel, learn_step
+import importlib
+from typing import Any
+
+# Lazy (PEP 562): the supervisor (`openpi-rl daemon`) imports this package but only starts
+# processes; importing the learner's modules would load JAX, flax and orbax into it for nothing.
+_EXPORTS = {
+    "ChunkBatch": "batch",
+    "build_batch": "batch",
+    "chunk_gae": "batch",
+    "VersionCheckpoints": "checkpoints",
+    "build_actor_critic": "checkpoints",
+    "restore_version": "checkpoints",
+    "LEARNER_PPO_DEFAULTS": "learner",
+    "Learner": "learner",
+    "LearnerConfig": "learner",
+    "UpdateResult": "learner",
+    "LatestVersion": "publish",
+    "Publisher": "publish",
+    "ReplaySource": "replay_source",
+    "Segment": "replay_source",
+    "Step": "replay_source",
+    "split_episode": "replay_source",
+    "DataParallel": "update",
+    "learn_step": "update",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "LEARNER_PPO_DEFAULTS",
