@@ -29,7 +29,7 @@ debs:
 	@missing="$$(for d in $(DEBS); do test -x "$${d#*=}" || printf '%s ' "$${d%%=*}"; done)"; \
 	test -z "$$missing" || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; }
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
 
 chromium: debs
 
