@@ -247,6 +247,8 @@ def main(args: Args) -> None:
             "compilations_during_run": int(
                 after["openpi_rl_server_compilations"] - before["openpi_rl_server_compilations"]
             ),
+            "late_quiet": sum(lat > args.late_ms / 1e3 for lat in baseline),
+            "late_swapping": sum(lat > args.late_ms / 1e3 for lat in swapping),
             "requests_quiet": len(baseline),
             "requests_swapping": len(swapping),
             "robots": args.robots,
