@@ -74,8 +74,9 @@ class ReplayConfig:
     retention_max_rows: int | None = None
     """Keep at most this many transitions (oldest deleted first)."""
     retention_max_bytes: int | None = None
-    """Keep at most this many segment bytes, by deleting the oldest whole segments and their
-    rows; choose it several times `segment_max_bytes`."""
+    """Keep at most this many bytes (segment files plus the SQLite index's pages in use) by
+    deleting the oldest whole segments and their rows; choose it several times
+    `segment_max_bytes`. The database file keeps its peak size (freed pages are reused)."""
     enqueue_timeout_s: float = 0.1
     """How long an append waits on a full queue before raising `ReplayFull`."""
     events_only: bool = False
@@ -764,7 +765,7 @@ class ReplayWriter:
             self._drop_unreferenced_segments()
         if max_bytes is not None:
             # The newest segment this stage knows of may still be appended to; older ones not.
-            while sum(self._seg_sizes.values()) > max_bytes:
+            while sum(self._seg_sizes.values()) + self._index_bytes() > max_bytes:
                 oldest = min(self._seg_sizes)
                 if oldest == max(self._seg_sizes):
                     break
@@ -772,6 +773,17 @@ class ReplayWriter:
                 # unreferenced file, never a row without its bytes.
                 self._delete_rows("seg <= ?", (oldest,))
                 self._unlink_segment(oldest)
+
+    def _index_bytes(self) -> int:
+        """Bytes of the SQLite index in use: with small observations (state-only robots) the
+        rows, not the segments, are most of the store. Freed pages are reused by new rows
+        rather than returned to the disk, so pages in use is what a cap can hold."""
+        conn = self._conn
+        page, count, free = (
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_size", "page_count", "freelist_count")
+        )
+        return page * (count - free)
 
     def _delete_rows(self, where: str, args: tuple) -> None:
         conn = self._conn
