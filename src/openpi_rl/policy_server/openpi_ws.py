@@ -11,7 +11,10 @@ they are validated, micro-batched with ZMQ robots and logged to the replay by th
 
 Limits: frames over `max_message_bytes` close the connection (1009, websockets' `max_size`);
 a handshake not done in `open_timeout_s` is dropped (slow-loris); a connection that stops
-answering pings is closed; past `max_connections` a new one gets 503; each connection has a
+answering pings is closed; past `max_connections`, or past `max_connections_per_peer` from one
+address (3/4 of the cap by default, so one remote host cannot take every slot), a new one gets
+503. An open connection is never shed to make room: openpi's client does not reconnect, and a
+robot may connect long before its first request. Each connection has a
 token bucket of `rate_limit_per_s` frames, and a frame over it gets an `overloaded` text frame.
 """
 
@@ -35,7 +38,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from openpi_rl.policy_server.metrics import ServerMetrics
-from openpi_rl.reward_bridge.httpd import RateLimiter
+from openpi_rl.reward_bridge.httpd import ConnectionSlots, RateLimiter, peer_host
 from openpi_rl_client import PROTOCOL_VERSION, wire
 
 log = structlog.get_logger("openpi_rl.policy_server.openpi_ws")
@@ -60,6 +63,7 @@ class OpenPIWebSocketEndpoint:
         rate_limit_burst: int = 500,
         open_timeout_s: float = 5.0,
         metrics: ServerMetrics | None = None,
+        max_connections_per_peer: int | None = None,
     ):
         self.server_endpoint = server_endpoint
         self.metadata = dict(metadata)
@@ -71,7 +75,7 @@ class OpenPIWebSocketEndpoint:
         self.rate_limit = (rate_limit_per_s, rate_limit_burst)
         self.open_timeout_s = open_timeout_s
         self.metrics = metrics or ServerMetrics()
-        self._active = 0  # connections past the handshake
+        self._slots = ConnectionSlots(max_connections, max_connections_per_peer)
         self._ctx = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +117,7 @@ class OpenPIWebSocketEndpoint:
             await self._stop.wait()
 
     def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self._active >= self.max_connections:
+        if not self._slots.can_admit(peer_host(connection.remote_address)):
             self.metrics.refused_connections.labels(listener="openpi_ws", reason="full").inc()
             return Response(
                 HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable", Headers(), b"too many\n"
@@ -137,7 +141,13 @@ class OpenPIWebSocketEndpoint:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.server_endpoint)
         limiter = RateLimiter(*self.rate_limit, max_keys=1)
-        self._active += 1
+        slot = self._slots.admit(peer_host(ws.remote_address), shed=lambda: None)
+        if slot is None:  # filled up while this handshake ran
+            sock.close(0)
+            self.metrics.refused_connections.labels(listener="openpi_ws", reason="full").inc()
+            await ws.close(1013, "too many connections")  # 1013: try again later
+            return
+        slot.sheddable = False
         try:
             await ws.send(wire.packb(self.metadata))
             async for frame in ws:
@@ -154,7 +164,7 @@ class OpenPIWebSocketEndpoint:
         except Exception as e:  # the connection ended or broke: nothing to reply to
             log.info("connection closed", robot_id=robot_id, reason=repr(e))
         finally:
-            self._active -= 1
+            self._slots.release(slot)
             sock.close(0)
 
     async def _infer(

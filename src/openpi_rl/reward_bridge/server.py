@@ -12,7 +12,10 @@ token closes with 4401); then events (see `events.py`), `{"type": "subscribe", "
 `{"type": "answer", "query_id", "reward"}`. The bridge pushes `status` (per robot: latest
 transition's episode, step, policy version; recent rewards), `query` and `query_done`.
 
-Limits (guarantee 6): `max_connections` per port (then 503), `handshake_timeout_s` for a
+Limits (guarantee 6): `max_connections` per port, of which one peer address holds at most 3/4;
+past it a newcomer sheds the oldest connection that has made no progress (an HTTP request not
+fully arrived, a pendant without its hello), and only when none can be shed gets 503 (see
+`httpd.ConnectionSlots`); `handshake_timeout_s` for a
 WebSocket handshake or a whole HTTP request, websockets' `max_size` / `max_queue` and pings for
 frames and dead peers, and a token bucket of `rate_limit_per_s` frames per WebSocket
 connection (a frame over it gets a `rate_limited` error reply).
@@ -52,13 +55,22 @@ from openpi_rl.reward_bridge.credit import (
     resolver,
 )
 from openpi_rl.reward_bridge.events import BadRequest, error_reply, parse_feedback, parse_json
-from openpi_rl.reward_bridge.httpd import HttpRequest, HttpResponse, RateLimiter, json_response
+from openpi_rl.reward_bridge.httpd import (
+    ConnectionSlots,
+    HttpRequest,
+    HttpResponse,
+    RateLimiter,
+    Slot,
+    json_response,
+    peer_host,
+)
 from openpi_rl.reward_bridge.httpd import start_http_server as start_http
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.reward_bridge.query import QueryBroker
 
 log = structlog.get_logger("openpi_rl.reward_bridge")
 UNAUTHORIZED = 4401  # WebSocket close code: wrong or missing token
+TRY_AGAIN_LATER = 1013  # RFC 6455 registry: the server is full
 
 
 class RewardBridge:
@@ -96,7 +108,8 @@ class RewardBridge:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
-        self._ws_active = 0  # WebSocket connections past the handshake
+        self._ws_slots = ConnectionSlots(config.max_connections)  # past the handshake
+        self._http_slots = ConnectionSlots(config.max_connections)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -153,8 +166,9 @@ class RewardBridge:
                     c.http_port,
                     c.max_query_bytes,
                     header_timeout_s=c.handshake_timeout_s,
-                    max_connections=c.max_connections,
+                    slots=self._http_slots,
                     on_refused=self.metrics.refused_connections.labels("http").inc,
+                    on_shed=self.metrics.refused_connections.labels("http").inc,
                 )
                 self.http_port = http_server.sockets[0].getsockname()[1]
             poller = asyncio.create_task(self._poll_status())
@@ -232,7 +246,7 @@ class RewardBridge:
     def _on_ws_http(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            if self._ws_active >= self.config.max_connections:
+            if not self._ws_slots.can_admit(peer_host(connection.remote_address)):
                 self.metrics.refused_connections.labels("ws").inc()
                 return _response(503, b"too many connections\n", "text/plain")
             if url.path == "/pendant":
@@ -248,21 +262,32 @@ class RewardBridge:
 
     async def _on_ws(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "/")
-        self._ws_active += 1
+
+        def shed() -> None:  # a pendant still without its hello makes way for a newcomer
+            self.metrics.refused_connections.labels("ws").inc()
+            self._spawn(ws.close(TRY_AGAIN_LATER, "server full: no hello yet"))
+
+        slot = self._ws_slots.admit(peer_host(ws.remote_address), shed)
+        if slot is None:  # filled up while this handshake ran
+            self.metrics.refused_connections.labels("ws").inc()
+            await ws.close(TRY_AGAIN_LATER, "too many connections")
+            return
         try:
             if url.path == "/query":
+                slot.sheddable = False  # its token was checked in the handshake
                 await self._query_ws(ws, dict(parse_qsl(url.query)).get("robot_id", "query"))
             else:
-                await self._pendant(ws)
+                await self._pendant(ws, slot)
         except ConnectionClosed:
             pass
         finally:
-            self._ws_active -= 1
+            self._ws_slots.release(slot)
 
-    async def _pendant(self, ws: ServerConnection) -> None:
+    async def _pendant(self, ws: ServerConnection, slot: Slot) -> None:
         operator = await self._hello(ws)
         if operator is None:
             return
+        slot.sheddable = False
         self._pendants[ws] = None
         self.metrics.connections.inc()
         try:
