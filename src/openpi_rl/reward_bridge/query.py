@@ -89,7 +89,9 @@ class QueryBroker:
             raise BadRequest(
                 "bad_event", f"reward: expected finite |reward| <= {self.max_abs_reward:g}"
             )
-        entry = self._pending.get(qid)  # type: ignore[arg-type]
+        if not isinstance(qid, str):  # also keeps an unhashable id away from the dict lookup
+            raise BadRequest("bad_event", f"query_id: expected a string, got {qid!r:.60}")
+        entry = self._pending.get(qid)
         if entry is None:
             raise BadRequest("bad_event", f"query_id: {qid!r:.60} is not pending (answered?)")
         if not entry[1].done():
@@ -99,14 +101,22 @@ class QueryBroker:
 def _summary(observation: dict, actions: Any) -> str:
     try:
         return summarize_step(observation, np.asarray(actions, dtype=np.float64))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
+        pass
+    try:
         return summarize_step(observation, actions)
+    except (TypeError, ValueError, RecursionError):  # ragged lists, nesting (found by fuzzing)
+        return f"Observation keys: {', '.join(map(str, list(observation)[:20]))}"
 
 
 def thumbnail(observation: dict[str, Any], max_side: int = 128) -> str | None:
     """A PNG data URL of the first image-like array in the observation ([H, W, 1|3|4],
     [1|3, H, W] or [H, W]; uint8 values, or floats in [0, 1] or [-1, 1]), or None."""
-    for value in _leaves(observation):
+    try:
+        leaves = list(_leaves(observation))
+    except RecursionError:  # nesting as deep as JSON allows: no image to show
+        return None
+    for value in leaves:
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):

@@ -338,6 +338,10 @@ class RewardBridge:
         except BadRequest as e:
             self.metrics.errors.labels(e.code).inc()
             await self._send(ws, error_reply(e.code, e.message))
+        except Exception as e:  # a bug: answer `internal` and keep the pendant (guarantee 6)
+            log.exception("bridge.pendant_message_failed")
+            self.metrics.errors.labels("internal").inc()
+            await self._send(ws, error_reply("internal", f"{e!r:.200}"))
 
     async def _pendant_feedback(self, ws: ServerConnection, msg: dict, operator: str) -> None:
         try:
@@ -366,6 +370,10 @@ class RewardBridge:
             except BadRequest as e:
                 self.metrics.errors.labels(e.code).inc()
                 reply = {"error": {"code": e.code, "message": e.message}}
+            except Exception as e:  # a bug: answer `internal`, the connection stays
+                log.exception("bridge.query_failed")
+                self.metrics.errors.labels("internal").inc()
+                reply = {"error": {"code": "internal", "message": f"{e!r:.200}"}}
             await ws.send(json.dumps(reply))
 
     # ---- HTTP port -----------------------------------------------------------------------------
