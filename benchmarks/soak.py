@@ -15,6 +15,7 @@ learner published meanwhile. The last line is one JSON object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -129,6 +130,51 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def replay_disk(root: Path) -> dict[str, int]:
+    """Bytes on disk of a replay directory by part: db, wal, shm, segments (files only: a
+    stat each, no SQL, so sampling it often disturbs nothing)."""
+    out = dict.fromkeys(("db", "wal", "shm", "segments"), 0)
+    for name, key in (
+        ("replay.sqlite", "db"),
+        ("replay.sqlite-wal", "wal"),
+        ("replay.sqlite-shm", "shm"),
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            out[key] = (root / name).stat().st_size
+    for seg in (root / "segments").glob("*.seg"):
+        with contextlib.suppress(FileNotFoundError):  # retention deleted it meanwhile
+            out["segments"] += seg.stat().st_size
+    return out
+
+
+class DiskSampler(threading.Thread):
+    """Samples `replay_disk` every `period_s`; keeps the largest total and its breakdown."""
+
+    def __init__(self, root: Path, period_s: float = 1.0):
+        super().__init__(name="replay-disk", daemon=True)
+        self.root, self.period_s = root, period_s
+        self.max_total, self.at_max = 0, {}
+        self.last: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.sample()
+
+    def sample(self) -> dict[str, int]:
+        parts = replay_disk(self.root)
+        total = sum(parts.values())
+        self.last = parts
+        if total > self.max_total:
+            self.max_total, self.at_max = total, parts
+        return parts
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+        self.sample()
+
+
 def _service(workdir: Path, args: Args):
     """The chaos run's service (the demo's config), with the replay's retention cap in
     [serve] when ServeConfig has a field for it. Returns (service, cap or None, why not)."""
@@ -166,6 +212,8 @@ def run(args: Args) -> dict:
         print(f"soak: replay cap not set: {missing}", flush=True)
     print(f"soak: starting the service in {workdir}", file=sys.stderr, flush=True)
     svc.start()
+    disk = DiskSampler(svc.replay_dir)
+    disk.start()
     seconds = args.minutes * 60.0
     names = [f"soak-{i}" for i in range(args.robots)]
     workers = []
@@ -193,8 +241,8 @@ def run(args: Args) -> dict:
             for role in SERVICE_ROLES:
                 if now.get(role) != pids.get(role) and role not in restarted:
                     restarted.append(role)
-            with ReplayReader(svc.replay_dir) as r:
-                replay = r.stats().bytes_total
+            parts = disk.sample()
+            replay = sum(parts.values())
             s = {
                 "t_s": round(time.monotonic() - t0),
                 "rss_mib": {
@@ -204,13 +252,15 @@ def run(args: Args) -> dict:
                 },
                 "robots_rss_mib": [round((rss_kib(w.pid) or 0) / 1024, 1) for w in workers],
                 "replay_bytes": replay,
+                "replay_parts": parts,
             }
             samples.append(s)
             print(
                 f"[{s['t_s']:4d} s] RSS MiB "
                 + ", ".join(f"{k} {v}" for k, v in s["rss_mib"].items())
-                + f" | robots {s['robots_rss_mib']} | replay {replay / 2**20:.1f} MiB"
-                + (f" (cap {cap / 2**20:.0f} MiB)" if cap else ""),
+                + f" | robots {s['robots_rss_mib']} | replay {replay / 2**20:.1f} MiB ("
+                + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items())
+                + (f"; cap {cap / 2**20:.0f} MiB)" if cap else ")"),
                 flush=True,
             )
     finally:
@@ -219,6 +269,7 @@ def run(args: Args) -> dict:
                 w.wait(60)
             except subprocess.TimeoutExpired:
                 w.kill()
+        disk.stop()
         with ReplayReader(svc.replay_dir) as r:
             stats = r.stats()
         from chaos import newest_version
@@ -240,7 +291,8 @@ def run(args: Args) -> dict:
             b = base["rss_mib"].get(role)
             if b:
                 growth[role] = round(mib / b - 1.0, 4)
-    replay_max = max([s["replay_bytes"] for s in samples] + [stats.bytes_total])
+    # The largest on-disk total seen (sampled every second), not only the minute samples.
+    replay_max = max([s["replay_bytes"] for s in samples] + [stats.bytes_total, disk.max_total])
     figures = {
         "p50_ms": round(float(np.percentile(lat, 50)), 3),
         "p99_ms": round(float(np.percentile(lat, 99)), 3),
@@ -254,6 +306,8 @@ def run(args: Args) -> dict:
         "target_requests": int(args.robots * args.hz * seconds),
         "late_ticks": sum(r["late"] for r in results),
         "replay_rows": stats.rows,
+        "replay_parts_at_max": disk.at_max,
+        "replay_parts_final": disk.last,
         "versions_published": versions,
         "restarted": restarted,
         "replay_cap_missing": missing,

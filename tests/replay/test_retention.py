@@ -1,8 +1,12 @@
 """Retention keeps the store bounded: oldest rows go first, whole segment files with them."""
 
+import contextlib
+import sqlite3
+import threading
+
 import numpy as np
 
-from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
+from openpi_rl.replay import MissingRecord, ReplayConfig, ReplayReader, ReplayWriter, schema
 
 OBS = 10_000
 
@@ -41,32 +45,78 @@ def test_retention_by_rows_drops_oldest_rows_and_their_segments(tmp_path):
     assert r.stats().episodes == 1
 
 
-def test_retention_by_bytes_drops_whole_oldest_segments(tmp_path):
-    max_bytes = 200_000
+def _disk_bytes(root) -> int:
+    """What the directory holds on disk: database, WAL, shm and segment files."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_retention_by_bytes_drops_the_oldest_rows_and_their_segments(tmp_path):
+    max_bytes = 600_000  # 100 rows of 10 kB: about 1.1 MB without a cap
     ids = _fill(tmp_path, 100, retention_max_bytes=max_bytes)
     r = ReplayReader(tmp_path)
     kept = _all_verify(r)
     assert kept == ids[-len(kept) :]  # a suffix: the oldest went first
-    assert 5 <= len(kept) <= 25  # the cap also holds the index's pages (~80 kB of schema)
+    assert 10 <= len(kept) <= 50
     stats = r.stats()
-    # at most the limit, plus the segment being written when retention last ran
-    assert stats.bytes_segments <= max_bytes + 5 * (OBS + 12)
+    assert stats.bytes_total <= max_bytes
     assert _segment_ids(tmp_path)[0] == min(row.seg for row in r.transitions())
 
 
-def test_the_byte_cap_counts_the_index_when_observations_are_small(tmp_path):
-    # State-only robots: 100-byte observations, 8 kB action blobs: the SQLite rows, not the
-    # segments, are the store. The cap must hold them too.
-    max_bytes = 1_000_000
-    config = ReplayConfig(path=tmp_path, segment_max_bytes=5_000, retention_max_bytes=max_bytes)
+def test_the_directory_stays_within_the_cap_while_writing_with_a_concurrent_reader(tmp_path):
+    # State-only-like rows (small observations, 2 kB action blobs) so the index is most of the
+    # store, as with the soak's robots; a reader queries all the while (the learner's pattern:
+    # scans and observation reads) and reward events are acknowledged throughout.
+    cap = 2 << 20
+    config = ReplayConfig(path=tmp_path, segment_max_bytes=64 << 10, retention_max_bytes=cap)
+    stop, read_rows, errors = threading.Event(), [], []
+
+    def read() -> None:
+        try:
+            with ReplayReader(tmp_path) as r:
+                while not stop.is_set():
+                    rows = r.transitions()
+                    for row in rows[-5:]:
+                        with contextlib.suppress(MissingRecord):  # deleted since the query
+                            r.observation_bytes(row)
+                    read_rows.append(len(rows))
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    peak, acked = 0, []
     with ReplayWriter(config) as w:
-        for i in range(1500):
-            actions = np.random.default_rng(i).standard_normal(1000)  # 8 kB
-            w.append_transition("r0", "e0", i, 0, bytes(100), actions, None, 0, 0, i)
-            if i % 50 == 49:
-                w.flush()
-        index = w._index_bytes()
-    r = ReplayReader(tmp_path)
-    stats = r.stats()
-    assert 0 < r.count() < 1500  # the oldest went
-    assert index + stats.bytes_segments <= max_bytes + 60 * 8_300  # + one commit's rows
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(3000):
+            actions = np.random.default_rng(i).standard_normal(256)  # 2 kB
+            obs = np.random.default_rng(i).bytes(200)
+            w.append_transition("r0", f"e{i // 200}", i, 0, obs, actions, None, 0, 0, i)
+            if i % 20 == 19:  # a commit: ~50 kB of rows, ~120 kB of WAL
+                acked.append(w.add_reward_event("r0", "success", 1.0, wait=True))
+                peak = max(peak, _disk_bytes(tmp_path))  # right after a commit: the worst
+        stop.set()
+        reader.join()
+        counters = w.counters()
+    assert not errors and len(read_rows) > 10
+    assert counters["retention_rows_deleted"] > 2000  # ~15 MB of index pages were written
+    assert peak <= cap
+    with ReplayReader(tmp_path) as r:
+        assert [e["id"] for e in r.reward_events()] == acked  # nothing acknowledged was lost
+        assert r.integrity_check() == "ok"
+
+
+def test_a_database_from_before_auto_vacuum_is_converted_when_a_byte_cap_is_set(tmp_path):
+    conn = sqlite3.connect(schema.db_path(tmp_path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(schema.SCHEMA)
+    conn.execute("INSERT INTO schema_version VALUES (?)", (schema.SCHEMA_VERSION,))
+    assert not schema.incremental_vacuum(conn)
+    conn.close()
+    ids = _fill(tmp_path, 20)  # no cap: the file is left as it is
+    with sqlite3.connect(schema.db_path(tmp_path)) as conn:
+        assert not schema.incremental_vacuum(conn)
+    ids += _fill(tmp_path, 100, retention_max_bytes=600_000)
+    with sqlite3.connect(schema.db_path(tmp_path)) as conn:
+        assert schema.incremental_vacuum(conn)
+    with ReplayReader(tmp_path) as r:
+        kept = [row.id for row in r.transitions()]
+        assert kept == ids[-len(kept) :] and r.stats().bytes_total <= 600_000

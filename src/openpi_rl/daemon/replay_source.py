@@ -166,7 +166,9 @@ class ReplaySource:
         """
         cutoff = (time.time() if now is None else now) - settle_s
         episodes: dict[tuple[str, str], tuple[list[Step], bool]] = {}
-        for r in self._ro.execute(_PENDING):
+        # fetchall: the read snapshot is held for the query only, not while rows become objects
+        # (a held snapshot keeps the writer from truncating the WAL).
+        for r in self._ro.execute(_PENDING).fetchall():
             row = TransitionRow.from_sql(r[:-4])
             ev_reward, terminal, time_limit, ended = r[-4:]
             done = bool(row.done or terminal)

@@ -1,8 +1,15 @@
 """`ReplayReader`: read-only access to a replay directory, from any process, while the writer
-runs. Each query sees the rows committed when it starts."""
+runs. Each query sees the rows committed when it starts.
+
+Every query runs to its end before its rows are turned into objects (`fetchall`), so a reader
+holds a WAL snapshot for the query's time only: a snapshot held longer keeps the writer from
+truncating the WAL. Segment files are kept open in a small LRU, and one that retention deleted
+is closed, so a long-lived reader (the learner) does not keep deleted files' bytes on disk.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -14,6 +21,7 @@ import numpy as np
 from openpi_rl.replay import schema
 from openpi_rl.replay.segments import MissingRecord, list_segments, read_payload, segment_path
 
+MAX_OPEN_SEGMENTS = 8
 _COLUMNS = (
     "id, robot_id, episode_id, step, policy_version, t_mono, t_wall, seg, off, len, crc,"
     " actions, policy_actions, logp, value, reward, done, truncated, intervened,"
@@ -84,7 +92,7 @@ class ReplayReader:
         self.root = Path(path)
         self._seg_dir = self.root / schema.SEGMENTS_DIR
         self._conn = schema.connect_reader(self.root)
-        self._fds: dict[int, int] = {}
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()  # seg -> fd
 
     def count(self) -> int:
         return self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
@@ -117,7 +125,7 @@ class ReplayReader:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [TransitionRow.from_sql(r) for r in self._conn.execute(sql, args)]
+        return [TransitionRow.from_sql(r) for r in self._conn.execute(sql, args).fetchall()]
 
     def episodes(self, robot_id: str | None = None) -> list[dict[str, Any]]:
         sql = (
@@ -129,7 +137,7 @@ class ReplayReader:
             sql, args = sql + " WHERE robot_id = ?", (robot_id,)
         cols = ("robot_id", "episode_id", "first_transition", "last_transition", "steps")
         cols += ("ep_return", "ended")
-        return [dict(zip(cols, r, strict=True)) for r in self._conn.execute(sql, args)]
+        return [dict(zip(cols, r, strict=True)) for r in self._conn.execute(sql, args).fetchall()]
 
     def reward_events(
         self, robot_id: str | None = None, since_id: int | None = None
@@ -141,7 +149,7 @@ class ReplayReader:
         if robot_id is not None:
             sql += " AND robot_id = ?"
             args.append(robot_id)
-        rows = self._conn.execute(sql + " ORDER BY id", args)
+        rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def observation_bytes(self, row: TransitionRow) -> bytes:
@@ -153,8 +161,19 @@ class ReplayReader:
                 fd = os.open(segment_path(self._seg_dir, row.seg), os.O_RDONLY)
             except FileNotFoundError as e:
                 raise MissingRecord(f"transition {row.id}: segment {row.seg} is gone") from e
+            self._close_deleted_segments()
             self._fds[row.seg] = fd
+            while len(self._fds) > MAX_OPEN_SEGMENTS:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(row.seg)
         return read_payload(fd, row.off, row.len, row.crc, where=f"transition {row.id}")
+
+    def _close_deleted_segments(self) -> None:
+        """An open file that retention unlinked still takes its bytes on disk: close it."""
+        for seg, fd in list(self._fds.items()):
+            if os.fstat(fd).st_nlink == 0:
+                os.close(self._fds.pop(seg))
 
     def stats(self) -> ReplayStats:
         q = self._conn.execute

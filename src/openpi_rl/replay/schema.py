@@ -92,11 +92,21 @@ def db_path(root: Path) -> Path:
     return root / DB_NAME
 
 
-def connect_writer(root: Path, busy_timeout_s: float = 5.0) -> sqlite3.Connection:
+def connect_writer(
+    root: Path, busy_timeout_s: float = 5.0, journal_size_limit: int = 4 << 20
+) -> sqlite3.Connection:
     """Open (creating if needed) the store's database for the single writer: WAL mode,
     synchronous=NORMAL (a commit is durable against a killed process; against power loss only
-    after the next WAL sync, see `ReplayConfig.fsync_interval_s`), schema applied."""
+    after the next WAL sync, see `ReplayConfig.fsync_interval_s`), schema applied.
+
+    A new database is created with auto_vacuum=INCREMENTAL, so retention can give the pages of
+    deleted rows back to the file system (`incremental_vacuum`); on an older file the pragma is a
+    no-op (see `enable_incremental_vacuum`). journal_size_limit: a WAL that restarts is cut back
+    to this many bytes instead of keeping its peak size."""
     conn = sqlite3.connect(db_path(root), isolation_level=None, check_same_thread=False)
+    # Only takes effect before the first table exists, i.e. when this call creates the file.
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
         raise RuntimeError(f"{db_path(root)}: journal_mode: expected wal, got {mode}")
@@ -120,6 +130,26 @@ def connect_writer(root: Path, busy_timeout_s: float = 5.0) -> sqlite3.Connectio
         raise RuntimeError(f"{db_path(root)}: schema_version: expected {SCHEMA_VERSION}, got {row}")
     conn.execute("COMMIT")
     return conn
+
+
+def incremental_vacuum(conn: sqlite3.Connection) -> bool:
+    """Whether the database gives freed pages back to the file system on `incremental_vacuum`."""
+    return conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+def enable_incremental_vacuum(conn: sqlite3.Connection) -> bool:
+    """Convert a database created before auto_vacuum=INCREMENTAL (its file never shrinks: freed
+    pages are only reused) by rewriting it once with VACUUM. Needs no other connection in a
+    transaction and free disk for a copy of the index; returns False (nothing changed) when it
+    cannot run now. Segment files are not touched, so this costs what the index weighs."""
+    if incremental_vacuum(conn):
+        return True
+    try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError:
+        return False
+    return incremental_vacuum(conn)
 
 
 def _version(conn: sqlite3.Connection) -> int | None:

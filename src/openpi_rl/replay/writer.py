@@ -10,7 +10,9 @@ only after its commit). With `fsync_interval_s`, the commit stage fdatasyncs the
 the commit that syncs the WAL. So a row never commits before its bytes reached the OS (and, when
 syncing, the disk), while the checksum and the copy into the page cache (~60 us for 150 kB, both
 GIL-free) overlap the SQLite work of earlier rows instead of adding to it. WAL checkpoints run on
-a third thread (`replay-checkpoint`), off the commit path.
+a third thread (`replay-checkpoint`, `checkpoint.py`), off the commit path, and keep the WAL
+within `DiskBudget.wal_bytes`; retention (`retention.py`) keeps the whole directory under
+`retention_max_bytes`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import structlog
 
-from openpi_rl.replay import schema
+from openpi_rl.replay import retention, schema
+from openpi_rl.replay.checkpoint import WalCheckpointer
 from openpi_rl.replay.recovery import RecoveryReport, recover
 from openpi_rl.replay.segments import (
     HEADER_SIZE,
@@ -48,8 +51,7 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 
 _APPEND, _REPORT, _EVENT, _BARRIER, _STOP, _ROW = range(6)
 _CHUNK = 64  # items a stage takes from its queue at once
-# Checkpoint the WAL after about this many index bytes (SQLite's autocheckpoint: 1000 pages).
-CHECKPOINT_BYTES = 4 << 20
+_RETENTION_ROUNDS = 64  # bounded delete-and-measure rounds per commit (the next one goes on)
 
 
 class ReplayFull(Exception):
@@ -74,9 +76,15 @@ class ReplayConfig:
     retention_max_rows: int | None = None
     """Keep at most this many transitions (oldest deleted first)."""
     retention_max_bytes: int | None = None
-    """Keep at most this many bytes (segment files plus the SQLite index's pages in use) by
-    deleting the oldest whole segments and their rows; choose it several times
-    `segment_max_bytes`. The database file keeps its peak size (freed pages are reused)."""
+    """Keep the directory's bytes on disk (segment files, database file, WAL, shm) at most this:
+    past the share left after the WAL's reserve (`retention.DiskBudget`), the oldest rows are
+    deleted down to 90 % of it, segment files once no row points into them, and the database
+    file gives the freed pages back. Choose it several times `segment_max_bytes` (the segment
+    being written is never deleted). A database created before auto_vacuum is rewritten once
+    (VACUUM) at open to make this possible; if that cannot run, its file keeps its peak size."""
+    wal_max_bytes: int | None = None
+    """Checkpoint and truncate the WAL once it is this large; None: a sixteenth of
+    `retention_max_bytes` within [32 KiB, 16 MiB], or 16 MiB without a byte cap."""
     enqueue_timeout_s: float = 0.1
     """How long an append waits on a full queue before raising `ReplayFull`."""
     events_only: bool = False
@@ -149,7 +157,6 @@ class _Batch:
     events: list[tuple] = dataclasses.field(default_factory=list)
     waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
     obs_bytes: int = 0
-    index_bytes: int = 0  # a rough count of what the rows add to the WAL
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.reports or self.events or self.waiters)
@@ -166,7 +173,12 @@ class ReplayWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         else:
             self._seg_dir.mkdir(parents=True, exist_ok=True)
-        self._conn = schema.connect_writer(self.root, busy_timeout_s=config.busy_timeout_s)
+        self._budget = retention.DiskBudget.make(config.retention_max_bytes, config.wal_max_bytes)
+        self._conn = schema.connect_writer(
+            self.root,
+            busy_timeout_s=config.busy_timeout_s,
+            journal_size_limit=self._budget.wal_bytes,
+        )
         # Recovery truncates segment tails: only the owner of the segments may run it.
         self.recovery: RecoveryReport = (
             RecoveryReport(None, 0, 0) if config.events_only else recover(self._conn, self._seg_dir)
@@ -184,7 +196,20 @@ class ReplayWriter:
         # with fsync, the files it still has to sync; it closes a retired one after its sync.
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
         self._unsynced: dict[int, SegmentWriter] = {}
+        self._store_bytes = 0  # segments + database pages in use after the last retention
+        self._wal_step = 0  # about the most a commit adds to the WAL
         self._rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+        # Whether the database file can shrink after retention deletes (see retention.py).
+        self._shrinks = schema.incremental_vacuum(self._conn)
+        if not self._shrinks and config.retention_max_bytes is not None and not config.events_only:
+            t0 = time.monotonic()
+            self._shrinks = schema.enable_incremental_vacuum(self._conn)
+            log.log(
+                20 if self._shrinks else 30,
+                "replay.auto_vacuum_enabled" if self._shrinks else "replay.auto_vacuum_unavailable",
+                path=str(self.root),
+                seconds=round(time.monotonic() - t0, 3),
+            )
         self._last_sync = time.monotonic()
         self._counters = dict.fromkeys(
             (
@@ -196,6 +221,8 @@ class ReplayWriter:
                 "events_duplicate",
                 "retention_rows_deleted",
                 "retention_segments_deleted",
+                "retention_pages_vacuumed",
+                "retention_busy",
                 "commit_retries",
             ),
             0,
@@ -215,21 +242,15 @@ class ReplayWriter:
                 threading.Thread(target=self._run_segments, name="replay-segments", daemon=True)
             )
         self._threads.append(threading.Thread(target=self._run, name="replay-writer", daemon=True))
-        # WAL checkpoints (copying pages into the database file, with two fsyncs) run on their own
-        # thread and connection, not inside a commit. The events-only writer keeps SQLite's
-        # autocheckpoint: its commits are small.
-        self._checkpoint_due = threading.Event()
-        self._checkpointing = not config.events_only
-        if self._checkpointing:
-            self._conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._wal_bytes = 0
-            self._threads.append(
-                threading.Thread(
-                    target=self._run_checkpoints, name="replay-checkpoint", daemon=True
-                )
-            )
         for t in self._threads:
             t.start()
+        # WAL checkpoints (copying pages into the database file, with two fsyncs) run on their own
+        # thread and connection, not inside a commit. The events-only writer keeps SQLite's
+        # autocheckpoint: its commits are small, and the store's owner truncates the WAL.
+        self._checkpointer: WalCheckpointer | None = None
+        if not config.events_only:
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = WalCheckpointer(self.root, self._budget.wal_bytes)
         log.info(
             "replay.open",
             path=str(self.root),
@@ -369,7 +390,8 @@ class ReplayWriter:
 
     def counters(self) -> dict[str, int]:
         """Totals since open, for metrics (`openpi_rl_replay_<name>_total`)."""
-        return dict(self._counters)
+        extra = {} if self._checkpointer is None else self._checkpointer.counters
+        return {**self._counters, **extra}
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop accepting, commit everything queued, close files. Idempotent."""
@@ -382,12 +404,17 @@ class ReplayWriter:
             self._q.put((_STOP,))
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            if t.name == "replay-checkpoint":  # after the commit stage is done
-                self._checkpointing = False
-                self._checkpoint_due.set()
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 raise TimeoutError(f"replay writer ({t.name}) did not finish within {timeout} s")
+        if self._checkpointer is not None:  # after the commit stage is done
+            self._checkpointer.close(
+                None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+            if self._checkpointer.is_alive():
+                raise TimeoutError(
+                    f"replay writer (replay-checkpoint) did not finish within {timeout} s"
+                )
         for seg in (self._seg, *self._unsynced.values()):
             if seg is not None:
                 seg.close()
@@ -523,26 +550,6 @@ class ReplayWriter:
             self._next_seg += 1
         return seg
 
-    # ---- checkpoints (thread replay-checkpoint) ----------------------------------------------
-
-    def _run_checkpoints(self) -> None:
-        # PASSIVE: copies what no reader still needs, never waits for a lock, and runs
-        # concurrently with commits; the last connection to close checkpoints the rest.
-        conn = sqlite3.connect(schema.db_path(self.root), isolation_level=None)
-        try:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            while True:
-                self._checkpoint_due.wait()
-                self._checkpoint_due.clear()
-                if not self._checkpointing:
-                    return
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:  # the next one copies these pages too
-                    log.exception("replay.checkpoint_failed", path=str(self.root))
-        finally:
-            conn.close()
-
     # ---- commit stage (thread replay-writer) -------------------------------------------------
 
     def _run(self) -> None:
@@ -568,10 +575,16 @@ class ReplayWriter:
                     deadline = time.monotonic() + self.config.commit_interval_s
                 urgent = bool(batch.waiters) or stop
                 if batch and (urgent or time.monotonic() >= deadline):  # type: ignore[operator]
+                    wal = retention.wal_files_bytes(self.root)[0]
                     self._commit(batch)
+                    # What a commit adds to the WAL (retention keeps room for it), decaying.
+                    step = retention.wal_files_bytes(self.root)[0] - wal
+                    self._wal_step = max(step, self._wal_step * 63 // 64)
                     batch, deadline = _Batch(), None
                     if not self.config.events_only:
                         self._apply_retention()
+                    if self._checkpointer is not None:
+                        self._checkpointer.check(self._conn)
         except BaseException as exc:
             log.exception("replay.writer_failed", path=str(self.root))
             failed = self._fail(exc)
@@ -595,7 +608,6 @@ class ReplayWriter:
             tid, robot, ep, off, length = row[0], row[1], row[2], row[8], row[9]
             batch.rows.append(row)
             batch.obs_bytes += length
-            batch.index_bytes += 256 + len(row[11]) + len(row[12] or b"")
             self._seg_sizes[seg.seg] = off + length
             if self.config.fsync_interval_s is not None:
                 self._unsynced[seg.seg] = seg
@@ -693,11 +705,6 @@ class ReplayWriter:
         self._counters["transitions_committed"] += len(batch.rows)
         self._counters["bytes_committed"] += batch.obs_bytes
         self._counters["commits"] += 1
-        if self._checkpointing:
-            self._wal_bytes += batch.index_bytes
-            if self._wal_bytes >= CHECKPOINT_BYTES:
-                self._wal_bytes = 0
-                self._checkpoint_due.set()
         dups = sum(r.duplicate for r in results)
         self._counters["events_duplicate"] += dups
         self._counters["events_committed"] += len(results) - dups
@@ -754,40 +761,98 @@ class ReplayWriter:
         return RewardEventResult(eid, trans, episode, status, duplicate=False)
 
     def _apply_retention(self) -> None:
-        max_rows, max_bytes = self.config.retention_max_rows, self.config.retention_max_bytes
-        conn = self._conn
-        if max_rows is not None and self._rows > max_rows:
-            cut = conn.execute(
-                "SELECT id FROM transitions ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)
-            ).fetchone()
-            if cut is not None:
-                self._delete_rows("id <= ?", (cut[0],))
-            self._drop_unreferenced_segments()
-        if max_bytes is not None:
-            # The newest segment this stage knows of may still be appended to; older ones not.
-            while sum(self._seg_sizes.values()) + self._index_bytes() > max_bytes:
-                oldest = min(self._seg_sizes)
-                if oldest == max(self._seg_sizes):
-                    break
-                # Rows go first (committed), then the file: a crash in between leaves an
-                # unreferenced file, never a row without its bytes.
-                self._delete_rows("seg <= ?", (oldest,))
-                self._unlink_segment(oldest)
+        try:
+            self._apply_row_cap()
+            self._apply_byte_cap()
+        except sqlite3.OperationalError as e:  # another process holds the lock: next commit
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            self._counters["retention_busy"] += 1
+            log.warning("replay.retention_busy", path=str(self.root), error=str(e))
 
-    def _index_bytes(self) -> int:
-        """Bytes of the SQLite index in use: with small observations (state-only robots) the
-        rows, not the segments, are most of the store. Freed pages are reused by new rows
-        rather than returned to the disk, so pages in use is what a cap can hold."""
-        conn = self._conn
-        page, count, free = (
-            conn.execute(f"PRAGMA {name}").fetchone()[0]
-            for name in ("page_size", "page_count", "freelist_count")
-        )
-        return page * (count - free)
+    def _apply_row_cap(self) -> None:
+        max_rows = self.config.retention_max_rows
+        if max_rows is None or self._rows <= max_rows:
+            return
+        cut = self._conn.execute(
+            "SELECT id FROM transitions ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)
+        ).fetchone()
+        if cut is not None:
+            self._delete_rows("id <= ?", (cut[0],))
+        self._drop_unreferenced_segments()
+        self._vacuum()
+
+    def _apply_byte_cap(self) -> None:
+        """Keep segments + database file within the cap's share (`retention.DiskBudget`).
+
+        Rows are deleted oldest first, by id rather than by whole segment (with state-only robots
+        one segment holds thousands of rows, more than the share), when the segments and the
+        pages in use (plus what the last commit added: the next one will add about as much)
+        pass the share, down to LOW_WATER of it; segment files go once no row points into them.
+        Freed pages are reused by new rows; they are given back to the file system
+        (`incremental_vacuum`) only as far as the file itself is over the share, so steady
+        writing costs no page moves. Each round writes at most about a quarter of `wal_bytes`
+        to the WAL and the WAL is checked after it, so retention cannot outgrow the WAL's
+        reserve either."""
+        budget = self._budget
+        if budget.cap is None:
+            return
+        segs, in_use, file = self._store()
+        growth = max(0, segs + in_use - self._store_bytes)
+        page = retention.page_size(self._conn)
+        round_pages = max(1, budget.wal_bytes // 4 // page)
+        goal = None  # once past the share: delete down to LOW_WATER of it
+        for _ in range(_RETENTION_ROUNDS):
+            share = budget.store_share(*retention.wal_files_bytes(self.root), self._wal_step)
+            if goal is None and segs + in_use + growth > share:
+                goal = int(retention.LOW_WATER * max(share, 0))
+            excess = 0 if goal is None else segs + in_use + growth - goal
+            if excess > 0 and self._rows > 0:
+                k = retention.rows_to_delete(excess, self._rows, segs + in_use)
+                k = min(k, max(1, round_pages * page * self._rows // max(in_use, 1)))
+                cut = self._conn.execute(
+                    "SELECT id FROM transitions ORDER BY id LIMIT 1 OFFSET ?", (k - 1,)
+                ).fetchone()
+                if cut is None:
+                    break
+                # Rows go first (committed), then files: a crash in between leaves an
+                # unreferenced file (deleted at the next retention), never a row without bytes.
+                self._delete_rows("id <= ?", (cut[0],))
+                self._drop_unreferenced_segments()
+            elif self._shrinks and segs + file > share and file > in_use:
+                self._vacuum(min(round_pages, -(-(segs + file - share) // page)))
+            else:
+                break
+            if self._checkpointer is not None:
+                self._checkpointer.check(self._conn)
+            segs, in_use, file = self._store()
+        self._store_bytes = segs + in_use
+
+    def _store(self) -> tuple[int, int, int]:
+        """(segment bytes, database pages in use, database file bytes after the next
+        checkpoint). A file that cannot shrink (created without auto_vacuum) counts as its pages
+        in use: that is what retention can act on."""
+        in_use, file = retention.db_bytes(self._conn)
+        return sum(self._seg_sizes.values()), in_use, file if self._shrinks else in_use
+
+    def _vacuum(self, pages: int | None = None) -> None:
+        """Give up to `pages` (all: None) free pages of the database back to the file system
+        (when created with auto_vacuum=INCREMENTAL). The file shrinks at the next complete
+        checkpoint."""
+        if not self._shrinks:
+            return
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        n = free if pages is None else min(free, pages)
+        if n > 0:
+            # One page per step: fetchall runs it to the end.
+            self._conn.execute(f"PRAGMA incremental_vacuum({int(n)})").fetchall()
+            self._counters["retention_pages_vacuumed"] += n
 
     def _delete_rows(self, where: str, args: tuple) -> None:
         conn = self._conn
-        conn.execute("BEGIN")
+        conn.execute("BEGIN IMMEDIATE")
         n = conn.execute(f"DELETE FROM transitions WHERE {where}", args).rowcount
         conn.execute(
             "DELETE FROM episodes WHERE last_transition <"
