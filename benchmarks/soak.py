@@ -47,8 +47,10 @@ class Args:
     """RSS and replay size sampled this often."""
     baseline_s: float = 120.0
     """RSS growth is measured from the sample at this time to the last one."""
-    retention_max_bytes: int | None = 256 * 2**20
-    """The replay's retention cap, set in [serve] when the server's config has the field."""
+    retention_max_bytes: int | None = 64 * 2**20
+    """The replay's retention cap, set in [serve] when the server's config has the field. 16
+    state-only robots write ~500 B per served chunk (index row, segment bytes), ~190 MB in
+    10 minutes: 64 MiB is passed after ~3 minutes, so the cap is held for most of the run."""
     seed: int = 0
     quick: bool = False
     """1 minute, sampled every 15 s, growth from 15 s."""
@@ -155,10 +157,10 @@ class DiskSampler(threading.Thread):
         self.root, self.period_s = root, period_s
         self.max_total, self.at_max = 0, {}
         self.last: dict[str, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while not self._halt.wait(self.period_s):
             self.sample()
 
     def sample(self) -> dict[str, int]:
@@ -170,7 +172,7 @@ class DiskSampler(threading.Thread):
         return parts
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 
@@ -269,13 +271,15 @@ def run(args: Args) -> dict:
                 w.wait(60)
             except subprocess.TimeoutExpired:
                 w.kill()
-        disk.stop()
-        with ReplayReader(svc.replay_dir) as r:
-            stats = r.stats()
-        from chaos import newest_version
+        try:
+            disk.stop()
+            with ReplayReader(svc.replay_dir) as r:
+                stats = r.stats()
+            from chaos import newest_version
 
-        versions = newest_version(svc.checkpoint_dir)
-        daemon_rc = svc.daemon.stop()
+            versions = newest_version(svc.checkpoint_dir)
+        finally:
+            daemon_rc = svc.daemon.stop()
     lat = np.concatenate(
         [np.load(workdir / f"robots-{p}.npy") for p in range(args.robot_procs)]
     )  # fmt: skip
