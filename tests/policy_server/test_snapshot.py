@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from openpi_rl.models import GaussianMLPConfig, Pi0FASTConfig
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
@@ -47,3 +48,24 @@ def test_token_policy_snapshot_returns_tokens_as_policy_actions():
     out = snap.sample(0, obs)
     assert out.actions.shape == (2, 2, 2)
     assert out.policy_actions.dtype == np.int32 and out.policy_actions.shape[0] == 2
+
+
+def test_with_leaves_refuses_other_shapes_and_check_catches_non_finite_weights():
+    config = GaussianMLPConfig(obs_dim=5, action_dim=2, action_horizon=3)
+    snap = _snapshot(config)
+    example = example_observation(config.obs_spec)
+    snap.warm_up(example)
+    compiled = snap.compilations
+    leaves = [np.asarray(x) for x in jax.tree.leaves(snap.state)]
+    with pytest.raises(ValueError, match="weight arrays"):
+        snap.with_leaves(2, leaves[:-1])
+    wrong = [*leaves[:-1], np.zeros((*leaves[-1].shape, 2), leaves[-1].dtype)]
+    with pytest.raises(ValueError, match=f"leaf {len(leaves) - 1}: expected"):
+        snap.with_leaves(2, wrong)
+
+    shifted = snap.with_leaves(2, [x + 1 for x in leaves])  # numpy, as a restore worker sends
+    assert shifted.version == 2 and shifted.check(example)
+    assert not np.allclose(shifted.sample(0, [example]).value, snap.sample(0, [example]).value)
+    nan = snap.with_leaves(3, [np.full_like(x, np.nan) for x in leaves])
+    assert not nan.check(example)
+    assert snap.compilations == compiled  # new weights, same executables

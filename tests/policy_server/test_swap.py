@@ -296,18 +296,26 @@ def test_a_restarted_server_starts_at_the_newest_version_on_disk(tmp_path):
     checkpoints.close()
     (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-1").mkdir()  # a save cut short: not a version
     server = PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=2))
-    swapper = Swapper(
-        server, SwapOptions(learner_endpoint=None, checkpoint_dir=str(tmp_path / "ckpt"))
+    options = SwapOptions(
+        learner_endpoint=None, checkpoint_dir=str(tmp_path / "ckpt"), restore_in_worker=False
     )
+    swapper = Swapper(server, options)
+    obs = {"state": np.ones(6, np.float32)}
+
+    def value_at(shift: float) -> float:
+        expected = build_actor_critic(CONFIG, (16,), 0)
+        nnx.update(expected, jax.tree.map(lambda x: x + shift, nnx.state(expected)))
+        return expected.value(jax.random.key(0), {"state": obs["state"][None]})[0]
+
     try:
         assert server.snapshot.version == 2  # before warm-up: robots never see version 0
         server.warm_up()
         assert server.snapshot.compilations == 2  # sizes 1 and 2, nothing more
-        obs = {"state": np.ones(6, np.float32)}
-        expected = build_actor_critic(CONFIG, (16,), 0)
-        nnx.update(expected, jax.tree.map(lambda x: x + 2, nnx.state(expected)))
-        want = expected.value(jax.random.key(0), {"state": obs["state"][None]})[0]
-        np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], want, rtol=1e-5)
+        np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], value_at(2), 1e-5)
+        swapper.pin(1)  # restored in this process (restore_in_worker=False): no worker
+        assert swapper._worker is None and server.snapshot.version == 1
+        np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], value_at(1), 1e-5)
+        assert server.snapshot.compilations == 2
     finally:
         swapper.close()
         server.close()

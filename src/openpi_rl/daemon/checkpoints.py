@@ -6,8 +6,9 @@ ActorCritic state, what a server loads), `opt_state` (what the learner resumes w
 `kill -9` mid-save leaves the previous version as the newest restorable one, and a published
 path is always complete (the learner publishes only after the save has finished).
 
-The server's swapper calls `restore_version(path, ac_like)` on a notice's path, with an
-ActorCritic built by `build_actor_critic` from the same model config as the learner's.
+The server's swapper restores a notice's path with `restore_weights` in its restore worker
+process (or `restore_version(path, ac_like)` in-process), into the state of an ActorCritic built
+by `build_actor_critic` from the same model config as the learner's.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def restore_version(path: str | pathlib.Path, ac_like: ActorCritic) -> nnx.State
     """The weights of the version at `path` (a published notice's path), as the `nnx.State` of
     an ActorCritic shaped like `ac_like`; apply with `nnx.update(ac, state)`. Raises if the
     structure, shapes or dtypes differ (a server built from another model config)."""
+    return restore_weights(path, _abstract(nnx.state(ac_like)))
+
+
+def restore_weights(path: str | pathlib.Path, target: Any) -> Any:
+    """The `weights` item of the version at `path`, restored into `target`'s tree: leaves of
+    `jax.ShapeDtypeStruct` restore as jax arrays, numpy arrays as numpy arrays (what the
+    server's restore worker asks for: nothing to copy off a device)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(pathlib.Path(path) / WEIGHTS, _abstract(nnx.state(ac_like)))
+        return ckptr.restore(pathlib.Path(path) / WEIGHTS, target)
 
 
 class VersionCheckpoints:

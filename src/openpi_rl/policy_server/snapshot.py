@@ -86,6 +86,17 @@ class PolicySnapshot:
         leaves, treedef = jax.tree.flatten(state)
         if treedef != self._treedef:
             raise ValueError(f"version {version}: weights tree differs from the served model's")
+        return self.with_leaves(version, leaves)
+
+    def with_leaves(self, version: int, leaves: Sequence[jax.Array | np.ndarray]) -> PolicySnapshot:
+        """`with_state` for the flat leaves of a state (`jax.tree.leaves` order), e.g. the
+        numpy arrays a restore worker sends. Same checks: ValueError on another count, shape or
+        dtype. Each leaf goes onto the live leaf's device (committed: no re-compile)."""
+        if len(leaves) != len(self._leaves):
+            raise ValueError(
+                f"version {version}: {len(leaves)} weight arrays, the served model has "
+                f"{len(self._leaves)}"
+            )
         for i, (new, old) in enumerate(zip(leaves, self._leaves, strict=True)):
             if new.shape != old.shape or new.dtype != old.dtype:
                 raise ValueError(
@@ -134,6 +145,13 @@ class PolicySnapshot:
                 out = self.sample(0, [obs] * size)
                 finite &= all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value))
         return bool(finite)
+
+    def check(self, example: Mapping[str, np.ndarray]) -> bool:
+        """One call at the smallest padded size: True if the outputs are finite. Enough for a
+        swapped-in version once `warm_up` has compiled every size (versions share the jitted
+        sampler, so the weights are all that changed); `compilations` tells if it compiled."""
+        out = self.sample(0, [{k: np.asarray(v) for k, v in example.items()}] * self.sizes[0])
+        return bool(all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value)))
 
 
 def example_observation(obs_spec: ObsSpec) -> dict[str, np.ndarray]:

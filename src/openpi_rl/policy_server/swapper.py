@@ -2,8 +2,14 @@
 between batches, never stalling a request.
 
     learner PUB {version, path} + heartbeat -> LatestVersion (single slot, newest only)
-      -> swapper thread: restore_version -> snapshot.with_state (same jitted sampler: no
-         compile) -> warm-up on every padded size (outputs must be finite) -> server.swap
+      -> swapper thread: restore (in the restore worker process) -> snapshot.with_leaves
+         (device_put; same jitted sampler: no compile) -> one check call (outputs must be
+         finite) -> server.swap
+
+The orbax restore runs in a low-priority worker process (restore_worker.py): in the server's
+process its threads held the GIL long enough to show in the robots' p99 (measured there).
+`restore_in_worker=False` restores in-process (no second process; e.g. a model too large to
+hold twice in RAM). The first version to start from is restored in-process, before warm-up.
 
 Weights never queue: a swapper that falls behind loads only the newest version it has heard
 of. The learner's heartbeats (every 0.5 s) show it alive; silent for `peer_timeout_s`, it is
@@ -29,12 +35,14 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import structlog
 from flax import nnx
 
 from openpi_rl.daemon.checkpoints import restore_version
 from openpi_rl.daemon.publish import LatestVersion
-from openpi_rl.policy_server.snapshot import PolicySnapshot
+from openpi_rl.policy_server.restore_worker import RestoreWorker
+from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
 
 if TYPE_CHECKING:
     from openpi_rl.policy_server.server import PolicyServer
@@ -53,7 +61,9 @@ class SwapOptions:
     admin_token: str | None = None  # None: $OPENPI_RL_ADMIN_TOKEN, else no admin endpoint
     auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
     auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
-    nice: int = 10  # the swapper thread's niceness (Linux); 0: the serving thread's
+    nice: int = 10  # the swapper thread's and restore worker's niceness (Linux); 0: the server's
+    restore_in_worker: bool = True  # orbax restores in a worker process; False: in-process
+    restore_timeout_s: float = 120.0  # a worker silent this long is killed and restarted
 
 
 class SwapError(Exception):
@@ -110,6 +120,8 @@ class Swapper:
         self.metrics = server.metrics
         # A model shaped like the served one, the target `restore_version` fills.
         self._like = nnx.merge(server.snapshot.graphdef, server.snapshot.state)
+        self._worker: RestoreWorker | None = None  # started by start() or the first load
+        self.phases: dict[str, float] = {}  # the last swap's phases, seconds (logged)
         self._sub = LatestVersion(options.learner_endpoint) if options.learner_endpoint else None
         self._lock = threading.Lock()
         self.newest: tuple[int, str] | None = None  # the learner's newest version and its path
@@ -155,6 +167,8 @@ class Swapper:
     # -- lifecycle
 
     def start(self) -> Swapper:
+        """Follow the learner. The restore worker starts here: its imports overlap warm-up."""
+        self._restore_worker()
         self._thread.start()
         return self
 
@@ -166,6 +180,20 @@ class Swapper:
         if self._sub is not None:
             self._sub.close()
             self._sub = None
+        with self._lock:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
+
+    def _restore_worker(self) -> RestoreWorker | None:
+        if self._worker is None and self.options.restore_in_worker and not self._stop.is_set():
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.server.snapshot.state
+            )
+            self._worker = RestoreWorker(
+                abstract, self.options.nice, self.options.restore_timeout_s
+            )
+        return self._worker
 
     def _run(self) -> None:
         if self.options.nice and hasattr(os, "setpriority"):
@@ -246,13 +274,34 @@ class Swapper:
         log.info(
             "swap", version=version, previous=old.version, reason=reason,
             seconds=round(seconds, 4), compilations=snapshot.compilations,
+            **{f"{k}_s": round(v, 4) for k, v in self.phases.items()},
         )  # fmt: skip
 
     def _load(self, version: int, path: str | Path) -> PolicySnapshot:
-        state = restore_version(path, self._like)
-        snapshot = self.server.snapshot.with_state(version, state)
-        if not self.server.warm(snapshot):
-            raise SwapError(f"version {version}: non-finite outputs at warm-up")
+        """Restore, place and check `version`; its phases' seconds go to `phases`."""
+        t0 = time.perf_counter()
+        worker = self._restore_worker()
+        if worker is not None:
+            leaves = worker.restore(path)
+            t1 = time.perf_counter()
+            snapshot = self.server.snapshot.with_leaves(version, leaves)
+        else:
+            state = restore_version(path, self._like)
+            t1 = time.perf_counter()
+            snapshot = self.server.snapshot.with_state(version, state)
+        t2 = time.perf_counter()
+        # Every padded size was compiled at start-up and versions share the executables: one
+        # call checks the weights. Should it have compiled (weights placed differently), every
+        # size is compiled here, off the serving path, as at start-up.
+        compiled = snapshot.compilations
+        finite = snapshot.check(example_observation(self.server.obs_spec))
+        if snapshot.compilations != compiled:
+            log.warning("swap.compiled", version=version)
+            finite = self.server.warm(snapshot) and finite
+        t3 = time.perf_counter()
+        self.phases = {"restore": t1 - t0, "place": t2 - t1, "check": t3 - t2}
+        if not finite:
+            raise SwapError(f"version {version}: non-finite outputs at the check call")
         return snapshot
 
     def _fail(self, version: int, path: str | Path, reason: str, error: Exception) -> None:
