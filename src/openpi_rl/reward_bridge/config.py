@@ -47,7 +47,9 @@ class BridgeConfig:
     query_default_reward: float = 0.0
     # Hostile clients (guarantee 6): each listener keeps serving good clients.
     max_connections: int = 128
-    """Per port (WebSocket, HTTP): past it a new connection gets 503 and is closed."""
+    """Per port (WebSocket, HTTP); one address holds at most 3/4 of it. Past it, the oldest
+    connection that has not sent its request (HTTP) or its hello (pendant) makes way for the
+    newcomer; 503 only when none can."""
     rate_limit_per_s: float = 100.0
     rate_limit_burst: int = 200
     """Frames per WebSocket connection; one over gets a `rate_limited` error reply."""
