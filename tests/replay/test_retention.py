@@ -120,3 +120,12 @@ def test_a_database_from_before_auto_vacuum_is_converted_when_a_byte_cap_is_set(
     with ReplayReader(tmp_path) as r:
         kept = [row.id for row in r.transitions()]
         assert kept == ids[-len(kept) :] and r.stats().bytes_total <= 600_000
+
+
+def test_reopening_a_store_near_its_cap_keeps_its_rows(tmp_path):
+    # The next commit's growth is predicted from the last one; a writer that just opened a full
+    # store must not take the whole store for one commit's growth and empty it.
+    ids = _fill(tmp_path, 40)  # ~480 kB on disk
+    ids += _fill(tmp_path, 5, retention_max_bytes=800_000)  # room for the 5 rows (~60 kB)
+    with ReplayReader(tmp_path) as r:
+        assert [row.id for row in r.transitions()] == ids

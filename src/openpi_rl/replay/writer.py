@@ -196,7 +196,9 @@ class ReplayWriter:
         # with fsync, the files it still has to sync; it closes a retired one after its sync.
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
         self._unsynced: dict[int, SegmentWriter] = {}
-        self._store_bytes = 0  # segments + database pages in use after the last retention
+        # Segments + database pages in use after the last retention (the next one predicts a
+        # commit's growth from it).
+        self._store_bytes = sum(self._seg_sizes.values()) + retention.db_bytes(self._conn)[0]
         self._wal_step = 0  # about the most a commit adds to the WAL
         self._rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
         # Whether the database file can shrink after retention deletes (see retention.py).
@@ -782,7 +784,6 @@ class ReplayWriter:
         if cut is not None:
             self._delete_rows("id <= ?", (cut[0],))
         self._drop_unreferenced_segments()
-        self._vacuum()
 
     def _apply_byte_cap(self) -> None:
         """Keep segments + database file within the cap's share (`retention.DiskBudget`).
