@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 import zmq
 
+from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
@@ -54,6 +55,10 @@ class ServeOptions:
     # company (worth it only when robots are in lockstep and the model's cost barely grows
     # with the batch); 0 keeps a lone robot at the transport's floor.
     max_wait_us: int = 0
+    # Predictive hold (batching.py): a batch waits for robots whose next request is due within
+    # this long and within one model call (a robot arriving later than that is better served
+    # on its own). A lone robot never waits. 0: off.
+    expected_wait_us: int = 3000
     max_message_bytes: int = 16 * 1024 * 1024
     seed: int = 0
     # Observation key sets to compile before ready, besides all keys and the required ones
@@ -178,6 +183,8 @@ class PolicyServer:
         # answering from here keeps one request one transition and one report one reward.
         self._warned_sets: set[tuple[str, ...]] = set()
         self._recent: OrderedDict[tuple[str, str], bytes | _Pending] = OrderedDict()
+        self._arrivals = ArrivalForecast()
+        self._call_s = 0.0  # running mean of one model call: the predictive hold's ceiling
         self.served = 0
         self.key_sets = self._key_sets(ac.model)
         example = example_observation(self.obs_spec)
@@ -232,18 +239,17 @@ class PolicyServer:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         pending: list[_Pending] = []
-        wait_s = self.options.max_wait_us / 1e6
         while not self._stop.is_set():
             timeout_ms = (
                 100
                 if not pending
-                else max(0.0, wait_s - (time.perf_counter() - pending[0].t_recv)) * 1e3
+                else max(0.0, self._serve_at(pending) - time.perf_counter()) * 1e3
             )
             if poller.poll(timeout_ms):
                 self._drain(pending)
             if pending and (
                 len(pending) >= self.options.max_batch
-                or time.perf_counter() - pending[0].t_recv >= wait_s
+                or time.perf_counter() >= self._serve_at(pending)
                 or not self._ready.is_set()
             ):
                 try:
@@ -252,6 +258,17 @@ class PolicyServer:
                     log.exception("serving pass failed")
                 pending = []
         self._finish()
+
+    def _serve_at(self, pending: list[_Pending]) -> float:
+        """When to serve the open batch: after `max_wait_us`, or later while robots are due."""
+        t_first = pending[0].t_recv
+        at = t_first + self.options.max_wait_us / 1e6
+        window = min(self.options.expected_wait_us / 1e6, self._call_s)
+        if window > 0 and len(pending) < self.options.max_batch:
+            present = {str(p.msg.get("robot_id")) for p in pending}
+            now = time.perf_counter()
+            at = max(at, self._arrivals.hold_until(t_first, now, window, present))
+        return at
 
     def close(self, wait_s: float | None = None) -> None:
         """Stop serving; the loop flushes the replay and closes the socket. Idempotent. With
@@ -298,6 +315,7 @@ class PolicyServer:
                 if kind == "infer":
                     self._check_infer(msg)
                     p = _Pending(identity, msg, payload, t_recv)
+                    self._arrivals.arrived(str(msg.get("robot_id")), t_recv)
                     pending.append(p)
                     if key is not None:
                         self._remember(key, p)
@@ -427,6 +445,7 @@ class PolicyServer:
                     self._reply(p, self._error(protocol.INTERNAL, "inference failed"))
                 continue
             infer_ms = (time.perf_counter() - t0) * 1e3
+            self._call_s += 0.2 * (infer_ms / 1e3 - self._call_s)
             self.metrics.batch_size.observe(len(group))
             for i, p in enumerate(group):
                 tid = self._log_transition(p, out, i, snapshot.version)
