@@ -13,16 +13,20 @@ round-trip latency of requests sent while a block is published (and one notice p
 while its last swap lands) over the p99 of the quiet windows is the figure (goal <= 2), with
 the requests that failed (error or timeout) or came back later than `late_ms`. The run ends
 once every robot has been served the last version. The server's own counters (swaps,
-compilations) are read from its /metrics.
+compilations) are read from its /metrics; the seconds of each swap's phases (restore, place
+on the device, check call) from its `swap` log lines.
 
     python benchmarks/hot_swap.py            # 4 robots x 50 Hz, 100 versions
     python benchmarks/hot_swap.py --quick    # 10 versions, short baseline
+    python benchmarks/hot_swap.py --no-restore-in-worker   # orbax restores in the server
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
+import os
 import socket
 import subprocess
 import sys
@@ -54,6 +58,7 @@ class Args:
     late_ms: float = 20.0  # a reply later than this counts as late
     max_batch: int = 8
     quick: bool = False  # 10 versions in blocks of 5
+    restore_in_worker: bool = True  # the server's swap.restore_in_worker
 
 
 def _free_port() -> int:
@@ -116,14 +121,16 @@ def start_server(
     config.write_text(
         f'replay_dir = "{root / "replay"}"\nmetrics_port = {metrics_port}\nopenpi_ws_port = 0\n\n'
         f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\nmax_batch = {args.max_batch}\n\n'
-        f'[swap]\nlearner_endpoint = "{learner_endpoint}"\ncheckpoint_dir = "{root / "ckpt"}"\n\n'
-        + _model_toml()
+        f'[swap]\nlearner_endpoint = "{learner_endpoint}"\ncheckpoint_dir = "{root / "ckpt"}"\n'
+        f"restore_in_worker = {str(args.restore_in_worker).lower()}\n\n" + _model_toml()
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(root / "serve.log", "wb") as log:  # JSON lines: the swaps' phases
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "OPENPI_RL_LOG_JSON": "1"},
+        )
     endpoint = f"tcp://127.0.0.1:{port}"
     with PolicyClient(endpoint, robot_id="bench", timeout_s=2.0, retries=60) as client:
         while client.health()["status"] != "ready":
@@ -143,12 +150,12 @@ def scrape(port: int) -> dict[str, float]:
 
 class Robot(threading.Thread):
     """One robot at `hz`: infer then report, on a fixed schedule; records each infer's
-    (start time, round-trip seconds or None when it failed, version)."""
+    (start time, round-trip seconds or None when it failed, version, server's queue_ms + infer_ms)."""
 
     def __init__(self, endpoint: str, name: str, hz: float, stop: threading.Event):
         super().__init__(name=name, daemon=True)
         self.endpoint, self.hz, self._stop_event = endpoint, hz, stop
-        self.samples: list[tuple[float, float | None, int]] = []
+        self.samples: list[tuple[float, float | None, int, float]] = []
 
     def run(self) -> None:
         rng = np.random.default_rng(abs(hash(self.name)) % 2**32)
@@ -160,13 +167,33 @@ class Robot(threading.Thread):
                 t0 = time.monotonic()
                 try:
                     out = client.infer(obs)
-                    self.samples.append((t0, time.monotonic() - t0, out.policy_version))
+                    timing = out.server_timing
+                    server_ms = timing.get("queue_ms", 0.0) + timing.get("infer_ms", 0.0)
+                    self.samples.append((t0, time.monotonic() - t0, out.policy_version, server_ms))
                     step += 1
                     client.report(out.transition_id, reward=0.0, done=step % 50 == 0)
                 except Exception:
-                    self.samples.append((t0, None, -1))
+                    self.samples.append((t0, None, -1, 0.0))
                 t_next += period
                 time.sleep(max(0.0, t_next - time.monotonic()))
+
+
+def swap_phases_ms(log: Path) -> dict[str, dict[str, float]]:
+    """Mean and max milliseconds of each phase over the server's `swap` log lines."""
+    phases: dict[str, list[float]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "swap":
+            for key, value in event.items():
+                if key.endswith("_s") and key != "seconds":
+                    phases.setdefault(key.removesuffix("_s"), []).append(value * 1e3)
+    return {
+        k: {"mean": round(float(np.mean(v)), 3), "max": round(float(np.max(v)), 3)}
+        for k, v in phases.items()
+    }
 
 
 def p99_ms(latencies: list[float]) -> float:
@@ -224,8 +251,8 @@ def main(args: Args) -> None:
 
     samples = [s for r in robots for s in r.samples if s[0] >= t_start]
     ok = [s for s in samples if s[1] is not None]
-    baseline = [lat for t, lat, _ in ok if not swapping_at(t)]
-    swapping = [lat for t, lat, _ in ok if swapping_at(t)]
+    baseline = [lat for t, lat, *_ in ok if not swapping_at(t)]
+    swapping = [lat for t, lat, *_ in ok if swapping_at(t)]
     p99_base, p99_swap = p99_ms(baseline), p99_ms(swapping)
     swap_count = after["openpi_rl_server_swap_seconds_count"]
     print_json(
@@ -233,7 +260,7 @@ def main(args: Args) -> None:
             "swaps": int(after["openpi_rl_server_swaps_total"]),
             "requests": len(samples),
             "failed": len(samples) - len(ok),
-            "late": sum(lat > args.late_ms / 1e3 for _, lat, _ in ok),
+            "late": sum(lat > args.late_ms / 1e3 for _, lat, *_ in ok),
             "p99_ratio": round(p99_swap / p99_base, 3),
             "p99_ms_baseline": round(p99_base, 3),
             "p99_ms_swapping": round(p99_swap, 3),
@@ -247,10 +274,16 @@ def main(args: Args) -> None:
             "compilations_during_run": int(
                 after["openpi_rl_server_compilations"] - before["openpi_rl_server_compilations"]
             ),
+            # Where a late reply's time went: [round trip, in the server (queue + infer)] ms.
+            "late_ms": [
+                [round(s[1] * 1e3, 1), round(s[3], 1)] for s in ok if s[1] > args.late_ms / 1e3
+            ][:10],
             "late_quiet": sum(lat > args.late_ms / 1e3 for lat in baseline),
             "late_swapping": sum(lat > args.late_ms / 1e3 for lat in swapping),
             "requests_quiet": len(baseline),
             "requests_swapping": len(swapping),
+            "swap_phase_ms": swap_phases_ms(root / "serve.log"),
+            "restore_in_worker": args.restore_in_worker,
             "robots": args.robots,
             "hz": args.hz,
         }

@@ -61,7 +61,7 @@ class SwapOptions:
     admin_token: str | None = None  # None: $OPENPI_RL_ADMIN_TOKEN, else no admin endpoint
     auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
     auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
-    nice: int = 10  # the swapper thread's and restore worker's niceness (Linux); 0: the server's
+    nice: int = 10  # the restore's niceness (Linux; the worker also runs SCHED_IDLE); 0: none
     restore_in_worker: bool = True  # orbax restores in a worker process; False: in-process
     restore_timeout_s: float = 120.0  # a worker silent this long is killed and restarted
 
@@ -187,6 +187,9 @@ class Swapper:
 
     def _restore_worker(self) -> RestoreWorker | None:
         if self._worker is None and self.options.restore_in_worker and not self._stop.is_set():
+            leaves = jax.tree.leaves(self.server.snapshot.state)
+            if any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves):
+                return None  # key arrays have no numpy form to send: restored in-process
             abstract = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.server.snapshot.state
             )
@@ -196,9 +199,11 @@ class Swapper:
         return self._worker
 
     def _run(self) -> None:
-        if self.options.nice and hasattr(os, "setpriority"):
+        if self.options.nice and self._worker is None and hasattr(os, "setpriority"):
             # Linux schedules threads as tasks: a lower priority for this one (and the restore
-            # threads it starts) leaves the cores to the serving thread during a swap.
+            # threads it starts) leaves the cores to the serving thread during a swap. Not with
+            # a restore worker: what is left here is short and holds the GIL, and a nice'd
+            # thread holding it can wait for a core while the serving thread waits for it.
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.options.nice)
         while not self._stop.is_set():
