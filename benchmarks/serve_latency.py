@@ -19,6 +19,8 @@ state and a prompt (about 301 KB as msgpack).
 - fleet:     4 robots (threads) sending at once to pi0_fast dummy, our server (max_batch 4)
              vs a reference that serves one request at a time as openpi's loop does
              (decode -> the same jitted `PolicySnapshot.sample` on one observation -> encode).
+             `fleet4_model_bound`: the model alone, one call on 4 observations over 4 calls on
+             one, measured after the servers stop: the ratio no batching server can beat here.
 
 Cases run interleaved in blocks so the shared machine's noise falls on all alike.
 
@@ -317,6 +319,30 @@ def _reference_server(conn, model: str = "pi0_fast") -> None:
     ctx.term()
 
 
+def _model_bound(conn, repeats: int = 15) -> None:
+    """The model's own share of the fleet goal: one call on 4 observations over 4 calls on one
+    (the same jitted sampler, medians of interleaved repeats). A batching server cannot beat
+    the reference by more than this on this machine, whatever else it does."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
+
+    ac = _pi0_fast_actor_critic()
+    snapshot = PolicySnapshot(0, ac, ac.model.obs_spec, (1, 4))
+    snapshot.warm_up(example_observation(ac.model.obs_spec))
+    obs = [observation(seed=i + 1) for i in range(4)]
+    batched, single = [], []
+    for k in range(repeats):
+        t = time.perf_counter()
+        snapshot.sample(k, obs)
+        batched.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i, o in enumerate(obs):
+            snapshot.sample(k * 4 + i, [o])
+        single.append(time.perf_counter() - t)
+    b, s = float(np.median(batched)), float(np.median(single))
+    conn.send({"batched_ms": b * 1e3, "one_at_a_time_ms": s * 1e3, "ratio": b / s})
+
+
 class Proc:
     """A server in its own (spawned) process; `info` is what it sent once ready."""
 
@@ -547,6 +573,12 @@ def main(args: Args) -> dict:
     stats = {
         name: p.stop() for name, p in [("echo", echo), ("noop", noop), ("pi0", pi0), ("ref", ref)]
     }
+    bound = None
+    if args.fleet:  # alone on the machine's cores, after the servers have gone
+        mb = Proc(_model_bound)
+        bound = mb.info
+        mb.proc.join(30)
+        print(f"model alone, 4 robots: {bound}", file=sys.stderr)
     tmp.cleanup()
 
     lat = {**single["lat"], **fl["lat"]}
@@ -595,6 +627,7 @@ def main(args: Args) -> dict:
         "fleet4_p99_ms": r(f99),
         "fleet4_reference_p99_ms": r(ref99),
         "fleet4_p99_over_reference": r(f99 / ref99),
+        "fleet4_model_bound": r(bound["ratio"]) if bound else None,
         "floor_p50_ms": r(pct(lat["floor"], 50)),
         "floor_over_echo": r(pct(lat["floor"], 50) / echo50),
         "noop_over_floor": r(noop50 / pct(lat["floor"], 50)),

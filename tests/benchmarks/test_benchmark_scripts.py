@@ -69,7 +69,8 @@ def test_robots_50hz_quick_every_reply_is_stored():
 def test_serve_latency_quick_reports_every_case():
     figures = _last_json("serve_latency.py")
     assert figures["errors"] == 0
-    for key in ("echo_p50_ms", "noop_p50_ms", "pi0_fast_p50_ms", "ws_p50_ms", "fleet4_p99_ms"):
+    keys = ("echo_p50_ms", "noop_p50_ms", "pi0_fast_p50_ms", "ws_p50_ms", "fleet4_p99_ms")
+    for key in (*keys, "fleet4_model_bound"):
         assert figures[key] > 0, key
 
 
