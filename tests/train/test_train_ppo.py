@@ -99,29 +99,42 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert _steps(ckpt)[-1] == last + 2
 
 
-def test_token_policy_rollouts_store_tokens_whose_logprob_matches_the_behaviour():
+def test_pi0_fast_trains_through_the_cli_config_on_stored_tokens(monkeypatch):
+    """The token policy trains through `train`, and each rollout it learns from holds the
+    sampled action tokens whose log-prob, recomputed with the weights that sampled them,
+    is the stored behaviour log-prob (the PPO ratio starts at exactly 1)."""
     import jax
+    from flax import nnx
 
     from openpi_rl.models.pi0_fast import Pi0FASTConfig
-    from openpi_rl.rl import ActorCritic, PPOConfig
+    from openpi_rl.train import train_ppo
     from openpi_rl.train.learner import RolloutLearner
 
-    config = Pi0FASTConfig(variant="dummy", action_horizon=2).for_env(obs_dim=4, action_dim=1)
-    ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=config.value_in_dim)
-    learner = RolloutLearner(ac, PPOConfig(), 0, 8, 3, 4, (2, 1))
-    obs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    actions, logp, _, tokens = learner.act(0, 0, obs)
-    assert actions.shape == (3, 2, 1) and tokens.dtype == np.int32
-    assert learner.new_rollout()["actions"].shape == (8, 3, *tokens.shape[1:])
-    recomputed = ac.model.policy_logprobs(None, {"state": obs}, tokens)
-    np.testing.assert_allclose(recomputed, logp, atol=1e-4)  # the PPO ratio starts at exactly 1
+    seen: list[tuple[RolloutLearner, dict, object]] = []
 
+    class RecordingLearner(RolloutLearner):  # the real learner; keeps what `learn` is given
+        def learn(self, update: int, rollout: dict) -> dict:
+            weights = jax.tree.map(np.array, self.params)  # a copy: the update writes in place
+            seen.append((self, {k: v.copy() for k, v in rollout.items()}, weights))
+            return super().learn(update, rollout)
 
-def test_pi0_fast_trains_through_the_cli_config():
-    from openpi_rl.models.pi0_fast import Pi0FASTConfig
-
-    config = PPOTrainConfig(
-        model=Pi0FASTConfig(variant="dummy", action_horizon=2), num_train_steps=2, **SMALL
-    )
-    result = train(config, display=False)
+    monkeypatch.setattr(train_ppo, "RolloutLearner", RecordingLearner)
+    model = Pi0FASTConfig(variant="dummy", action_horizon=2)
+    result = train(PPOTrainConfig(model=model, num_train_steps=2, **SMALL), display=False)
     assert result.updates == 2 and np.isfinite(result.metrics["policy_loss"])
+
+    assert len(seen) == 2
+    learner = seen[0][0]
+    num_tokens = model.for_env(4, 1).action_tokenizer().num_tokens
+
+    @jax.jit
+    def recompute(params, obs, tokens):
+        ac = nnx.merge(learner.graphdef, params, learner.rest)
+        return ac.model.policy_logprobs(None, {"state": obs}, tokens)
+
+    for _, rollout, params in seen:  # the second rollout was sampled by updated weights
+        t, n = rollout["logp"].shape
+        tokens = rollout["actions"]
+        assert tokens.dtype == np.int32 and tokens.shape == (t, n, num_tokens + 1)
+        logp = recompute(params, rollout["obs"].reshape(t * n, -1), tokens.reshape(t * n, -1))
+        np.testing.assert_allclose(np.asarray(logp).reshape(t, n), rollout["logp"], atol=1e-4)
