@@ -227,15 +227,29 @@ def test_seed_programmatic_usage_with_gaussian_mlp_and_custom_value_head():
 
 
 def test_ppo_step_keeps_adam_state_across_calls_and_learns_a_value():
-    _config, ac = _ac()
+    """Call after call, `ppo_step` takes the steps of a PPOTrainer that carries Adam's state
+    explicitly (a fresh state per call would restart the moments and the bias correction),
+    and the critic learns the Monte Carlo return."""
+    _, ac = _ac()
+    _, twin = _ac()  # the same weights
     obs = {"state": jnp.ones((8, 3))}
     actions = ac.model.sample_actions(jax.random.key(0), obs)
     logp = ac.model.policy_logprobs(None, obs, actions)
     rewards, dones = jnp.zeros(8).at[-1].set(1.0), jnp.zeros(8, bool).at[-1].set(True)
-    cfg = PPOConfig(lr=3e-3, gamma=1.0, lam=1.0, minibatch_size=8)
-    for _ in range(60):
-        values = ac.value(None, obs)
+    # Few calls of many epochs: each ppo_step call compiles its GAE scan anew (~0.2 s).
+    cfg = PPOConfig(lr=3e-3, gamma=1.0, lam=1.0, minibatch_size=8, train_iters=30)
+    values = ac.value(None, obs)  # the same batch every call, so the twin can replay it
+    adv, ret = gae_advantages(
+        rewards[:, None], values[:, None], dones[:, None], None, jnp.zeros(1), 1.0, 1.0
+    )
+    trainer = PPOTrainer(twin, cfg)
+    batch = PPOBatch(obs, actions, logp, values, adv[:, 0], ret[:, 0])
+    for _ in range(8):
         ppo_step(ac, jax.random.key(0), obs, actions, rewards, dones, logp, values, cfg)
+        trainer.update(jax.random.key(0), batch)
+    got, want = nnx.state(ac, nnx.Param), nnx.state(twin, nnx.Param)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # Monte Carlo return is 1 at every step (gamma 1): the critic must approach it.
     assert float(jnp.abs(ac.value(None, obs) - 1.0).max()) < 0.1
 
