@@ -184,6 +184,7 @@ def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, pro
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings+
     from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
+    from openpi_rl.policy_server.serve import tune_serving_process
     from openpi_rl.policy_server.server import PolicyServer, ServeOptions
     from openpi_rl.replay import ReplayConfig
 
@@ -193,6 +194,7 @@ def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, pro
         ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=max_batch),
         ReplayConfig(path=Path(replay_dir)),
     )
+    tune_serving_process()  # as `openpi-rl serve` does
     prof = None
     if profile:
         import cProfile

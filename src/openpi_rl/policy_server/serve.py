@@ -78,15 +78,21 @@ def build_server(config: ServeConfig) -> PolicyServer:
     return PolicyServer(ac, config.serve, replay, metrics=ServerMetrics())
 
 
-def serve(config: ServeConfig) -> int:
-    # The serving thread shares the GIL with the swapper (orbax restore), the replay writer and
-    # the metrics server; a thread busy in Python keeps it up to the switch interval (5 ms by
-    # default) before a woken serving thread runs. 0.5 ms keeps swaps off the tail latency.
-    sys.setswitchinterval(config.gil_switch_interval_s)
-    server = build_server(config)
-    # Startup's objects (JAX, the model, imports) never die: out of the collector's sight, a
-    # full collection triggered by a swap's allocations does not walk them with the GIL held.
+def tune_serving_process(gil_switch_interval_s: float = 0.0005) -> None:
+    """Process settings for a serving process, called once its model is built.
+
+    The serving thread shares the GIL with the swapper, the replay writer and the metrics
+    server; a thread busy in Python keeps it up to the switch interval (5 ms by default) before
+    a woken serving thread runs: 0.5 ms keeps them off the tail latency. Startup's objects
+    (JAX, the model, imports) never die: frozen out of the collector's sight, a full
+    collection does not walk them with the GIL held."""
+    sys.setswitchinterval(gil_switch_interval_s)
     gc.freeze()
+
+
+def serve(config: ServeConfig) -> int:
+    server = build_server(config)
+    tune_serving_process(config.gil_switch_interval_s)
     if config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=server.metrics.registry
