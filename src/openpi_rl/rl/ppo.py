@@ -77,17 +77,19 @@ def gae_advantages(
     # The value that follows step t: the episode's final observation when cut by a time limit.
     next_values = jnp.where(truncated > 0, jnp.asarray(final_values, jnp.float32), next_values)
     deltas = rewards + gamma * next_values * (1.0 - dones) - values
-    episode_end = jnp.maximum(dones, truncated)
-
-    def step(carry: Array, x: tuple[Array, Array]) -> tuple[Array, Array]:
-        delta, end = x
-        adv = delta + gamma * lam * (1.0 - end) * carry
-        return adv, adv
-
+    decay = gamma * lam * (1.0 - jnp.maximum(dones, truncated))  # 0 where an episode ends
     _, advantages = jax.lax.scan(
-        step, jnp.zeros_like(deltas[0]), (deltas, episode_end), reverse=True
+        _gae_step, jnp.zeros_like(deltas[0]), (deltas, decay), reverse=True
     )
     return advantages, advantages + values
+
+
+def _gae_step(carry: Array, x: tuple[Array, Array]) -> tuple[Array, Array]:
+    """One step back: A_t = delta_t + gamma * lam * (1 - end_t) * A_{t+1}. Module level, so an
+    eager call's scan is traced and compiled once per shape, not once per call."""
+    delta, decay = x
+    adv = delta + decay * carry
+    return adv, adv
 
 
 # ----------------------------------------------------------------------------- loss
