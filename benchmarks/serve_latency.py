@@ -632,6 +632,7 @@ def main(args: Args) -> dict:
         "fleet4_model_bound": r(bound["ratio"]) if bound else None,
         "floor_p50_ms": r(pct(lat["floor"], 50)),
         "floor_over_echo": r(pct(lat["floor"], 50) / echo50),
+        "floor_p99_over_echo": r(pct(lat["floor"], 99) / echo99),
         "noop_over_floor": r(noop50 / pct(lat["floor"], 50)),
         "errors": int(errors),
     }
