@@ -121,7 +121,9 @@ def start_server(
     config.write_text(
         f'replay_dir = "{root / "replay"}"\nmetrics_port = {metrics_port}\nopenpi_ws_port = 0\n\n'
         f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\nmax_batch = {args.max_batch}\n\n'
-        f'[swap]\nlearner_endpoint = "{learner_endpoint}"\ncheckpoint_dir = "{root / "ckpt"}"\n'
+        # No checkpoint_dir: a server that starts after the stand-in wrote its versions would
+        # start from the newest one on disk and swap nothing (notices carry their paths).
+        f'[swap]\nlearner_endpoint = "{learner_endpoint}"\n'
         f"restore_in_worker = {str(args.restore_in_worker).lower()}\n\n" + _model_toml()
     )
     with open(root / "serve.log", "wb") as log:  # JSON lines: the swaps' phases

@@ -61,9 +61,11 @@ def _malformed(rng: np.random.Generator, i: int) -> bytes:
 @pytest.fixture
 def server():
     ac = ActorCritic(CONFIG.create(jax.random.key(0)), value_in_dim=4, value_hidden=(8,))
-    srv = PolicyServer(
-        ac, ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=4, max_message_bytes=64 * 1024)
+    # No rate limit here: every frame must reach the decoder (tests/security covers the limit).
+    options = ServeOptions(
+        endpoint="tcp://127.0.0.1:*", max_batch=4, max_message_bytes=64 * 1024, rate_limit_per_s=0
     )
+    srv = PolicyServer(ac, options)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     srv._ready.wait(60)
@@ -100,7 +102,14 @@ def test_ten_thousand_malformed_frames_each_get_an_error_and_serving_goes_on(ser
         if s.name.endswith("_total")
     )
     assert errors == 10_000  # every error reply is counted
-    sock.send_multipart([b"", wire.packb(GOOD)])
-    assert sock.poll(5000)
-    assert wire.unpackb(sock.recv_multipart()[-1])["actions"].shape == (1, 1)
     sock.close(0)
+    # A good robot on its own connection.
+    good_sock = zmq.Context.instance().socket(zmq.DEALER)
+    good_sock.setsockopt(zmq.LINGER, 0)
+    good_sock.connect(server.endpoint)
+    good_sock.send_multipart([b"", wire.packb(GOOD)])
+    assert good_sock.poll(5000)
+    good = wire.unpackb(good_sock.recv_multipart()[-1])
+    assert "actions" in good, good
+    assert good["actions"].shape == (1, 1)
+    good_sock.close(0)

@@ -57,7 +57,11 @@ def test_robots_server_replay_learner_and_back(tmp_path):
 
     reader = ReplayReader(str(tmp_path / "replay"))
     served_versions = {r.policy_version for r in reader.transitions()}
-    assert {0, 1, 2} <= served_versions  # every served chunk is logged with its version
+    # Every served chunk is logged with its version: the seed's, at least two published ones
+    # (the swapper may skip a version published while it loaded the one before: newest only),
+    # up to the newest any robot saw.
+    assert 0 in served_versions and len(served_versions) >= 3, served_versions
+    assert max(served_versions) == max(v[-1] for v in robots.versions.values() if v)
     # About 13 s on an idle 2-core machine (two JAX compilations included); the waits above
     # bound it by 75 s on a loaded one.
     print(f"server down seen after {seconds:.2f} s; whole test {time.monotonic() - t_start:.1f} s")
