@@ -3,9 +3,11 @@
 Continuous batching serves a request as soon as the model is free. Robots that run in step
 (a fleet answered in one batch resends within a millisecond of each other) then split: the
 first one back is served alone and the rest wait a whole model call behind it. The server
-knows better than to do that: each robot's requests come at a steady interval, so it can
-predict who is about to arrive and hold the batch for them, never longer than
-`expected_wait_us`. A lone robot, or robots whose next request is not due, are served at once.
+knows better than to do that: a robot's next request follows its last reply after a steady
+"think time" (its control loop: near zero for a closed loop, the rest of its period for a
+fixed-rate one), so the server can predict who is about to arrive and hold the batch for
+them, never longer than `expected_wait_us`. A lone robot, or robots not yet due, are served
+at once.
 """
 
 from __future__ import annotations
@@ -14,44 +16,52 @@ from collections import OrderedDict
 
 
 class ArrivalForecast:
-    """Per robot: the last arrival and a running mean of the interval between arrivals.
-
-    `arrived(robot, t)` on every infer request; `hold_until(...)` says how long a batch that
-    opened at `t_first` should wait for the robots predicted to come."""
+    """Per robot: when its last reply left and a running estimate of its think time (reply to
+    next request). `arrived` on every new infer request, `replied` when its reply is sent;
+    `hold_until(...)` says how long a batch that opened at `t_first` should wait."""
 
     def __init__(self, smoothing: float = 0.3, forget_s: float = 2.0, max_robots: int = 1024):
-        self._last: OrderedDict[str, float] = OrderedDict()  # robot -> last arrival (oldest first)
-        self._interval: dict[str, float] = {}  # robot -> smoothed interval (s)
+        self._replied: OrderedDict[str, float] = OrderedDict()  # robot -> last reply (oldest first)
+        self._waiting: set[str] = set()  # robots with a request the server has not answered
+        self._think: dict[str, float] = {}  # robot -> smoothed think time (s)
         self._smoothing, self._forget_s, self._max = smoothing, forget_s, max_robots
 
     def arrived(self, robot: str, t: float) -> None:
-        prev = self._last.pop(robot, None)
-        if prev is not None and t > prev:
-            iv = self._interval.get(robot)
-            gap = t - prev
-            self._interval[robot] = gap if iv is None else iv + self._smoothing * (gap - iv)
-        self._last[robot] = t  # moved to the end: the dict stays ordered by arrival
-        while len(self._last) > self._max:  # many robot ids (hostile or not): bounded memory
-            old, _ = self._last.popitem(last=False)
-            self._interval.pop(old, None)
+        last = self._replied.get(robot)
+        if last is not None and robot not in self._waiting and t >= last:
+            gap, est = t - last, self._think.get(robot)
+            # A pause (an episode reset, an idle robot) is not the loop's pace: a gap counts
+            # for at most twice the estimate, so real slow-downs still move it.
+            self._think[robot] = (
+                gap if est is None else est + self._smoothing * (min(gap, 2 * est + 1e-4) - est)
+            )
+        self._waiting.add(robot)
+
+    def replied(self, robot: str, t: float) -> None:
+        self._waiting.discard(robot)
+        self._replied.pop(robot, None)
+        self._replied[robot] = t  # moved to the end: the dict stays ordered by reply time
+        while len(self._replied) > self._max:  # many robot ids (hostile or not): bounded memory
+            old, _ = self._replied.popitem(last=False)
+            self._think.pop(old, None)
+            self._waiting.discard(old)
 
     def hold_until(self, t_first: float, now: float, window_s: float, present: set[str]) -> float:
-        """The time to serve a batch that opened at `t_first`: the latest predicted arrival of a
-        robot not in `present` that falls inside [now - slack, t_first + window_s] (slack: a
-        quarter of its interval, for jitter), plus that slack; `t_first` if none is due."""
-        until = t_first
+        """The time to serve a batch that opened at `t_first`: the end of the window
+        (`t_first + window_s`) while an answered robot not in `present` is predicted within
+        it (or late by less than the window: scheduling jitter), else `t_first` (serve now).
+        A robot that stopped costs at most one window."""
         horizon = t_first + window_s
-        for robot in reversed(self._last):  # newest first: stop at the robots that went quiet
-            last = self._last[robot]
+        for robot in reversed(self._replied):  # newest first: stop at robots that went quiet
+            last = self._replied[robot]
             if now - last > self._forget_s:
                 break
-            iv = self._interval.get(robot)
-            if iv is None or robot in present:
+            think = self._think.get(robot)
+            if think is None or robot in present or robot in self._waiting:
                 continue
-            due, slack = last + iv, min(0.25 * iv, window_s)
-            if now - slack <= due <= horizon:
-                until = max(until, min(horizon, max(due, now) + slack))
-        return until
+            if now - window_s <= last + think <= horizon:
+                return horizon
+        return t_first
 
 
 __all__ = ["ArrivalForecast"]

@@ -459,6 +459,7 @@ class PolicyServer:
                     "server_timing": {"queue_ms": (t0 - p.t_recv) * 1e3, "infer_ms": infer_ms},
                 }
                 self._reply(p, reply, remember=True)
+                self._arrivals.replied(str(p.msg["robot_id"]), time.perf_counter())
                 self.served += 1
 
     def _log_transition(self, p: _Pending, out: Any, i: int, version: int) -> int:
