@@ -239,17 +239,17 @@ class PolicyServer:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         pending: list[_Pending] = []
+        serve_at = 0.0  # when the open batch is due (one forecast per pass)
         while not self._stop.is_set():
-            timeout_ms = (
-                100
-                if not pending
-                else max(0.0, self._serve_at(pending) - time.perf_counter()) * 1e3
-            )
+            timeout_ms = 100 if not pending else max(0.0, serve_at - time.perf_counter()) * 1e3
             if poller.poll(timeout_ms):
                 self._drain(pending)
-            if pending and (
+            if not pending:
+                continue
+            serve_at = self._serve_at(pending)
+            if (
                 len(pending) >= self.options.max_batch
-                or time.perf_counter() >= self._serve_at(pending)
+                or time.perf_counter() >= serve_at
                 or not self._ready.is_set()
             ):
                 try:

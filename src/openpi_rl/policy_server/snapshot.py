@@ -143,7 +143,7 @@ class PolicySnapshot:
             obs = {k: np.asarray(example[k]) for k in keys}
             for size in self.sizes:
                 out = self.sample(0, [obs] * size)
-                finite &= all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value))
+                finite &= _finite(out)
         return bool(finite)
 
     def check(self, example: Mapping[str, np.ndarray]) -> bool:
@@ -151,7 +151,11 @@ class PolicySnapshot:
         swapped-in version once `warm_up` has compiled every size (versions share the jitted
         sampler, so the weights are all that changed); `compilations` tells if it compiled."""
         out = self.sample(0, [{k: np.asarray(v) for k, v in example.items()}] * self.sizes[0])
-        return bool(all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value)))
+        return _finite(out)
+
+
+def _finite(out: Sampled) -> bool:
+    return bool(all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value)))
 
 
 def example_observation(obs_spec: ObsSpec) -> dict[str, np.ndarray]:
