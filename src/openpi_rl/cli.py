@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 import structlog
@@ -239,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: openpi-rl {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # `kill -USR1 PID` writes every thread's stack to stderr (the service log): the daemon does
+    # it before it kills a stuck child, so a hang leaves its cause behind.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return COMMANDS[argv[0]](argv[1:])
     except KeyboardInterrupt:

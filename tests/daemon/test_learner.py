@@ -1,6 +1,7 @@
 """The learner's update, guard, behaviour cloning, checkpoints and publishing, on a real replay,
 real orbax checkpoints and a real ZMQ SUB socket."""
 
+import threading
 import time
 
 import jax
@@ -65,6 +66,26 @@ def test_heartbeat_every_interval(tmp_path):
         assert 6 <= sub.heartbeats - first <= 12
     finally:
         sub.close()
+        learner.close()
+
+
+def test_stop_takes_no_lock_so_a_signal_handler_cannot_deadlock_the_run_loop(tmp_path):
+    """`stop()` runs in the SIGTERM handler, on the main thread, possibly while `run` is inside
+    `Event.wait` holding that event's lock: a stop that took it never returned (a CI learner
+    hung until killed). Here the lock is held, as `run` would hold it, while `stop()` is called;
+    then `run` must notice the flag and return."""
+    learner = Learner(learner_config(tmp_path, poll_interval_s=0.05))
+    runner = threading.Thread(target=learner.run, daemon=True)
+    try:
+        with learner._stop._cond:  # what an interrupted Event.wait holds
+            stopper = threading.Thread(target=learner.stop, daemon=True)
+            stopper.start()
+            stopper.join(2.0)
+            assert not stopper.is_alive(), "stop() blocked on the event's lock"
+        runner.start()
+        runner.join(5.0)
+        assert not runner.is_alive(), "run() did not return after stop()"
+    finally:
         learner.close()
 
 

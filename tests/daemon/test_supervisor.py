@@ -19,8 +19,10 @@ from openpi_rl.daemon.config import EX_CONFIG, DaemonConfig
 from openpi_rl.daemon.supervisor import ChildSpec, Supervisor
 
 CHILD = r"""
-import os, signal, socket, sys, time
+import faulthandler, os, signal, socket, sys, time
 mode, log = sys.argv[1], sys.argv[2]
+stacks = open(log + ".stacks", "a")
+faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # as `openpi-rl` does
 def note(what):
     with open(log, "a") as f:
         f.write(f"{what} {os.getpid()} {time.monotonic()}\n")
@@ -127,6 +129,8 @@ def test_a_ready_child_that_stops_pinging_is_killed_by_the_watchdog_and_restarte
         assert run.stop() == 0
     # The child that pings on time was never touched: one start, one SIGTERM at the end.
     assert [e[0] for e in events(ok)] == ["start", "term"]
+    # Before the kill, the hung child wrote its stack (the faulthandler dump) to its log.
+    assert "Current thread" in (tmp_path / "hang.log.stacks").read_text()
     assert restarts(sup, "ok", "watchdog") == 0
 
 
@@ -143,7 +147,8 @@ def test_sigterm_reaches_every_child_and_a_stubborn_one_is_killed_after_the_time
     wait_for(lambda: sup.children[0].ready, what="ready child")
     t = time.monotonic()
     assert run.stop() == 1  # not a clean stop: the child had to be killed
-    assert 0.5 <= time.monotonic() - t < 3
+    assert 0.5 <= time.monotonic() - t < 4
+    assert "Current thread" in (tmp_path / "s.log.stacks").read_text()  # why it hung, logged
 
 
 def test_a_child_with_a_config_error_is_not_restarted_and_stops_the_daemon(tmp_path):

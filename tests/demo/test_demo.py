@@ -21,7 +21,9 @@ def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
         ],
         capture_output=True, text=True, timeout=150,
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    log_path = tmp_path / "service.log"
+    log_tail = log_path.read_text()[-4000:] if log_path.exists() else "(no service.log)"
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:] + "\nservice.log:\n" + log_tail
     assert "pendant: http://127.0.0.1:" in out.stderr and "#token=" in out.stderr
     assert re.search(r"mean return, first version \(v0, \d+ episodes\): [\d.]+", out.stdout)
     assert "mean return, last 20 episodes:" in out.stdout

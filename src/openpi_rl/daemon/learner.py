@@ -143,6 +143,7 @@ class Learner:
         )  # fmt: skip
         self._source: ReplaySource | None = None
         self._stop = threading.Event()
+        self._stop_asked = False  # set by `stop()` (signal handlers); `run` polls it
         self._closed = False
 
     # -- one poll
@@ -310,7 +311,7 @@ class Learner:
         notifier = Notifier()
         notifier.ready(status=f"version {self.version}")
         try:
-            while not self._stop.is_set():
+            while not (self._stop_asked or self._stop.is_set()):
                 notifier.watchdog()
                 if c.max_updates is not None and done >= c.max_updates:
                     break
@@ -319,7 +320,7 @@ class Learner:
                     continue
                 result = self.step()
                 if result is None:
-                    self._stop.wait(c.poll_interval_s)
+                    self._stop.wait(min(c.poll_interval_s, 0.25))
                 elif result.published:
                     done += 1
         finally:
@@ -338,8 +339,10 @@ class Learner:
         return paused
 
     def stop(self) -> None:
-        """Ask `run` to return after the current step (safe from a signal handler)."""
-        self._stop.set()
+        """Ask `run` to return after the current step. Safe from a signal handler: it sets a
+        flag and takes no lock (`Event.set` there deadlocks if the signal landed while `run`'s
+        `Event.wait` held the event's lock: a learner that never stops, killed at the timeout)."""
+        self._stop_asked = True
 
     def close(self) -> None:
         """Stop `run`, finish pending checkpoint writes, close sockets and the replay. Idempotent."""

@@ -20,6 +20,7 @@ learner as separate child processes, supervised the way systemd would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import select
@@ -118,18 +119,20 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="openpi-rl-daemon-"))
         self.children = [_Child(s, self._dir) for s in specs]
         self.notifier = Notifier()
-        self._stop = threading.Event()
+        # A plain flag, not an Event: request_stop runs in signal handlers, where Event.set can
+        # deadlock on the lock the interrupted main thread holds.
+        self._stopping = False
         self._exit_code = 0
         self._t0 = time.monotonic()
         self._status = ""
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
     def run(self) -> int:
         log.info("daemon.start", roles=[c.spec.role for c in self.children])
         try:
-            while not self._stop.is_set():
+            while not self._stopping:
                 self._read_notifications(_TICK_S)
                 now = time.monotonic()
                 for child in self.children:
@@ -173,7 +176,7 @@ class Supervisor:
             child.status = line.removeprefix("STATUS=")
 
     def _reap(self, child: _Child, now: float) -> None:
-        if self._stop.is_set() or child.proc is None or child.proc.poll() is None:
+        if self._stopping or child.proc is None or child.proc.poll() is None:
             return  # once stopping, exits are the shutdown's to collect
         rc, role = child.proc.returncode, child.spec.role
         reason = child.kill_reason or ("signal" if rc < 0 else "exit")
@@ -183,7 +186,7 @@ class Supervisor:
         if rc == EX_CONFIG:
             log.error("daemon.child_config_error", role=role, rc=rc, hint="openpi-rl check")
             self._exit_code = EX_CONFIG
-            self._stop.set()
+            self._stopping = True
             return
         if now - child.started_at >= self.config.healthy_after_s:
             child.crashes_in_row = 0
@@ -213,10 +216,11 @@ class Supervisor:
     def _kill(self, child: _Child, reason: str, **info: object) -> None:
         log.error("daemon.child_killed", role=child.spec.role, reason=reason, **info)
         child.kill_reason = reason
+        _dump_stacks(child.proc)
         child.proc.kill()
 
     def _maybe_start(self, child: _Child, now: float) -> None:
-        if self._stop.is_set() or child.proc is not None or now < child.next_start:
+        if self._stopping or child.proc is not None or now < child.next_start:
             return
         after = next((c for c in self.children if c.spec.role == child.spec.after), None)
         waited = now - self._t0 < self.config.start_timeout_s
@@ -269,6 +273,7 @@ class Supervisor:
                 rc = c.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("daemon.child_stop_timeout", role=c.spec.role, pid=c.proc.pid)
+                _dump_stacks(c.proc)
                 c.proc.kill()
                 rc = c.proc.wait()
             # As systemd: death by SIGTERM is clean (a child still starting had nothing to flush).
@@ -278,6 +283,15 @@ class Supervisor:
         code = self._exit_code or (0 if clean else 1)
         log.info("daemon.stopped", rc=code)
         return code
+
+
+def _dump_stacks(proc: subprocess.Popen, wait_s: float = 1.0) -> None:
+    """SIGUSR1: the child (`openpi-rl` registers faulthandler for it) writes every thread's
+    stack to its stderr, the service log, before it is killed: what it was stuck in."""
+    with contextlib.suppress(OSError):
+        proc.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait_s)
 
 
 def _renice(pid: int, increment: int) -> None:

@@ -74,6 +74,7 @@ class DemoResult:
     daemon_rc: int
     wall_s: float
     workdir: Path
+    daemon_problems: list[str] = dataclasses.field(default_factory=list)  # when daemon_rc != 0
 
     @property
     def first_version_return(self) -> float:
@@ -182,6 +183,7 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
         operator_acks=[] if operator is None else list(operator.acks),
         errors=list(fleet.errors),
         daemon_rc=rc,
+        daemon_problems=daemon.problems() if rc != 0 else [],
         wall_s=time.monotonic() - t_start,
         workdir=workdir,
     )
@@ -221,6 +223,10 @@ def demo_main(config: DemoConfig) -> int:
     print(summary(result), flush=True)
     if config.keep or config.workdir is not None:
         print(f"replay, checkpoints and service log: {result.workdir}", flush=True)
+    if result.daemon_rc != 0:
+        print(f"openpi-rl demo: the daemon exited {result.daemon_rc}", file=sys.stderr)
+        for line in result.daemon_problems:
+            print(f"  {line}", file=sys.stderr)
     return 0 if result.daemon_rc == 0 else 1
 
 

@@ -81,3 +81,18 @@ class DaemonProcess:
             self._log.close()
             self._log = None
         return self.proc.returncode
+
+    def problems(self, limit: int = 5) -> list[str]:
+        """The log's last errors and unclean child exits: why the daemon exited non-zero."""
+        bad = []
+        with open(self.log_path, errors="replace") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                name = str(event.get("event", ""))
+                unclean = name == "daemon.child_stopped" and event.get("rc") not in (0, -15)
+                if unclean or event.get("level") in ("error", "critical"):
+                    bad.append(", ".join(f"{k}={v}" for k, v in event.items() if k != "level"))
+        return bad[-limit:]
