@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     # `kill -USR1 PID` writes every thread's stack to stderr (the service log): the daemon does
     # it before it kills a stuck child, so a hang leaves its cause behind.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no fd 2 (embedded)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     try:
         return COMMANDS[argv[0]](argv[1:])
     except KeyboardInterrupt:

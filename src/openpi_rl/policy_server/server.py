@@ -36,6 +36,7 @@ from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.replay.writer import ReplayClosed, ReplayFull
 from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
@@ -124,7 +125,7 @@ def _zap_log() -> Any:
 class _Pending:
     identity: bytes
     msg: dict
-    payload: bytes
+    payload: memoryview  # the request's frame
     t_recv: float
     resent_from: list[bytes] = dataclasses.field(default_factory=list)  # sockets of resends
 
@@ -184,6 +185,7 @@ class PolicyServer:
         self._warned_sets: set[tuple[str, ...]] = set()
         self._recent: OrderedDict[tuple[str, str], bytes | _Pending] = OrderedDict()
         self._arrivals = ArrivalForecast()
+        self._request_metrics: dict[str, tuple[Any, Any]] = {}  # kind -> (counter, histogram)
         self._call_s = 0.0  # running mean of one model call: the predictive hold's ceiling
         self.served = 0
         self.key_sets = self._key_sets(ac.model)
@@ -292,13 +294,15 @@ class PolicyServer:
     def _drain(self, pending: list[_Pending]) -> None:
         while True:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             t_recv = time.perf_counter()
             if len(frames) < 2:
                 continue  # not a DEALER/REQ envelope: nothing to reply to
-            identity, payload = frames[0], frames[-1]
+            # The payload stays in the frame's memory (a 300 KB request is not copied): decoded
+            # and, as the transition's observation bytes, written to the replay from there.
+            identity, payload = frames[0].bytes, frames[-1].buffer
             rid = None
             if not self._limiter.allow(identity):
                 self.metrics.rate_limited.labels(listener="zmq").inc()
@@ -438,6 +442,12 @@ class PolicyServer:
             t0 = time.perf_counter()
             self._counter += 1
             try:
+                tids = self._transition_ids(len(group))
+            except (ReplayFull, ReplayClosed) as e:  # not served, so nothing is lost: resend
+                for p in group:
+                    self._reply(p, self._error(protocol.OVERLOADED, f"replay: {e}"))
+                continue
+            try:
                 out = snapshot.sample(self._counter, [p.msg["observation"] for p in group])
             except Exception:
                 log.exception("inference failed")
@@ -445,45 +455,64 @@ class PolicyServer:
                     self._reply(p, self._error(protocol.INTERNAL, "inference failed"))
                 continue
             infer_ms = (time.perf_counter() - t0) * 1e3
-            self._call_s += 0.2 * (infer_ms / 1e3 - self._call_s)
-            self.metrics.batch_size.observe(len(group))
+            # The replies first (the critical path), then the bookkeeping: the queue has room
+            # for these transitions (checked above; this thread is its only producer).
             for i, p in enumerate(group):
-                tid = self._log_transition(p, out, i, snapshot.version)
-                self.returns.served(
-                    str(p.msg["robot_id"]), str(p.msg["episode_id"]), snapshot.version
-                )
                 reply = {
                     "actions": np.ascontiguousarray(out.actions[i], np.float32),
                     "policy_version": snapshot.version,
-                    "transition_id": tid,
+                    "transition_id": tids[i],
                     "server_timing": {"queue_ms": (t0 - p.t_recv) * 1e3, "infer_ms": infer_ms},
                 }
                 self._reply(p, reply, remember=True)
-                self._arrivals.replied(str(p.msg["robot_id"]), time.perf_counter())
-                self.served += 1
+            t_replied = time.perf_counter()
+            for i, p in enumerate(group):
+                robot = str(p.msg["robot_id"])
+                self._log_transition(p, out, i, snapshot.version, tids[i])
+                self.returns.served(robot, str(p.msg["episode_id"]), snapshot.version)
+                self._arrivals.replied(robot, t_replied)
+            self.served += len(group)
+            self._call_s += 0.2 * (infer_ms / 1e3 - self._call_s)
+            self.metrics.batch_size.observe(len(group))
+            if self.replay is not None:
+                self.metrics.replay_queue_depth.set(self.replay.queue_depth())
 
-    def _log_transition(self, p: _Pending, out: Any, i: int, version: int) -> int:
+    def _transition_ids(self, n: int) -> list[int]:
+        """Ids for `n` transitions about to be answered; with a replay, only once its queue
+        has room for them (ReplayFull / ReplayClosed otherwise: the batch is not served)."""
         if self.replay is None:
-            self._unlogged += 1
-            return self._unlogged
+            self._unlogged += n
+            return list(range(self._unlogged - n + 1, self._unlogged + 1))
+        self.replay.ensure_room(n)
+        return [self.replay.new_id() for _ in range(n)]
+
+    def _log_transition(self, p: _Pending, out: Any, i: int, version: int, tid: int) -> None:
+        if self.replay is None:
+            return
         robot, episode = str(p.msg["robot_id"]), str(p.msg.get("episode_id", ""))
         prev = self._steps.get(robot)
         step = prev[1] if prev is not None and prev[0] == episode else 0
         self._steps[robot] = (episode, step + 1)
-        tid = self.replay.append_transition(
-            robot_id=robot,
-            episode_id=episode,
-            step=step,
-            policy_version=version,
-            obs_bytes=p.payload,  # the request as it came: msgpack holding the observation
-            actions=out.actions[i],
-            policy_actions=out.policy_actions[i],
-            logp=float(out.logp[i]),
-            value=float(out.value[i]),
-            t_mono=p.t_recv,
-        )
-        self.metrics.replay_queue_depth.set(self.replay.queue_depth())
-        return tid
+        try:
+            self.replay.append_transition(
+                robot_id=robot,
+                episode_id=episode,
+                step=step,
+                policy_version=version,
+                obs_bytes=p.payload,  # the request as it came: msgpack holding the observation
+                actions=out.actions[i],
+                policy_actions=out.policy_actions[i],
+                logp=float(out.logp[i]),
+                value=float(out.value[i]),
+                t_mono=p.t_recv,
+                tid=tid,
+            )
+        except (
+            ReplayFull,
+            ReplayClosed,
+        ):  # only if the writer failed since ensure_room: it logs why
+            self.metrics.errors.labels(code="replay_lost").inc()
+            log.error("transition lost: replay writer closed", transition_id=tid)
 
     def _error(self, code: str, message: str) -> dict:
         self.metrics.errors.labels(code=code).inc()
@@ -499,5 +528,11 @@ class PolicyServer:
             self.socket.send_multipart([identity, b"", packed], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the robot went away (EHOSTUNREACH) or its queue is full
             log.warning("reply dropped", error=str(e))
-        self.metrics.requests.labels(type=kind).inc()
-        self.metrics.request_seconds.labels(type=kind).observe(time.perf_counter() - t_recv)
+        children = self._request_metrics.get(kind)
+        if children is None:  # labels() costs a lock and a lookup: once per kind
+            children = self._request_metrics[kind] = (
+                self.metrics.requests.labels(type=kind),
+                self.metrics.request_seconds.labels(type=kind),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - t_recv)

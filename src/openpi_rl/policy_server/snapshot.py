@@ -4,9 +4,11 @@ single reference so a swap is one assignment between batches (guarantee 3)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -52,14 +54,18 @@ class PolicySnapshot:
         # that flag, so the first swap would otherwise compile again.
         leaves = [jax.device_put(x, x.sharding) for x in leaves]
         traces = [0]
+        layouts: dict[tuple, list[tuple[tuple[int, ...], np.dtype]]] = {}
 
-        def sample(leaves: list, key: jax.Array, counter: jax.Array, obs: dict) -> tuple:
+        def sample(leaves: list, key: jax.Array, counter: jax.Array, obs: dict) -> jax.Array:
             traces[0] += 1  # runs at trace time only
             ac = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            return ac.act(jax.random.fold_in(key, counter), obs)
+            outs = ac.act(jax.random.fold_in(key, counter), obs)
+            batch = next(iter(obs.values())).shape[0]
+            layouts[(batch, tuple(sorted(obs)))] = [(o.shape, np.dtype(o.dtype)) for o in outs]
+            return _pack(outs)
 
         self._init(version, obs_spec, tuple(sorted(sizes)), graphdef, treedef, leaves)
-        self._sample, self._traces = jax.jit(sample), traces
+        self._sample, self._traces, self._layouts = jax.jit(sample), traces, layouts
 
     def _init(self, version, obs_spec, sizes, graphdef, treedef, leaves) -> None:
         self.version = version
@@ -108,7 +114,7 @@ class PolicySnapshot:
         ]
         other = object.__new__(PolicySnapshot)
         other._init(version, self.obs_spec, self.sizes, self.graphdef, self._treedef, leaves)
-        other._sample, other._traces = self._sample, self._traces
+        other._sample, other._traces, other._layouts = self._sample, self._traces, self._layouts
         return other
 
     def pad_to(self, n: int) -> int:
@@ -124,12 +130,15 @@ class PolicySnapshot:
         size = self.pad_to(n)
         batch = {}
         for k in observations[0]:
-            stacked = np.stack([o[k] for o in observations])
-            if size > n:  # pad by repeating the first row: any valid input will do
-                stacked = np.concatenate([stacked, np.repeat(stacked[:1], size - n, 0)])
+            first = np.asarray(observations[0][k])
+            stacked = _input_buffer(k, (size, *first.shape), first.dtype)
+            for i, o in enumerate(observations):
+                stacked[i] = o[k]
+            stacked[n:] = first  # padding: any valid input will do
             batch[k] = stacked
-        out = self._sample(self._leaves, self._key, np.uint32(counter), batch)
-        actions, logp, value, policy = jax.device_get(out)
+        packed = np.asarray(self._sample(self._leaves, self._key, np.uint32(counter), batch))
+        layout = self._layouts[(size, tuple(sorted(batch)))]
+        actions, logp, value, policy = _unpack(packed, layout)
         return Sampled(actions[:n], logp[:n], value[:n], policy[:n])
 
     def warm_up(
@@ -152,6 +161,52 @@ class PolicySnapshot:
         sampler, so the weights are all that changed); `compilations` tells if it compiled."""
         out = self.sample(0, [{k: np.asarray(v) for k, v in example.items()}] * self.sizes[0])
         return _finite(out)
+
+
+# Host <-> device on CPU, measured per call (noop model, 2 x 150 KB images, after 0.5 ms idle
+# as between a robot's requests): inputs on 64-byte boundaries are used in place, where
+# numpy's default alignment costs a copy (-30 us); one packed output is one transfer where
+# four small outputs were four (-50 us).
+_ALIGN = 64
+
+
+_BUFFERS = threading.local()  # per thread: the serving thread and a swapper's check never share
+
+
+def _input_buffer(key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A 64-byte aligned batch buffer for observation `key`, reused call after call: a fresh
+    300 KB buffer costs its page faults each time (~40 us). Safe to refill once `sample` has
+    the outputs: the computation that read it has finished."""
+    pool = _BUFFERS.__dict__.setdefault("pool", {})
+    dtype = np.dtype(dtype)
+    buf = pool.get((key, shape, dtype))
+    if buf is None:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        raw = np.empty(nbytes + _ALIGN, np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        buf = pool[(key, shape, dtype)] = raw[start : start + nbytes].view(dtype).reshape(shape)
+    return buf
+
+
+def _pack(outs: Sequence[jax.Array]) -> jax.Array:
+    """Outputs as one uint8 vector, each padded to 8 bytes (so every view is aligned)."""
+    parts = []
+    for o in outs:
+        o = o.astype(jnp.uint8) if o.dtype == jnp.bool_ else o
+        b = o.reshape(-1) if o.dtype.itemsize == 1 else o
+        b = jax.lax.bitcast_convert_type(b, jnp.uint8).reshape(-1)
+        parts += [b, jnp.zeros(-b.size % 8, jnp.uint8)]
+    return jnp.concatenate(parts)
+
+
+def _unpack(packed: np.ndarray, layout: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list:
+    """`_pack`'s inverse on the host: views of `packed`, no copies."""
+    out, at = [], 0
+    for shape, dtype in layout:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        out.append(packed[at : at + nbytes].view(dtype).reshape(shape))
+        at += nbytes + (-nbytes % 8)
+    return out
 
 
 def _finite(out: Sampled) -> bool:

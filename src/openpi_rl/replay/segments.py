@@ -15,6 +15,8 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 MAGIC = b"OPRS"
 HEADER = struct.Struct("<4sII")
 HEADER_SIZE = HEADER.size  # 12
@@ -47,7 +49,7 @@ def _libdeflate_crc32():
             continue
     else:
         return None
-    fn.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
     fn.restype = ctypes.c_uint32
     probe = bytes(range(256)) * 41
     return fn if fn(0, probe, len(probe)) == zlib.crc32(probe) else None
@@ -56,11 +58,14 @@ def _libdeflate_crc32():
 _FAST_CRC32 = _libdeflate_crc32()
 
 
-def crc32(data: bytes) -> int:
+def crc32(data: bytes | memoryview) -> int:
     """CRC-32 of `data`, as `zlib.crc32` computes it (the record format names zlib's)."""
-    if _FAST_CRC32 is not None and type(data) is bytes:
+    if _FAST_CRC32 is None:
+        return zlib.crc32(data)
+    if type(data) is bytes:
         return _FAST_CRC32(0, data, len(data))
-    return zlib.crc32(data)
+    view = np.frombuffer(data, np.uint8)  # e.g. a ZMQ frame's memory, not copied
+    return _FAST_CRC32(0, view.ctypes.data, view.size)
 
 
 class CorruptRecord(Exception):

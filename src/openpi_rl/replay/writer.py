@@ -277,16 +277,18 @@ class ReplayWriter:
         logp: float,
         value: float,
         t_mono: float,
+        tid: int | None = None,
     ) -> int:
         """Queue one served action chunk; returns its transition id without waiting for disk.
 
         `obs_bytes` is the msgpack-encoded observation as received (not copied: do not mutate).
         `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
-        from `actions`. Raises `ReplayFull` when the queue stays full, `ReplayClosed` after close.
+        from `actions`. `tid`: an id taken with `new_id()` (default: a new one). Raises
+        `ReplayFull` when the queue stays full, `ReplayClosed` after close.
         """
         if self.config.events_only:
             raise ValueError(f"{self.root}: events_only writer; transitions need the store's owner")
-        tid = self._new_id()
+        tid = self._new_id() if tid is None else tid
         item = (
             _APPEND,
             tid,
@@ -304,6 +306,32 @@ class ReplayWriter:
         )
         self._put(item)
         return tid
+
+    def new_id(self) -> int:
+        """A transition id to pass to `append_transition(tid=...)`: a server that sends its
+        reply (which names the id) before it queues the transition takes the id first."""
+        return self._new_id()
+
+    def ensure_room(self, n: int) -> None:
+        """Return once the queue has room for `n` more items; ReplayFull past
+        `enqueue_timeout_s`, ReplayClosed after close. With one producing thread, the next `n`
+        appends then never meet a full queue: checked before a reply, queued after it."""
+        deadline = None
+        while True:
+            with self._put_lock:
+                if self._closed:
+                    cause = f": writer failed: {self._error!r}" if self._error else ""
+                    raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
+                if self._q.qsize() + n <= self.config.max_queue:
+                    return
+            now = time.monotonic()
+            deadline = deadline or now + self.config.enqueue_timeout_s
+            if now >= deadline:
+                raise ReplayFull(
+                    f"replay queue: expected room for {n} within {self.config.enqueue_timeout_s}"
+                    f" s, got {self.config.max_queue} items still queued"
+                )
+            time.sleep(0.001)
 
     def report(
         self,

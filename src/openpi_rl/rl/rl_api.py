@@ -96,16 +96,19 @@ def validate_observation(obs: Observation, spec: ObsSpec, *, batched: bool = Tru
                 continue
             raise ValueError(f"observation[{key!r}]: missing; expected {s.describe()}")
         value = obs[key]
-        shape = tuple(np.shape(value))
-        dtype = np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
-        got = f"{dtype.name} {list(shape)}"
+        if isinstance(value, np.ndarray):  # the server's case, per request: the short path
+            shape, dtype = value.shape, value.dtype
+        else:  # jax arrays stay where they are; lists and scalars are converted
+            shape = tuple(np.shape(value))
+            dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
         lead = shape[:1] if batched else ()
         if (
-            dtype != np.dtype(s.dtype)
+            dtype != s.dtype
             or shape[len(lead) :] != tuple(s.shape)
             or len(shape) != len(s.shape) + len(lead)
         ):
             expect = f"{s.dtype} {['B', *s.shape] if batched else list(s.shape)}"
+            got = f"{dtype.name} {list(shape)}"
             raise ValueError(f"observation[{key!r}]: expected {expect}, got {got}")
         if batched:
             if batch is not None and shape[0] != batch:
@@ -114,6 +117,6 @@ def validate_observation(obs: Observation, spec: ObsSpec, *, batched: bool = Tru
                     "of the other entries"
                 )
             batch = shape[0]
-        if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(np.asarray(value))):
+        if dtype.kind == "f" and not np.isfinite(np.asarray(value)).all():
             raise ValueError(f"observation[{key!r}]: contains NaN or inf")
     return batch
