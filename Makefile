@@ -23,7 +23,7 @@ demo: $(STAMP)
 DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze
 
 test: $(STAMP) lint debs
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 debs:
 	@missing="$$(for d in $(DEBS); do test -x "$${d#*=}" || printf '%s ' "$${d%%=*}"; done)"; \

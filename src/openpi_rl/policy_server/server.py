@@ -189,6 +189,7 @@ class PolicyServer:
         self._call_s = 0.0  # running mean of one model call: the predictive hold's ceiling
         self.served = 0
         self.key_sets = self._key_sets(ac.model)
+        self._warmed_sorted = {tuple(sorted(k)) for k in self.key_sets}  # as _serve groups them
         example = example_observation(self.obs_spec)
         self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
 
@@ -428,9 +429,7 @@ class PolicyServer:
         for p in pending:
             groups.setdefault(tuple(sorted(p.msg["observation"])), []).append(p)
         for keys in groups:
-            if keys not in self._warned_sets and not any(
-                set(keys) == set(w) for w in self.key_sets
-            ):
+            if keys not in self._warmed_sorted and keys not in self._warned_sets:
                 self._warned_sets.add(keys)
                 log.warning(
                     "compiling on the serving path for an unwarmed key set; add it to "
