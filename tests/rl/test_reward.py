@@ -280,18 +280,12 @@ def test_cli_end_of_input_raises():
         provider.get(*_step())
 
 
-# The child loads reward.py by path: importing it as openpi_rl.rl.reward would run the package
-# __init__, which imports JAX and costs the child ~2 s of the file's time budget.
-_CHILD = f"""
-import importlib.util
-import sys
+# The child is what an operator's terminal runs: the provider, reading its own tty.
+_CHILD = """
 import numpy as np
-spec = importlib.util.spec_from_file_location("reward", {str(SRC / "openpi_rl/rl/reward.py")!r})
-reward = importlib.util.module_from_spec(spec)
-sys.modules["reward"] = reward  # dataclasses resolve annotations through it
-spec.loader.exec_module(reward)
-value = reward.HumanRewardCLI().get({{"state": np.arange(3.0)}}, np.ones((2, 3)))
-print(f"RESULT {{value!r}}", flush=True)
+from openpi_rl.rl.reward import HumanRewardCLI
+value = HumanRewardCLI().get({"state": np.arange(3.0)}, np.ones((2, 3)))
+print(f"RESULT {value!r}", flush=True)
 """
 
 
