@@ -35,7 +35,6 @@ from openpi_rl.rl.reward import (
     RewardProvider,
 )
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _step(seed: int = 0) -> tuple[dict, np.ndarray]:
