@@ -16,7 +16,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -34,7 +33,6 @@ from openpi_rl.rl.reward import (
     RewardError,
     RewardProvider,
 )
-
 
 
 def _step(seed: int = 0) -> tuple[dict, np.ndarray]:
