@@ -7,10 +7,7 @@ Ports (all bind `host`, loopback by default):
 - `http_port`: `POST /feedback` (one event, `Authorization: Bearer TOKEN`), `POST /query`
   (`HumanRewardHTTP`), `GET /healthz`, and the page again.
 
-Pendant protocol (JSON text frames): first `{"type": "hello", "token"}` (a wrong or missing
-token closes with 4401); then events (see `events.py`), `{"type": "subscribe", "robot_id"}`,
-`{"type": "answer", "query_id", "reward"}`. The bridge pushes `status` (per robot: latest
-transition's episode, step, policy version; recent rewards), `query` and `query_done`.
+The pendant protocol is in `ws_port.py`.
 
 Limits (guarantee 6): `max_connections` per port, of which one peer address holds at most 3/4;
 past it a newcomer sheds the oldest connection that has made no progress (an HTTP request not
@@ -27,24 +24,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
-import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
-from http import HTTPStatus
-from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
-from openpi_rl.replay import ReplayClosed, ReplayConfig, ReplayFull, schema
+from openpi_rl.replay import ReplayClosed, ReplayConfig, ReplayFull
 from openpi_rl.reward_bridge.config import BridgeConfig
 from openpi_rl.reward_bridge.credit import (
     ATTACHED,
@@ -54,28 +44,24 @@ from openpi_rl.reward_bridge.credit import (
     default_rules,
     resolver,
 )
-from openpi_rl.reward_bridge.events import BadRequest, error_reply, parse_feedback, parse_json
-from openpi_rl.reward_bridge.httpd import (
-    ConnectionSlots,
-    HttpRequest,
-    HttpResponse,
-    RateLimiter,
-    Slot,
-    json_response,
-    peer_host,
-)
+from openpi_rl.reward_bridge.events import BadRequest, parse_feedback
+from openpi_rl.reward_bridge.http_port import HttpPort
+from openpi_rl.reward_bridge.httpd import ConnectionSlots
 from openpi_rl.reward_bridge.httpd import start_http_server as start_http
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.reward_bridge.query import QueryBroker
+from openpi_rl.reward_bridge.status import LiveStatus
+from openpi_rl.reward_bridge.ws_port import WebSocketPort
 
 log = structlog.get_logger("openpi_rl.reward_bridge")
-UNAUTHORIZED = 4401  # WebSocket close code: wrong or missing token
-TRY_AGAIN_LATER = 1013  # RFC 6455 registry: the server is full
 
 
-class RewardBridge:
+class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
     """One bridge process: `start()` (background thread) or `run()` (blocking); `close()`
-    stops accepting, lets commits finish and closes the replay writer. Idempotent."""
+    stops accepting, lets commits finish and closes the replay writer. Idempotent.
+
+    The ports' handlers and the status poller are mixed in (`ws_port.py`, `http_port.py`,
+    `status.py`); the state they share lives here."""
 
     def __init__(
         self,
@@ -241,270 +227,7 @@ class RewardBridge:
         self.metrics.ack_seconds.observe(time.monotonic() - t0)
         return _ack(ev, result)
 
-    # ---- WebSocket port ------------------------------------------------------------------------
-
-    def _on_ws_http(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            if not self._ws_slots.can_admit(peer_host(connection.remote_address)):
-                self.metrics.refused_connections.labels("ws").inc()
-                return _response(503, b"too many connections\n", "text/plain")
-            if url.path == "/pendant":
-                return None
-            if url.path == "/query":
-                if self._query_allowed(dict(parse_qsl(url.query)).get("token")):
-                    return None
-                self.metrics.auth_failures.labels("query").inc()
-                return _response(401, b"missing or wrong token\n", "text/plain")
-            return _response(404, b"WebSocket paths: /pendant, /query\n", "text/plain")
-        resp = self._static(url.path)
-        return _response(resp.status, resp.body, resp.content_type)
-
-    async def _on_ws(self, ws: ServerConnection) -> None:
-        url = urlsplit(ws.request.path if ws.request else "/")
-
-        def shed() -> None:  # a pendant still without its hello makes way for a newcomer
-            self.metrics.refused_connections.labels("ws").inc()
-            self._spawn(ws.close(TRY_AGAIN_LATER, "server full: no hello yet"))
-
-        slot = self._ws_slots.admit(peer_host(ws.remote_address), shed)
-        if slot is None:  # filled up while this handshake ran
-            self.metrics.refused_connections.labels("ws").inc()
-            await ws.close(TRY_AGAIN_LATER, "too many connections")
-            return
-        try:
-            if url.path == "/query":
-                slot.sheddable = False  # its token was checked in the handshake
-                await self._query_ws(ws, dict(parse_qsl(url.query)).get("robot_id", "query"))
-            else:
-                await self._pendant(ws, slot)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._ws_slots.release(slot)
-
-    async def _pendant(self, ws: ServerConnection, slot: Slot) -> None:
-        operator = await self._hello(ws)
-        if operator is None:
-            return
-        slot.sheddable = False
-        self._pendants[ws] = None
-        self.metrics.connections.inc()
-        try:
-            await self._send(ws, self._welcome(operator))
-            limiter = self._limiter()
-            async for frame in ws:
-                if not limiter.allow(0):
-                    self.metrics.rate_limited.labels("pendant").inc()
-                    await self._send(ws, error_reply("rate_limited", "too many messages"))
-                    continue
-                await self._pendant_message(ws, frame, operator)
-        finally:
-            self._pendants.pop(ws, None)
-            self.metrics.connections.dec()
-
-    async def _hello(self, ws: ServerConnection) -> str | None:
-        try:
-            frame = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
-            msg = parse_json(frame, self.config.max_message_bytes)
-        except (TimeoutError, BadRequest):
-            msg = {}
-        operator = self.operator_for(msg.get("token")) if msg.get("type") == "hello" else None
-        if operator is None:
-            self.metrics.auth_failures.labels("pendant").inc()
-            log.warning("bridge.unauthorized", peer=str(ws.remote_address))  # never the token
-            await ws.close(UNAUTHORIZED, "unauthorized: wrong or missing token")
-        return operator
-
-    async def _pendant_message(self, ws: ServerConnection, frame: Any, operator: str) -> None:
-        try:
-            msg = parse_json(frame, self.config.max_message_bytes)
-            kind = msg.get("type", "feedback" if "kind" in msg else None)
-            if kind == "feedback":
-                self._spawn(self._pendant_feedback(ws, msg, operator))
-            elif kind == "subscribe":
-                robot = msg.get("robot_id")
-                self._pendants[ws] = robot if isinstance(robot, str) else None
-                await self._send(ws, self._status_message())
-            elif kind == "answer":
-                self.queries.answer(msg, operator)
-            elif kind == "ping":
-                await self._send(ws, {"type": "pong", "t": time.time()})
-            else:
-                raise BadRequest(
-                    "unknown_type",
-                    f"type: expected feedback, subscribe, answer or ping, got {kind!r:.60}",
-                )
-        except BadRequest as e:
-            self.metrics.errors.labels(e.code).inc()
-            await self._send(ws, error_reply(e.code, e.message))
-        except Exception as e:  # a bug: answer `internal` and keep the pendant (guarantee 6)
-            log.exception("bridge.pendant_message_failed")
-            self.metrics.errors.labels("internal").inc()
-            await self._send(ws, error_reply("internal", f"{e!r:.200}"))
-
-    async def _pendant_feedback(self, ws: ServerConnection, msg: dict, operator: str) -> None:
-        try:
-            reply = await self.feedback(msg, operator)
-        except BadRequest as e:
-            self.metrics.errors.labels(e.code).inc()
-            reply = error_reply(e.code, e.message, idempotency_key=msg.get("idempotency_key"))
-        except Exception as e:  # a bug must not leave the pendant waiting without an answer
-            log.exception("bridge.feedback_failed")
-            self.metrics.errors.labels("internal").inc()
-            key = msg.get("idempotency_key")
-            reply = error_reply("internal", f"{e!r:.200}", idempotency_key=key)
-        await self._send(ws, reply)
-
-    async def _query_ws(self, ws: ServerConnection, robot_id: str) -> None:
-        limiter = self._limiter()
-        async for frame in ws:
-            if not limiter.allow(0):
-                self.metrics.rate_limited.labels("query").inc()
-                msg = {"code": "rate_limited", "message": "too many messages"}
-                await ws.send(json.dumps({"error": msg}))
-                continue
-            try:
-                request = parse_json(frame, self.config.max_query_bytes)
-                reply: dict[str, Any] = {"reward": await self.queries.ask(request, robot_id)}
-            except BadRequest as e:
-                self.metrics.errors.labels(e.code).inc()
-                reply = {"error": {"code": e.code, "message": e.message}}
-            except Exception as e:  # a bug: answer `internal`, the connection stays
-                log.exception("bridge.query_failed")
-                self.metrics.errors.labels("internal").inc()
-                reply = {"error": {"code": "internal", "message": f"{e!r:.200}"}}
-            await ws.send(json.dumps(reply))
-
-    # ---- HTTP port -----------------------------------------------------------------------------
-
-    async def _on_http(self, req: HttpRequest) -> HttpResponse:
-        if req.method == "POST" and req.path == "/feedback":
-            auth = req.headers.get("authorization", "")
-            operator = self.operator_for(auth.removeprefix("Bearer ").strip())
-            if operator is None:
-                self.metrics.auth_failures.labels("http").inc()
-                return json_response(401, error_reply("unauthorized", "wrong or missing token"))
-            try:
-                return json_response(
-                    200,
-                    await self.feedback(
-                        parse_json(req.body, self.config.max_message_bytes), operator
-                    ),
-                )
-            except BadRequest as e:
-                self.metrics.errors.labels(e.code).inc()
-                status = {"not_stored": 503, "too_large": 413}.get(e.code, 400)
-                return json_response(status, error_reply(e.code, e.message))
-        if req.method == "POST" and req.path == "/query":
-            if not self._query_allowed(req.query.get("token")):
-                self.metrics.auth_failures.labels("query").inc()
-                return json_response(401, {"error": {"code": "unauthorized", "message": "token"}})
-            try:
-                request = parse_json(req.body, self.config.max_query_bytes)
-                robot = req.query.get("robot_id", "query")
-                return json_response(200, {"reward": await self.queries.ask(request, robot)})
-            except BadRequest as e:
-                self.metrics.errors.labels(e.code).inc()
-                return json_response(400, {"error": {"code": e.code, "message": e.message}})
-        if req.method == "GET":
-            return self._static(req.path)
-        return json_response(
-            405, error_reply("bad_request", f"{req.method} {req.path}: no such endpoint")
-        )
-
-    def _static(self, path: str) -> HttpResponse:
-        if path == "/healthz":
-            return json_response(
-                200,
-                {"status": "ok", "pendants": len(self._pendants), "robots": sorted(self._status)},
-            )
-        if path in ("/", "/pendant", "/index.html"):
-            page = _page().replace("{{WS_PORT}}", str(self.ws_port))
-            return HttpResponse(200, page.encode(), "text/html; charset=utf-8")
-        return HttpResponse(404, b"not found\n", "text/plain")
-
-    # ---- live status ---------------------------------------------------------------------------
-
-    def _welcome(self, operator: str) -> dict[str, Any]:
-        return {
-            "type": "welcome",
-            "operator": operator,
-            "kinds": list(self.rules),
-            "status": self._status,
-            "queries": self.queries.pending(),
-        }
-
-    def _status_message(self) -> dict[str, Any]:
-        return {"type": "status", "robots": self._status, "t": time.time()}
-
-    async def _poll_status(self) -> None:
-        """Every `status_interval_s`, read each robot's latest transition and recent rewards
-        from the replay (the server is another process: the database is the shared truth)."""
-        loop = asyncio.get_running_loop()
-        last_sent, sent_at = None, 0.0
-        while True:
-            try:
-                status = await loop.run_in_executor(self._db, self._read_status)
-            except Exception:  # a locked or missing database must not stop the bridge
-                log.exception("bridge.status_failed")
-                status = self._status
-            self._status = status
-            now = time.monotonic()
-            if status != last_sent or now - sent_at > 5.0:
-                self._broadcast(self._status_message())
-                last_sent, sent_at = status, now
-            self.metrics.replay_queue_depth.set(self.writer.queue_depth())
-            await asyncio.sleep(self.config.status_interval_s)
-
-    def _read_status(self) -> dict[str, dict[str, Any]]:
-        if self._reader is None:
-            self._reader = schema.connect_reader(Path(self.config.replay_dir))
-        q = self._reader.execute
-        robots = {r for (r,) in q("SELECT DISTINCT robot_id FROM episodes")}
-        out = {}
-        for robot in sorted(robots | set(self.config.robots)):
-            row = q(
-                "SELECT t.id, t.episode_id, t.step, t.policy_version, t.t_wall, e.ended"
-                " FROM transitions t LEFT JOIN episodes e"
-                " ON e.robot_id = t.robot_id AND e.episode_id = t.episode_id"
-                " WHERE t.robot_id = ? ORDER BY t.t_wall DESC LIMIT 1",
-                (robot,),
-            ).fetchone()
-            recent = q(
-                "SELECT kind, value, operator, status, t, transition_id FROM reward_events"
-                " WHERE robot_id = ? ORDER BY t DESC LIMIT 5",
-                (robot,),
-            ).fetchall()
-            keys = ("kind", "value", "operator", "status", "t", "transition_id")
-            out[robot] = {
-                "transition_id": row and row[0],
-                "episode_id": row and row[1],
-                "step": row and row[2],
-                "policy_version": row and row[3],
-                "t_wall": row and row[4],
-                "episode_ended": bool(row and row[5]),
-                "recent": [dict(zip(keys, r, strict=True)) for r in recent],
-            }
-        return out
-
     # ---- plumbing ------------------------------------------------------------------------------
-
-    def _broadcast(self, message: dict[str, Any]) -> None:
-        text = json.dumps(message)
-        for ws in list(self._pendants):
-            self._spawn(self._send_text(ws, text))
-
-    async def _send(self, ws: ServerConnection, message: dict[str, Any]) -> None:
-        await self._send_text(ws, json.dumps(message))
-
-    @staticmethod
-    async def _send_text(ws: ServerConnection, text: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(text)
-
-    def _limiter(self) -> RateLimiter:
-        return RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst, 1)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -525,27 +248,3 @@ def _ack(ev: Feedback, result: Any) -> dict[str, Any]:
         "status": result.status,
         "duplicate": result.duplicate,
     }
-
-
-def _response(status: int, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
-
-
-_PAGE: str | None = None
-
-
-def _page() -> str:
-    global _PAGE
-    if _PAGE is None:
-        _PAGE = (
-            resources.files("openpi_rl.reward_bridge").joinpath("static/pendant.html").read_text()
-        )
-    return _PAGE
