@@ -12,7 +12,8 @@ syncing, the disk), while the checksum and the copy into the page cache (~60 us 
 GIL-free) overlap the SQLite work of earlier rows instead of adding to it. WAL checkpoints run on
 a third thread (`replay-checkpoint`, `checkpoint.py`), off the commit path, and keep the WAL
 within `DiskBudget.wal_bytes`; retention (`retention.py`) keeps the whole directory under
-`retention_max_bytes`.
+`retention_max_bytes`. The items the stages pass each other, the batch a commit gathers and the
+SQL that writes it are in `pipeline.py`; this module owns the threads, the ids and the files.
 """
 
 from __future__ import annotations
@@ -24,15 +25,32 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import structlog
 
 from openpi_rl.replay import retention, schema
 from openpi_rl.replay.checkpoint import WalCheckpointer
+from openpi_rl.replay.pipeline import (
+    APPEND,
+    BARRIER,
+    CHUNK,
+    EVENT,
+    REPORT,
+    ROW,
+    STOP,
+    Batch,
+    fail_waiters,
+    new_waiter,
+    take,
+    wait_for,
+    write_batch,
+)
+from openpi_rl.replay.pipeline import Credit as Credit  # re-exported: the writer's API
+from openpi_rl.replay.pipeline import Resolve as Resolve
+from openpi_rl.replay.pipeline import RewardEventResult as RewardEventResult
 from openpi_rl.replay.recovery import RecoveryReport, recover
 from openpi_rl.replay.segments import (
     HEADER_SIZE,
@@ -48,10 +66,6 @@ log = structlog.get_logger("openpi_rl.replay")
 # ~35 years at 1000 rows/s per boot; ids stay below 2**53 (JSON-safe) for the first 8191 boots.
 SEQ_BITS = 40
 SEQ_MASK = (1 << SEQ_BITS) - 1
-
-_APPEND, _REPORT, _EVENT, _BARRIER, _STOP, _ROW = range(6)
-_CHUNK = 64  # items a stage takes from its queue at once
-_RETENTION_ROUNDS = 64  # bounded delete-and-measure rounds per commit (the next one goes on)
 
 
 class ReplayFull(Exception):
@@ -98,70 +112,6 @@ class ReplayConfig:
         return ReplayWriter(self)
 
 
-class RewardEventResult(NamedTuple):
-    """A committed reward event as stored (`duplicate`: its idempotency key was stored before,
-    and these are the first event's fields)."""
-
-    id: int
-    transition_id: int | None
-    episode_id: str | None
-    status: str | None
-    duplicate: bool
-
-
-Credit = tuple[int | None, str | None, str | None, bool]
-"""(transition_id, episode_id, status, close_episode), from a `resolve` callable."""
-Resolve = Callable[[sqlite3.Connection], Credit]
-
-
-def _waiter() -> concurrent.futures.Future:
-    fut: concurrent.futures.Future = concurrent.futures.Future()
-    fut.set_running_or_notify_cancel()  # a caller's cancel() can no longer break the writer
-    return fut
-
-
-def _take(q: queue.Queue, timeout: float | None) -> list[tuple]:
-    """The next item and what else is waiting, up to _CHUNK (so deadlines are checked often);
-    [] if nothing came within `timeout`."""
-    try:
-        items = [q.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    while len(items) < _CHUNK and items[-1][0] != _STOP:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            break
-    return items
-
-
-def _fail_waiters(items: list[tuple], error: BaseException) -> None:
-    for item in items:
-        fut = item[1] if item[0] == _BARRIER else item[-1] if item[0] == _EVENT else None
-        if fut is not None and not fut.done():
-            fut.set_exception(error)
-
-
-def _wait(fut: concurrent.futures.Future, timeout: float | None) -> Any:
-    try:
-        return fut.result(timeout)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"replay commit not done after {timeout} s") from None
-
-
-@dataclasses.dataclass
-class _Batch:
-    rows: list[tuple] = dataclasses.field(default_factory=list)
-    episodes: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
-    reports: list[tuple] = dataclasses.field(default_factory=list)
-    events: list[tuple] = dataclasses.field(default_factory=list)
-    waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
-    obs_bytes: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.rows or self.reports or self.events or self.waiters)
-
-
 class ReplayWriter:
     """Single writer of a replay directory. Thread-safe to call; `close()` flushes."""
 
@@ -196,19 +146,17 @@ class ReplayWriter:
         # with fsync, the files it still has to sync; it closes a retired one after its sync.
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
         self._unsynced: dict[int, SegmentWriter] = {}
-        # Segments + database pages in use after the last retention (the next one predicts a
-        # commit's growth from it).
-        self._store_bytes = sum(self._seg_sizes.values()) + retention.db_bytes(self._conn)[0]
+        store_bytes = sum(self._seg_sizes.values()) + retention.db_bytes(self._conn)[0]
         self._wal_step = 0  # about the most a commit adds to the WAL
-        self._rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+        rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
         # Whether the database file can shrink after retention deletes (see retention.py).
-        self._shrinks = schema.incremental_vacuum(self._conn)
-        if not self._shrinks and config.retention_max_bytes is not None and not config.events_only:
+        shrinks = schema.incremental_vacuum(self._conn)
+        if not shrinks and config.retention_max_bytes is not None and not config.events_only:
             t0 = time.monotonic()
-            self._shrinks = schema.enable_incremental_vacuum(self._conn)
+            shrinks = schema.enable_incremental_vacuum(self._conn)
             log.log(
-                20 if self._shrinks else 30,
-                "replay.auto_vacuum_enabled" if self._shrinks else "replay.auto_vacuum_unavailable",
+                20 if shrinks else 30,
+                "replay.auto_vacuum_enabled" if shrinks else "replay.auto_vacuum_unavailable",
                 path=str(self.root),
                 seconds=round(time.monotonic() - t0, 3),
             )
@@ -229,6 +177,20 @@ class ReplayWriter:
             ),
             0,
         )
+        # Run by the commit stage after each commit; shares its segment bookkeeping and counters.
+        self._retention = retention.Retention(
+            conn=self._conn,
+            root=self.root,
+            seg_dir=self._seg_dir,
+            max_rows=config.retention_max_rows,
+            budget=self._budget,
+            shrinks=shrinks,
+            rows=rows,
+            store_bytes=store_bytes,
+            seg_sizes=self._seg_sizes,
+            unsynced=self._unsynced,
+            counters=self._counters,
+        )
 
         self._q: queue.Queue = queue.Queue(maxsize=config.max_queue)
         self._put_lock = threading.Lock()
@@ -239,7 +201,7 @@ class ReplayWriter:
         self._staged: queue.Queue | None = None
         self._threads = []
         if not config.events_only:
-            self._staged = queue.Queue(maxsize=max(2, config.max_queue // _CHUNK))
+            self._staged = queue.Queue(maxsize=max(2, config.max_queue // CHUNK))
             self._threads.append(
                 threading.Thread(target=self._run_segments, name="replay-segments", daemon=True)
             )
@@ -257,7 +219,7 @@ class ReplayWriter:
             "replay.open",
             path=str(self.root),
             boot_epoch=self.boot_epoch,
-            rows=self._rows,
+            rows=self._retention.rows,
             segments=len(segs),
             torn_bytes=self.recovery.torn_bytes,
             rows_deleted=self.recovery.rows_deleted,
@@ -290,7 +252,7 @@ class ReplayWriter:
             raise ValueError(f"{self.root}: events_only writer; transitions need the store's owner")
         tid = self._new_id() if tid is None else tid
         item = (
-            _APPEND,
+            APPEND,
             tid,
             str(robot_id),
             str(episode_id),
@@ -347,7 +309,7 @@ class ReplayWriter:
         executed = None if executed_actions is None else np.asarray(executed_actions)
         self._put(
             (
-                _REPORT,
+                REPORT,
                 float(reward),
                 int(bool(done)),
                 int(bool(truncated)),
@@ -375,7 +337,7 @@ class ReplayWriter:
         fut = self.submit_reward_event(
             robot_id, kind, value, operator, t, idempotency_key, transition_id
         )
-        return _wait(fut, timeout).id if wait else fut.event_id  # type: ignore[attr-defined]
+        return wait_for(fut, timeout).id if wait else fut.event_id  # type: ignore[attr-defined]
 
     def submit_reward_event(
         self,
@@ -399,9 +361,9 @@ class ReplayWriter:
         replacing the given fields; close_episode sets `episodes.ended`. It is not run for a
         duplicate; if it raises, the event is stored unattached with the error as status."""
         eid = self._new_id()
-        fut = _waiter()
+        fut = new_waiter()
         fut.event_id = eid  # type: ignore[attr-defined]
-        item = (_EVENT, eid, str(robot_id), str(kind), float(value), operator)
+        item = (EVENT, eid, str(robot_id), str(kind), float(value), operator)
         item += (time.time() if t is None else float(t), time.time(), idempotency_key)
         item += (transition_id, episode_id, status, client_time, resolve, fut)
         self._put(item)
@@ -409,9 +371,9 @@ class ReplayWriter:
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Block until everything queued before this call is committed."""
-        fut = _waiter()
-        self._put((_BARRIER, fut), timeout=timeout)
-        _wait(fut, timeout)
+        fut = new_waiter()
+        self._put((BARRIER, fut), timeout=timeout)
+        wait_for(fut, timeout)
 
     def queue_depth(self) -> int:
         """Items handed to the writer and not yet taken into a commit."""
@@ -431,7 +393,7 @@ class ReplayWriter:
             else:
                 already, self._closed = False, True
         if not already and self._threads[0].is_alive():
-            self._q.put((_STOP,))
+            self._q.put((STOP,))
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -514,7 +476,7 @@ class ReplayWriter:
         # Wake the first stage if it waits for work (a full queue: it is busy, and sees the
         # failure before its next wait).
         with contextlib.suppress(queue.Full):
-            self._q.put_nowait((_STOP,))
+            self._q.put_nowait((STOP,))
         return ReplayClosed(f"replay writer failed: {exc!r}")
 
     # ---- segment stage (thread replay-segments) ----------------------------------------------
@@ -528,7 +490,7 @@ class ReplayWriter:
         out: list[tuple] = []
         try:
             while True:
-                items = _take(self._q, None)
+                items = take(self._q, None)
                 if self._error is not None:  # the commit stage failed: stop writing bytes
                     break
                 out = []  # filled item by item: on a failure it holds what was written
@@ -536,7 +498,7 @@ class ReplayWriter:
                     out.append(self._write_segment(item))
                 staged.put(out)
                 out = []
-                if items[-1][0] == _STOP:
+                if items[-1][0] == STOP:
                     return
         except BaseException as exc:
             log.exception("replay.segments_failed", path=str(self.root))
@@ -547,13 +509,13 @@ class ReplayWriter:
         # the lock `_fail` took): fail whoever still waits in the queue.
         failed = ReplayClosed(f"replay writer failed: {self._error!r}")
         while items:
-            _fail_waiters(items, failed)
-            items = _take(self._q, 0)
-        staged.put([(_STOP,)])
+            fail_waiters(items, failed)
+            items = take(self._q, 0)
+        staged.put([(STOP,)])
 
     def _write_segment(self, item: tuple) -> tuple:
         """An append's observation bytes into the segment; returns the row that points at them."""
-        if item[0] != _APPEND:
+        if item[0] != APPEND:
             return item
         (_, tid, robot, ep, step, ver, t_mono, t_wall, obs, act, pact, logp, value) = item
         seg = self._segment_for(len(obs))
@@ -561,7 +523,7 @@ class ReplayWriter:
         if self.config.fsync_interval_s is not None:
             seg.start_writeback()
         row = (tid, robot, ep, step, ver, t_mono, t_wall, seg.seg, off, length, crc)
-        return (_ROW, seg, (*row, act, pact, logp, value))
+        return (ROW, seg, (*row, act, pact, logp, value))
 
     def _segment_for(self, payload_len: int) -> SegmentWriter:
         seg = self._seg
@@ -583,21 +545,21 @@ class ReplayWriter:
     # ---- commit stage (thread replay-writer) -------------------------------------------------
 
     def _run(self) -> None:
-        batch = _Batch()
+        batch = Batch()
         deadline: float | None = None  # commit by then: commit_interval after the batch began
         stop = False
         try:
             while not stop:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if self._staged is None:
-                    items = _take(self._q, timeout)
-                else:  # a chunk as the segment stage took it (at most _CHUNK items)
+                    items = take(self._q, timeout)
+                else:  # a chunk as the segment stage took it (at most CHUNK items)
                     try:
                         items = self._staged.get(timeout=timeout)
                     except queue.Empty:
                         items = []
                 for item in items:
-                    if item[0] == _STOP:
+                    if item[0] == STOP:
                         stop = True
                     else:
                         self._stage(item, batch)
@@ -610,49 +572,34 @@ class ReplayWriter:
                     # What a commit adds to the WAL (retention keeps room for it), decaying.
                     step = retention.wal_files_bytes(self.root)[0] - wal
                     self._wal_step = max(step, self._wal_step * 63 // 64)
-                    batch, deadline = _Batch(), None
+                    batch, deadline = Batch(), None
                     if not self.config.events_only:
-                        self._apply_retention()
+                        self._retention.apply(self._wal_step, self._checkpointer)
                     if self._checkpointer is not None:
                         self._checkpointer.check(self._conn)
         except BaseException as exc:
             log.exception("replay.writer_failed", path=str(self.root))
             failed = self._fail(exc)
-            _fail_waiters([(_BARRIER, w) for w in batch.waiters], failed)
+            fail_waiters([(BARRIER, w) for w in batch.waiters], failed)
             if self._staged is None:
                 while True:  # fail whoever still waits on a commit
                     try:
-                        _fail_waiters([self._q.get_nowait()], failed)
+                        fail_waiters([self._q.get_nowait()], failed)
                     except queue.Empty:
                         break
                 return
             while not stop:  # until the segment stage stops: it may hold more waiters
                 items = self._staged.get()
-                _fail_waiters(items, failed)
-                stop = any(item[0] == _STOP for item in items)
+                fail_waiters(items, failed)
+                stop = any(item[0] == STOP for item in items)
 
-    def _stage(self, item: tuple, batch: _Batch) -> None:
-        kind = item[0]
-        if kind == _ROW:
+    def _stage(self, item: tuple, batch: Batch) -> None:
+        batch.add(item)
+        if item[0] == ROW:  # the segment's size as far as committed rows reach, and its sync
             _, seg, row = item
-            tid, robot, ep, off, length = row[0], row[1], row[2], row[8], row[9]
-            batch.rows.append(row)
-            batch.obs_bytes += length
-            self._seg_sizes[seg.seg] = off + length
+            self._seg_sizes[seg.seg] = row[8] + row[9]
             if self.config.fsync_interval_s is not None:
                 self._unsynced[seg.seg] = seg
-            agg = batch.episodes.get((robot, ep))
-            if agg is None:
-                batch.episodes[(robot, ep)] = [tid, tid, 1]
-            else:
-                agg[0], agg[1], agg[2] = min(agg[0], tid), max(agg[1], tid), agg[2] + 1
-        elif kind == _REPORT:
-            batch.reports.append(item[1:])
-        elif kind == _EVENT:
-            batch.events.append(item[1:])
-            batch.waiters.append(item[-1])
-        elif kind == _BARRIER:
-            batch.waiters.append(item[1])
 
     def _sync_segments(self) -> None:
         """fdatasync every segment the committed and staged rows point into; close the retired."""
@@ -662,7 +609,7 @@ class ReplayWriter:
             if seg_id != newest:  # the segment stage moved on: nothing more is written to it
                 self._unsynced.pop(seg_id).close()
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit(self, batch: Batch) -> None:
         # Another process (server or bridge) may hold the write lock past busy_timeout: roll
         # back and retry the same batch; the rows and waiters stay with us, nothing is dropped.
         pause = 0.01
@@ -677,7 +624,7 @@ class ReplayWriter:
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
 
-    def _commit_once(self, batch: _Batch) -> None:
+    def _commit_once(self, batch: Batch) -> None:
         conn = self._conn
         fsync = self.config.fsync_interval_s
         now = time.monotonic()
@@ -691,38 +638,7 @@ class ReplayWriter:
         # event's `resolve` cannot go stale before the write (SQLITE_BUSY_SNAPSHOT).
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(
-                "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
-                " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                batch.rows,
-            )
-            conn.executemany(
-                "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
-                " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
-                " first_transition = min(first_transition, excluded.first_transition),"
-                " last_transition = max(last_transition, excluded.last_transition),"
-                " steps = steps + excluded.steps",
-                [(r, e, *agg) for (r, e), agg in batch.episodes.items()],
-            )
-            if batch.reports:
-                cur = conn.executemany(
-                    "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
-                    " truncated = max(truncated, ?), intervened = max(intervened, ?),"
-                    " executed_actions = coalesce(?, executed_actions) WHERE id = ?",
-                    batch.reports,
-                )
-                missing = len(batch.reports) - cur.rowcount
-                if missing:
-                    self._counters["reports_missing"] += missing
-                    log.warning("replay.report_for_unknown_transition", count=missing)
-                conn.executemany(
-                    "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
-                    " WHERE (robot_id, episode_id) ="
-                    " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
-                    [(r[0], r[1], r[2], r[5]) for r in batch.reports],
-                )
-            results = [self._insert_event(conn, *ev) for ev in batch.events]
+            results = write_batch(conn, batch, self._counters)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -731,7 +647,7 @@ class ReplayWriter:
         if sync_due:
             conn.execute("PRAGMA synchronous=NORMAL")
             self._last_sync = now
-        self._rows += len(batch.rows)
+        self._retention.rows += len(batch.rows)
         self._counters["transitions_committed"] += len(batch.rows)
         self._counters["bytes_committed"] += batch.obs_bytes
         self._counters["commits"] += 1
@@ -743,167 +659,3 @@ class ReplayWriter:
         for w in batch.waiters:
             if not w.done():
                 w.set_result(None)
-
-    @staticmethod
-    def _insert_event(
-        conn, eid, robot, kind, value, operator, t, t_wall, key, trans, episode, status,
-        client_time, resolve, fut,
-    ) -> RewardEventResult:  # fmt: skip
-        if key is not None:
-            row = conn.execute(
-                "SELECT id, transition_id, episode_id, status FROM reward_events"
-                " WHERE idempotency_key = ?",
-                (key,),
-            ).fetchone()
-            if row is not None:
-                return RewardEventResult(*row, duplicate=True)
-        close = False
-        if resolve is not None:
-            try:
-                trans, episode, status, close = resolve(conn)
-            except Exception as e:  # a broken rule must not lose the event or stop the writer
-                log.exception("replay.event_resolve_failed", robot_id=robot, kind=kind)
-                trans, close, status = None, False, f"credit_error: {e!r:.200}"
-        conn.execute(
-            "INSERT INTO reward_events (id, robot_id, kind, value, operator, t, t_wall,"
-            " idempotency_key, transition_id, episode_id, status, client_time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                eid,
-                robot,
-                kind,
-                value,
-                operator,
-                t,
-                t_wall,
-                key,
-                trans,
-                episode,
-                status,
-                client_time,
-            ),
-        )
-        if close and episode is not None:
-            conn.execute(
-                "UPDATE episodes SET ended = 1 WHERE robot_id = ? AND episode_id = ?",
-                (robot, episode),
-            )
-        return RewardEventResult(eid, trans, episode, status, duplicate=False)
-
-    def _apply_retention(self) -> None:
-        try:
-            self._apply_row_cap()
-            self._apply_byte_cap()
-        except sqlite3.OperationalError as e:  # another process holds the lock: next commit
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            self._counters["retention_busy"] += 1
-            log.warning("replay.retention_busy", path=str(self.root), error=str(e))
-
-    def _apply_row_cap(self) -> None:
-        max_rows = self.config.retention_max_rows
-        if max_rows is None or self._rows <= max_rows:
-            return
-        cut = self._conn.execute(
-            "SELECT id FROM transitions ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)
-        ).fetchone()
-        if cut is not None:
-            self._delete_rows("id <= ?", (cut[0],))
-        self._drop_unreferenced_segments()
-
-    def _apply_byte_cap(self) -> None:
-        """Keep segments + database file within the cap's share (`retention.DiskBudget`).
-
-        Rows are deleted oldest first, by id rather than by whole segment (with state-only robots
-        one segment holds thousands of rows, more than the share), when the segments and the
-        pages in use (plus what the last commit added: the next one will add about as much)
-        pass the share, down to LOW_WATER of it; segment files go once no row points into them.
-        Freed pages are reused by new rows; they are given back to the file system
-        (`incremental_vacuum`) only as far as the file itself is over the share, so steady
-        writing costs no page moves. Each round writes at most about a quarter of `wal_bytes`
-        to the WAL and the WAL is checked after it, so retention cannot outgrow the WAL's
-        reserve either."""
-        budget = self._budget
-        if budget.cap is None:
-            return
-        segs, in_use, file = self._store()
-        growth = max(0, segs + in_use - self._store_bytes)
-        page = retention.page_size(self._conn)
-        round_pages = max(1, budget.wal_bytes // 4 // page)
-        goal = None  # once past the share: delete down to LOW_WATER of it
-        for _ in range(_RETENTION_ROUNDS):
-            share = budget.store_share(*retention.wal_files_bytes(self.root), self._wal_step)
-            if goal is None and segs + in_use + growth > share:
-                goal = int(retention.LOW_WATER * max(share, 0))
-            excess = 0 if goal is None else segs + in_use + growth - goal
-            if excess > 0 and self._rows > 0:
-                k = retention.rows_to_delete(excess, self._rows, segs + in_use)
-                k = min(k, max(1, round_pages * page * self._rows // max(in_use, 1)))
-                cut = self._conn.execute(
-                    "SELECT id FROM transitions ORDER BY id LIMIT 1 OFFSET ?", (k - 1,)
-                ).fetchone()
-                if cut is None:
-                    break
-                # Rows go first (committed), then files: a crash in between leaves an
-                # unreferenced file (deleted at the next retention), never a row without bytes.
-                self._delete_rows("id <= ?", (cut[0],))
-                self._drop_unreferenced_segments()
-            elif self._shrinks and segs + file > share and file > in_use:
-                self._vacuum(min(round_pages, -(-(segs + file - share) // page)))
-            else:
-                break
-            if self._checkpointer is not None:
-                self._checkpointer.check(self._conn)
-            segs, in_use, file = self._store()
-        self._store_bytes = segs + in_use
-
-    def _store(self) -> tuple[int, int, int]:
-        """(segment bytes, database pages in use, database file bytes after the next
-        checkpoint). A file that cannot shrink (created without auto_vacuum) counts as its pages
-        in use: that is what retention can act on."""
-        in_use, file = retention.db_bytes(self._conn)
-        return sum(self._seg_sizes.values()), in_use, file if self._shrinks else in_use
-
-    def _vacuum(self, pages: int | None = None) -> None:
-        """Give up to `pages` (all: None) free pages of the database back to the file system
-        (when created with auto_vacuum=INCREMENTAL). The file shrinks at the next complete
-        checkpoint."""
-        if not self._shrinks:
-            return
-        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-        n = free if pages is None else min(free, pages)
-        if n > 0:
-            # One page per step: fetchall runs it to the end.
-            self._conn.execute(f"PRAGMA incremental_vacuum({int(n)})").fetchall()
-            self._counters["retention_pages_vacuumed"] += n
-
-    def _delete_rows(self, where: str, args: tuple) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        n = conn.execute(f"DELETE FROM transitions WHERE {where}", args).rowcount
-        conn.execute(
-            "DELETE FROM episodes WHERE last_transition <"
-            " coalesce((SELECT min(id) FROM transitions), 1 << 62)"
-        )
-        conn.execute("COMMIT")
-        self._rows -= n
-        self._counters["retention_rows_deleted"] += n
-
-    def _drop_unreferenced_segments(self) -> None:
-        min_seg = self._conn.execute("SELECT min(seg) FROM transitions").fetchone()[0]
-        current = max(self._seg_sizes, default=None)
-        for seg in sorted(self._seg_sizes):
-            if seg == current or (min_seg is not None and seg >= min_seg):
-                break
-            self._unlink_segment(seg)
-
-    def _unlink_segment(self, seg: int) -> None:
-        segment_path(self._seg_dir, seg).unlink(missing_ok=True)
-        self._seg_sizes.pop(seg, None)
-        retired = self._unsynced.pop(seg, None)
-        if retired is not None:
-            retired.close()
-        self._counters["retention_segments_deleted"] += 1
-        log.info("replay.segment_deleted", segment=seg)

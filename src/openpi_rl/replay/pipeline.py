@@ -1,0 +1,203 @@
+"""What flows through the `ReplayWriter`'s stages, and the SQL that lands one commit's worth.
+
+Callers put items on the writer's queue; the segment stage turns each append into a row that
+points at its bytes and passes every item on, in order; the commit stage gathers them into a
+`Batch` and writes it in one transaction (`write_batch`). An item is a tuple whose first field
+is its kind (below); a waiter is a future set once the item's commit is done. No threads and no
+writer state here: the stages themselves live in `writer.py`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import sqlite3
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import structlog
+
+log = structlog.get_logger("openpi_rl.replay")
+
+# Item kinds. APPEND: a caller's transition (observation bytes not yet written); ROW: the same
+# after the segment stage, (ROW, segment, row); REPORT, EVENT (its waiter last), BARRIER
+# (BARRIER, waiter); STOP: the end of the stream.
+APPEND, REPORT, EVENT, BARRIER, STOP, ROW = range(6)
+CHUNK = 64  # items a stage takes from its queue at once
+
+
+class RewardEventResult(NamedTuple):
+    """A committed reward event as stored (`duplicate`: its idempotency key was stored before,
+    and these are the first event's fields)."""
+
+    id: int
+    transition_id: int | None
+    episode_id: str | None
+    status: str | None
+    duplicate: bool
+
+
+Credit = tuple[int | None, str | None, str | None, bool]
+"""(transition_id, episode_id, status, close_episode), from a `resolve` callable."""
+Resolve = Callable[[sqlite3.Connection], Credit]
+
+
+def new_waiter() -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_running_or_notify_cancel()  # a caller's cancel() can no longer break the writer
+    return fut
+
+
+def take(q: queue.Queue, timeout: float | None) -> list[tuple]:
+    """The next item and what else is waiting, up to CHUNK (so deadlines are checked often);
+    [] if nothing came within `timeout`."""
+    try:
+        items = [q.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while len(items) < CHUNK and items[-1][0] != STOP:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
+def fail_waiters(items: list[tuple], error: BaseException) -> None:
+    for item in items:
+        fut = item[1] if item[0] == BARRIER else item[-1] if item[0] == EVENT else None
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+
+
+def wait_for(fut: concurrent.futures.Future, timeout: float | None) -> Any:
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"replay commit not done after {timeout} s") from None
+
+
+@dataclasses.dataclass
+class Batch:
+    """The items of one commit: transition rows, per-episode (first id, last id, count),
+    reports, events, and the waiters to set once it is committed."""
+
+    rows: list[tuple] = dataclasses.field(default_factory=list)
+    episodes: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
+    reports: list[tuple] = dataclasses.field(default_factory=list)
+    events: list[tuple] = dataclasses.field(default_factory=list)
+    waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
+    obs_bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.reports or self.events or self.waiters)
+
+    def add(self, item: tuple) -> None:
+        """Gather one item (not STOP) from the segment stage, or from the callers' queue."""
+        kind = item[0]
+        if kind == ROW:
+            row = item[2]
+            tid, robot, ep, length = row[0], row[1], row[2], row[9]
+            self.rows.append(row)
+            self.obs_bytes += length
+            agg = self.episodes.get((robot, ep))
+            if agg is None:
+                self.episodes[(robot, ep)] = [tid, tid, 1]
+            else:
+                agg[0], agg[1], agg[2] = min(agg[0], tid), max(agg[1], tid), agg[2] + 1
+        elif kind == REPORT:
+            self.reports.append(item[1:])
+        elif kind == EVENT:
+            self.events.append(item[1:])
+            self.waiters.append(item[-1])
+        elif kind == BARRIER:
+            self.waiters.append(item[1])
+
+
+def write_batch(
+    conn: sqlite3.Connection, batch: Batch, counters: dict[str, int]
+) -> list[RewardEventResult]:
+    """Insert a batch's rows and events and apply its reports, inside the caller's write
+    transaction; returns each event's result, in order. A report naming no stored transition
+    is counted in `counters["reports_missing"]`."""
+    conn.executemany(
+        "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
+        " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        batch.rows,
+    )
+    conn.executemany(
+        "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
+        " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
+        " first_transition = min(first_transition, excluded.first_transition),"
+        " last_transition = max(last_transition, excluded.last_transition),"
+        " steps = steps + excluded.steps",
+        [(r, e, *agg) for (r, e), agg in batch.episodes.items()],
+    )
+    if batch.reports:
+        cur = conn.executemany(
+            "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
+            " truncated = max(truncated, ?), intervened = max(intervened, ?),"
+            " executed_actions = coalesce(?, executed_actions) WHERE id = ?",
+            batch.reports,
+        )
+        missing = len(batch.reports) - cur.rowcount
+        if missing:
+            counters["reports_missing"] += missing
+            log.warning("replay.report_for_unknown_transition", count=missing)
+        conn.executemany(
+            "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
+            " WHERE (robot_id, episode_id) ="
+            " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
+            [(r[0], r[1], r[2], r[5]) for r in batch.reports],
+        )
+    return [insert_event(conn, *ev) for ev in batch.events]
+
+
+def insert_event(
+    conn, eid, robot, kind, value, operator, t, t_wall, key, trans, episode, status,
+    client_time, resolve, fut,
+) -> RewardEventResult:  # fmt: skip
+    """Store one EVENT item's fields (`resolve` runs here, inside the write transaction); a
+    stored idempotency key returns the stored event instead."""
+    if key is not None:
+        row = conn.execute(
+            "SELECT id, transition_id, episode_id, status FROM reward_events"
+            " WHERE idempotency_key = ?",
+            (key,),
+        ).fetchone()
+        if row is not None:
+            return RewardEventResult(*row, duplicate=True)
+    close = False
+    if resolve is not None:
+        try:
+            trans, episode, status, close = resolve(conn)
+        except Exception as e:  # a broken rule must not lose the event or stop the writer
+            log.exception("replay.event_resolve_failed", robot_id=robot, kind=kind)
+            trans, close, status = None, False, f"credit_error: {e!r:.200}"
+    conn.execute(
+        "INSERT INTO reward_events (id, robot_id, kind, value, operator, t, t_wall,"
+        " idempotency_key, transition_id, episode_id, status, client_time)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            eid,
+            robot,
+            kind,
+            value,
+            operator,
+            t,
+            t_wall,
+            key,
+            trans,
+            episode,
+            status,
+            client_time,
+        ),
+    )
+    if close and episode is not None:
+        conn.execute(
+            "UPDATE episodes SET ended = 1 WHERE robot_id = ? AND episode_id = ?",
+            (robot, episode),
+        )
+    return RewardEventResult(eid, trans, episode, status, duplicate=False)
