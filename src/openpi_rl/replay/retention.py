@@ -55,9 +55,10 @@ class DiskBudget:
         `shm`, when one commit adds about `wal_step` bytes to the WAL. The commit stage truncates
         the WAL at the latest once it reaches 1.5 `wal_bytes` (`checkpoint.py`), so the reserve
         is that plus a commit, with room for a commit larger than the last ones; a WAL that is
-        larger still (a reader held its snapshot) is counted as it is."""
+        larger still (a reader held its snapshot, so it could not be truncated) is counted as
+        it is, plus the next commit, which lands on it before retention runs again."""
         assert self.cap is not None
-        reserve = max(2 * self.wal_bytes + wal_step, wal)
+        reserve = max(2 * self.wal_bytes, wal) + wal_step
         return self.cap - reserve - shm
 
 
@@ -117,6 +118,9 @@ class Retention:
     seg_sizes: dict[int, int]
     unsynced: dict[int, SegmentWriter]
     counters: dict[str, int]
+    growth: int = 0
+    """About the most a commit adds to segments + pages (a slowly decaying max, as the WAL's
+    `wal_step`): commits vary, and the next may be larger than the last."""
 
     def apply(self, wal_step: int, checkpointer: WalCheckpointer | None) -> None:
         """Both caps; `wal_step`: about the most a commit adds to the WAL. A lock held by
@@ -159,12 +163,13 @@ class Retention:
         if budget.cap is None:
             return
         segs, in_use, file = self._store()
-        growth = max(0, segs + in_use - self.store_bytes)
+        self.growth = max(segs + in_use - self.store_bytes, self.growth * 63 // 64, 0)
+        growth = self.growth
         page = page_size(self.conn)
         round_pages = max(1, budget.wal_bytes // 4 // page)
         goal = None  # once past the share: delete down to LOW_WATER of it
         for _ in range(ROUNDS):
-            share = budget.store_share(*wal_files_bytes(self.root), wal_step)
+            share = budget.store_share(*wal_files_bytes(self.root), wal_step) - self._stuck(file)
             if goal is None and segs + in_use + growth > share:
                 goal = int(LOW_WATER * max(share, 0))
             excess = 0 if goal is None else segs + in_use + growth - goal
@@ -180,14 +185,24 @@ class Retention:
                 # unreferenced file (deleted at the next retention), never a row without bytes.
                 self._delete_rows("id <= ?", (cut[0],))
                 self._drop_unreferenced_segments()
-            elif self.shrinks and segs + file > share and file > in_use:
-                self._vacuum(min(round_pages, -(-(segs + file - share) // page)))
+            elif self.shrinks and segs + file + growth > share and file > in_use:
+                # The next commit's rows land in the free pages, its segment bytes do not.
+                self._vacuum(min(round_pages, -(-(segs + file + growth - share) // page)))
             else:
                 break
             if checkpointer is not None:
                 checkpointer.check(self.conn)
             segs, in_use, file = self._store()
         self.store_bytes = segs + in_use
+
+    def _stuck(self, file: int) -> int:
+        """Bytes the database file holds on disk beyond what the next checkpoint leaves (pages a
+        vacuum freed while a reader's snapshot held the checkpoint back): counted like a WAL
+        that could not be truncated, since only that checkpoint gives them back."""
+        try:
+            return max(0, schema.db_path(self.root).stat().st_size - file)
+        except OSError:
+            return 0
 
     def _store(self) -> tuple[int, int, int]:
         """(segment bytes, database pages in use, database file bytes after the next
