@@ -278,22 +278,7 @@ class ReplayWriter:
         """Return once the queue has room for `n` more items; ReplayFull past
         `enqueue_timeout_s`, ReplayClosed after close. With one producing thread, the next `n`
         appends then never meet a full queue: checked before a reply, queued after it."""
-        deadline = None
-        while True:
-            with self._put_lock:
-                if self._closed:
-                    cause = f": writer failed: {self._error!r}" if self._error else ""
-                    raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
-                if self._q.qsize() + n <= self.config.max_queue:
-                    return
-            now = time.monotonic()
-            deadline = deadline or now + self.config.enqueue_timeout_s
-            if now >= deadline:
-                raise ReplayFull(
-                    f"replay queue: expected room for {n} within {self.config.enqueue_timeout_s}"
-                    f" s, got {self.config.max_queue} items still queued"
-                )
-            time.sleep(0.001)
+        self._put(None, room=n)
 
     def report(
         self,
@@ -430,9 +415,10 @@ class ReplayWriter:
                 raise OverflowError("replay ids of this boot epoch exhausted; reopen the writer")
             return self._id_base | self._seq
 
-    def _put(self, item: tuple, timeout: float | None = None) -> None:
-        # The closed check and the put happen under one lock so that nothing lands on the queue
-        # after close()'s stop marker; a full queue is waited on outside the lock.
+    def _put(self, item: tuple | None, timeout: float | None = None, room: int = 1) -> None:
+        """Queue `item` once there is room for `room` items (None: only wait for the room).
+        The closed check and the put happen under one lock so that nothing lands on the queue
+        after close()'s stop marker; a full queue is waited on outside the lock."""
         timeout = self.config.enqueue_timeout_s if timeout is None else timeout
         deadline = None
         while True:
@@ -440,16 +426,15 @@ class ReplayWriter:
                 if self._closed:
                     cause = f": writer failed: {self._error!r}" if self._error else ""
                     raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
-                try:
-                    self._q.put_nowait(item)
+                if self._q.qsize() + room <= self.config.max_queue:
+                    if item is not None:  # cannot fail: only this lock's holder adds
+                        self._q.put_nowait(item)
                     return
-                except queue.Full:
-                    pass
             now = time.monotonic()
             deadline = deadline or now + timeout
             if now >= deadline:
                 raise ReplayFull(
-                    f"replay queue: expected room within {timeout} s, "
+                    f"replay queue: expected room for {room} within {timeout} s, "
                     f"got {self.config.max_queue} items still queued"
                 )
             time.sleep(0.001)
