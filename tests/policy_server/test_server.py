@@ -1,5 +1,6 @@
 """The ZMQ policy server on loopback, driven by the robot client over real sockets."""
 
+import sqlite3
 import threading
 import time
 
@@ -223,3 +224,53 @@ def test_the_key_sets_robots_send_are_compiled_before_ready(tmp_path):
     thread.join(30)
     with pytest.raises(ValueError, match="not in the model's obs_spec"):
         PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*", warm_key_sets=(("x",),)))
+
+
+def test_a_full_replay_queue_is_answered_overloaded_and_nothing_served_is_lost(tmp_path):
+    """While the disk cannot keep up (here: another connection holds SQLite's write lock), the
+    writer's queue fills; the server then refuses infers with `overloaded` instead of answering
+    with transitions it could not queue, keeps answering other requests, and serves again once
+    the queue drains. Every infer that got actions is a stored transition."""
+    replay_dir = tmp_path / "replay"
+    ac = ActorCritic(CONFIG.create(jax.random.key(0)), value_in_dim=6, value_hidden=(16,))
+    srv = PolicyServer(
+        ac,
+        ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=4),
+        ReplayConfig(
+            path=str(replay_dir), commit_interval_s=0.01, max_queue=8, enqueue_timeout_s=0.02
+        ),
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    srv._ready.wait(60)
+    rng = np.random.default_rng(0)
+    served, refused = [], 0
+    blocker = sqlite3.connect(replay_dir / "replay.sqlite", isolation_level=None)
+    try:
+        with PolicyClient(srv.endpoint, robot_id="r1", timeout_s=5.0) as client:
+            blocker.execute("BEGIN IMMEDIATE")  # the writer's commits now wait
+            for _ in range(400):
+                try:
+                    served.append(client.infer(_obs(rng), episode_id="e1").transition_id)
+                except ServerError as e:
+                    assert e.code == "overloaded" and "replay" in str(e)
+                    refused += 1
+                    break
+            assert refused == 1, f"the queue never filled ({len(served)} served)"
+            assert client.health()["status"] == "ready"  # other requests are still answered
+            blocker.execute("COMMIT")
+            deadline = time.monotonic() + 10
+            while True:  # the queue drains; infers are served again
+                try:
+                    served.append(client.infer(_obs(rng), episode_id="e1").transition_id)
+                    break
+                except ServerError as e:
+                    assert e.code == "overloaded" and time.monotonic() < deadline
+                    time.sleep(0.05)
+    finally:
+        blocker.close()
+        srv.close(wait_s=30)
+        thread.join(30)
+    reader = ReplayReader(str(replay_dir))
+    assert sorted(r.id for r in reader.transitions(robot_id="r1")) == sorted(served)
+    reader.close()
