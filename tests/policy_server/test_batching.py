@@ -58,6 +58,27 @@ def test_robots_still_waiting_not_due_long_overdue_or_gone_are_not_held_for():
     assert f.hold_until(5.0, 5.0, 0.003, {"x"}) == 5.0  # everyone silent for > forget_s
 
 
+def test_a_fleet_back_from_a_pause_together_waits_one_window_for_its_cohort():
+    f = ArrivalForecast()
+    batch = frozenset({"a", "b"})
+    t = 0.0
+    for _ in range(4):  # a and b served together, 1 ms think time
+        f.arrived("a", t)
+        f.arrived("b", t + 0.0002)
+        t += 0.020
+        f.replied("a", t, batch)
+        f.replied("b", t, batch)
+        t += 0.001
+    _loop(f, "c", 0.0, 0.001, 0.020, 4)  # as overdue, but always served alone: no cohort
+    t += 0.5  # everyone paused (an episode reset); a is back first, b and c are overdue
+    f.arrived("a", t)
+    assert f.hold_until(t, t, 0.003, {"a"}) == pytest.approx(t + 0.003)  # waits for b only
+    f.arrived("b", t + 0.0005)
+    assert f.hold_until(t, t + 0.0005, 0.003, {"a", "b"}) == t  # b is here; c is not a's
+    f.arrived("c", t)
+    assert f.hold_until(t, t, 0.003, {"c"}) == t  # a lone robot is still never held
+
+
 def test_a_pause_barely_moves_the_think_time():
     f = ArrivalForecast()
     last = _loop(f, "a", 0.0, 0.001, 0.020, 5)

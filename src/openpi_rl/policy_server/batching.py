@@ -8,6 +8,11 @@ knows better than to do that: a robot's next request follows its last reply afte
 fixed-rate one), so the server can predict who is about to arrive and hold the batch for
 them, never longer than `expected_wait_us`. A lone robot, or robots not yet due, are served
 at once.
+
+A fleet that pauses together (an episode reset for all, a restart) comes back overdue: no
+forecast holds for it, and the first robot back would be served alone again. So a robot
+also waits, for one window at most, for the overdue robots it was last served with (its
+cohort); a robot that was served alone has none.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class ArrivalForecast:
         self._replied: OrderedDict[str, float] = OrderedDict()  # robot -> last reply (oldest first)
         self._waiting: set[str] = set()  # robots with a request the server has not answered
         self._think: dict[str, float] = {}  # robot -> smoothed think time (s)
+        self._cohort: dict[str, frozenset[str]] = {}  # robot -> the others in its last batch
         self._smoothing, self._forget_s, self._max = smoothing, forget_s, max_robots
 
     def arrived(self, robot: str, t: float) -> None:
@@ -37,21 +43,26 @@ class ArrivalForecast:
             )
         self._waiting.add(robot)
 
-    def replied(self, robot: str, t: float) -> None:
+    def replied(self, robot: str, t: float, batch: frozenset[str] = frozenset()) -> None:
+        """`batch`: the robots served in the same model call (the robot itself may be in it)."""
         self._waiting.discard(robot)
         self._replied.pop(robot, None)
         self._replied[robot] = t  # moved to the end: the dict stays ordered by reply time
+        self._cohort[robot] = batch - {robot}
         while len(self._replied) > self._max:  # many robot ids (hostile or not): bounded memory
             old, _ = self._replied.popitem(last=False)
             self._think.pop(old, None)
+            self._cohort.pop(old, None)
             self._waiting.discard(old)
 
     def hold_until(self, t_first: float, now: float, window_s: float, present: set[str]) -> float:
         """The time to serve a batch that opened at `t_first`: the end of the window
         (`t_first + window_s`) while an answered robot not in `present` is predicted within
-        it (or late by less than the window: scheduling jitter), else `t_first` (serve now).
-        A robot that stopped costs at most one window."""
+        it (or late by less than the window: scheduling jitter), or is overdue and was last
+        served with a robot in `present`; else `t_first` (serve now). A robot that stopped
+        costs at most one window per batch, and nothing once silent for `forget_s`."""
         horizon = t_first + window_s
+        cohort = frozenset().union(*(self._cohort.get(r, ()) for r in present))
         for robot in reversed(self._replied):  # newest first: stop at robots that went quiet
             last = self._replied[robot]
             if now - last > self._forget_s:
@@ -59,7 +70,8 @@ class ArrivalForecast:
             think = self._think.get(robot)
             if think is None or robot in present or robot in self._waiting:
                 continue
-            if now - window_s <= last + think <= horizon:
+            due = last + think
+            if now - window_s <= due <= horizon or (due < now - window_s and robot in cohort):
                 return horizon
         return t_first
 

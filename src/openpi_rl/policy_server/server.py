@@ -465,11 +465,12 @@ class PolicyServer:
                 }
                 self._reply(p, reply, remember=True)
             t_replied = time.perf_counter()
+            batch = frozenset(str(p.msg["robot_id"]) for p in group)
             for i, p in enumerate(group):
                 robot = str(p.msg["robot_id"])
                 self._log_transition(p, out, i, snapshot.version, tids[i])
                 self.returns.served(robot, str(p.msg["episode_id"]), snapshot.version)
-                self._arrivals.replied(robot, t_replied)
+                self._arrivals.replied(robot, t_replied, batch)
             self.served += len(group)
             self._call_s += 0.2 * (infer_ms / 1e3 - self._call_s)
             self.metrics.batch_size.observe(len(group))
