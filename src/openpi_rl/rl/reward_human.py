@@ -191,9 +191,9 @@ class _RemoteReward(RewardProvider):
     def __init__(
         self,
         url: str,
-        config: RewardConfig,
-        timeout_s: float,
-        default_reward: float | None,
+        config: RewardConfig = RewardConfig(),  # noqa: B008 (RewardConfig is frozen)
+        timeout_s: float = 30.0,
+        default_reward: float | None = None,
     ) -> None:
         super().__init__(config)
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
@@ -230,15 +230,7 @@ class HumanRewardWebSocket(_RemoteReward):
     Only a missing reply counts as a timeout; a server that cannot be reached is a RewardError.
     """
 
-    def __init__(
-        self,
-        url: str,
-        config: RewardConfig = RewardConfig(),  # noqa: B008 (RewardConfig is frozen)
-        timeout_s: float = 30.0,
-        default_reward: float | None = None,
-    ) -> None:
-        super().__init__(url, config, timeout_s, default_reward)
-        self._conn: websockets.sync.client.ClientConnection | None = None
+    _conn: websockets.sync.client.ClientConnection | None = None  # opened on first use
 
     def _get(self, observation: dict, actions: np.ndarray) -> Any:
         message = encode_request(observation, actions)
@@ -293,15 +285,6 @@ class HumanRewardHTTP(_RemoteReward):
     `timeout_s` bounds each socket operation (connect, and the wait for the reply), which for
     a human-paced server is the wait for the answer.
     """
-
-    def __init__(
-        self,
-        url: str,
-        config: RewardConfig = RewardConfig(),  # noqa: B008 (RewardConfig is frozen)
-        timeout_s: float = 30.0,
-        default_reward: float | None = None,
-    ) -> None:
-        super().__init__(url, config, timeout_s, default_reward)
 
     def _get(self, observation: dict, actions: np.ndarray) -> Any:
         request = urllib.request.Request(
