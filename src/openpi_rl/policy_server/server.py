@@ -507,10 +507,8 @@ class PolicyServer:
                 t_mono=p.t_recv,
                 tid=tid,
             )
-        except (
-            ReplayFull,
-            ReplayClosed,
-        ):  # only if the writer failed since ensure_room: it logs why
+        except (ReplayFull, ReplayClosed):
+            # Only if the writer failed since ensure_room (it logs why): the reply went out.
             self.metrics.errors.labels(code="replay_lost").inc()
             log.error("transition lost: replay writer closed", transition_id=tid)
 

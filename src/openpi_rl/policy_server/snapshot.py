@@ -168,8 +168,6 @@ class PolicySnapshot:
 # numpy's default alignment costs a copy (-30 us); one packed output is one transfer where
 # four small outputs were four (-50 us).
 _ALIGN = 64
-
-
 _BUFFERS = threading.local()  # per thread: the serving thread and a swapper's check never share
 
 
