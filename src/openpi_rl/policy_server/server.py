@@ -21,7 +21,6 @@ replies [identity, b"", reply]. A REQ client produces the same frames.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import structlog
 import zmq
 
 from openpi_rl.policy_server.batching import ArrivalForecast
+from openpi_rl.policy_server.curve import curve_server
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
@@ -75,50 +75,6 @@ class ServeOptions:
     # generate`) and a directory of the robots' public `.key` files; None: plaintext.
     curve_secret_key_file: str | None = None
     curve_allowed_clients_dir: str | None = None
-
-
-_CURVE_DOMAINS = itertools.count()
-_AUTHENTICATORS: dict[int, Any] = {}  # id(context) -> its one ZAP handler (ThreadAuthenticator)
-_AUTH_LOCK = threading.Lock()
-
-
-def curve_server(socket: zmq.Socket, secret_key_file: str, allowed_clients_dir: str) -> str:
-    """Make `socket` (not yet bound) a CURVE server that admits only the public keys in
-    `allowed_clients_dir`. One ZAP handler serves the context; each socket has its own domain,
-    so several servers in one process keep separate allow-lists. Returns the domain."""
-    import os
-
-    import zmq.auth
-    from zmq.auth.thread import ThreadAuthenticator
-
-    if not zmq.has("curve"):
-        raise RuntimeError("this libzmq was built without CURVE support")
-    public, secret = zmq.auth.load_certificate(secret_key_file)
-    if not secret:
-        raise ValueError(f"curve_secret_key_file: {secret_key_file} holds no secret key")
-    if not os.path.isdir(allowed_clients_dir):
-        raise ValueError(f"curve_allowed_clients_dir: {allowed_clients_dir} is not a directory")
-    ctx = socket.context
-    with _AUTH_LOCK:
-        auth = _AUTHENTICATORS.get(id(ctx))
-        if auth is None:
-            auth = _AUTHENTICATORS[id(ctx)] = ThreadAuthenticator(ctx, log=_zap_log())
-            auth.start()
-        domain = f"openpi-rl-{next(_CURVE_DOMAINS)}"
-        auth.configure_curve(domain=domain, location=allowed_clients_dir)
-    socket.zap_domain = domain.encode()
-    socket.curve_server = True
-    socket.curve_publickey, socket.curve_secretkey = public, secret
-    log.info("curve on", allowed=len(zmq.auth.load_certificates(allowed_clients_dir)))
-    return domain
-
-
-def _zap_log() -> Any:
-    import logging
-
-    zap = logging.getLogger("openpi_rl.policy_server.zap")  # refusals: debug, never keys
-    zap.setLevel(logging.WARNING)
-    return zap
 
 
 @dataclasses.dataclass
