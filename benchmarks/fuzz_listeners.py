@@ -18,37 +18,41 @@ error reply a good client saw during the run.
 
 The last line is one JSON object {listener: {tried, crashes, good_client_errors,
 good_client_p99_ms, ...}}.
+
+This file is the CLI and the plan of each listener's attack; the listeners and good clients
+are in `_fuzz_rigs.py`, the hostile inputs in `_fuzz_inputs.py`, the ways of sending them
+(ZMQ, WebSocket, raw TCP, slow-loris, flood) in `_fuzz_attacks.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import math
-import struct
+import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
-import numpy as np
 import tyro
-import zmq
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import seed as hseed
 from hypothesis import strategies as st
 
-LISTENERS = ("zmq", "openpi_ws", "bridge_ws", "bridge_http", "admin")
-OPERATOR_TOKEN = "tok-fuzz-operator-5f1c9a"
-ADMIN_TOKEN = "tok-fuzz-admin-77aa21"
-QUERY_TOKEN = "tok-fuzz-query-0b3e"
-MAX_BYTES = 64 * 1024  # server and openpi_ws frame cap in this run
+sys.path.insert(0, str(Path(__file__).parent))
+import _fuzz_attacks as attacks
+from _fuzz_inputs import (
+    GOOD_ADMIN,
+    GOOD_EVENT,
+    GOOD_INFER,
+    SLOW,
+    corpus,
+    http_hostile,
+    json_hostile,
+    msgpack_hostile,
+    ws_handshake_hostile,
+)
+from _fuzz_rigs import LISTENERS, OPERATOR_TOKEN, QUERY_TOKEN, GoodClient, Stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,651 +73,6 @@ class Args:
     listeners: tuple[str, ...] = LISTENERS
 
 
-# ---- hostile inputs (hypothesis, seeded) --------------------------------------------------------
-
-
-def corpus(strategy: st.SearchStrategy, n: int, seed: int) -> list[Any]:
-    """`n` examples of `strategy`, the same for the same seed (hypothesis drives generation)."""
-    out: list[Any] = []
-
-    @hseed(seed)
-    @settings(
-        max_examples=n,
-        database=None,
-        phases=[Phase.generate],
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(strategy)
-    def collect(x: Any) -> None:
-        out.append(x)
-
-    collect()
-    return out
-
-
-_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
-_LEAF = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | _FLOATS
-    | st.text(max_size=64)
-    | st.binary(max_size=64)
-)
-ANY_VALUE = st.recursive(
-    _LEAF,
-    lambda kids: (
-        st.lists(kids, max_size=6) | st.dictionaries(st.text(max_size=8), kids, max_size=6)
-    ),
-    max_leaves=30,
-)
-JSON_VALUE = st.recursive(
-    st.none() | st.booleans() | st.integers() | _FLOATS | st.text(max_size=64),
-    lambda kids: (
-        st.lists(kids, max_size=6) | st.dictionaries(st.text(max_size=8), kids, max_size=6)
-    ),
-    max_leaves=30,
-)
-
-
-def _huge_header() -> st.SearchStrategy[bytes]:
-    """msgpack bin32/str32/array32/map32/ext32 headers declaring up to 4 GiB, little data."""
-    return st.builds(
-        lambda tag, n, tail: tag + struct.pack(">I", n) + tail,
-        st.sampled_from([b"\xc6", b"\xdb", b"\xdd", b"\xdf", b"\xc9"]),
-        st.integers(2**20, 2**32 - 1),
-        st.binary(max_size=32),
-    )
-
-
-def _ndarray_lie() -> st.SearchStrategy[bytes]:
-    shape = st.lists(st.integers(-(2**40), 2**40), max_size=5)
-    dtype = st.sampled_from(["<f4", "<f8", "|O", "<U10", "V8", ">i8", "", "float128"]) | st.text(
-        max_size=8
-    )
-    arr = st.fixed_dictionaries(
-        {"__ndarray__": st.sampled_from([True, 1, "yes"]), "data": st.binary(max_size=64)},
-        optional={"dtype": dtype, "shape": shape},
-    )
-    return arr.map(lambda a: msgpack.packb({"type": "infer", "observation": {"state": a}}))
-
-
-def _nan_arrays(good: dict, obs_key: str | None) -> st.SearchStrategy[bytes]:
-    from openpi_rl_client import wire
-
-    def build(vals: list[float], dtype: str, extra: int) -> bytes:
-        arr = np.array(vals + [0.0] * extra, dtype=dtype)
-        obs = {"state": arr}
-        msg = {**good, obs_key: obs} if obs_key else obs
-        return wire.packb(msg)
-
-    return st.builds(
-        build,
-        st.lists(_FLOATS, min_size=1, max_size=8),
-        st.sampled_from(["float32", "float64", "float16"]),
-        st.integers(0, 4),
-    )
-
-
-def msgpack_hostile(good: dict, obs_key: str | None = None) -> st.SearchStrategy[bytes]:
-    """Hostile msgpack frames around the valid message `good`."""
-    packed = msgpack.packb(good, use_bin_type=True, default=lambda o: o.tolist())
-
-    def replace(field: str, value: Any) -> bytes:
-        return msgpack.packb({**good, field: value}, use_bin_type=True)
-
-    def flip(i: int, b: int) -> bytes:
-        out = bytearray(packed)
-        out[i % len(out)] ^= b or 1
-        return bytes(out)
-
-    return st.one_of(
-        st.binary(max_size=2048),  # random bytes
-        st.integers(0, len(packed) - 1).map(lambda k: packed[:k]),  # truncated
-        st.builds(flip, st.integers(0, 10**6), st.integers(0, 255)),  # bit flips
-        st.integers(1, 100_000).map(lambda d: b"\x91" * d + b"\xc0"),  # deep arrays
-        st.integers(1, 50_000).map(lambda d: b"\x81\xa1k" * d + b"\xc0"),  # deep maps
-        _huge_header(),
-        st.builds(replace, st.sampled_from([*sorted(good), "extra"]), ANY_VALUE),  # wrong types
-        ANY_VALUE.map(lambda v: msgpack.packb(v, use_bin_type=True)),  # not a map at all
-        _nan_arrays(good, obs_key),
-        _ndarray_lie(),
-        st.integers(MAX_BYTES + 1, 2 * MAX_BYTES).map(lambda n: b"\x00" * n),  # oversize
-    )
-
-
-def json_hostile(good: dict) -> st.SearchStrategy[str | bytes]:
-    text = json.dumps(good)
-
-    def replace(field: str, value: Any) -> str:
-        return json.dumps({**good, field: value})  # NaN/Infinity written as JSON's extensions
-
-    return st.one_of(
-        st.text(max_size=512),
-        st.binary(max_size=512),  # a binary frame where text is expected
-        st.integers(0, len(text) - 1).map(lambda k: text[:k]),
-        st.integers(1, 200_000).map(lambda d: "[" * d + "]" * (d % 3)),
-        st.integers(1, 50_000).map(lambda d: '{"a":' * d + "1" + "}" * (d % 2)),
-        st.builds(replace, st.sampled_from([*sorted(good), "type", "extra"]), JSON_VALUE),
-        JSON_VALUE.map(lambda v: json.dumps(v)),
-        st.integers(10, 20_000).map(lambda n: '{"value": ' + "9" * n + "}"),  # huge ints
-        st.sampled_from(['{"value": 1e999}', '{"value": NaN}', '{"value": -Infinity}']),
-        st.integers(MAX_BYTES + 1, 2 * MAX_BYTES).map(lambda n: '{"x": "' + "a" * n + '"}'),
-    )
-
-
-def http_hostile(feedback: dict) -> st.SearchStrategy[bytes]:
-    def request(method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers)
-        return head.encode("utf-8", "surrogatepass") + b"\r\n" + body
-
-    auth = st.sampled_from(
-        [("Authorization", f"Bearer {OPERATOR_TOKEN}"), ("Authorization", "Bearer nope")]
-    )
-    length = st.one_of(
-        st.integers(-(10**12), 10**12).map(str),
-        st.sampled_from(["", "abc", "1e9", "0x10", "99999999999999999999", " 5"]),
-    )
-    body = json_hostile(feedback).map(lambda t: t.encode() if isinstance(t, str) else t)
-    header_value = st.text(st.characters(codec="latin-1"), max_size=64)
-
-    def with_length(body: bytes, declared: str | None, extra: list) -> tuple:
-        hs = [auth_ok, ("Content-Type", "application/json"), *extra]
-        hs.append(("Content-Length", str(len(body)) if declared is None else declared))
-        return hs, body
-
-    auth_ok = ("Authorization", f"Bearer {OPERATOR_TOKEN}")
-    return st.one_of(
-        st.binary(max_size=1024),  # not HTTP
-        st.builds(
-            lambda hb, m, p: request(m, p, *hb),
-            st.builds(
-                with_length,
-                body,
-                st.none() | length,
-                st.lists(
-                    st.tuples(st.text("abcXY-", min_size=1, max_size=8), header_value), max_size=4
-                ),
-            ),
-            st.sampled_from(["POST", "GET", "PUT", "DELETE", "post", "X" * 300]),
-            st.sampled_from(
-                ["/feedback", "/query", "/query?token=wrong", "/healthz", "/../x", "*"]
-            ),
-        ),
-        st.builds(
-            lambda a, n: request("POST", "/feedback", [a, ("X-Long", "a" * n)], b""),
-            auth,
-            st.integers(60_000, 70_000),  # a header line past the reader's 64 KiB limit
-        ),
-        st.integers(101, 300).map(
-            lambda k: request("GET", "/healthz", [(f"H{i}", "v") for i in range(k)], b"")
-        ),
-        st.builds(
-            lambda te: request("POST", "/feedback", [auth_ok, ("Transfer-Encoding", te)], b"5\r\n"),
-            st.sampled_from(["chunked", "gzip, chunked"]),
-        ),
-    )
-
-
-def ws_handshake_hostile() -> st.SearchStrategy[bytes]:
-    """What arrives before a WebSocket handshake completes: garbage or a mangled upgrade."""
-
-    def upgrade(path: str, version: str, key: str, extra: str) -> bytes:
-        return (
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n{extra}\r\n"
-        ).encode("utf-8", "surrogatepass")
-
-    return st.one_of(
-        st.binary(max_size=1024),
-        st.builds(
-            upgrade,
-            st.sampled_from(["/", "/pendant", "/query", "/x" * 50]),
-            st.sampled_from(["13", "8", "", "99999"]),
-            st.sampled_from(["dGhlIHNhbXBsZSBub25jZQ==", "", "!!"]),
-            st.sampled_from(["", "Content-Length: 99999999\r\n", "X: " + "a" * 9000 + "\r\n"]),
-        ),
-    )
-
-
-# ---- the listeners ------------------------------------------------------------------------------
-
-
-class Stack:
-    """Every listener, for real, on loopback ports chosen by the OS."""
-
-    def __init__(self, tmp: Path, handshake_timeout_s: float):
-        import jax
-
-        from openpi_rl.models import GaussianMLPConfig
-        from openpi_rl.policy_server.admin import AdminEndpoint
-        from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
-        from openpi_rl.policy_server.server import PolicyServer, ServeOptions
-        from openpi_rl.policy_server.swapper import SwapOptions, Swapper
-        from openpi_rl.replay import ReplayConfig, ReplayWriter
-        from openpi_rl.reward_bridge import BridgeConfig, RewardBridge
-        from openpi_rl.rl import ActorCritic
-
-        cfg = GaussianMLPConfig(obs_dim=4, action_dim=1)
-        ac = ActorCritic(cfg.create(jax.random.key(0)), value_in_dim=4, value_hidden=(8,))
-        opts = ServeOptions(
-            endpoint="tcp://127.0.0.1:*",
-            max_batch=4,
-            max_message_bytes=MAX_BYTES,
-            handshake_timeout_s=handshake_timeout_s,
-        )
-        self.server = PolicyServer(ac, opts)
-        self.server_thread = threading.Thread(target=self.server.run, name="server", daemon=True)
-        self.server_thread.start()
-        if not self.server._ready.wait(120):
-            raise TimeoutError("policy server not ready")
-        self.swapper = Swapper(self.server, SwapOptions(learner_endpoint=None, nice=0)).start()
-        self.admin = AdminEndpoint(
-            self.swapper, "tcp://127.0.0.1:*", ADMIN_TOKEN, handshake_timeout_s=handshake_timeout_s
-        ).start()
-        self.ws = OpenPIWebSocketEndpoint(
-            self.server.inproc_endpoint,
-            self.server.metadata(),
-            port=0,
-            max_message_bytes=MAX_BYTES,
-            open_timeout_s=handshake_timeout_s,
-            metrics=self.server.metrics,
-        ).start()
-        replay_dir = tmp / "replay"
-        ReplayWriter(ReplayConfig(path=replay_dir)).close()  # the schema the server would make
-        self.bridge = RewardBridge(
-            BridgeConfig(
-                replay_dir=str(replay_dir),
-                ws_port=0,
-                http_port=0,
-                metrics_port=None,
-                operators={"fuzz": OPERATOR_TOKEN},
-                query_token=QUERY_TOKEN,
-                verdict_settle_s=0.0,
-                max_message_bytes=MAX_BYTES,
-                max_query_bytes=MAX_BYTES,
-                handshake_timeout_s=handshake_timeout_s,
-                auth_timeout_s=handshake_timeout_s,
-                status_interval_s=1.0,
-            )
-        ).start()
-        self.ports = {
-            "zmq": int(self.server.endpoint.rsplit(":", 1)[1]),
-            "openpi_ws": self.ws.port,
-            "bridge_ws": self.bridge.ws_port,
-            "bridge_http": self.bridge.http_port,
-            "admin": int(self.admin.endpoint.rsplit(":", 1)[1]),
-        }
-
-    def close(self) -> None:
-        self.bridge.close()
-        self.ws.close()
-        self.admin.close()
-        self.swapper.close()
-        self.server.close(wait_s=10)
-
-    def internal_errors(self, listener: str) -> int:
-        """Handler bugs caught so far (an `internal` reply), by listener."""
-        if listener in ("zmq", "openpi_ws"):
-            return int(self.server.metrics.errors.labels(code="internal")._value.get())
-        if listener == "admin":
-            m = self.swapper.metrics.admin_requests
-            return int(sum(m.labels(command=c, outcome="failed")._value.get() for c in _ADMIN_CMDS))
-        return int(self.bridge.metrics.errors.labels("internal")._value.get())
-
-    def alive(self, listener: str) -> bool:
-        threads = {
-            "zmq": self.server_thread,
-            "openpi_ws": self.ws._thread,
-            "admin": self.admin._thread,
-            "bridge_ws": self.bridge._thread,
-            "bridge_http": self.bridge._thread,
-        }
-        if not threads[listener].is_alive():
-            return False
-        probe = _GOOD[listener](self)
-        try:
-            for _ in range(3):
-                probe.call()
-            return True
-        except Exception:
-            return False
-        finally:
-            probe.close()
-
-
-_ADMIN_CMDS = ("status", "pin", "unpin", "rollback", "pause-learning", "resume-learning", "invalid")
-OBS = {"state": np.zeros(4, np.float32)}
-
-
-# ---- good clients -------------------------------------------------------------------------------
-
-
-class _GoodZmq:
-    def __init__(self, stack: Stack):
-        from openpi_rl_client import PolicyClient
-
-        self.c = PolicyClient(stack.server.endpoint, robot_id="good", timeout_s=2.0, retries=0)
-
-    def call(self) -> None:
-        self.c.infer(OBS)
-
-    def close(self) -> None:
-        self.c.close()
-
-
-class _GoodOpenpiWs:
-    def __init__(self, stack: Stack):
-        import websockets.sync.client
-
-        from openpi_rl_client import wire
-
-        self.wire = wire
-        self.ws = websockets.sync.client.connect(
-            f"ws://127.0.0.1:{stack.ws.port}", max_size=None, compression=None, open_timeout=5
-        )
-        self.ws.recv(timeout=5)  # metadata
-
-    def call(self) -> None:
-        self.ws.send(self.wire.packb(OBS))
-        reply = self.ws.recv(timeout=2)
-        if isinstance(reply, str) or "actions" not in self.wire.unpackb(reply):
-            raise RuntimeError(f"openpi_ws: {reply!r:.100}")
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-class _GoodBridgeWs:
-    def __init__(self, stack: Stack):
-        import websockets.sync.client
-
-        self.ws = websockets.sync.client.connect(
-            f"ws://127.0.0.1:{stack.bridge.ws_port}/pendant", open_timeout=5
-        )
-        self.ws.send(json.dumps({"type": "hello", "token": OPERATOR_TOKEN}))
-        self._expect("welcome")
-        self.i = 0
-
-    def _expect(self, kind: str, key: str | None = None) -> None:
-        deadline = time.monotonic() + 2
-        while True:  # status pushes arrive in between
-            msg = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
-            if msg.get("type") == kind and (key is None or msg.get("idempotency_key") == key):
-                return
-            if msg.get("type") == "error":
-                raise RuntimeError(f"bridge_ws: {msg}")
-
-    def call(self) -> None:
-        self.i += 1
-        if self.i % 5:
-            self.ws.send(json.dumps({"type": "ping"}))
-            self._expect("pong")
-        else:
-            key = uuid.uuid4().hex
-            ev = {"type": "feedback", "robot_id": "good", "kind": "step_reward", "value": 0.5}
-            self.ws.send(json.dumps({**ev, "idempotency_key": key}))
-            self._expect("ack", key)
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-class _GoodBridgeHttp:
-    def __init__(self, stack: Stack):
-        self.port = stack.bridge.http_port
-        self.i = 0
-
-    def call(self) -> None:
-        import http.client
-
-        self.i += 1
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            if self.i % 2:
-                conn.request("GET", "/healthz")
-            else:
-                ev = {"robot_id": "good", "kind": "step_reward", "value": 0.25}
-                body = json.dumps({**ev, "idempotency_key": uuid.uuid4().hex})
-                headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
-                conn.request("POST", "/feedback", body, headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"bridge_http: {resp.status} {data!r:.100}")
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        pass
-
-
-class _GoodAdmin:
-    def __init__(self, stack: Stack):
-        self.endpoint = stack.admin.endpoint
-
-    def call(self) -> None:
-        from openpi_rl.policy_server.admin import admin_request
-
-        reply = admin_request(self.endpoint, ADMIN_TOKEN, "status", timeout_s=2)
-        if not reply.get("ok"):
-            raise RuntimeError(f"admin: {reply}")
-
-    def close(self) -> None:
-        pass
-
-
-_GOOD: dict[str, Callable[[Stack], Any]] = {
-    "zmq": _GoodZmq,
-    "openpi_ws": _GoodOpenpiWs,
-    "bridge_ws": _GoodBridgeWs,
-    "bridge_http": _GoodBridgeHttp,
-    "admin": _GoodAdmin,
-}
-
-
-class GoodClient(threading.Thread):
-    """Valid requests at `hz` until stopped; latency and errors recorded."""
-
-    def __init__(self, stack: Stack, listener: str, hz: float):
-        super().__init__(name=f"good-{listener}", daemon=True)
-        self.stack, self.listener, self.period = stack, listener, 1.0 / hz
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-        self._stop_ev = threading.Event()
-
-    def run(self) -> None:
-        client = None
-        next_t = time.monotonic()
-        while not self._stop_ev.is_set():
-            t0 = time.perf_counter()
-            try:
-                if client is None:
-                    client = _GOOD[self.listener](self.stack)
-                client.call()
-                self.latencies.append(time.perf_counter() - t0)
-            except Exception as e:
-                self.errors.append(f"{type(e).__name__}: {e}"[:200])
-                with contextlib.suppress(Exception):
-                    client.close()
-                client = None
-            next_t += self.period
-            self._stop_ev.wait(max(0.0, next_t - time.monotonic()))
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
-    def stop(self) -> None:
-        self._stop_ev.set()
-        self.join(10)
-
-    def p99_ms(self) -> float:
-        return float(np.percentile(self.latencies, 99) * 1e3) if self.latencies else math.nan
-
-
-# ---- attacks --------------------------------------------------------------------------------
-
-
-def _zmq_attack(endpoint: str, frames: list[bytes], per_socket: int, extra_multipart: bool) -> None:
-    """Send each hostile frame from DEALER sockets (a fresh identity every `per_socket`), reading
-    whatever replies come so the server's queue to us never fills."""
-    ctx = zmq.Context.instance()
-    sock = None
-    for i, payload in enumerate(frames):
-        if i % per_socket == 0:
-            if sock is not None:
-                sock.close(0)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.connect(endpoint)
-        parts = [b"", payload]
-        if extra_multipart and i % 7 == 3:
-            parts = [payload]  # no envelope delimiter
-        elif extra_multipart and i % 7 == 5:
-            parts = [b"", b"x", payload, b""]  # extra frames
-        sock.send_multipart(parts)
-        while sock.poll(0):
-            sock.recv_multipart()
-        if i % 200 == 199:  # let the server drain: a flood is not what this loop measures
-            deadline = time.monotonic() + 0.5
-            while sock.poll(20) and time.monotonic() < deadline:
-                sock.recv_multipart()
-    if sock is not None:
-        time.sleep(0.2)
-        sock.close(0)
-
-
-async def _ws_attack(url: str, frames: list[Any], headers: list | None, hello: str | None) -> int:
-    """Send hostile frames over WebSocket connections, reading replies; reconnect when the
-    server closes (oversize frames do that). Returns the count of 1011 closes (server bugs)."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-
-    bugs = 0
-    i = 0
-    while i < len(frames):
-        try:
-            async with connect(
-                url, additional_headers=headers, max_size=None, compression=None, open_timeout=5
-            ) as ws:
-                if hello is not None:
-                    await ws.send(hello)
-                with contextlib.suppress(TimeoutError):
-                    while True:  # metadata / welcome / status pushes
-                        await asyncio.wait_for(ws.recv(), 0.05)
-                sent_here = 0
-                while i < len(frames) and sent_here < 150:
-                    await ws.send(frames[i])
-                    i += 1
-                    sent_here += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ws.recv(), 1.0)
-                        while True:
-                            await asyncio.wait_for(ws.recv(), 0.001)
-        except ConnectionClosed as e:
-            if e.rcvd is not None and e.rcvd.code == 1011:
-                bugs += 1
-            i += 1  # the frame that closed it was tried
-        except (OSError, TimeoutError):
-            i += 1
-    return bugs
-
-
-async def _raw(port: int, data: bytes, read_s: float = 1.0) -> bytes:
-    """One raw TCP connection: send `data`, read what comes back until close or `read_s`."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-    except (OSError, TimeoutError):
-        return b""
-    out = b""
-    try:
-        writer.write(data)
-        await writer.drain()
-        with contextlib.suppress(TimeoutError):
-            out = await asyncio.wait_for(reader.read(65536), read_s)
-    except (OSError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-    return out
-
-
-async def _raw_many(port: int, inputs: list[bytes], concurrency: int, read_s: float) -> list[bytes]:
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(data: bytes) -> bytes:
-        async with sem:
-            return await _raw(port, data, read_s)
-
-    return await asyncio.gather(*(one(d) for d in inputs))
-
-
-async def _slowloris(port: int, k: int, duration_s: float, prefix: bytes) -> int:
-    """`k` connections trickling `prefix` one byte per second for `duration_s`. Returns how
-    many the server dropped before the end."""
-
-    async def one() -> bool:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return True
-        end = time.monotonic() + duration_s
-        i = 0
-        try:
-            while time.monotonic() < end:
-                writer.write(prefix[i % len(prefix) : i % len(prefix) + 1])
-                await writer.drain()
-                i += 1
-                with contextlib.suppress(TimeoutError):
-                    if await asyncio.wait_for(reader.read(1024), 1.0) == b"":
-                        return True  # closed by the server
-            return False
-        except (OSError, ConnectionError):
-            return True
-        finally:
-            writer.close()
-
-    return sum(await asyncio.gather(*(one() for _ in range(k))))
-
-
-async def _flood(port: int, k: int) -> None:
-    async def one() -> None:
-        with contextlib.suppress(OSError, TimeoutError):
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-            writer.close()
-
-    await asyncio.gather(*(one() for _ in range(k)))
-
-
-GOOD_INFER = {
-    "type": "infer",
-    "protocol_version": 1,
-    "request_id": "x",
-    "robot_id": "r",
-    "episode_id": "e",
-    "observation": {"state": [0.0, 0.0, 0.0, 0.0]},
-}
-GOOD_ADMIN = {"token": ADMIN_TOKEN, "command": "status", "version": 0}
-GOOD_EVENT = {
-    "type": "feedback",
-    "robot_id": "r",
-    "kind": "step_reward",
-    "value": 1.0,
-    "idempotency_key": "k",
-}
-ZMTP_GREETING = b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f\x03\x00NULL" + b"\x00" * 16
-SLOW = {  # what a slow-loris trickles: a handshake or request head that never ends
-    "zmq": ZMTP_GREETING,
-    "admin": ZMTP_GREETING,
-    "openpi_ws": b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n",
-    "bridge_ws": b"GET /pendant HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n",
-    "bridge_http": b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n",
-}
-
-
 def attack(stack: Stack, listener: str, args: Args, n: int) -> dict[str, Any]:
     """Every hostile input of one listener; returns tried, refused/dropped counts, bugs seen."""
     seed = args.seed * 101 + LISTENERS.index(listener)
@@ -726,25 +85,27 @@ def attack(stack: Stack, listener: str, args: Args, n: int) -> dict[str, Any]:
     hold_s = args.handshake_timeout_s + 3.0
 
     def side_attack() -> None:
-        side["dropped"] = asyncio.run(_slowloris(port, args.slowloris, hold_s, SLOW[listener]))
-        asyncio.run(_flood(port, args.flood))
+        side["dropped"] = asyncio.run(
+            attacks.slowloris(port, args.slowloris, hold_s, SLOW[listener])
+        )
+        asyncio.run(attacks.flood(port, args.flood))
 
     side_thread = threading.Thread(target=side_attack, name="slowloris", daemon=True)
     side_thread.start()
     if listener == "zmq":
         frames = corpus(msgpack_hostile(GOOD_INFER, "observation"), n, seed)
-        _zmq_attack(stack.server.endpoint, frames, per_socket=1000, extra_multipart=True)
+        attacks.zmq_attack(stack.server.endpoint, frames, per_socket=1000, extra_multipart=True)
         tried = len(frames)
     elif listener == "admin":
         frames = corpus(msgpack_hostile(GOOD_ADMIN), n, seed)
-        _zmq_attack(stack.admin.endpoint, frames, per_socket=90, extra_multipart=True)
+        attacks.zmq_attack(stack.admin.endpoint, frames, per_socket=90, extra_multipart=True)
         tried = len(frames)
     elif listener == "openpi_ws":
         frames = corpus(msgpack_hostile({"state": [0.0] * 4, "prompt": "x"}) | st.text(), n, seed)
         raw = corpus(ws_handshake_hostile(), max(1, n // 10), seed + 1)
         url = f"ws://127.0.0.1:{port}"
-        bugs += asyncio.run(_ws_attack(url, frames, None, None))
-        asyncio.run(_raw_many(port, raw, 32, 0.5))
+        bugs += asyncio.run(attacks.ws_attack(url, frames, None, None))
+        asyncio.run(attacks.raw_many(port, raw, 32, 0.5))
         tried = len(frames) + len(raw)
     elif listener == "bridge_ws":
         frames = corpus(json_hostile(GOOD_EVENT), n, seed)
@@ -753,19 +114,19 @@ def attack(stack: Stack, listener: str, args: Args, n: int) -> dict[str, Any]:
         url = f"ws://127.0.0.1:{port}/pendant"
         hello = json.dumps({"type": "hello", "token": OPERATOR_TOKEN})
         half = len(frames) // 2
-        bugs += asyncio.run(_ws_attack(url, frames[:half], None, hello))
+        bugs += asyncio.run(attacks.ws_attack(url, frames[:half], None, hello))
         qurl = f"ws://127.0.0.1:{port}/query?token={QUERY_TOKEN}&robot_id=fuzz"
-        bugs += asyncio.run(_ws_attack(qurl, frames[half:], None, None))
+        bugs += asyncio.run(attacks.ws_attack(qurl, frames[half:], None, None))
 
         async def hello_attack() -> int:
-            return sum([await _ws_attack(url, [], None, h) for h in hellos])
+            return sum([await attacks.ws_attack(url, [], None, h) for h in hellos])
 
         bugs += asyncio.run(hello_attack())
-        asyncio.run(_raw_many(port, raw, 32, 0.5))
+        asyncio.run(attacks.raw_many(port, raw, 32, 0.5))
         tried = len(frames) + len(hellos) + len(raw)
     elif listener == "bridge_http":
         inputs = corpus(http_hostile(GOOD_EVENT), n, seed)
-        replies = asyncio.run(_raw_many(port, inputs, 32, 2.0))
+        replies = asyncio.run(attacks.raw_many(port, inputs, 32, 2.0))
         bugs += sum(r.startswith(b"HTTP/1.1 500") for r in replies)
         stats["http_status"] = _status_counts(replies)
         tried = len(inputs)

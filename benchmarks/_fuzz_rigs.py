@@ -1,0 +1,301 @@
+"""The listeners under attack and the good clients that check they still serve.
+
+`Stack` starts every listener for real on loopback ports the OS picks: the policy server's ZMQ
+ROUTER (tiny gaussian_mlp), its openpi WebSocket endpoint and admin endpoint, and the reward
+bridge's WebSocket and HTTP ports on a temp replay. It counts each listener's `internal` errors
+and probes whether it is alive. `GoodClient` sends valid requests to one listener at a fixed
+rate and records latency and errors. `fuzz_listeners.py` drives both; the hostile inputs come
+from `_fuzz_inputs.py` and are delivered by `_fuzz_attacks.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LISTENERS = ("zmq", "openpi_ws", "bridge_ws", "bridge_http", "admin")
+OPERATOR_TOKEN = "tok-fuzz-operator-5f1c9a"
+ADMIN_TOKEN = "tok-fuzz-admin-77aa21"
+QUERY_TOKEN = "tok-fuzz-query-0b3e"
+MAX_BYTES = 64 * 1024  # server and openpi_ws frame cap in this run
+
+
+class Stack:
+    """Every listener, for real, on loopback ports chosen by the OS."""
+
+    def __init__(self, tmp: Path, handshake_timeout_s: float):
+        import jax
+
+        from openpi_rl.models import GaussianMLPConfig
+        from openpi_rl.policy_server.admin import AdminEndpoint
+        from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
+        from openpi_rl.policy_server.server import PolicyServer, ServeOptions
+        from openpi_rl.policy_server.swapper import SwapOptions, Swapper
+        from openpi_rl.replay import ReplayConfig, ReplayWriter
+        from openpi_rl.reward_bridge import BridgeConfig, RewardBridge
+        from openpi_rl.rl import ActorCritic
+
+        cfg = GaussianMLPConfig(obs_dim=4, action_dim=1)
+        ac = ActorCritic(cfg.create(jax.random.key(0)), value_in_dim=4, value_hidden=(8,))
+        opts = ServeOptions(
+            endpoint="tcp://127.0.0.1:*",
+            max_batch=4,
+            max_message_bytes=MAX_BYTES,
+            handshake_timeout_s=handshake_timeout_s,
+        )
+        self.server = PolicyServer(ac, opts)
+        self.server_thread = threading.Thread(target=self.server.run, name="server", daemon=True)
+        self.server_thread.start()
+        if not self.server._ready.wait(120):
+            raise TimeoutError("policy server not ready")
+        self.swapper = Swapper(self.server, SwapOptions(learner_endpoint=None, nice=0)).start()
+        self.admin = AdminEndpoint(
+            self.swapper, "tcp://127.0.0.1:*", ADMIN_TOKEN, handshake_timeout_s=handshake_timeout_s
+        ).start()
+        self.ws = OpenPIWebSocketEndpoint(
+            self.server.inproc_endpoint,
+            self.server.metadata(),
+            port=0,
+            max_message_bytes=MAX_BYTES,
+            open_timeout_s=handshake_timeout_s,
+            metrics=self.server.metrics,
+        ).start()
+        replay_dir = tmp / "replay"
+        ReplayWriter(ReplayConfig(path=replay_dir)).close()  # the schema the server would make
+        self.bridge = RewardBridge(
+            BridgeConfig(
+                replay_dir=str(replay_dir),
+                ws_port=0,
+                http_port=0,
+                metrics_port=None,
+                operators={"fuzz": OPERATOR_TOKEN},
+                query_token=QUERY_TOKEN,
+                verdict_settle_s=0.0,
+                max_message_bytes=MAX_BYTES,
+                max_query_bytes=MAX_BYTES,
+                handshake_timeout_s=handshake_timeout_s,
+                auth_timeout_s=handshake_timeout_s,
+                status_interval_s=1.0,
+            )
+        ).start()
+        self.ports = {
+            "zmq": int(self.server.endpoint.rsplit(":", 1)[1]),
+            "openpi_ws": self.ws.port,
+            "bridge_ws": self.bridge.ws_port,
+            "bridge_http": self.bridge.http_port,
+            "admin": int(self.admin.endpoint.rsplit(":", 1)[1]),
+        }
+
+    def close(self) -> None:
+        self.bridge.close()
+        self.ws.close()
+        self.admin.close()
+        self.swapper.close()
+        self.server.close(wait_s=10)
+
+    def internal_errors(self, listener: str) -> int:
+        """Handler bugs caught so far (an `internal` reply), by listener."""
+        if listener in ("zmq", "openpi_ws"):
+            return int(self.server.metrics.errors.labels(code="internal")._value.get())
+        if listener == "admin":
+            m = self.swapper.metrics.admin_requests
+            return int(sum(m.labels(command=c, outcome="failed")._value.get() for c in _ADMIN_CMDS))
+        return int(self.bridge.metrics.errors.labels("internal")._value.get())
+
+    def alive(self, listener: str) -> bool:
+        threads = {
+            "zmq": self.server_thread,
+            "openpi_ws": self.ws._thread,
+            "admin": self.admin._thread,
+            "bridge_ws": self.bridge._thread,
+            "bridge_http": self.bridge._thread,
+        }
+        if not threads[listener].is_alive():
+            return False
+        probe = _GOOD[listener](self)
+        try:
+            for _ in range(3):
+                probe.call()
+            return True
+        except Exception:
+            return False
+        finally:
+            probe.close()
+
+
+_ADMIN_CMDS = ("status", "pin", "unpin", "rollback", "pause-learning", "resume-learning", "invalid")
+OBS = {"state": np.zeros(4, np.float32)}
+
+
+# ---- good clients -------------------------------------------------------------------------------
+
+
+class _GoodZmq:
+    def __init__(self, stack: Stack):
+        from openpi_rl_client import PolicyClient
+
+        self.c = PolicyClient(stack.server.endpoint, robot_id="good", timeout_s=2.0, retries=0)
+
+    def call(self) -> None:
+        self.c.infer(OBS)
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class _GoodOpenpiWs:
+    def __init__(self, stack: Stack):
+        import websockets.sync.client
+
+        from openpi_rl_client import wire
+
+        self.wire = wire
+        self.ws = websockets.sync.client.connect(
+            f"ws://127.0.0.1:{stack.ws.port}", max_size=None, compression=None, open_timeout=5
+        )
+        self.ws.recv(timeout=5)  # metadata
+
+    def call(self) -> None:
+        self.ws.send(self.wire.packb(OBS))
+        reply = self.ws.recv(timeout=2)
+        if isinstance(reply, str) or "actions" not in self.wire.unpackb(reply):
+            raise RuntimeError(f"openpi_ws: {reply!r:.100}")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+class _GoodBridgeWs:
+    def __init__(self, stack: Stack):
+        import websockets.sync.client
+
+        self.ws = websockets.sync.client.connect(
+            f"ws://127.0.0.1:{stack.bridge.ws_port}/pendant", open_timeout=5
+        )
+        self.ws.send(json.dumps({"type": "hello", "token": OPERATOR_TOKEN}))
+        self._expect("welcome")
+        self.i = 0
+
+    def _expect(self, kind: str, key: str | None = None) -> None:
+        deadline = time.monotonic() + 2
+        while True:  # status pushes arrive in between
+            msg = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if msg.get("type") == kind and (key is None or msg.get("idempotency_key") == key):
+                return
+            if msg.get("type") == "error":
+                raise RuntimeError(f"bridge_ws: {msg}")
+
+    def call(self) -> None:
+        self.i += 1
+        if self.i % 5:
+            self.ws.send(json.dumps({"type": "ping"}))
+            self._expect("pong")
+        else:
+            key = uuid.uuid4().hex
+            ev = {"type": "feedback", "robot_id": "good", "kind": "step_reward", "value": 0.5}
+            self.ws.send(json.dumps({**ev, "idempotency_key": key}))
+            self._expect("ack", key)
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+class _GoodBridgeHttp:
+    def __init__(self, stack: Stack):
+        self.port = stack.bridge.http_port
+        self.i = 0
+
+    def call(self) -> None:
+        import http.client
+
+        self.i += 1
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            if self.i % 2:
+                conn.request("GET", "/healthz")
+            else:
+                ev = {"robot_id": "good", "kind": "step_reward", "value": 0.25}
+                body = json.dumps({**ev, "idempotency_key": uuid.uuid4().hex})
+                headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+                conn.request("POST", "/feedback", body, headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"bridge_http: {resp.status} {data!r:.100}")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        pass
+
+
+class _GoodAdmin:
+    def __init__(self, stack: Stack):
+        self.endpoint = stack.admin.endpoint
+
+    def call(self) -> None:
+        from openpi_rl.policy_server.admin import admin_request
+
+        reply = admin_request(self.endpoint, ADMIN_TOKEN, "status", timeout_s=2)
+        if not reply.get("ok"):
+            raise RuntimeError(f"admin: {reply}")
+
+    def close(self) -> None:
+        pass
+
+
+_GOOD: dict[str, Callable[[Stack], Any]] = {
+    "zmq": _GoodZmq,
+    "openpi_ws": _GoodOpenpiWs,
+    "bridge_ws": _GoodBridgeWs,
+    "bridge_http": _GoodBridgeHttp,
+    "admin": _GoodAdmin,
+}
+
+
+class GoodClient(threading.Thread):
+    """Valid requests at `hz` until stopped; latency and errors recorded."""
+
+    def __init__(self, stack: Stack, listener: str, hz: float):
+        super().__init__(name=f"good-{listener}", daemon=True)
+        self.stack, self.listener, self.period = stack, listener, 1.0 / hz
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop_ev = threading.Event()
+
+    def run(self) -> None:
+        client = None
+        next_t = time.monotonic()
+        while not self._stop_ev.is_set():
+            t0 = time.perf_counter()
+            try:
+                if client is None:
+                    client = _GOOD[self.listener](self.stack)
+                client.call()
+                self.latencies.append(time.perf_counter() - t0)
+            except Exception as e:
+                self.errors.append(f"{type(e).__name__}: {e}"[:200])
+                with contextlib.suppress(Exception):
+                    client.close()
+                client = None
+            next_t += self.period
+            self._stop_ev.wait(max(0.0, next_t - time.monotonic()))
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def stop(self) -> None:
+        self._stop_ev.set()
+        self.join(10)
+
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.latencies, 99) * 1e3) if self.latencies else math.nan
