@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import faulthandler
 import logging
 import os
@@ -78,12 +77,24 @@ def _file_config(cls: type, argv: list[str], role: str) -> object:
         raise SystemExit(EX_CONFIG) from None
 
 
+def _parse(cls: type, argv: list[str], default: object = None, **kwargs: object) -> object:
+    """tyro over `cls` with the secrets kept out of its sight: tyro prints defaults (the config
+    file's values) in --help and in its errors, so it gets `masked(default)` (every field marked
+    SECRET shows `***`), and what it returns gets the real secret back wherever the value is
+    still the masked one (a flag given on the command line wins)."""
+    from openpi_rl.secret import masked, unmask
+
+    default = cls() if default is None else default
+    parsed = tyro.cli(cls, args=argv, default=masked(default), **kwargs)
+    return unmask(parsed, default)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     from openpi_rl.train.train_ppo import PPOTrainConfig, train
 
-    config = tyro.cli(
+    config = _parse(
         PPOTrainConfig,
-        args=_seed_style_args(sys.argv[1:] if argv is None else argv),
+        _seed_style_args(sys.argv[1:] if argv is None else argv),
         prog="openpi-rl train",
         description="Train a policy with PPO on a gymnasium task or a reward provider.",
         config=(tyro.conf.CascadeSubcommandArgs,),
@@ -108,10 +119,10 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(ServeConfig, argv, "serve")
-    config = tyro.cli(
+    config = _parse(
         ServeConfig,
-        args=_seed_style_args(argv),
-        default=default,
+        _seed_style_args(argv),
+        default,
         prog="openpi-rl serve",
         config=(tyro.conf.CascadeSubcommandArgs,),
     )
@@ -125,11 +136,7 @@ def bridge_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(BridgeConfig, argv, "bridge")
-    if "-h" in argv or "--help" in argv:  # help prints defaults: never the file's tokens
-        hidden = {name: "<hidden>" for name in default.operators}
-        query = None if default.query_token is None else "<hidden>"
-        default = dataclasses.replace(default, operators=hidden, query_token=query)
-    config = tyro.cli(BridgeConfig, args=argv, default=default, prog="openpi-rl bridge")
+    config = _parse(BridgeConfig, argv, default, prog="openpi-rl bridge")
     configure_logging(json=not sys.stderr.isatty())
     return serve(config)
 
@@ -141,10 +148,10 @@ def learn_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(LearnerConfig, argv, "learn")
-    config = tyro.cli(
+    config = _parse(
         LearnerConfig,
-        args=_seed_style_args(argv),
-        default=default,
+        _seed_style_args(argv),
+        default,
         prog="openpi-rl learn",
         config=(tyro.conf.CascadeSubcommandArgs,),
     )
@@ -186,9 +193,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     from openpi_rl.demo import DemoConfig
     from openpi_rl.demo import demo_main as run
 
-    config = tyro.cli(
+    config = _parse(
         DemoConfig,
-        args=list(sys.argv[1:] if argv is None else argv),
+        list(sys.argv[1:] if argv is None else argv),
         prog="openpi-rl demo",
         description="The service learning live: robots, operator, daemon.",
     )

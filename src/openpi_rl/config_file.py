@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from openpi_rl.secret import MASK, is_secret
+
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a (TOML) dict; unknown keys and wrong types are errors that
@@ -23,7 +25,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{name}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _value(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    # A secret field's error names the key and the expected type, never the value given.
+    kwargs = {k: _value(hints[k], v, f"{where}{k}", is_secret(hints[k])) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -33,8 +36,14 @@ def _strip(tp: Any) -> Any:
     return tp
 
 
-def _value(tp: Any, value: Any, where: str) -> Any:
+def _show(value: Any, secret: bool) -> str:
+    return MASK if secret else repr(value)
+
+
+def _value(tp: Any, value: Any, where: str, secret: bool = False) -> Any:
     tp = _strip(tp)
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         members = [_strip(a) for a in typing.get_args(tp)]
@@ -56,22 +65,30 @@ def _value(tp: Any, value: Any, where: str) -> Any:
         for m in members:
             if m is not type(None):
                 try:
-                    return _value(m, value, where)
+                    return _value(m, value, where, secret)
                 except ValueError:
                     continue
-        raise ValueError(f"{where}: {value!r} does not fit {tp}")
+        raise ValueError(f"{where}: {_show(value, secret)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where + ".")
     if origin is tuple:
         return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{where}: expected a table, got {type(value).__name__} {_show(value, secret)}"
+            )
+        _, item = typing.get_args(tp) or (Any, Any)
+        return {k: _value(item, v, f"{where}.{k}", secret) for k, v in value.items()}
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+            raise ValueError(f"{where}: {_show(value, secret)} is not one of {typing.get_args(tp)}")
         return value
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        shown = _show(value, secret)
+        raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {shown}")
     return value
 
 

@@ -14,8 +14,10 @@ import dataclasses
 import errno
 import socket
 from pathlib import Path
+from typing import Annotated
 
 from openpi_rl.daemon.config import ServiceFile
+from openpi_rl.secret import SECRET
 
 PENDANT_PORT = 8765  # the bridge's usual port; a free one when it is taken
 
@@ -40,9 +42,9 @@ class DemoService:
 
     path: Path
     endpoint: str  # the policy server's ZMQ endpoint (robots connect here)
-    pendant_url: str  # the page, token included (`#token=...`)
+    pendant_url: Annotated[str, SECRET]  # the page, token included (`#token=...`)
     pendant_ws: str  # the operators' WebSocket
-    operator_token: str | None
+    operator_token: Annotated[str | None, SECRET]
     replay_dir: Path
     model: object  # the served model's config (its `normalized_actions` says how to rescale)
     robots: tuple[str, ...]

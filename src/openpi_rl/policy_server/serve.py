@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Annotated
 
 import jax
 import structlog
@@ -25,6 +26,7 @@ from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig
 from openpi_rl.rl.actor_critic import ActorCritic
+from openpi_rl.secret import SECRET
 from openpi_rl.train.train_ppo import ModelChoice
 
 log = structlog.get_logger("openpi_rl.policy_server")
@@ -47,7 +49,7 @@ class ServeConfig:
     metrics_port: int | None = 9101  # Prometheus /metrics; None: off
     openpi_ws_host: str = "127.0.0.1"
     openpi_ws_port: int | None = 8000  # openpi-client's WebSocket protocol; None: off
-    openpi_api_key: str | None = None  # required `Authorization: Api-Key …` when set
+    openpi_api_key: Annotated[str | None, SECRET] = None  # `Authorization: Api-Key …` when set
     openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
     seed: int = 0
     swap: SwapOptions = SwapOptions()  # hot-swap from the learner, heartbeats, admin

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import jax
 import structlog
@@ -43,6 +43,7 @@ from openpi_rl.daemon.checkpoints import restore_version
 from openpi_rl.daemon.publish import LatestVersion
 from openpi_rl.policy_server.restore_worker import RestoreWorker
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
+from openpi_rl.secret import SECRET
 
 if TYPE_CHECKING:
     from openpi_rl.policy_server.server import PolicyServer
@@ -58,7 +59,7 @@ class SwapOptions:
     checkpoint_dir: str | None = None  # pin/rollback targets; None: where notices point
     peer_timeout_s: float = 1.5  # a learner silent this long shows dead (it beats every 0.5 s)
     admin_endpoint: str = "tcp://127.0.0.1:5559"  # ZMQ ROUTER for `openpi-rl admin`
-    admin_token: str | None = None  # None: $OPENPI_RL_ADMIN_TOKEN, else no admin endpoint
+    admin_token: Annotated[str | None, SECRET] = None  # None: $OPENPI_RL_ADMIN_TOKEN, else off
     auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
     auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
     nice: int = 10  # the restore's niceness (Linux; the worker also runs SCHED_IDLE); 0: none

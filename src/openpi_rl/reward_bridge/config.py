@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
+
+from openpi_rl.secret import SECRET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +21,10 @@ class BridgeConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9102
     """Prometheus /metrics; None: off."""
-    operators: dict[str, str] = dataclasses.field(default_factory=dict)
+    operators: Annotated[dict[str, str], SECRET] = dataclasses.field(default_factory=dict)
     """Operator name -> token. Put tokens in the TOML file (`[operators]`), not on the command
     line; they are compared in constant time and never logged. Empty: nobody gets in."""
-    query_token: str | None = None
+    query_token: Annotated[str | None, SECRET] = None
     """When set, /query needs `?token=...` in the URL given to HumanRewardWebSocket/HTTP."""
     robots: tuple[str, ...] = ()
     """Robots listed on the page before they have served anything."""

@@ -24,6 +24,7 @@ from openpi_rl.models.pi0_fast import Pi0FASTConfig
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.rl.reward import RewardConfig
+from openpi_rl.secret import SECRET
 from openpi_rl.train.checkpoints import TrainCheckpoints
 from openpi_rl.train.display import TrainDisplay
 from openpi_rl.train.envs import EnvBatch
@@ -58,7 +59,9 @@ class PPOTrainConfig:
     reward_type: Literal["env", "human_cli", "external", "websocket", "http", "composite"] = "env"
     reward_config: RewardConfig = RewardConfig()  # clamps provider rewards (not the env's)
     external_reward_fn: str | None = None  # "module:function" for reward_type external
-    reward_url: str | None = None  # ws://… or http://… for reward_type websocket / http
+    reward_url: Annotated[str | None, SECRET] = (
+        None  # ws://… or http://… for reward_type websocket / http
+    )
     reward_timeout_s: float = 30.0
     reward_default: float | None = None  # reward when a rater times out (None: error)
     composite: tuple[str, ...] = ("env:1.0",)  # "kind:weight" parts for reward_type composite
