@@ -127,7 +127,7 @@ def test_a_failing_commit_fails_waiters_and_close_does_not_hang(tmp_path, monkey
     _append(w, 0)
     w.flush()
 
-    def broken(self, batch):
+    def broken(self, batch, isolate=False):
         raise sqlite3.DatabaseError("database disk image is malformed")
 
     monkeypatch.setattr(ReplayWriter, "_commit_once", broken)

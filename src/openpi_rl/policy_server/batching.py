@@ -55,6 +55,10 @@ class ArrivalForecast:
             self._cohort.pop(old, None)
             self._waiting.discard(old)
 
+    def dropped(self, robot: str) -> None:
+        """The robot's request was answered with an error (it was not served)."""
+        self._waiting.discard(robot)
+
     def hold_until(self, t_first: float, now: float, window_s: float, present: set[str]) -> float:
         """The time to serve a batch that opened at `t_first`: the end of the window
         (`t_first + window_s`) while an answered robot not in `present` is predicted within

@@ -130,6 +130,11 @@ class ServerMetrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.rewards_clamped = Counter(
+            "openpi_rl_server_rewards_clamped_total",
+            "Reported rewards outside serve.reward_range, clamped into it.",
+            registry=r,
+        )
         self.admin_requests = Counter(
             "openpi_rl_server_admin_requests_total",
             "Admin requests by command and outcome.",

@@ -143,4 +143,7 @@ def serve(config: ServeConfig) -> int:
         if admin is not None:
             admin.close()
         swapper.close()
+    if server.failure is not None:  # a stage died: non-zero, so the supervisor restarts us
+        log.error("exiting after a stage failed", reason=server.failure)
+        return 1
     return 0

@@ -20,7 +20,10 @@ replies [identity, b"", reply]. A REQ client produces the same frames.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +36,7 @@ import zmq
 from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.curve import curve_server
 from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayWriter
@@ -75,6 +79,16 @@ class ServeOptions:
     # generate`) and a directory of the robots' public `.key` files; None: plaintext.
     curve_secret_key_file: str | None = None
     curve_allowed_clients_dir: str | None = None
+    # Per-robot state (robots.py): robots remembered (least recently heard from forgotten
+    # first), and how many of a robot's latest transitions a report may still name.
+    max_robots: int = 4096
+    report_window: int = 1024
+    # A report's reward is clamped into this range (counted): one absurd finite reward
+    # (1e308: two of them sum to inf) must not turn the learner's advantages into NaN.
+    reward_range: tuple[float, float] = (-1000.0, 1000.0)
+    # ZMQ queues per connection: a robot has one request in flight (two while resending).
+    rcvhwm: int = 16
+    sndhwm: int = 64
 
 
 @dataclasses.dataclass
@@ -105,7 +119,8 @@ class PolicyServer:
         self.metrics.policy_version.set(version)
         self.metrics.compilations.set_function(lambda: self.snapshot.compilations)
         self.swapper: Swapper | None = None  # set by Swapper(self, ...): hot-swap and admin
-        self.returns = EpisodeReturns()  # per-version episode returns (automatic rollback)
+        # Per-version episode returns (automatic rollback).
+        self.returns = EpisodeReturns(max_robots=options.max_robots)
         self.replay = ReplayWriter(replay_config) if replay_config is not None else None
         self._ctx = zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.ROUTER)
@@ -113,6 +128,10 @@ class PolicyServer:
         # The codec answers messages over the cap with `too_large`; libzmq's hard limit (which
         # drops the connection without a reply) only guards memory against absurd frames.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * options.max_message_bytes)
+        # Bounded memory per peer: past these, libzmq drops (RCV) or refuses (SND) messages.
+        self.socket.setsockopt(zmq.RCVHWM, options.rcvhwm)
+        self.socket.setsockopt(zmq.SNDHWM, options.sndhwm)
+        self._curve = options.curve_secret_key_file is not None
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, int(options.handshake_timeout_s * 1000))
         if options.curve_secret_key_file is not None or options.curve_allowed_clients_dir:
             if not (options.curve_secret_key_file and options.curve_allowed_clients_dir):
@@ -134,13 +153,21 @@ class PolicyServer:
         self._finished = threading.Event()
         self._counter = 0  # sampling calls: the key is derived from (version, counter)
         self._unlogged = 0  # transition ids when no replay is configured
-        self._steps: dict[str, tuple[str, int]] = {}  # robot -> (episode, next step)
+        self.robots = RobotLedger(options.max_robots, options.report_window)
+        if self.replay is not None:
+            self._restore_robots()
+        # Reports are acknowledged once committed: the writer's commit thread hands each
+        # finished one back here (the socket is this thread's) and wakes the poll.
+        self._committed: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.failure: str | None = None  # a stage that died: health says so, run() ends
+        self._next_check = 0.0
         # (robot_id, request_id) -> the packed reply, or the request while it is still pending.
         # A client that timed out resends the same request_id from a new socket (lazy pirate);
         # answering from here keeps one request one transition and one report one reward.
         self._warned_sets: set[tuple[str, ...]] = set()
         self._recent: OrderedDict[tuple[str, str], bytes | _Pending] = OrderedDict()
-        self._arrivals = ArrivalForecast()
+        self._arrivals = ArrivalForecast(max_robots=options.max_robots)
         self._request_metrics: dict[str, tuple[Any, Any]] = {}  # kind -> (counter, histogram)
         self._call_s = 0.0  # running mean of one model call: the predictive hold's ceiling
         self.served = 0
@@ -197,12 +224,18 @@ class PolicyServer:
         threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         pending: list[_Pending] = []
         serve_at = 0.0  # when the open batch is due (one forecast per pass)
         while not self._stop.is_set():
             timeout_ms = 100 if not pending else max(0.0, serve_at - time.perf_counter()) * 1e3
-            if poller.poll(timeout_ms):
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                self._acknowledge_reports()
+            if self.socket in events:
                 self._drain(pending)
+            if time.perf_counter() >= self._next_check:
+                self._check_stages()
             if not pending:
                 continue
             serve_at = self._serve_at(pending)
@@ -229,6 +262,24 @@ class PolicyServer:
             at = max(at, self._arrivals.hold_until(t_first, now, window, present))
         return at
 
+    def _check_stages(self) -> None:
+        """A dead stage (replay writer, swapper) fails health and ends `run()`, so the process
+        exits non-zero and its supervisor restarts it: serving on without it would answer
+        robots with actions that are never stored, or never improve."""
+        self._next_check = time.perf_counter() + 0.1
+        if self.failure is not None:
+            return
+        if self.replay is not None and self.replay.error is not None:
+            self.failure = f"replay writer failed: {self.replay.error!r:.300}"
+        elif self.swapper is not None and self.swapper.died():
+            self.failure = "swapper thread died (see the log)"
+        if self.failure is not None:
+            log.error(
+                "stage failed: stopping so the supervisor restarts the server", reason=self.failure
+            )
+            self.metrics.ready.set(0)
+            self._stop.set()
+
     def close(self, wait_s: float | None = None) -> None:
         """Stop serving; the loop flushes the replay and closes the socket. Idempotent. With
         `wait_s`, return once that is done (or the time is up)."""
@@ -242,7 +293,12 @@ class PolicyServer:
         self._closed = True
         self.socket.close(linger=0)
         if self.replay is not None:
-            self.replay.close()
+            try:
+                self.replay.close()
+            except Exception:  # a failed writer: what it could commit, it did
+                log.exception("replay close failed")
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         log.info("stopped", served=self.served)
         self._finished.set()
 
@@ -270,6 +326,8 @@ class PolicyServer:
                 msg = wire.unpackb(payload, max_bytes=self.options.max_message_bytes)
                 rid = msg.get("request_id") if isinstance(msg, dict) else None
                 kind, msg = protocol.validate_request(msg)
+                if self._curve and "robot_id" in msg:
+                    self._check_key(frames[-1], msg["robot_id"])
                 key = (str(msg.get("robot_id")), str(rid)) if rid is not None else None
                 if key is not None and self._resent(key, identity, kind, t_recv):
                     continue
@@ -283,6 +341,9 @@ class PolicyServer:
                     if len(pending) >= self.options.max_batch:
                         return
                     continue
+                if kind == "report" and self.replay is not None:
+                    self._report(_Pending(identity, msg, payload, t_recv), key)
+                    continue  # acknowledged once committed (_acknowledge_reports)
                 reply = self._handle(kind, msg)
                 if key is not None and kind == "report":
                     reply["request_id"] = rid
@@ -341,34 +402,126 @@ class PolicyServer:
     def _handle(self, kind: str, msg: dict) -> dict:
         if kind == "health":
             status = "ready" if self._ready.is_set() else "warming"
+            if self.failure is not None:
+                status = "failed"
             reply = {"status": status, "policy_version": self.snapshot.version}
+            if self.failure is not None:
+                reply["reason"] = self.failure
             if self.swapper is not None:  # the learner's liveness; the learner reads the pause
                 reply.update(self.swapper.health())
             return reply
         if kind == "metadata":
             return self.metadata()
-        if kind == "report":
-            ended = bool(msg.get("done", False)) or bool(msg.get("truncated", False))
-            self.returns.reported(str(msg["robot_id"]), float(msg.get("reward", 0.0)), ended)
-            if self.replay is not None:
-                self.replay.report(
-                    int(msg["transition_id"]),
-                    float(msg.get("reward", 0.0)),
-                    bool(msg.get("done", False)),
-                    bool(msg.get("truncated", False)),
-                    executed_actions=msg.get("executed_actions"),
-                    intervened=bool(msg.get("intervened", False)),
-                )
+        if kind == "report":  # no replay: nothing to store, acknowledged at once
+            self._checked_report(msg)
             return {"ok": True}
         raise protocol.ProtocolError(protocol.UNKNOWN_TYPE, f"unknown message type {kind!r}")
 
-    def _reply(self, p: _Pending, reply: dict, remember: bool = False) -> None:
+    def _check_key(self, frame: zmq.Frame, robot: str) -> None:
+        """With CURVE, a robot id belongs to the first client key that uses it."""
+        try:
+            key = frame.get("User-Id")  # the ZAP handler's user id: the client's public key
+        except zmq.ZMQError:
+            return  # the in-process front end (openpi WebSocket): it authenticates its own
+        if key and not self.robots.bind_key(robot, key.encode()):
+            raise protocol.ProtocolError(
+                protocol.UNAUTHORIZED, f"robot_id {robot!r} is bound to another client key"
+            )
+
+    def _checked_report(self, msg: dict) -> tuple[int, float, np.ndarray | None]:
+        """Check a report against what this server served: the transition is one of the
+        robot's own (`unknown_transition` otherwise), executed actions have the chunk's shape.
+        Returns (transition id, the reward clamped into `reward_range`, executed actions)."""
+        robot, tid = msg["robot_id"], msg["transition_id"]
+        if not self.robots.owns(robot, tid):
+            raise protocol.ProtocolError(
+                protocol.UNKNOWN_TRANSITION,
+                f"transition_id {tid}: not one of the last {self.options.report_window} "
+                f"transitions this server served to robot {robot!r:.80}",
+            )
+        executed = msg.get("executed_actions")
+        if executed is not None:
+            if tuple(executed.shape) != self.action_shape:
+                raise protocol.ProtocolError(
+                    protocol.INVALID_FIELD,
+                    f"'executed_actions': expected the chunk's shape {list(self.action_shape)}, "
+                    f"got {list(executed.shape)}",
+                )
+            executed = executed.astype(np.float32)
+            if not np.isfinite(executed).all():  # an int64 past float32's range
+                raise protocol.ProtocolError(
+                    protocol.INVALID_FIELD, "'executed_actions': not finite as float32"
+                )
+        lo, hi = self.options.reward_range
+        reward = float(msg["reward"])
+        if not lo <= reward <= hi:
+            self.metrics.rewards_clamped.inc()
+            reward = min(max(reward, lo), hi)
+        ended = bool(msg["done"]) or bool(msg["truncated"])
+        self.returns.reported(robot, reward, ended)
+        return tid, reward, executed
+
+    def _report(self, p: _Pending, key: tuple[str, str] | None) -> None:
+        """Queue a checked report; its reply goes out once it is committed (guarantee 2)."""
+        tid, reward, executed = self._checked_report(p.msg)
+        assert self.replay is not None
+        try:
+            fut = self.replay.report(
+                tid,
+                reward,
+                bool(p.msg["done"]),
+                bool(p.msg["truncated"]),
+                executed_actions=executed,
+                intervened=bool(p.msg.get("intervened", False)),
+                robot_id=p.msg["robot_id"],
+            )
+        except (ReplayFull, ReplayClosed) as e:
+            raise protocol.ProtocolError(protocol.OVERLOADED, f"replay: {e}") from None
+        if key is not None:
+            self._remember(key, p)  # a resend meanwhile is answered with this reply
+
+        def done(_: object) -> None:  # the writer's thread: hand it to the serving thread
+            self._committed.append((p, fut))
+            # A full pipe has a wake-up pending; a closed one means the server has stopped.
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
+
+        fut.add_done_callback(done)
+
+    def _acknowledge_reports(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._committed:
+            p, fut = self._committed.popleft()
+            try:
+                found = fut.result()
+                if found:
+                    reply = {"ok": True}
+                else:  # stored under another robot, or retention deleted it meanwhile
+                    reply = self._error(
+                        protocol.UNKNOWN_TRANSITION,
+                        f"transition_id {p.msg['transition_id']}: no such transition of "
+                        f"robot {p.msg['robot_id']!r:.80} in the replay",
+                    )
+            except ReplayClosed as e:
+                reply = self._error(protocol.OVERLOADED, f"replay: {e}")
+            except Exception as e:  # refused by the store (counted by the writer)
+                log.error("report not stored", error=f"{e!r:.300}")
+                reply = self._error(protocol.INTERNAL, "report not stored (see the server log)")
+            self._reply(p, reply, remember="error" not in reply, kind="report")
+
+    def _reply(self, p: _Pending, reply: dict, remember: bool = False, kind: str = "infer") -> None:
         rid = p.msg.get("request_id")
         if rid is not None:
             reply["request_id"] = rid
-        packed = self._send(p.identity, reply, "infer", p.t_recv)
+        packed = self._send(p.identity, reply, kind, p.t_recv)
+        if kind == "infer" and "error" in reply:
+            self._arrivals.dropped(str(p.msg["robot_id"]))
         for identity in p.resent_from:  # a gone socket's reply is dropped by the ROUTER
-            self._send_bytes(identity, packed, "infer", p.t_recv)
+            self._send_bytes(identity, packed, kind, p.t_recv)
         key = (str(p.msg.get("robot_id")), str(rid))
         if rid is not None and key in self._recent:
             if remember:
@@ -444,11 +597,10 @@ class PolicyServer:
 
     def _log_transition(self, p: _Pending, out: Any, i: int, version: int, tid: int) -> None:
         if self.replay is None:
+            self.robots.served(str(p.msg["robot_id"]), str(p.msg["episode_id"]), tid)
             return
         robot, episode = str(p.msg["robot_id"]), str(p.msg.get("episode_id", ""))
-        prev = self._steps.get(robot)
-        step = prev[1] if prev is not None and prev[0] == episode else 0
-        self._steps[robot] = (episode, step + 1)
+        step = self.robots.served(robot, episode, tid)
         try:
             self.replay.append_transition(
                 robot_id=robot,
@@ -467,6 +619,17 @@ class PolicyServer:
             # Only if the writer failed since ensure_room (it logs why): the reply went out.
             self.metrics.errors.labels(code="replay_lost").inc()
             log.error("transition lost: replay writer closed", transition_id=tid)
+
+    def _restore_robots(self) -> None:
+        """Seed the robot ledger from the replay's newest transitions (a restarted server
+        counts steps on and accepts late reports for chunks it served before)."""
+        from openpi_rl.replay import ReplayReader
+
+        assert self.replay is not None
+        with ReplayReader(self.replay.root) as reader:
+            recent = reader.recent_by_robot(self.options.report_window, self.options.max_robots)
+        for robot, (episode, next_step, tids) in recent.items():
+            self.robots.restore(robot, episode, next_step, tids)
 
     def _error(self, code: str, message: str) -> dict:
         self.metrics.errors.labels(code=code).inc()

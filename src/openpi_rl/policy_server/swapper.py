@@ -76,10 +76,12 @@ class EpisodeReturns:
     counts for a version only if that version served every chunk of it. Thread-safe: the
     serving thread writes, the swapper reads."""
 
-    def __init__(self, keep_versions: int = 16, keep_episodes: int = 256):
-        self._open: dict[str, list] = {}  # robot -> [episode_id, version or None (mixed), return]
+    def __init__(self, keep_versions: int = 16, keep_episodes: int = 256, max_robots: int = 4096):
+        # robot -> [episode_id, version or None (mixed), return]; least recently served first
+        self._open: OrderedDict[str, list] = OrderedDict()
         self._done: OrderedDict[int, deque[float]] = OrderedDict()
         self._keep_versions, self._keep_episodes = keep_versions, keep_episodes
+        self._max_robots = max_robots  # many robot ids (hostile or not): bounded memory
         self._lock = threading.Lock()
 
     def served(self, robot: str, episode: str, version: int) -> None:
@@ -87,8 +89,11 @@ class EpisodeReturns:
             cur = self._open.get(robot)
             if cur is None or cur[0] != episode:
                 self._open[robot] = [episode, version, 0.0]
+                while len(self._open) > self._max_robots:
+                    self._open.popitem(last=False)
             elif cur[1] != version:
                 cur[1] = None
+            self._open.move_to_end(robot)
 
     def reported(self, robot: str, reward: float, ended: bool) -> None:
         with self._lock:
@@ -185,6 +190,14 @@ class Swapper:
             if self._worker is not None:
                 self._worker.close()
                 self._worker = None
+
+    def died(self) -> bool:
+        """True if the swapper's thread ended without `close()` (the server's health fails)."""
+        return (
+            self._thread.ident is not None
+            and not self._thread.is_alive()
+            and not self._stop.is_set()
+        )
 
     def _restore_worker(self) -> RestoreWorker | None:
         if self._worker is None and self.options.restore_in_worker and not self._stop.is_set():

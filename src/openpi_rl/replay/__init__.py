@@ -14,6 +14,7 @@ from openpi_rl.replay.writer import (
     ReplayClosed,
     ReplayConfig,
     ReplayFull,
+    ReplayLocked,
     ReplayWriter,
     RewardEventResult,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ReplayClosed",
     "ReplayConfig",
     "ReplayFull",
+    "ReplayLocked",
     "ReplayReader",
     "ReplayStats",
     "ReplayWriter",

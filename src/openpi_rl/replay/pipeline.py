@@ -21,7 +21,7 @@ import structlog
 log = structlog.get_logger("openpi_rl.replay")
 
 # Item kinds. APPEND: a caller's transition (observation bytes not yet written); ROW: the same
-# after the segment stage, (ROW, segment, row); REPORT, EVENT (its waiter last), BARRIER
+# after the segment stage, (ROW, segment, row); REPORT and EVENT (their waiter last), BARRIER
 # (BARRIER, waiter); STOP: the end of the stream.
 APPEND, REPORT, EVENT, BARRIER, STOP, ROW = range(6)
 CHUNK = 64  # items a stage takes from its queue at once
@@ -66,7 +66,7 @@ def take(q: queue.Queue, timeout: float | None) -> list[tuple]:
 
 def fail_waiters(items: list[tuple], error: BaseException) -> None:
     for item in items:
-        fut = item[1] if item[0] == BARRIER else item[-1] if item[0] == EVENT else None
+        fut = item[1] if item[0] == BARRIER else item[-1] if item[0] in (EVENT, REPORT) else None
         if fut is not None and not fut.done():
             fut.set_exception(error)
 
@@ -89,6 +89,8 @@ class Batch:
     events: list[tuple] = dataclasses.field(default_factory=list)
     waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
     obs_bytes: int = 0
+    refused_rows: int = 0  # rows `write_isolated` refused, and their observation bytes
+    refused_bytes: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.reports or self.events or self.waiters)
@@ -107,7 +109,8 @@ class Batch:
             else:
                 agg[0], agg[1], agg[2] = min(agg[0], tid), max(agg[1], tid), agg[2] + 1
         elif kind == REPORT:
-            self.reports.append(item[1:])
+            self.reports.append(item[1:])  # its waiter last: set with whether it was found
+            self.waiters.append(item[-1])
         elif kind == EVENT:
             self.events.append(item[1:])
             self.waiters.append(item[-1])
@@ -115,44 +118,124 @@ class Batch:
             self.waiters.append(item[1])
 
 
+class ItemRefused(Exception):
+    """The store refused one item (the rest of its batch committed): a value SQLite cannot
+    hold, a constraint. Counted as `items_refused`; the item's waiter gets this error."""
+
+
+# Errors that belong to one item, not to the store: a value SQLite cannot hold (an int past
+# 64 bits, a type it cannot bind) or a constraint. Anything else (I/O, disk full, corruption)
+# is the store's.
+ITEM_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.DataError,
+    OverflowError,
+    ValueError,
+    TypeError,
+)
+
+
 def write_batch(
     conn: sqlite3.Connection, batch: Batch, counters: dict[str, int]
-) -> list[RewardEventResult]:
+) -> tuple[list[RewardEventResult], list[bool]]:
     """Insert a batch's rows and events and apply its reports, inside the caller's write
-    transaction; returns each event's result, in order. A report naming no stored transition
-    is counted in `counters["reports_missing"]`."""
-    conn.executemany(
-        "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
-        " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        batch.rows,
+    transaction; returns each event's result and whether each report found its transition
+    (the robot's own: a report from another robot matches nothing), in order. Any error
+    propagates: the caller rolls back and retries item by item (`write_isolated`)."""
+    conn.executemany(_INSERT_ROW, batch.rows)
+    conn.executemany(_UPSERT_EPISODE, [(r, e, *agg) for (r, e), agg in batch.episodes.items()])
+    found = [apply_report(conn, *r[:-1]) for r in batch.reports]
+    _count_missing(found, counters)
+    return [insert_event(conn, *ev) for ev in batch.events], found
+
+
+def write_isolated(
+    conn: sqlite3.Connection, batch: Batch, counters: dict[str, int]
+) -> tuple[list[RewardEventResult | ItemRefused], list[bool | ItemRefused]]:
+    """`write_batch` one item at a time, each in its own savepoint: an item the store refuses
+    is rolled back alone, counted in `counters["items_refused"]` and returned as `ItemRefused`
+    in its place (a row is dropped), so one bad item never takes its batch or the writer down."""
+
+    def isolated(what: str, fn: Callable[[], Any]) -> Any:
+        conn.execute("SAVEPOINT item")
+        try:
+            out = fn()
+        except ITEM_ERRORS as e:
+            conn.execute("ROLLBACK TO item")
+            conn.execute("RELEASE item")
+            counters["items_refused"] += 1
+            log.error("replay.item_refused", item=what, error=f"{e!r:.300}")
+            return ItemRefused(f"replay refused the {what}: {e!r:.200}")
+        conn.execute("RELEASE item")
+        return out
+
+    def row(r: tuple) -> None:
+        conn.execute(_INSERT_ROW, r)
+        conn.execute(_UPSERT_EPISODE, (r[1], r[2], r[0], r[0], 1))
+
+    batch.refused_rows = batch.refused_bytes = 0
+    for r in batch.rows:
+        if isinstance(isolated("transition", lambda r=r: row(r)), ItemRefused):
+            batch.refused_bytes += r[9]
+            batch.refused_rows += 1
+    found = [isolated("report", lambda r=r: apply_report(conn, *r[:-1])) for r in batch.reports]
+    _count_missing([f for f in found if not isinstance(f, ItemRefused)], counters)
+    events = [
+        isolated("reward event", lambda ev=ev: insert_event(conn, *ev)) for ev in batch.events
+    ]
+    return events, found
+
+
+_INSERT_ROW = (
+    "INSERT INTO transitions (id, robot_id, episode_id, step, policy_version, t_mono,"
+    " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_EPISODE = (
+    "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
+    " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
+    " first_transition = min(first_transition, excluded.first_transition),"
+    " last_transition = max(last_transition, excluded.last_transition),"
+    " steps = steps + excluded.steps"
+)
+
+
+def apply_report(
+    conn: sqlite3.Connection,
+    reward: float,
+    done: int,
+    truncated: int,
+    intervened: int,
+    executed: bytes | None,
+    tid: int,
+    robot_id: str | None,
+) -> bool:
+    """Sum a report into its transition (and its episode's return); False if no transition
+    has that id (and, when `robot_id` is given, that robot)."""
+    cur = conn.execute(
+        "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
+        " truncated = max(truncated, ?), intervened = max(intervened, ?),"
+        " executed_actions = coalesce(?, executed_actions)"
+        " WHERE id = ? AND (? IS NULL OR robot_id = ?)",
+        (reward, done, truncated, intervened, executed, tid, robot_id, robot_id),
     )
-    conn.executemany(
-        "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
-        " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
-        " first_transition = min(first_transition, excluded.first_transition),"
-        " last_transition = max(last_transition, excluded.last_transition),"
-        " steps = steps + excluded.steps",
-        [(r, e, *agg) for (r, e), agg in batch.episodes.items()],
+    if cur.rowcount == 0:
+        return False
+    conn.execute(
+        "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
+        " WHERE (robot_id, episode_id) ="
+        " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
+        (reward, done, truncated, tid),
     )
-    if batch.reports:
-        cur = conn.executemany(
-            "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
-            " truncated = max(truncated, ?), intervened = max(intervened, ?),"
-            " executed_actions = coalesce(?, executed_actions) WHERE id = ?",
-            batch.reports,
-        )
-        missing = len(batch.reports) - cur.rowcount
-        if missing:
-            counters["reports_missing"] += missing
-            log.warning("replay.report_for_unknown_transition", count=missing)
-        conn.executemany(
-            "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
-            " WHERE (robot_id, episode_id) ="
-            " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
-            [(r[0], r[1], r[2], r[5]) for r in batch.reports],
-        )
-    return [insert_event(conn, *ev) for ev in batch.events]
+    return True
+
+
+def _count_missing(found: list[bool], counters: dict[str, int]) -> None:
+    missing = found.count(False)
+    if missing:
+        counters["reports_missing"] += missing
+        log.warning("replay.report_for_unknown_transition", count=missing)
 
 
 def insert_event(

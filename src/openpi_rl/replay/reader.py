@@ -127,6 +127,27 @@ class ReplayReader:
             args.append(limit)
         return [TransitionRow.from_sql(r) for r in self._conn.execute(sql, args).fetchall()]
 
+    def recent_by_robot(
+        self, per_robot: int, max_robots: int, scan: int = 65_536
+    ) -> dict[str, tuple[str, int, list[int]]]:
+        """Among the newest `scan` transitions: robot -> (its latest episode, the step after
+        its latest one, its newest ids up to `per_robot`, oldest first), for the `max_robots`
+        robots heard from last (a restarted server's memory of its robots)."""
+        rows = self._conn.execute(
+            "SELECT id, robot_id, episode_id, step FROM transitions ORDER BY id DESC LIMIT ?",
+            (scan,),
+        ).fetchall()
+        out: dict[str, tuple[str, int, list[int]]] = {}
+        for tid, robot, episode, step in rows:  # newest first
+            seen = out.get(robot)
+            if seen is None:
+                if len(out) >= max_robots:
+                    continue
+                out[robot] = seen = (episode, step + 1, [])
+            if len(seen[2]) < per_robot:
+                seen[2].append(tid)
+        return {r: (e, n, ids[::-1]) for r, (e, n, ids) in reversed(out.items())}
+
     def episodes(self, robot_id: str | None = None) -> list[dict[str, Any]]:
         sql = (
             "SELECT robot_id, episode_id, first_transition, last_transition, steps, ep_return,"

@@ -21,6 +21,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -38,15 +40,18 @@ from openpi_rl.replay.pipeline import (
     BARRIER,
     CHUNK,
     EVENT,
+    ITEM_ERRORS,
     REPORT,
     ROW,
     STOP,
     Batch,
+    ItemRefused,
     fail_waiters,
     new_waiter,
     take,
     wait_for,
     write_batch,
+    write_isolated,
 )
 from openpi_rl.replay.pipeline import Credit as Credit  # re-exported: the writer's API
 from openpi_rl.replay.pipeline import Resolve as Resolve
@@ -70,6 +75,10 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 
 class ReplayFull(Exception):
     """The writer's queue stayed full for `enqueue_timeout_s`: the disk cannot keep up."""
+
+
+class ReplayLocked(RuntimeError):
+    """Another process writes this replay directory's transitions (one owner per directory)."""
 
 
 class ReplayClosed(Exception):
@@ -121,8 +130,12 @@ class ReplayWriter:
         self._seg_dir = self.root / schema.SEGMENTS_DIR
         if config.events_only:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd: int | None = None
         else:
             self._seg_dir.mkdir(parents=True, exist_ok=True)
+            # Recovery truncates segment tails and ids come from this process's boot epoch: a
+            # second owner would corrupt both. The lock dies with the process (kill -9 too).
+            self._lock_fd = _lock_owner(self.root)
         self._budget = retention.DiskBudget.make(config.retention_max_bytes, config.wal_max_bytes)
         self._conn = schema.connect_writer(
             self.root,
@@ -174,6 +187,7 @@ class ReplayWriter:
                 "retention_pages_vacuumed",
                 "retention_busy",
                 "commit_retries",
+                "items_refused",
             ),
             0,
         )
@@ -288,21 +302,25 @@ class ReplayWriter:
         truncated: bool,
         executed_actions: np.ndarray | None = None,
         intervened: bool = False,
-    ) -> None:
+        robot_id: str | None = None,
+    ) -> concurrent.futures.Future:
         """Queue an environment report for a transition: rewards are summed into it; done,
-        truncated and intervened are set (never cleared); executed actions (teleop) replace."""
+        truncated and intervened are set (never cleared); executed actions (teleop) replace.
+        With `robot_id`, it applies only if the transition is that robot's. The future gives
+        True once committed, False if no such transition (of that robot) is stored, or
+        `ItemRefused`; acknowledge the robot after it. ValueError for an id or reward the store
+        cannot hold (checked here, before anything is queued)."""
+        tid = int(transition_id)
+        if not 0 < tid < 2**63:
+            raise ValueError(f"transition_id: expected an int in (0, 2**63), got {tid}")
+        if not np.isfinite(reward):
+            raise ValueError(f"reward: expected a finite float, got {reward}")
         executed = None if executed_actions is None else np.asarray(executed_actions)
-        self._put(
-            (
-                REPORT,
-                float(reward),
-                int(bool(done)),
-                int(bool(truncated)),
-                int(bool(intervened)),
-                schema.pack_array(executed),
-                int(transition_id),
-            )
-        )
+        fut = new_waiter()
+        item = (REPORT, float(reward), int(bool(done)), int(bool(truncated)))
+        item += (int(bool(intervened)), schema.pack_array(executed), tid)
+        self._put((*item, None if robot_id is None else str(robot_id), fut))
+        return fut
 
     def add_reward_event(
         self,
@@ -360,6 +378,11 @@ class ReplayWriter:
         self._put((BARRIER, fut), timeout=timeout)
         wait_for(fut, timeout)
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why a stage of the writer failed (it accepts nothing more); None while it works."""
+        return self._error
+
     def queue_depth(self) -> int:
         """Items handed to the writer and not yet taken into a commit."""
         staged = 0 if self._staged is None else sum(map(len, list(self._staged.queue)))
@@ -401,6 +424,9 @@ class ReplayWriter:
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
             log.info("replay.close", path=str(self.root), **self._counters)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the owner lock
+            self._lock_fd = None
 
     def __enter__(self) -> ReplayWriter:
         return self
@@ -597,10 +623,14 @@ class ReplayWriter:
     def _commit(self, batch: Batch) -> None:
         # Another process (server or bridge) may hold the write lock past busy_timeout: roll
         # back and retry the same batch; the rows and waiters stay with us, nothing is dropped.
+        # An error that is one item's (a value SQLite cannot hold, a constraint) writes the
+        # batch again item by item: the bad one is refused and counted, the others commit.
+        # A store's error (disk full, I/O, corruption) fails the writer: health says so.
         pause = 0.01
+        isolate = False
         while True:
             try:
-                return self._commit_once(batch)
+                return self._commit_once(batch, isolate)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
@@ -608,8 +638,13 @@ class ReplayWriter:
                 log.warning("replay.commit_busy_retry", path=str(self.root), error=str(e))
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+            except ITEM_ERRORS as e:
+                if isolate:
+                    raise
+                log.warning("replay.commit_isolating_items", error=f"{e!r:.300}")
+                isolate = True
 
-    def _commit_once(self, batch: Batch) -> None:
+    def _commit_once(self, batch: Batch, isolate: bool = False) -> None:
         conn = self._conn
         fsync = self.config.fsync_interval_s
         now = time.monotonic()
@@ -623,7 +658,8 @@ class ReplayWriter:
         # event's `resolve` cannot go stale before the write (SQLITE_BUSY_SNAPSHOT).
         conn.execute("BEGIN IMMEDIATE")
         try:
-            results = write_batch(conn, batch, self._counters)
+            write = write_isolated if isolate else write_batch
+            results, found = write(conn, batch, self._counters)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -632,15 +668,38 @@ class ReplayWriter:
         if sync_due:
             conn.execute("PRAGMA synchronous=NORMAL")
             self._last_sync = now
-        self._retention.rows += len(batch.rows)
-        self._counters["transitions_committed"] += len(batch.rows)
-        self._counters["bytes_committed"] += batch.obs_bytes
+        committed = len(batch.rows) - batch.refused_rows
+        self._retention.rows += committed
+        self._counters["transitions_committed"] += committed
+        self._counters["bytes_committed"] += batch.obs_bytes - batch.refused_bytes
         self._counters["commits"] += 1
-        dups = sum(r.duplicate for r in results)
+        stored = [r for r in results if not isinstance(r, ItemRefused)]
+        dups = sum(r.duplicate for r in stored)
         self._counters["events_duplicate"] += dups
-        self._counters["events_committed"] += len(results) - dups
-        for ev, result in zip(batch.events, results, strict=True):
-            ev[-1].set_result(result)
+        self._counters["events_committed"] += len(stored) - dups
+        for item, result in zip([*batch.events, *batch.reports], [*results, *found], strict=True):
+            if isinstance(result, ItemRefused):
+                item[-1].set_exception(result)
+            else:
+                item[-1].set_result(result)
         for w in batch.waiters:
             if not w.done():
                 w.set_result(None)
+
+
+def _lock_owner(root: Path) -> int:
+    """Take `root/owner.lock` (flock, exclusive) for this process; ReplayLocked if held."""
+    path = root / "owner.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ReplayLocked(
+            f"replay directory {root} is in use by another writer (pid {holder}): one policy "
+            "server per replay directory (give each server its own `replay_dir`)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
