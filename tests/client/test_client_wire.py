@@ -204,3 +204,42 @@ def test_fuzz_malformed_inputs_raise_only_wire_error():
     elapsed = time.perf_counter() - start
     assert outcomes["error"] > n // 2
     assert elapsed < 5.0, f"{n} fuzz cases took {elapsed:.2f} s"
+
+
+def _amplifiers() -> dict[str, bytes]:
+    """Small messages that decode into a great many Python objects without caps."""
+    n = 16 * 2**20
+    return {
+        "16 MiB array of empty maps": b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n,
+        "16 MiB array of empty arrays": b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n,
+        "arrays of 1024 empty maps": msgpack.packb([[{}] * 1024] * 1024),
+        "a map of 100k keys": msgpack.packb({str(i): 0 for i in range(100_000)}),
+        "a 2 MiB str": msgpack.packb("x" * (2 << 20)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_amplifiers()))
+def test_messages_that_amplify_into_objects_are_refused_with_bounded_memory(name):
+    import tracemalloc
+
+    data = _amplifiers()[name]
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError) as e:
+            wire.unpackb(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.code == BAD_MESSAGE
+    assert peak < 16 * 2**20, f"{name}: decoding peaked at {peak / 2**20:.0f} MiB"
+
+
+def test_a_request_within_the_caps_still_decodes():
+    msg = {
+        "type": "infer",
+        "prompt": "p" * 4096,
+        "observation": {f"cam{i}": np.zeros((224, 224, 3), np.uint8) for i in range(8)},
+        "tags": list(range(1000)),
+    }
+    out = wire.unpackb(wire.packb(msg))
+    assert out["observation"]["cam7"].shape == (224, 224, 3) and len(out["tags"]) == 1000

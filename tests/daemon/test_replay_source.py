@@ -1,13 +1,14 @@
 """Reading training data from a real replay: rewards with operator events, episode ends, cuts of
 long open episodes, the batch layout, policy-lag drops and the consumed flag."""
 
+import sqlite3
 import time
 
 import numpy as np
 from learner_helpers import MODEL, learner_config
 
 from openpi_rl.daemon import Learner, ReplaySource, build_batch, split_episode
-from openpi_rl.replay import ReplayReader
+from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
 from openpi_rl.rl.rl_api import ArraySpec
 
 
@@ -134,3 +135,20 @@ def test_an_episode_the_robot_ended_waits_settle_s_for_the_operators_verdict(tmp
     (sa,) = [seg for seg in later.segments if seg.episode_id == "a"]
     assert sa.ids == a and sa.steps[-1].done and sa.steps[-1].reward > 1.0 - 1e-6
     source.close()
+
+
+def test_a_stored_infinite_reward_is_clipped_so_learning_never_stalls(tmp_path):
+    with ReplayWriter(ReplayConfig(path=tmp_path)) as w:
+        for t in range(3):
+            obs = np.zeros(10, np.uint8).tobytes()
+            w.append_transition(
+                "r", "e", t, 0, obs, np.zeros((2, 1), np.float32), None, 0.0, 0.0, t
+            )
+    # A store written before rewards were clamped: two 1e308 reports summed to inf.
+    conn = sqlite3.connect(tmp_path / "replay.sqlite")
+    conn.execute("UPDATE transitions SET reward = 1e308 * 10 WHERE step = 1")
+    conn.execute("UPDATE transitions SET reward = -1e308 * 10, done = 1 WHERE step = 2")
+    conn.commit()
+    conn.close()
+    (seg,) = ReplaySource(tmp_path).collect(min_version=0, segment_length=8).segments
+    assert [s.reward for s in seg.steps] == [0.0, 1e6, -1e6]

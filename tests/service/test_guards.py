@@ -31,7 +31,7 @@ def _flush(rig: ServerRig) -> None:
     rig.server.replay.flush()
 
 
-def test_nan_rewards_refuse_the_update_and_the_live_version_stays(loop):
+def test_huge_rewards_are_clamped_and_nan_refuses_the_update_and_the_live_version_stays(loop):
     learner, rig, client = loop
     rng = np.random.default_rng(0)
     for e in range(3):
@@ -40,16 +40,19 @@ def test_nan_rewards_refuse_the_update_and_the_live_version_stays(loop):
     assert learner.step().published  # the path works: version 1 goes live
     rig.wait_live(1)
 
-    # A robot's env reports overflow: two finite rewards of 1e308 sum to inf in the replay,
-    # and GAE turns it into NaN advantages.
+    # A robot's env reports overflow: two finite rewards of 1e308 would sum to inf in the
+    # replay and GAE would turn it into NaN advantages, refusing every update from then on.
+    # The server clamps each report into serve.reward_range, so learning goes on.
     for e in range(3):
         for t in range(8):
             out = client.infer({"state": rng.standard_normal(3).astype(np.float32)}, f"inf-{e}")
             client.report(out.transition_id, 1e308, done=False)
             client.report(out.transition_id, 1e308, done=t == 7)
     _flush(rig)
+    assert rig.metric("openpi_rl_server_rewards_clamped_total") == 48
     result = learner.step()
-    assert not result.published and result.reason == "nonfinite"
+    assert result.published and learner.version == 2
+    rig.wait_live(2)
 
     # NaN straight into a batch's rewards (a corrupt reward source downstream of the replay).
     for e in range(3):
@@ -61,16 +64,16 @@ def test_nan_rewards_refuse_the_update_and_the_live_version_stays(loop):
     assert not result.published and result.reason == "nonfinite"
 
     time.sleep(1.0)  # five learner heartbeats: nothing newer is announced
-    assert learner.version == 1 and rig.live == 1
-    assert rig.metric("openpi_rl_server_swaps_total") == 1
+    assert learner.version == 2 and rig.live == 2
+    assert rig.metric("openpi_rl_server_swaps_total") == 2
     assert rig.server.metrics.registry.get_sample_value(
         "openpi_rl_server_swap_failures_total", {"reason": "nonfinite"}
     ) in (None, 0.0)
-    assert client.infer({"state": np.zeros(3, np.float32)}, "after").policy_version == 1
+    assert client.infer({"state": np.zeros(3, np.float32)}, "after").policy_version == 2
     refused = learner.metrics.registry.get_sample_value(
         "openpi_rl_learner_refused_updates_total", {"reason": "nonfinite"}
     )
-    assert refused == 2
+    assert refused == 1
 
 
 GOOD = np.array([[0.8, -0.8], [0.8, -0.8]], np.float32)  # [H, D], the operator's action

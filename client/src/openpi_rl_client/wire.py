@@ -7,7 +7,9 @@ so one decoder serves our ZMQ protocol and openpi's WebSocket protocol.
 
 Unlike openpi's decoder, :func:`unpackb` treats its input as hostile: it caps the size,
 refuses object/void/complex dtypes, checks that ``len(data) == prod(shape) * itemsize``,
-refuses ext types and absurd nesting, and raises only :class:`WireError` whatever the bytes.
+refuses ext types and absurd nesting, caps every container's length, every str and the number
+of elements in a message (bounded memory: :data:`MAX_ELEMENTS`), and raises only
+:class:`WireError` whatever the bytes.
 Decoded arrays are read-only views of the message's bytes (no copy).
 """
 
@@ -29,6 +31,12 @@ MAX_DEPTH = 32
 """Deepest nesting of maps and lists accepted (the top-level object is depth 1)."""
 
 MAX_NDIM = 32
+
+# Per-message caps on what msgpack builds (guarantee 6: bounded memory per peer). A request is a
+# few maps of a few keys; without caps, 16 MiB of one-byte empty maps is 16 M dicts (~1 GiB).
+MAX_CONTAINER_LEN = 1024  # entries in one map or one array
+MAX_ELEMENTS = 16_384  # maps, arrays and their entries in one message, all together
+MAX_STR_BYTES = 1 << 20  # one str (a prompt is a few hundred bytes)
 REFUSED_DTYPE_KINDS = ("V", "O", "c")  # void/structured, object (pickle), complex: as openpi
 
 _NDARRAY = b"__ndarray__"
@@ -120,12 +128,30 @@ def _decode_npgeneric(obj: dict) -> np.generic:
         raise WireError(BAD_MESSAGE, f"scalar map: {data!r:.40} is not a {dtype.str}") from e
 
 
-def _object_hook(obj: dict) -> Any:
-    if _NDARRAY in obj:
-        return _decode_ndarray(obj)
-    if _NPGENERIC in obj:
-        return _decode_npgeneric(obj)
-    return obj
+class _Budget:
+    """Counts the containers msgpack builds and their entries; past MAX_ELEMENTS, refuses."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_ELEMENTS
+
+    def spend(self, n: int) -> None:
+        self.left -= n + 1
+        if self.left < 0:
+            raise WireError(BAD_MESSAGE, f"message holds more than {MAX_ELEMENTS} elements")
+
+    def map(self, obj: dict) -> Any:
+        self.spend(len(obj))
+        if _NDARRAY in obj:
+            return _decode_ndarray(obj)
+        if _NPGENERIC in obj:
+            return _decode_npgeneric(obj)
+        return obj
+
+    def list(self, obj: list) -> list:
+        self.spend(len(obj))
+        return obj
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -158,13 +184,20 @@ def unpackb(data: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     if size > max_bytes:
         raise WireError(TOO_LARGE, f"message of {size} bytes exceeds the cap of {max_bytes}")
     try:
+        budget = _Budget()
         obj = msgpack.unpackb(
             data,
             raw=False,
-            object_hook=_object_hook,
+            object_hook=budget.map,
+            list_hook=budget.list,
             ext_hook=_ext_hook,
             strict_map_key=True,
             timestamp=0,
+            max_str_len=MAX_STR_BYTES,
+            max_bin_len=size,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+            max_ext_len=16,  # refused by _ext_hook (and timestamp=0 above) anyway
         )
         _check_tree(obj)
     except WireError:

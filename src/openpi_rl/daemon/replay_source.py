@@ -144,8 +144,12 @@ def split_episode(
 class ReplaySource:
     """Reads pending training data from a replay directory and marks it consumed."""
 
-    def __init__(self, replay_dir: str | Path):
+    def __init__(self, replay_dir: str | Path, reward_limit: float = 1e6):
         self.root = Path(replay_dir)
+        # A chunk's total reward is clipped into [-limit, limit]: the server clamps each report
+        # and the bridge each event, but a sum of many (or a store written by an older
+        # version, holding inf) must not turn GAE into NaN and refuse every update after it.
+        self.reward_limit = reward_limit
         self.reader = ReplayReader(self.root)
         self._ro = schema.connect_reader(self.root)
         self._rw: sqlite3.Connection | None = None
@@ -172,9 +176,12 @@ class ReplaySource:
             row = TransitionRow.from_sql(r[:-4])
             ev_reward, terminal, time_limit, ended = r[-4:]
             done = bool(row.done or terminal)
+            reward = float(row.reward + ev_reward)
+            if not -self.reward_limit <= reward <= self.reward_limit:  # NaN and inf too
+                reward = -self.reward_limit if reward < 0 else self.reward_limit
             step = Step(
                 row,
-                float(row.reward + ev_reward),
+                reward,
                 done,
                 bool(row.truncated or time_limit) and not done,
                 bool(terminal or time_limit),
