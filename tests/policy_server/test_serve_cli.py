@@ -43,6 +43,15 @@ def test_serve_from_a_config_file_then_sigterm_flushes_and_exits_0(tmp_path):
             while client.health()["status"] != "ready":
                 time.sleep(0.05)  # a tight loop would trip the per-robot rate limit
             ids = [client.infer({"state": np.ones(3, np.float32)}).transition_id for _ in range(7)]
+        # A second server on the same replay directory is refused with a clear error.
+        port2 = _free_port()
+        second = subprocess.run(
+            [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config),
+             "--serve.endpoint", f"tcp://127.0.0.1:{port2}"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "in use by another writer" in second.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

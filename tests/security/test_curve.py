@@ -13,7 +13,7 @@ from openpi_rl.cli import main
 from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.rl import ActorCritic
-from openpi_rl_client import PolicyClient, PolicyTimeout
+from openpi_rl_client import PolicyClient, PolicyTimeout, ServerError
 
 OBS = {"state": np.zeros(4, np.float32)}
 
@@ -23,6 +23,7 @@ def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("keys")
     assert main(["keys", "generate", str(d / "server"), "server"]) == 0
     assert main(["keys", "generate", str(d / "allowed"), "robot1"]) == 0
+    assert main(["keys", "generate", str(d / "allowed"), "robot2"]) == 0
     assert main(["keys", "generate", str(d / "other"), "intruder"]) == 0
     return d
 
@@ -47,13 +48,13 @@ def server(keys):
     srv.close(wait_s=10)
 
 
-def _client(server, keys, client_key: str | None, **kw) -> PolicyClient:
+def _client(server, keys, client_key: str | None, robot_id=None, **kw) -> PolicyClient:
     server_public, _ = zmq.auth.load_certificate(keys / "server" / "server.key")
     if client_key is None:
         return PolicyClient(server.endpoint, robot_id="plain", **kw)
     return PolicyClient(
         server.endpoint,
-        robot_id=client_key.rsplit("/", 1)[-1],
+        robot_id=robot_id or client_key.rsplit("/", 1)[-1],
         curve_server_key=server_public,
         curve_client_keys=zmq.auth.load_certificate(keys / client_key),
         **kw,
@@ -75,6 +76,27 @@ def test_allowed_key_is_served_and_unknown_or_plaintext_clients_get_nothing(serv
     finally:
         for c in (good, intruder, plain):
             c.close()
+
+
+def test_a_robot_id_is_bound_to_its_client_key_and_cannot_be_borrowed(server, keys):
+    owner = _client(server, keys, "allowed/robot1.key_secret", "arm-7", timeout_s=5.0, retries=0)
+    other = _client(server, keys, "allowed/robot2.key_secret", "arm-7", timeout_s=5.0, retries=0)
+    try:
+        out = owner.infer(OBS)
+        # Another allowed robot's key cannot speak as arm-7: not infer, not report its chunks.
+        with pytest.raises(ServerError) as e:
+            other.infer(OBS)
+        assert e.value.code == "unauthorized" and "another client key" in e.value.message
+        with pytest.raises(ServerError, match="unauthorized"):
+            other.report(out.transition_id, reward=-100.0, done=True)
+    finally:
+        owner.close()
+        other.close()
+    # The owner reconnects (a new socket, its key): arm-7 and its transitions are still its own.
+    with _client(server, keys, "allowed/robot1.key_secret", "arm-7", timeout_s=5.0) as again:
+        assert again.report(out.transition_id, reward=1.0)["ok"] is True
+    with _client(server, keys, "allowed/robot2.key_secret", "arm-8", timeout_s=5.0) as own:
+        assert own.health()["status"] == "ready"  # robot2's key still serves its own ids
 
 
 def test_in_process_endpoint_stays_plaintext_for_the_openpi_bridge_and_watchdog(server):

@@ -24,7 +24,7 @@ from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
-from openpi_rl.replay import ReplayConfig
+from openpi_rl.replay import ReplayConfig, ReplayLocked
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.secret import SECRET
 from openpi_rl.train.train_ppo import ModelChoice
@@ -93,7 +93,11 @@ def tune_serving_process(gil_switch_interval_s: float = 0.0005) -> None:
 
 
 def serve(config: ServeConfig) -> int:
-    server = build_server(config)
+    try:
+        server = build_server(config)
+    except ReplayLocked as e:  # a second server on one replay directory: say so, exit 2
+        print(f"openpi-rl serve: {e}", file=sys.stderr)
+        return 2
     tune_serving_process(config.gil_switch_interval_s)
     if config.metrics_port is not None:
         start_http_server(
