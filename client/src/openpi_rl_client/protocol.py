@@ -32,7 +32,11 @@ Every request: ``{"type": str, "protocol_version": int, "request_id"?: str, "rob
     ``{"robot_id": str, "transition_id": int, "reward": float, "done": bool,
     "truncated": bool, "executed_actions"?: ndarray, "intervened"?: bool}`` → ``{"ok": True}``.
     Rewards of the steps a chunk played are summed into its transition; ``executed_actions``
-    and ``intervened`` flag an operator take-over.
+    (the chunk's shape ``[H, D]``) and ``intervened`` flag an operator take-over. The
+    transition must be one the server served to this ``robot_id`` (among its latest
+    ``report_window``; a reconnected robot keeps its own), else ``unknown_transition``; the
+    reward is clamped into the server's ``reward_range``. ``{"ok": True}`` comes once the
+    report is committed to the replay: an acknowledged report survives a ``kill -9``.
 ``metadata``
     → ``{"obs_spec": {key: {"shape": [...], "dtype": str, "optional": bool}},
     "action_horizon": int, "action_dim": int, "policy_version": int}``
@@ -86,7 +90,8 @@ ERROR_CODES: dict[str, str] = {
     NOT_READY: "the server is still loading or warming up its policy",
     OVERLOADED: "the server's queue is full; retry later",
     INTERNAL: "the server failed while handling a valid request",
-    UNAUTHORIZED: "the request lacks the credentials the server requires",
+    UNAUTHORIZED: "the request lacks the credentials the server requires (or, with CURVE, its "
+    "robot_id belongs to another client key)",
 }
 
 
