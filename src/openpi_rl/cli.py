@@ -73,7 +73,10 @@ def _file_config(cls: type, argv: list[str], role: str) -> object:
             os.environ.setdefault("OPENPI_RL_LOG_JSON", "1" if service.log_json else "0")
         return config_file.from_dict(cls, service.role_table(section), f"{section}.")
     except (OSError, ValueError) as e:
+        from openpi_rl.daemon.sdnotify import notify
+
         print(f"openpi-rl {role}: {path}: {e}", file=sys.stderr)
+        notify("STATUS=" + str(e).replace("\n", " "))  # why the daemon holds this role down
         raise SystemExit(EX_CONFIG) from None
 
 

@@ -1,6 +1,8 @@
 """The supervisor's mechanics with small real child processes (plain Python, no JAX, so each
 test takes seconds): restart with doubling back-off, counted; watchdog kills; SIGTERM to every
-child; EX_CONFIG stops everything; READY=1 to systemd only once every child is ready.
+child; each child's process group dies with it (no orphan grandchild); EX_CONFIG holds that
+role down while the others run, a reload retries it; READY=1 to systemd only once every child
+is ready.
 
 The children speak sd_notify with their own three lines of socket code, not ours: the daemon
 must understand the protocol as systemd defines it, not just as our helper writes it."""
@@ -8,14 +10,17 @@ must understand the protocol as systemd defines it, not just as our helper write
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from openpi_rl.daemon.config import EX_CONFIG, DaemonConfig
+from openpi_rl.daemon.config import DaemonConfig
 from openpi_rl.daemon.supervisor import ChildSpec, Supervisor
 
 CHILD = r"""
@@ -35,7 +40,14 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_term)
 note("start")
 if mode == "config":
+    notify("STATUS=bad.colour: unknown key")  # as `openpi-rl ROLE` says why before exiting 78
     sys.exit(78)
+if mode == "spawner":  # starts a worker that ignores SIGTERM (a hung restore worker)
+    import subprocess
+    worker = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    with open(log, "a") as f:
+        f.write(f"grandchild {worker.pid} {time.monotonic()}\n")
 time.sleep(float(os.environ.get("READY_AFTER_S", "0")))
 notify("READY=1")
 t0 = time.monotonic()
@@ -151,15 +163,82 @@ def test_sigterm_reaches_every_child_and_a_stubborn_one_is_killed_after_the_time
     assert "Current thread" in (tmp_path / "s.log.stacks").read_text()  # why it hung, logged
 
 
-def test_a_child_with_a_config_error_is_not_restarted_and_stops_the_daemon(tmp_path):
+def config_error(sup: Supervisor, role: str) -> float | None:
+    return sup.metrics.registry.get_sample_value(
+        "openpi_rl_daemon_child_config_error", {"role": role}
+    )
+
+
+def test_a_child_with_a_config_error_is_held_down_the_others_run_and_a_reload_retries_it(
+    tmp_path,
+):
     bad, ok = tmp_path / "bad.log", tmp_path / "ok.log"
-    sup = Supervisor([spec("ok", "ok", ok), spec("bad", "config", bad, after="ok")])
+    config = DaemonConfig(restart_backoff_max_s=600)
+    sup = Supervisor([spec("ok", "ok", ok), spec("bad", "config", bad, after="ok")], config)
     run = Running(sup)
-    run.thread.join(20)
-    assert run.rc == EX_CONFIG
-    assert [e[0] for e in events(bad)] == ["start"]  # never restarted
-    assert [e[0] for e in events(ok)][-1] == "term"  # the others were stopped
-    assert restarts(sup, "bad", "exit") == 0
+    try:
+        wait_for(lambda: config_error(sup, "bad") == 1, what="the config error reported")
+        time.sleep(1.0)
+        assert run.thread.is_alive()  # the daemon goes on
+        assert [e[0] for e in events(ok)] == ["start"]  # the other role was not touched
+        assert sup.children[0].ready
+        assert sup.children[1].config_error == "bad.colour: unknown key"  # its own words
+        assert [e[0] for e in events(bad)] == ["start"]  # held down, not restarted in a loop
+        assert restarts(sup, "bad", "exit") == 0
+
+        sup.request_reload()  # SIGHUP: the operator fixed it (here: still broken)
+        wait_for(lambda: len(events(bad)) == 2, what="a retry on reload")
+        wait_for(lambda: config_error(sup, "bad") == 1 and sup.children[1].proc is None)
+    finally:
+        assert run.stop() == 0
+    assert [e[0] for e in events(ok)] == ["start", "term"]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaps, as an orphan under a container's init may be, is dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def grandchildren(log) -> list[int]:
+    return [p for w, p, _ in events(log) if w == "grandchild"]
+
+
+def test_each_child_has_its_own_process_group_and_kill_9_leaves_no_orphan(tmp_path):
+    log = tmp_path / "spawner.log"
+    sup = Supervisor([spec("server", "spawner", log)], DaemonConfig(restart_backoff_s=0.2))
+    run = Running(sup)
+    try:
+        wait_for(lambda: sup.children[0].ready and grandchildren(log), what="child and worker")
+        child, worker = events(log)[0][1], grandchildren(log)[0]
+        assert os.getpgid(child) == child != os.getpgrp()  # its own group, led by it
+        assert os.getpgid(worker) == child  # what it starts is in it
+        os.kill(child, signal.SIGKILL)  # as the OOM killer would
+        wait_for(lambda: not alive(worker), 10, what="the orphaned worker killed")
+        wait_for(lambda: len(grandchildren(log)) == 2, what="the restart")  # and it restarts
+    finally:
+        assert run.stop() == 0
+        for pid in grandchildren(log):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stopping_the_daemon_takes_a_hung_grandchild_with_its_child(tmp_path):
+    log = tmp_path / "spawner.log"
+    sup = Supervisor([spec("server", "spawner", log)])
+    run = Running(sup)
+    try:
+        wait_for(lambda: sup.children[0].ready and grandchildren(log), what="child and worker")
+        worker = grandchildren(log)[0]
+        assert run.stop() == 0  # the child exits 0 on SIGTERM; its worker ignores SIGTERM
+        wait_for(lambda: not alive(worker), 5, what="the worker killed with its group")
+    finally:
+        for pid in grandchildren(log):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -138,9 +138,9 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
 
 
 def test_a_role_with_a_wrong_section_exits_78_naming_the_key(tmp_path):
-    """EX_CONFIG from the real role CLI, as the daemon and the units run it: the daemon does not
-    restart such a child and stops with 78 (tests/daemon/test_supervisor.py), and systemd does
-    not either (RestartPreventExitStatus=78)."""
+    """EX_CONFIG from the real role CLI, as the daemon and the units run it: the daemon holds
+    such a child down (tests/daemon/test_supervisor.py), and systemd does not restart it
+    (RestartPreventExitStatus=78)."""
     config = tmp_path / "openpi-rl.toml"
     config.write_text(
         service_config(tmp_path, dict.fromkeys(PORTS, 0)).replace(
@@ -164,3 +164,74 @@ def test_a_role_with_a_wrong_section_exits_78_naming_the_key(tmp_path):
     )
     assert out.returncode == 78, out.stderr
     assert "bridge: unknown key(s) ['colour']" in out.stderr
+
+
+def only_roles(*roles: str):
+    def edit(text: str) -> str:
+        return text.replace("[daemon]\n", f"[daemon]\nroles = {list(roles)}\n")
+
+    return edit
+
+
+def test_sighup_reloads_the_file_and_restarts_only_a_role_whose_config_changed(tmp_path):
+    d = DaemonProcess(tmp_path, edit=only_roles("bridge"))
+    try:
+        d.wait_for("daemon.child_ready", role="bridge")
+        bridge = d.pid_of("bridge")
+        d.proc.send_signal(signal.SIGHUP)  # nothing changed: nothing restarts
+        assert d.wait_for("daemon.reloaded")[0]["changed"] == []
+        time.sleep(0.5)
+        assert d.proc.poll() is None and d.pid_of("bridge") == bridge
+
+        d.config.write_text(
+            d.config.read_text().replace("[bridge]\n", "[bridge]\nrobots = ['arm-1']\n")
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.wait_for("daemon.reloaded", 2)[1]["changed"] == ["bridge"]
+        d.wait_for("daemon.child_ready", 2, role="bridge")
+        assert d.pid_of("bridge") != bridge
+
+        d.config.write_text("this is [not toml")  # a broken file changes nothing
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("daemon.reload_failed")
+        time.sleep(0.5)
+        assert d.proc.poll() is None and len(d.named("daemon.child_started")) == 2
+        assert d.terminate() == 0, d.tail()
+    finally:
+        d.kill()
+
+
+def test_a_bad_bridge_section_leaves_the_server_serving_and_is_reported(tmp_path):
+    d = DaemonProcess(
+        tmp_path,
+        edit=lambda t: only_roles("serve", "bridge")(
+            t.replace("[bridge]\n", "[bridge]\ncolour = 1\n")
+        ),
+    )
+    try:
+        error = d.wait_for("daemon.child_config_error", role="bridge")[0]
+        assert "bridge: unknown key(s) ['colour']" in error["error"]
+        d.wait_for("daemon.child_ready", role="serve")
+        endpoint = f"tcp://127.0.0.1:{d.ports['endpoint']}"
+        with PolicyClient(endpoint, robot_id="arm-1", timeout_s=5.0) as client:
+            assert client.health()["status"] == "ready"
+            client.infer({"state": np.ones(MODEL["obs_dim"], np.float32)})
+        metric = 'openpi_rl_daemon_child_config_error{role="bridge"}'
+        assert daemon_metric(d.ports["daemon_metrics"], metric) == 1.0
+        assert d.proc.poll() is None and len(d.named("daemon.child_started", role="bridge")) == 1
+        check = subprocess.run(
+            [sys.executable, "-m", "openpi_rl.cli", "check", "--config", str(d.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "bridge: unknown key(s) ['colour']" in check.stdout, check.stdout
+
+        d.config.write_text(d.config.read_text().replace("colour = 1\n", ""))  # fixed
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("daemon.child_ready", role="bridge")
+        assert daemon_metric(d.ports["daemon_metrics"], metric) == 0.0
+        assert len(d.named("daemon.child_started", role="serve")) == 1  # never touched
+        assert d.terminate() == 0, d.tail()
+    finally:
+        d.kill()

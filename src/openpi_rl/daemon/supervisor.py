@@ -6,11 +6,23 @@ learner as separate child processes, supervised the way systemd would.
   child says READY=1 / WATCHDOG=1 exactly as it would to systemd.
 - Bridge and learner start once the server is READY (it creates the replay), as the units'
   `After=` orders them.
+- Each child runs in its own session and process group, so what it starts (the server's
+  restore worker) goes with it: as systemd's `KillMode=mixed`, a stop sends SIGTERM to the
+  child, then SIGKILL to whatever is left of its group; a kill (watchdog, start timeout) is
+  SIGKILL to the group; a child that died by itself (even of `kill -9`) has its group's
+  leftovers killed before it is restarted. No orphan outlives its role.
 - A child that dies is restarted after a back-off that doubles with each crash in a row
   (reset once it stayed up `healthy_after_s`); one that is ready but silent past its
   watchdog, or never ready within `start_timeout_s`, is killed and restarted. Restarts are
-  counted by reason. A child exiting with EX_CONFIG (78: its configuration is wrong) is not
-  restarted: the daemon stops and exits 78.
+  counted by reason.
+- A child exiting with EX_CONFIG (78: its section of the file is wrong) is held down: the
+  other roles go on serving; the role's error (its last STATUS=) is logged, shown in STATUS=
+  and in `openpi_rl_daemon_child_config_error`, and the role is retried every
+  `restart_backoff_max_s`, or at once on SIGHUP.
+- SIGHUP: reload the file. A role whose inputs changed (its table, the shared settings, its
+  watchdog or niceness) is restarted (SIGTERM, then started again at once); a role removed
+  from `[daemon] roles` is stopped, one added is started; a held-down role is retried; the
+  others are not touched. A file that does not load is logged and changes nothing.
 - SIGTERM / SIGINT: SIGTERM to every child (each flushes: the server its replay queue, the
   learner finishes its update and checkpoint), SIGKILL after `stop_timeout_s`; exit 0 when
   every child exited 0.
@@ -22,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import select
 import shutil
@@ -32,12 +46,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from openpi_rl.daemon.config import EX_CONFIG, DaemonConfig, ServiceFile
+from openpi_rl.daemon.config import EX_CONFIG, SHARED, DaemonConfig, ServiceFile
 from openpi_rl.daemon.sdnotify import Notifier
 
 log = structlog.get_logger("openpi_rl.daemon")
@@ -53,6 +68,7 @@ class ChildSpec:
     watchdog_s: float | None = None  # ready but silent this long: killed (None: no watchdog)
     after: str | None = None  # start once this role is ready
     nice: int = 0  # added to the daemon's niceness (the learner yields the CPU to the server)
+    inputs: str = ""  # digest of what the role reads from the file: changed on SIGHUP, restart
 
 
 class SupervisorMetrics:
@@ -66,8 +82,20 @@ class SupervisorMetrics:
         )
         self.restarts = Counter(
             "openpi_rl_daemon_child_restarts_total",
-            "Child restarts by reason (exit, signal, watchdog, start_timeout)",
+            "Child restarts by reason (exit, signal, watchdog, start_timeout, reload)",
             ["role", "reason"],
+            registry=r,
+        )
+        self.config_error = Gauge(
+            "openpi_rl_daemon_child_config_error",
+            "1 while the role is held down because it exited 78 (its configuration is wrong)",
+            ["role"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "openpi_rl_daemon_reloads_total",
+            "SIGHUP reloads of the config file by result (ok, failed)",
+            ["result"],
             registry=r,
         )
 
@@ -89,7 +117,15 @@ class _Child:
         self.crashes_in_row = 0
         self.restarts = 0
         self.kill_reason: str | None = None  # why the daemon killed it (watchdog, ...)
+        self.stop_deadline: float | None = None  # SIGTERM sent (reload): SIGKILL after this
+        self.config_error: str | None = None  # held down: exited 78, with this reason
+        self.removed = False  # no longer in the roles (reload): not restarted
         self.status = ""
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.notify_path)
 
     def drain(self) -> list[str]:
         """Every pending notification line."""
@@ -112,7 +148,10 @@ class Supervisor:
         config: DaemonConfig | None = None,
         env: dict[str, str] | None = None,
         metrics: SupervisorMetrics | None = None,
+        load: Callable[[], tuple[list[ChildSpec], DaemonConfig]] | None = None,
     ):
+        """`load` re-reads the config file on SIGHUP (`request_reload`); None: a reload only
+        retries held-down roles."""
         self.config = config or DaemonConfig()
         self.env = dict(os.environ if env is None else env)
         self.metrics = metrics or SupervisorMetrics()
@@ -122,6 +161,8 @@ class Supervisor:
         # A plain flag, not an Event: request_stop runs in signal handlers, where Event.set can
         # deadlock on the lock the interrupted main thread holds.
         self._stopping = False
+        self._reload_requested = False
+        self._load = load
         self._exit_code = 0
         self._t0 = time.monotonic()
         self._status = ""
@@ -129,17 +170,28 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stopping = True
 
+    def request_reload(self) -> None:
+        """SIGHUP: reload on the next tick (a flag: safe from a signal handler)."""
+        self._reload_requested = True
+
     def run(self) -> int:
         log.info("daemon.start", roles=[c.spec.role for c in self.children])
         try:
             while not self._stopping:
                 self._read_notifications(_TICK_S)
                 now = time.monotonic()
-                for child in self.children:
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload(now)
+                for child in list(self.children):
                     self._reap(child, now)
                     self._check_health(child, now)
                     self._maybe_start(child, now)
-                if all(c.ready for c in self.children):
+                # A role held down by its config error must not keep the rest from being
+                # ready: systemd would time the whole daemon out and take the server with it.
+                if any(c.ready for c in self.children) and all(
+                    c.ready or c.config_error for c in self.children
+                ):
                     self.notifier.ready(status="all roles ready")
                 self.notifier.watchdog()  # this loop's health: it reaps, restarts and relays
                 self._report_status()
@@ -176,17 +228,38 @@ class Supervisor:
             child.status = line.removeprefix("STATUS=")
 
     def _reap(self, child: _Child, now: float) -> None:
-        if self._stopping or child.proc is None or child.proc.poll() is None:
+        if self._stopping or child.proc is None or not _exited(child.proc):
             return  # once stopping, exits are the shutdown's to collect
-        rc, role = child.proc.returncode, child.spec.role
+        for line in child.drain():  # what it said last (STATUS= with its config error)
+            self._on_notify(child, line)
+        _kill_group(child.proc)  # its leftovers, while its unreaped pid still holds the group
+        rc, role = child.proc.wait(), child.spec.role
         reason = child.kill_reason or ("signal" if rc < 0 else "exit")
         child.proc, child.ready, child.kill_reason = None, False, None
+        child.stop_deadline = None
         self.metrics.up.labels(role).set(0)
         self.metrics.ready.labels(role).set(0)
+        if child.removed:
+            log.info("daemon.child_stopped", role=role, rc=rc, reason="removed")
+            child.close()
+            self.children.remove(child)
+            return
+        if reason == "reload":
+            child.next_start = now
+            child.restarts += 1
+            self.metrics.restarts.labels(role, reason).inc()
+            log.info("daemon.child_exited", role=role, rc=rc, reason=reason, restart_in_s=0)
+            return
         if rc == EX_CONFIG:
-            log.error("daemon.child_config_error", role=role, rc=rc, hint="openpi-rl check")
-            self._exit_code = EX_CONFIG
-            self._stopping = True
+            # Held down, not stopping the daemon: the other roles keep serving.
+            child.config_error = child.status or "exit status 78 (configuration error)"
+            delay = self.config.restart_backoff_max_s
+            child.next_start = now + delay
+            self.metrics.config_error.labels(role).set(1)
+            log.error(
+                "daemon.child_config_error", role=role, rc=rc, error=child.config_error,
+                retry_in_s=delay, hint="openpi-rl check --config FILE; fix it, then SIGHUP",
+            )  # fmt: skip
             return
         if now - child.started_at >= self.config.healthy_after_s:
             child.crashes_in_row = 0
@@ -205,7 +278,13 @@ class Supervisor:
 
     def _check_health(self, child: _Child, now: float) -> None:
         """Kill a child that is stuck: ready but silent past its watchdog, or never ready."""
-        if child.proc is None or child.kill_reason is not None:
+        if child.proc is None:
+            return
+        if child.stop_deadline is not None and now > child.stop_deadline:
+            child.stop_deadline = None
+            self._kill(child, child.kill_reason or "stop_timeout")
+            return
+        if child.kill_reason is not None:
             return
         wd = child.spec.watchdog_s
         if child.ready and wd is not None and now - child.last_ping > wd:
@@ -217,7 +296,7 @@ class Supervisor:
         log.error("daemon.child_killed", role=child.spec.role, reason=reason, **info)
         child.kill_reason = reason
         _dump_stacks(child.proc)
-        child.proc.kill()
+        _kill_group(child.proc)
 
     def _maybe_start(self, child: _Child, now: float) -> None:
         if self._stopping or child.proc is not None or now < child.next_start:
@@ -235,10 +314,15 @@ class Supervisor:
         env.pop("WATCHDOG_USEC", None)
         if child.spec.watchdog_s is not None:
             env["WATCHDOG_USEC"] = str(int(child.spec.watchdog_s * 1e6))
-        child.proc = subprocess.Popen(child.spec.argv, env=env)
+        # Its own session and process group: what it starts dies with it (_kill_group), and a
+        # terminal's signals (Ctrl-C, hang-up) reach the daemon only, which stops it in order.
+        child.proc = subprocess.Popen(child.spec.argv, env=env, start_new_session=True)
         if child.spec.nice:
             _renice(child.proc.pid, child.spec.nice)
         child.started_at, child.ready, child.status = now, False, ""
+        if child.config_error is not None:
+            child.config_error = None
+            self.metrics.config_error.labels(child.spec.role).set(0)
         self.metrics.up.labels(child.spec.role).set(1)
         log.info(
             "daemon.child_started", role=child.spec.role, pid=child.proc.pid,
@@ -249,13 +333,64 @@ class Supervisor:
         parts = []
         for c in self.children:
             state = "ready" if c.ready else "starting" if c.proc else "waiting"
-            if c.proc is None and c.restarts:
+            if c.proc is None and c.config_error:
+                state = f"config error: {c.config_error}"
+            elif c.proc is None and c.restarts:
                 state = f"restarting ({c.restarts} restarts)"
             parts.append(f"{c.spec.role}: {state}")
         status = "; ".join(parts)
         if status != self._status:
             self._status = status
             self.notifier.status(status)
+
+    # -- SIGHUP
+
+    def _reload(self, now: float) -> None:
+        """Apply the file as it is now: restart what changed, retry what was held down."""
+        specs, config = [c.spec for c in self.children], self.config
+        if self._load is not None:
+            try:
+                specs, config = self._load()
+            except (OSError, ValueError) as e:  # keep running as configured before
+                self.metrics.reloads.labels("failed").inc()
+                log.error("daemon.reload_failed", error=str(e), hint="openpi-rl check")
+                return
+        self.metrics.reloads.labels("ok").inc()
+        self.config = config
+        new = {s.role: s for s in specs}
+        changed, retried = [], []
+        for child in list(self.children):
+            spec = new.pop(child.spec.role, None)
+            if spec is None:
+                child.removed = True
+                changed.append(child.spec.role)
+                if child.proc is None:
+                    child.close()
+                    self.children.remove(child)
+                else:
+                    self._terminate(child, "removed", now)
+            elif spec != child.spec:
+                child.spec = spec
+                changed.append(spec.role)
+                if child.proc is None:
+                    child.next_start = now
+                else:
+                    self._terminate(child, "reload", now)
+            elif child.config_error is not None or child.proc is None:
+                child.next_start = now  # the fix may lie outside the file (a key file, a port)
+                retried.append(spec.role)
+        for spec in new.values():
+            self.children.append(_Child(spec, self._dir))
+            changed.append(spec.role)
+        log.info("daemon.reloaded", changed=changed, retried=retried)
+
+    def _terminate(self, child: _Child, reason: str, now: float) -> None:
+        """SIGTERM, as a stop (the child flushes); SIGKILL to its group past stop_timeout_s."""
+        log.info("daemon.child_stopping", role=child.spec.role, reason=reason)
+        child.kill_reason = reason
+        child.stop_deadline = now + self.config.stop_timeout_s
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(signal.SIGTERM)
 
     # -- stop
 
@@ -269,13 +404,11 @@ class Supervisor:
         deadline = time.monotonic() + self.config.stop_timeout_s
         clean = True
         for c in running:
-            try:
-                rc = c.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not _wait_exited(c.proc, deadline):
                 log.error("daemon.child_stop_timeout", role=c.spec.role, pid=c.proc.pid)
                 _dump_stacks(c.proc)
-                c.proc.kill()
-                rc = c.proc.wait()
+            _kill_group(c.proc)  # it, if it hung; what it started, in any case
+            rc = c.proc.wait()
             # As systemd: death by SIGTERM is clean (a child still starting had nothing to flush).
             clean &= rc in (0, -signal.SIGTERM)
             self.metrics.up.labels(c.spec.role).set(0)
@@ -285,13 +418,41 @@ class Supervisor:
         return code
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether `proc` has exited, without reaping it: until it is reaped its pid (and so its
+    process group's id) cannot be reused, so `_kill_group` cannot hit a stranger."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.poll() is not None
+    return info is not None
+
+
+def _wait_exited(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait (without reaping) until `proc` exits or `deadline` (monotonic) passes."""
+    while not _exited(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+    return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the child's process group (the child, if alive, and whatever it started)."""
+    if proc.returncode is not None:
+        return  # reaped: its group id may name someone else's group by now
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _dump_stacks(proc: subprocess.Popen, wait_s: float = 1.0) -> None:
     """SIGUSR1: the child (`openpi-rl` registers faulthandler for it) writes every thread's
     stack to its stderr, the service log, before it is killed: what it was stuck in."""
     with contextlib.suppress(OSError):
         proc.send_signal(signal.SIGUSR1)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait_s)
+        _wait_exited(proc, time.monotonic() + wait_s)
 
 
 def _renice(pid: int, increment: int) -> None:
@@ -312,13 +473,34 @@ def role_specs(service: ServiceFile) -> list[ChildSpec]:
             watchdog_s=d.watchdog_s.get(role),
             after="serve" if role != "serve" and "serve" in d.roles else None,
             nice=d.nice.get(role, 0),
+            inputs=role_inputs(service, role),
         )
         for role in d.roles
     ]
 
 
+def role_inputs(service: ServiceFile, role: str) -> str:
+    """A digest of what `role` reads from the file (its table, the shared settings, the log
+    format; the learner also the server's endpoint): equal digests, nothing to restart."""
+    raw = service.raw
+    inputs = {
+        "table": raw.get(role),
+        "shared": {k: raw[k] for k in SHARED if k in raw},
+        "log_json": raw.get("log_json"),
+    }
+    if role == "learn":
+        inputs["serve_endpoint"] = raw.get("serve", {}).get("serve", {}).get("endpoint")
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_specs(path: str | Path) -> tuple[list[ChildSpec], DaemonConfig]:
+    service = ServiceFile.load(path)
+    return role_specs(service), service.daemon
+
+
 def daemon(path: str | Path) -> int:
-    """Supervise the roles of `path` until SIGTERM / SIGINT."""
+    """Supervise the roles of `path` until SIGTERM / SIGINT; SIGHUP reloads it."""
     try:
         service = ServiceFile.load(path)
     except (OSError, ValueError) as e:
@@ -329,7 +511,7 @@ def daemon(path: str | Path) -> int:
 
         os.environ["OPENPI_RL_LOG_JSON"] = "1" if service.log_json else "0"
         configure_logging()
-    sup = Supervisor(role_specs(service), service.daemon)
+    sup = Supervisor(role_specs(service), service.daemon, load=lambda: _load_specs(path))
     d = service.daemon
     if d.metrics_port is not None:
         httpd, _ = start_http_server(d.metrics_port, d.metrics_host, registry=sup.metrics.registry)
@@ -337,4 +519,6 @@ def daemon(path: str | Path) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: sup.request_stop())
+        # Its default action would kill the daemon, and the robots' server with it.
+        signal.signal(signal.SIGHUP, lambda *_: sup.request_reload())
     return sup.run()
