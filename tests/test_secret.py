@@ -152,3 +152,19 @@ def test_every_field_named_like_a_secret_carries_the_marker():
     ):
         walk(cls, f"{cls.__name__}.")
     assert unmarked == []
+
+
+def test_a_reward_provider_names_its_url_without_the_query_token():
+    """The trainer's `reward_url` carries the bridge's `?token=`: errors and logs show the URL
+    without it (here: a real connection refused by a closed loopback port)."""
+    import numpy as np
+
+    from openpi_rl.rl.reward import RewardError
+    from openpi_rl.rl.reward_human import HumanRewardHTTP
+    from tests.deploy.daemon_process import free_port
+
+    provider = HumanRewardHTTP(f"http://127.0.0.1:{free_port()}/query?token={QUERY}", timeout_s=2)
+    with pytest.raises(RewardError) as e:
+        provider.get({"state": np.zeros(2, np.float32)}, np.zeros((1, 1), np.float32))
+    assert "/query?token=***" in str(e.value) and QUERY not in str(e.value)
+    assert QUERY not in repr(provider)

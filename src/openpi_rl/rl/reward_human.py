@@ -33,6 +33,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 from openpi_rl.rl.reward_base import RewardConfig, RewardError, RewardProvider, check_reward
+from openpi_rl.secret import mask_url
 
 logger = structlog.get_logger(__name__)
 
@@ -201,25 +202,26 @@ class _RemoteReward(RewardProvider):
         if default_reward is not None:
             default_reward = check_reward(default_reward, f"{type(self).__name__} default_reward")
         self.url = url
+        self.shown_url = mask_url(url)  # for logs and errors: without its `?token=`
         self.timeout_s = timeout_s
         self.default_reward = default_reward
 
     def _on_timeout(self, cause: BaseException) -> float:
         if self.default_reward is None:
             raise RewardError(
-                f"{self!r}: no reward from {self.url} within {self.timeout_s:g} s"
+                f"{self!r}: no reward from {self.shown_url} within {self.timeout_s:g} s"
             ) from cause
         logger.warning(
             "reward.timeout_default",
             provider=type(self).__name__,
-            url=self.url,
+            url=self.shown_url,
             timeout_s=self.timeout_s,
             default_reward=self.default_reward,
         )
         return self.default_reward
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url})"
+        return f"{type(self).__name__}({self.shown_url})"
 
 
 class HumanRewardWebSocket(_RemoteReward):
@@ -242,7 +244,7 @@ class HumanRewardWebSocket(_RemoteReward):
             except websockets.exceptions.ConnectionClosed as e:
                 self._drop()
                 if attempt == 0:
-                    logger.info("reward.websocket_reconnect", url=self.url, reason=str(e))
+                    logger.info("reward.websocket_reconnect", url=self.shown_url, reason=str(e))
                     continue
                 raise RewardError(f"{self!r}: connection closed twice in a row: {e}") from e
             except TimeoutError as e:
