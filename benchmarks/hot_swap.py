@@ -89,7 +89,11 @@ def learner_stand_in(
         obs_dim=OBS_DIM, action_dim=ACTION_DIM, action_horizon=HORIZON, hidden=HIDDEN
     )
     state = nnx.state(build_actor_critic(config, (64, 64), 0))
-    checkpoints = VersionCheckpoints(ckpt, max_to_keep=versions + 1)
+    # Saved aside and moved into the server's checkpoint_dir when published: a server that
+    # starts after the stand-in wrote its versions would otherwise start from the newest one.
+    staging = Path(ckpt).parent / "staging"
+    checkpoints = VersionCheckpoints(staging, max_to_keep=None)
+    Path(ckpt).mkdir(parents=True, exist_ok=True)
     paths = []
     for v in range(1, versions + 1):
         noise = np.random.default_rng(v)
@@ -105,7 +109,8 @@ def learner_stand_in(
     for start in range(0, versions, block):
         t0 = time.monotonic()
         for v in range(start + 1, min(start + block, versions) + 1):
-            publisher.publish(v, paths[v - 1])
+            os.rename(paths[v - 1], Path(ckpt) / str(v))  # complete, with its manifest
+            publisher.publish(v)
             time.sleep(1.0 / hz)
         windows.put((t0, time.monotonic()))
         time.sleep(block / hz)
@@ -121,9 +126,8 @@ def start_server(
     config.write_text(
         f'replay_dir = "{root / "replay"}"\nmetrics_port = {metrics_port}\nopenpi_ws_port = 0\n\n'
         f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\nmax_batch = {args.max_batch}\n\n'
-        # No checkpoint_dir: a server that starts after the stand-in wrote its versions would
-        # start from the newest one on disk and swap nothing (notices carry their paths).
         f'[swap]\nlearner_endpoint = "{learner_endpoint}"\n'
+        f'checkpoint_dir = "{root / "ckpt"}"\n'
         f"restore_in_worker = {str(args.restore_in_worker).lower()}\n\n" + _model_toml()
     )
     with open(root / "serve.log", "wb") as log:  # JSON lines: the swaps' phases

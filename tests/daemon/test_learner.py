@@ -40,14 +40,14 @@ def test_notice_arrives_and_its_path_restores_into_a_fresh_actor_critic(tmp_path
         result = learner.step()
         assert result.published and result.version == 1
         notice = sub.poll(5.0)
-        assert notice == {"version": 1, "path": str(tmp_path / "ckpt" / "1")}
+        assert notice == {"version": 1, "path": None}  # a version, never a path
         assert sub.poll(0.3) is None  # heartbeats name version 1 too: nothing newer
 
         fresh = build_actor_critic(MODEL, (16, 16), seed=123)  # other weights until restored
         obs = {"state": jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)), jnp.float32)}
         key = jax.random.key(7)
         assert not np.allclose(fresh.value(key, obs), learner.ac.value(key, obs))
-        nnx.update(fresh, restore_version(notice["path"], fresh))
+        nnx.update(fresh, restore_version(tmp_path / "ckpt" / "1", fresh))
         for got, want in zip(fresh.act(key, obs), learner.ac.act(key, obs), strict=True):
             np.testing.assert_array_equal(got, want)
     finally:
@@ -247,3 +247,40 @@ def test_token_policy_ratio_is_exact_through_the_replay(tmp_path):
             np.testing.assert_array_equal(got, want)
     finally:
         learner.close()
+
+
+def test_a_corrupt_newest_version_resumes_from_the_previous_one(tmp_path, recorder):
+    """Version 2's weights file garbled on disk: a restarted learner resumes from version 1's
+    weights and optimiser state, logs and counts it, and publishes 3 next (2 is never reused)."""
+    rng = np.random.default_rng(0)
+    config = learner_config(tmp_path)
+    learner = Learner(config)
+    for v in (1, 2):
+        recorder.episode("r", f"e{v}", 6, rng, version=v - 1)
+        recorder.writer.flush()
+        assert learner.step().version == v
+        if v == 1:
+            weights_1, opt_1 = _params(learner), jax.tree.leaves(learner.opt_state)
+    learner.close()
+    data = max(
+        (p for p in (tmp_path / "ckpt" / "2" / "weights").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
+
+    again = Learner(config)
+    try:
+        assert again.version == 2  # the newest number: the next version is 3
+        assert again.counters["corrupt_versions"] == 1
+        assert (
+            again.metrics.registry.get_sample_value("openpi_rl_learner_corrupt_versions_total") == 1
+        )
+        for a, b in zip(weights_1, _params(again), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(opt_1, jax.tree.leaves(again.opt_state), strict=True):
+            np.testing.assert_array_equal(a, b)
+        recorder.episode("r", "e3", 6, rng, version=2)
+        recorder.writer.flush()
+        assert again.step().version == 3
+    finally:
+        again.close()

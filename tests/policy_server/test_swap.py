@@ -33,7 +33,11 @@ class Rig:
         self.publisher = Publisher("tcp://127.0.0.1:*", heartbeat_s=0.5)
         self.checkpoints = VersionCheckpoints(tmp_path / "ckpt", max_to_keep=50)
         self.save(0)
-        options = SwapOptions(learner_endpoint=self.publisher.endpoint, **swap)
+        options = SwapOptions(
+            learner_endpoint=self.publisher.endpoint,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            **swap,
+        )
         self.swapper = Swapper(self.server, options)
         self.admin = AdminEndpoint(self.swapper, "tcp://127.0.0.1:*", TOKEN)
         self.thread = threading.Thread(target=self.server.run, name="server", daemon=True)
@@ -53,7 +57,8 @@ class Rig:
         return str(self.checkpoints.save(version, weights, {"step": np.zeros(())}, {}))
 
     def publish(self, version: int, weights=None) -> None:
-        self.publisher.publish(version, self.save(version, weights))
+        self.save(version, weights)
+        self.publisher.publish(version)
 
     def wait_live(self, version: int, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -158,9 +163,10 @@ def test_versions_swap_between_batches_without_compiling_or_failing(rig):
     assert health["learner"]["alive"] and health["versions_behind"] == 0
 
     # A burst of 20 notices: the single slot keeps the newest, nothing queues.
-    paths = [rig.save(v) for v in range(6, 26)]
-    for v, path in enumerate(paths, start=6):
-        rig.publisher.publish(v, path)
+    for v in range(6, 26):
+        rig.save(v)
+    for v in range(6, 26):
+        rig.publisher.publish(v)
     rig.wait_live(25)
     time.sleep(0.3)
     assert rig.swapper.swaps < 5 + 20, rig.swapper.swaps
@@ -174,7 +180,7 @@ def test_bad_versions_are_refused_and_a_dead_learner_shows_within_3s(rig):
     while len(rig.swapper.failed) < 1:  # one at a time: the slot would skip 1 for 2
         assert time.monotonic() < deadline, rig.swapper.failed
         time.sleep(0.02)
-    rig.publisher.publish(2, str(rig.checkpoints.directory / "no-such-version"))
+    rig.publisher.publish(2)  # announced, never written
     while len(rig.swapper.failed) < 2:
         assert time.monotonic() < deadline, rig.swapper.failed
         time.sleep(0.02)
@@ -320,3 +326,92 @@ def test_a_restarted_server_starts_at_the_newest_version_on_disk(tmp_path):
         swapper.close()
         server.close()
         server._finish()
+
+
+def _send_raw(rig: Rig, msg) -> None:
+    """A notice as anyone on the channel could send it (the learner's socket, our bytes)."""
+    from openpi_rl_client import wire
+
+    with rig.publisher._lock:
+        rig.publisher._sock.send(wire.packb(msg))
+
+
+def _wait_subscribed(rig: Rig) -> None:
+    deadline = time.monotonic() + 10
+    while rig.swapper._sub.heartbeats == 0:  # PUB drops what it sends before the SUB joins
+        assert time.monotonic() < deadline, "no heartbeat"
+        time.sleep(0.02)
+
+
+def test_notices_naming_a_path_outside_checkpoint_dir_or_an_absurd_version_are_refused(
+    rig, tmp_path
+):
+    """A notice names a version; the server loads it from its own checkpoint_dir only. A path
+    elsewhere (a complete, loadable version there), `../`, absurd or far-future versions: each
+    refused and counted, the live version serves on, and the next good notice still goes live."""
+    elsewhere = VersionCheckpoints(tmp_path / "elsewhere")
+    elsewhere.save(1, rig.weights(1, scale=3.0), {"step": np.zeros(())}, {})
+    elsewhere.close()
+    _wait_subscribed(rig)
+    ckpt = rig.checkpoints.directory
+    deadline = time.monotonic() + 10
+    for n, path in enumerate((tmp_path / "elsewhere" / "1", f"{ckpt}/../elsewhere/1"), 1):
+        _send_raw(rig, {"type": "version", "version": 1, "path": str(path)})
+        while rig.metric("openpi_rl_server_swap_failures_total", {"reason": "path"}) != n:
+            assert time.monotonic() < deadline, rig.swapper.status()
+            time.sleep(0.02)
+    for bad in (2**40, -1, True, "7", None, 3.5):
+        _send_raw(rig, {"type": "version", "version": bad})
+    _send_raw(rig, {"type": "version", "version": 5000})  # far past the newest on disk (0)
+    _send_raw(rig, b"\xc1 not msgpack")
+    while rig.metric("openpi_rl_server_swap_failures_total", {"reason": "version"}) != 1:
+        assert time.monotonic() < deadline, rig.swapper.status()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert rig.server.snapshot.version == 0
+    assert rig.swapper._sub.malformed >= 6
+    with PolicyClient(rig.server.endpoint, robot_id="h") as client:
+        assert client.infer({"state": np.zeros(6, np.float32)}).policy_version == 0
+    rig.publish(1)  # our own version 1, in checkpoint_dir: followed as ever
+    rig.wait_live(1)
+    assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "path"}) == 2
+
+
+def test_a_version_whose_files_changed_after_publishing_is_refused(rig, tmp_path):
+    """Version 1's weights replaced (by other, loadable weights) after the learner wrote its
+    manifest: the content hash refuses it, the server stays on 0, then follows version 2."""
+    import shutil
+
+    other = VersionCheckpoints(tmp_path / "other")
+    other.save(1, rig.weights(1, scale=3.0), {"step": np.zeros(())}, {})
+    other.close()
+    rig.save(1)
+    shutil.rmtree(rig.checkpoints.directory / "1" / "weights")
+    shutil.copytree(
+        tmp_path / "other" / "1" / "weights", rig.checkpoints.directory / "1" / "weights"
+    )
+    rig.publisher.publish(1)
+    deadline = time.monotonic() + 10
+    while 1 not in rig.swapper.failed:
+        assert time.monotonic() < deadline, rig.swapper.status()
+        time.sleep(0.02)
+    assert "hash" in rig.swapper.failed[1]
+    assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "hash"}) == 1
+    assert rig.server.snapshot.version == 0
+    rig.publish(2)
+    rig.wait_live(2)
+
+
+def test_keep_versions_never_deletes_the_pinned_version_or_the_rollback_target(rig, tmp_path):
+    for v in (1, 2, 3):
+        rig.publish(v)
+    rig.wait_live(3)
+    assert rig.admin_call("rollback")["status"]["policy_version"] == 2  # the rollback target
+    assert rig.admin_call("pin", 1)["status"]["pinned"] == 1
+    learner_side = VersionCheckpoints(tmp_path / "ckpt", max_to_keep=2)  # keep_versions = 2
+    try:
+        for v in range(4, 9):
+            learner_side.save(v, rig.weights(v), {"step": np.zeros(())}, {})
+        assert learner_side.versions() == [1, 2, 7, 8]
+    finally:
+        learner_side.close()

@@ -66,7 +66,11 @@ class ServerRig:
             ServeOptions(endpoint=f"tcp://127.0.0.1:{self.port}", max_batch=4),
             ReplayConfig(path=str(root / "replay"), commit_interval_s=0.02),
         )
-        options = SwapOptions(learner_endpoint=f"tcp://127.0.0.1:{publish_port}", **swap)
+        options = SwapOptions(
+            learner_endpoint=f"tcp://127.0.0.1:{publish_port}",
+            checkpoint_dir=str(root / "ckpt"),
+            **swap,
+        )
         self.swapper = Swapper(self.server, options)
         self.admin = AdminEndpoint(self.swapper, "tcp://127.0.0.1:*", TOKEN)
         self.thread = threading.Thread(target=self.server.run, name="server", daemon=True)

@@ -9,6 +9,14 @@ loss, gradients or weights, or whose KL(before || after) passes `max_kl`, is not
 and is logged and counted (5); versions are written atomically by orbax and the learner resumes
 from the newest complete one (2). Data is marked consumed after its update was published (or
 refused): a learner killed in between trains on it once more, never loses it.
+
+On start the learner resumes from the newest version that verifies (its content hash) and
+restores; a corrupt newer one is skipped, logged and counted, and its number is never reused.
+The operator's decisions (operator_state.py, written by the policy server's admin) are read at
+start and between updates: a rollback the learner has not applied yet makes it continue from
+the rollback target's weights and optimiser state (the next version is still newest + 1, so
+the version rolled back from stays behind for good); a persisted pause holds updates even while
+no server answers.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from prometheus_client import start_http_server
 from openpi_rl.daemon.batch import ChunkBatch, build_batch
 from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.metrics import LearnerMetrics
-from openpi_rl.daemon.publish import Publisher, ServerWatch
+from openpi_rl.daemon.operator_state import OperatorState, load_state, state_path
+from openpi_rl.daemon.publish import AUTO, Publisher, ServerWatch, notice_endpoint
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.sdnotify import Notifier
 from openpi_rl.daemon.update import DataParallel
@@ -57,7 +66,7 @@ class LearnerConfig:
     seed: int = 0
     replay_dir: str = "replay"
     checkpoint_dir: str = "checkpoints"
-    keep_versions: int = 10  # versions kept on disk (rollback targets)
+    keep_versions: int = 10  # newest versions kept on disk, plus the pinned and rollback target
     ppo: PPOConfig = LEARNER_PPO_DEFAULTS
     segment_length: int = 32  # T: chunks per GAE column; long episodes are cut to this
     batch_segments: int = 64  # S: columns per update (rounded up to a multiple of the devices)
@@ -66,7 +75,10 @@ class LearnerConfig:
     max_kl: float | None = 0.1  # refuse to publish an update moving the policy further (None: off)
     settle_s: float = 1.0  # take an open episode's chunks only once this old (late reports)
     poll_interval_s: float = 0.5
-    publish_endpoint: str = "tcp://127.0.0.1:5557"  # ZMQ PUB: version notices + heartbeat
+    # ZMQ PUB for version notices + heartbeat. "auto": an ipc socket in a private directory
+    # beside the checkpoints (publish.py); across hosts, tcp:// with a CURVE key.
+    publish_endpoint: str = AUTO
+    publish_curve_secret_key_file: str | None = None  # `openpi-rl keys generate`'s .key_secret
     heartbeat_s: float = 0.5
     # Policy servers whose `health` the learner watches (their heartbeat to it, and the
     # operator's pause switch); a server silent for server_timeout_s shows down.
@@ -111,32 +123,27 @@ class Learner:
                 "transitions_stale",
                 "transitions_refused",
                 "transitions_skipped",
+                "corrupt_versions",
             ),
             0,
         )
         self.checkpoints = VersionCheckpoints(config.checkpoint_dir, config.keep_versions)
-        latest = self.checkpoints.latest_version()
-        if latest is None:
-            self.version = 0  # what the server serves before any update
-            self.checkpoints.save(0, nnx.state(self.ac), opt_state, self._meta())
-        else:
-            weights, opt_state, meta = self.checkpoints.restore(
-                latest, nnx.state(self.ac), opt_state
-            )
-            nnx.update(self.ac, weights)
-            self.version = latest
-            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
-            log.info("learner.resumed", version=latest, path=str(self.checkpoints.path(latest)))
-        _, params, self.rest = nnx.split(self.ac, nnx.Param, ...)
-        self.params, self.rest = self.dp.put_replicated(params), self.dp.put_replicated(self.rest)
-        self.opt_state = self.dp.put_replicated(opt_state)
+        self.rollback_id = 0  # the newest operator rollback applied (kept in each version's meta)
+        self.version = 0
+        self.version, opt_state = self._resume(opt_state)
+        self._operator_mtime: int | None = None
+        self.operator = OperatorState()
+        self._set_from(nnx.state(self.ac), opt_state)
         self.key = jax.random.key(config.seed)
+        self.check_operator()
         self.metrics.version.set(self.version)
 
-        self.publisher = Publisher(config.publish_endpoint, config.heartbeat_s)
+        endpoint = notice_endpoint(config.publish_endpoint, self.checkpoints.directory)
+        self.publisher = Publisher(
+            endpoint, config.heartbeat_s, curve_secret_key_file=config.publish_curve_secret_key_file
+        )
         # Heartbeats carry the newest version: a server that missed its notice catches up.
         self.publisher.version = self.version
-        self.publisher.path = str(self.checkpoints.path(self.version))
         self.servers = ServerWatch(
             config.server_endpoints, timeout_s=config.server_timeout_s,
             registry=self.metrics.registry,
@@ -145,6 +152,81 @@ class Learner:
         self._stop = threading.Event()
         self._stop_asked = False  # set by `stop()` (signal handlers); `run` polls it
         self._closed = False
+
+    def _resume(self, opt_state: Any) -> tuple[int, Any]:
+        """(version number, optimiser state) to go on from; updates `self.ac` and counters.
+        The newest version that verifies and restores wins; a corrupt newer one is skipped
+        (logged, counted) and its number not reused. None on disk: version 0 is saved."""
+        versions = self.checkpoints.versions()
+        if not versions:
+            self.checkpoints.save(0, nnx.state(self.ac), opt_state, self._meta())
+            return 0, opt_state  # what the server serves before any update
+        corrupt = 0
+        for version in reversed(versions):
+            try:
+                weights, restored, meta = self.checkpoints.restore(
+                    version, nnx.state(self.ac), opt_state
+                )
+            except Exception as e:  # CorruptVersion, or orbax could not read it
+                corrupt += 1
+                self.metrics.corrupt_versions.inc()
+                log.error(
+                    "learner.version_corrupt", version=version, error=str(e),
+                    path=str(self.checkpoints.path(version)),
+                )  # fmt: skip
+                continue
+            nnx.update(self.ac, weights)
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+            self.counters["corrupt_versions"] += corrupt
+            self.rollback_id = int(meta.get("rollback_id", 0))
+            log.info(
+                "learner.resumed", version=versions[-1], weights_of=version,
+                path=str(self.checkpoints.path(version)), skipped_corrupt=corrupt,
+            )  # fmt: skip
+            return versions[-1], restored
+        self.counters["corrupt_versions"] += corrupt
+        log.error("learner.no_version_restores", versions=versions, start="seed weights")
+        return versions[-1], opt_state
+
+    def _set_from(self, weights: nnx.State, opt_state: Any) -> None:
+        nnx.update(self.ac, weights)
+        _, params, rest = nnx.split(self.ac, nnx.Param, ...)
+        self.params, self.rest = self.dp.put_replicated(params), self.dp.put_replicated(rest)
+        self.opt_state = self.dp.put_replicated(opt_state)
+
+    def check_operator(self) -> None:
+        """Re-read the operator's state file when it changed (a stat per call); apply a
+        rollback not applied yet: train on from its target's weights and optimiser state."""
+        path = state_path(self.checkpoints.directory)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._operator_mtime:
+            return
+        self._operator_mtime = mtime
+        self.operator = load_state(self.checkpoints.directory)
+        op = self.operator
+        if op.rollback_target is None or op.rollback_id <= self.rollback_id:
+            return
+        self.rollback_id = op.rollback_id  # applied once, whatever comes of it
+        opt_like = jax.device_get(self.opt_state)
+        try:
+            weights, opt_state, _ = self.checkpoints.restore(
+                op.rollback_target, nnx.state(self.ac), opt_like
+            )
+        except Exception as e:
+            log.error(
+                "learner.rollback_unreadable", target=op.rollback_target, error=str(e),
+                version=self.version,
+            )  # fmt: skip
+            return
+        self._set_from(weights, opt_state)
+        self.metrics.rollbacks.inc()
+        log.warning(
+            "learner.rolled_back", target=op.rollback_target, version=self.version,
+            next_version=self.version + 1, rollback_id=op.rollback_id,
+        )  # fmt: skip
 
     # -- one poll
 
@@ -267,7 +349,7 @@ class Learner:
         path = self.checkpoints.save(
             self.version, nnx.state(self.ac), self.opt_state, self._meta(m)
         )
-        self.publisher.publish(self.version, str(path))
+        self.publisher.publish(self.version)
         self.metrics.updates.inc()
         self.metrics.version.set(self.version)
         self.metrics.batch_reward.set(m["reward_mean"])
@@ -291,6 +373,7 @@ class Learner:
             "version": self.version,
             "t_wall": time.time(),
             "counters": dict(self.counters),
+            "rollback_id": self.rollback_id,
             "metrics": finite,
             "model": type(self.config.model).__name__,
         }
@@ -315,6 +398,7 @@ class Learner:
                 notifier.watchdog()
                 if c.max_updates is not None and done >= c.max_updates:
                     break
+                self.check_operator()
                 if self._paused():
                     self._stop.wait(0.1)
                     continue
@@ -329,8 +413,9 @@ class Learner:
 
     def _paused(self) -> bool:
         """An operator paused learning on a server (`openpi-rl admin pause-learning`): no new
-        update starts until it is resumed; the heartbeat's state says so."""
-        paused = self.servers.paused
+        update starts until it is resumed; the heartbeat's state says so. The persisted switch
+        counts too: a pause holds while the server is down or restarting."""
+        paused = self.servers.paused or self.operator.learning_paused
         if paused != (self.publisher.state == "paused"):
             self.publisher.set_state("paused" if paused else "waiting")
             log.info(

@@ -30,6 +30,16 @@ class LearnerMetrics:
             ["reason"],
             registry=r,
         )
+        self.corrupt_versions = Counter(
+            "openpi_rl_learner_corrupt_versions_total",
+            "Versions on disk that did not verify or restore when the learner resumed (skipped)",
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "openpi_rl_learner_rollbacks_total",
+            "Operator rollbacks applied: training went on from the rollback target",
+            registry=r,
+        )
         self.transitions = Counter(
             "openpi_rl_learner_transitions_total",
             "Transitions read from the replay, by fate (trained, stale, refused, skipped)",

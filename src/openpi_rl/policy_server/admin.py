@@ -4,7 +4,9 @@ thread, so a pin that loads a version never touches the serving loop.
 Request (msgpack, `openpi_rl_client.wire`): `{"token": str, "command": str, "version"?: int}`.
 Commands: `status`, `pin` (with `version`), `unpin`, `rollback`, `pause-learning`,
 `resume-learning`. Pin and rollback act on this server; pause and resume set the switch the
-learner reads from the server's `health` replies (within its 0.25 s poll).
+learner reads from the server's `health` replies (within its 0.25 s poll). Each decision is
+persisted in the checkpoint directory (operator_state.json) and survives restarts; the learner
+trains on from a rollback's target.
 Reply: `{"ok": true, "status": {...}}`, or `{"error": {"code", "message"}}` with a code from
 `openpi_rl_client.protocol` (`unauthorized`, `bad_message`, `invalid_field`, `internal`). Bad
 input gets an error reply; nothing an admin sends stops the server. The token is compared in
@@ -72,6 +74,10 @@ class AdminEndpoint:
     def start(self) -> AdminEndpoint:
         self._thread.start()
         return self
+
+    def alive(self) -> bool:
+        """False once the admin thread has ended (after close(), or by a failure)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop answering and close the socket. Idempotent."""
@@ -148,7 +154,7 @@ class AdminEndpoint:
         elif command == "rollback":
             s.rollback("admin")
         elif command in ("pause-learning", "resume-learning"):
-            s.learning_paused = command == "pause-learning"
+            s.set_learning_paused(command == "pause-learning")
         return s.status()
 
 

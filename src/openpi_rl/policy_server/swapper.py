@@ -1,8 +1,9 @@
 """Hot-swap (guarantee 3): follow the learner's published versions and replace the live snapshot
 between batches, never stalling a request.
 
-    learner PUB {version, path} + heartbeat -> LatestVersion (single slot, newest only)
-      -> swapper thread: restore (in the restore worker process) -> snapshot.with_leaves
+    learner PUB {version} + heartbeat -> LatestVersion (single slot, newest only)
+      -> swapper thread: check the notice -> verify the content hash -> restore (in the
+         restore worker process) -> snapshot.with_leaves
          (device_put; same jitted sampler: no compile) -> one check call (outputs must be
          finite) -> server.swap
 
@@ -17,9 +18,19 @@ shown dead in `health` and the metrics, and the server keeps serving its last go
 The learner's side of the exchange asks the server's `health` (daemon/publish.py
 `ServerWatch`), which also carries `learning_paused`, the admin's pause switch.
 
+Weights come only from our learner: the notice channel is private (an ipc socket in a 0700
+directory by default, CURVE across hosts: daemon/publish.py); a notice names a version and the
+server loads `<checkpoint_dir>/<version>` (a notice naming another path, a version far past the
+newest on disk, or a directory that resolves outside `checkpoint_dir` is refused); and a
+version goes live only if its files match the manifest the learner wrote (checkpoints.py).
+Each refusal is logged and counted (`openpi_rl_server_swap_failures_total{reason}`: path,
+version, hash) and the live version serves on.
+
 An operator (admin.py) can pin a version (newer notices are ignored until `unpin`) or roll
 back to the newest good version older than the live one (that pins it too; the version rolled
-back from is never followed again). Optionally, a new version whose last K episodes' mean
+back from is never followed again). These decisions and the pause-learning switch are written
+atomically to `<checkpoint_dir>/operator_state.json` and honoured after a restart of the server
+or the learner (daemon/operator_state.py). Optionally, a new version whose last K episodes' mean
 return falls below the previous version's by a margin is rolled back automatically.
 """
 
@@ -39,8 +50,9 @@ import jax
 import structlog
 from flax import nnx
 
-from openpi_rl.daemon.checkpoints import restore_version
-from openpi_rl.daemon.publish import LatestVersion
+from openpi_rl.daemon.checkpoints import CorruptVersion, restore_version, verify_version
+from openpi_rl.daemon.operator_state import OperatorState, load_state, save_state
+from openpi_rl.daemon.publish import AUTO, LatestVersion, notice_endpoint
 from openpi_rl.policy_server.restore_worker import RestoreWorker
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
 from openpi_rl.secret import SECRET
@@ -55,8 +67,11 @@ log = structlog.get_logger("openpi_rl.policy_server.swapper")
 class SwapOptions:
     """Hot-swap, heartbeats, admin and automatic rollback (`[swap]` in serve.toml)."""
 
-    learner_endpoint: str | None = "tcp://127.0.0.1:5557"  # the learner's PUB; None: no swaps
-    checkpoint_dir: str | None = None  # pin/rollback targets; None: where notices point
+    # The learner's PUB; "auto": the private ipc socket of checkpoint_dir; None: no swaps.
+    learner_endpoint: str | None = AUTO
+    checkpoint_dir: str | None = "checkpoints"  # versions load from here only; None: no swaps
+    learner_curve_public_key_file: str | None = None  # the learner's CURVE public key (.key)
+    max_version_ahead: int = 100  # refuse a notice this far past the newest version on disk
     peer_timeout_s: float = 1.5  # a learner silent this long shows dead (it beats every 0.5 s)
     admin_endpoint: str = "tcp://127.0.0.1:5559"  # ZMQ ROUTER for `openpi-rl admin`
     admin_token: Annotated[str | None, SECRET] = None  # None: $OPENPI_RL_ADMIN_TOKEN, else off
@@ -128,14 +143,25 @@ class Swapper:
         self._like = nnx.merge(server.snapshot.graphdef, server.snapshot.state)
         self._worker: RestoreWorker | None = None  # started by start() or the first load
         self.phases: dict[str, float] = {}  # the last swap's phases, seconds (logged)
-        self._sub = LatestVersion(options.learner_endpoint) if options.learner_endpoint else None
+        self._sub = None
+        if options.learner_endpoint and options.checkpoint_dir is not None:
+            self._sub = LatestVersion(
+                notice_endpoint(options.learner_endpoint, options.checkpoint_dir),
+                curve_server_key_file=options.learner_curve_public_key_file,
+            )
+        elif options.learner_endpoint:
+            log.warning("swap.off", reason="no checkpoint_dir: notices cannot be followed")
         self._lock = threading.Lock()
-        self.newest: tuple[int, str] | None = None  # the learner's newest version and its path
-        self.pinned: int | None = None
+        self.newest: tuple[int, Path] | None = None  # the learner's newest version and its path
         self.previous: int | None = None  # live before the last swap
-        self.rejected: set[int] = set()  # rolled back from: never followed again
         self.failed: dict[int, str] = {}  # would not go live: version -> why (not retried)
-        self.learning_paused = False
+        self.refused_notices: dict[int, str] = {}  # notices refused: version -> why
+        # The operator's decisions, as persisted (a restart honours them).
+        op = OperatorState() if self.checkpoint_dir() is None else load_state(self.checkpoint_dir())
+        self.pinned: int | None = op.pinned
+        self.rejected: set[int] = set(op.rejected)  # rolled back from: never followed again
+        self.learning_paused = op.learning_paused
+        self._rollback = (op.rollback_target, op.rollback_id)
         self.swaps = 0
         self.last_swap_s: float | None = None
         self._started_t = time.monotonic()
@@ -153,21 +179,31 @@ class Swapper:
         self._start_from_disk()
 
     def _start_from_disk(self) -> None:
-        """A (re)started server begins at the newest version in `checkpoint_dir`, not at its
-        seed's weights: loaded before the server warms up, so robots never see version 0 of a
-        run that has moved on. A version that does not load is skipped (logged)."""
+        """A (re)started server begins at its pinned version, else the newest version in
+        `checkpoint_dir` not rolled back from, not at its seed's weights: loaded before the
+        server warms up, so robots never see version 0 of a run that has moved on. A version
+        that does not verify or load is skipped (logged)."""
         if self.options.checkpoint_dir is None or self.server.ready:
             return
-        for version in reversed(self.versions_on_disk()):
-            if version <= self.server.snapshot.version:
+        on_disk = self.versions_on_disk()
+        if self.pinned is not None:
+            if self.pinned not in on_disk:
+                log.error("swap.pinned_version_missing", pinned=self.pinned, on_disk=on_disk)
+            candidates = [self.pinned] if self.pinned in on_disk else []
+        else:
+            candidates = [v for v in reversed(on_disk) if v not in self.rejected]
+        for version in candidates:
+            if version == self.server.snapshot.version:
                 return
             try:
-                state = restore_version(self._path_of(version), self._like)
+                path = self._path_of(version)
+                verify_version(path, version)
+                state = restore_version(path, self._like)
                 self.server.swap(self.server.snapshot.with_state(version, state))
             except Exception as e:
                 log.warning("swap.start_version_unreadable", version=version, error=str(e))
                 continue
-            log.info("swap.start_version", version=version)
+            log.info("swap.start_version", version=version, pinned=self.pinned)
             return
 
     # -- lifecycle
@@ -233,9 +269,42 @@ class Swapper:
         if self._sub is None:
             self._stop.wait(0.1)
             return
+        before = self._sub.seen
         notice = self._sub.poll(0.1)  # heartbeats are read here too
-        if notice is not None:
-            self.newest = (notice["version"], notice["path"])
+        if notice is None:
+            return
+        version = notice["version"]
+        why = self._refuse_notice(version, notice["path"])
+        if why is None:
+            self.newest = (version, self._path_of(version, on_disk=False))
+            return
+        self._sub.seen = before  # a refused notice must not hide the next good one
+        reason, message = why
+        if self.refused_notices.get(version) != message:  # heartbeats repeat it: once each
+            self.refused_notices[version] = message
+            self.metrics.swap_failures.labels(reason=reason).inc()
+            log.warning(
+                "swap.notice_refused", version=version, path=notice["path"], reason=reason,
+                error=message,
+            )  # fmt: skip
+
+    def _refuse_notice(self, version: int, path: str | None) -> tuple[str, str] | None:
+        """(reason, message) when a notice must not be followed; None when it may."""
+        d = self.checkpoint_dir()
+        try:
+            own = self._path_of(version, on_disk=False)
+        except SwapError as e:
+            return "path", str(e)
+        if path is not None and os.path.normpath(os.path.abspath(path)) != str(own):
+            return "path", f"names {path!r}: versions load from {d} only"
+        on_disk = self.versions_on_disk()
+        newest = on_disk[-1] if on_disk else 0
+        if version > newest + self.options.max_version_ahead:
+            return "version", (
+                f"version {version} is more than {self.options.max_version_ahead} past the "
+                f"newest on disk ({newest if on_disk else 'none'})"
+            )
+        return None
 
     # -- learner state
 
@@ -276,7 +345,12 @@ class Swapper:
         """Restore, warm up and swap in `version`; the caller holds `_lock`."""
         t0 = time.perf_counter()
         try:
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{path}: no such version directory")
+            verify_version(path, version)  # the files the learner published, and no others
             snapshot = self._load(version, path)
+        except CorruptVersion as e:
+            self._fail(version, path, "hash", e)
         except SwapError as e:
             self._fail(version, path, "nonfinite", e)
         except ValueError as e:  # with_state: a checkpoint of another model config
@@ -334,9 +408,8 @@ class Swapper:
     # -- operator commands (admin.py)
 
     def checkpoint_dir(self) -> Path | None:
-        if self.options.checkpoint_dir is not None:
-            return Path(self.options.checkpoint_dir)
-        return None if self.newest is None else Path(self.newest[1]).parent
+        d = self.options.checkpoint_dir
+        return None if d is None else Path(d).absolute()
 
     def versions_on_disk(self) -> list[int]:
         """Complete versions: orbax renames a version's directory to its number when done."""
@@ -345,13 +418,44 @@ class Swapper:
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
-    def _path_of(self, version: int) -> Path:
+    def _path_of(self, version: int, on_disk: bool = True) -> Path:
+        """`<checkpoint_dir>/<version>`, refused (SwapError) when it resolves outside
+        `checkpoint_dir` (a symlink) or, with `on_disk`, is not a complete version there."""
         d = self.checkpoint_dir()
         if d is None:
             raise SwapError("no checkpoint directory known: set swap.checkpoint_dir")
-        if version not in self.versions_on_disk():
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise SwapError(f"version: expected an int >= 0, got {version!r}")
+        path = d / str(version)
+        if path.exists() and not path.resolve().is_relative_to(d.resolve()):
+            raise SwapError(f"version {version}: {path} resolves outside {d}")
+        if on_disk and version not in self.versions_on_disk():
             raise SwapError(f"version {version}: not in {d} (on disk: {self.versions_on_disk()})")
-        return d / str(version)
+        return path
+
+    def _persist(self) -> None:
+        """Write the operator's decisions (the caller changed one) atomically."""
+        d = self.checkpoint_dir()
+        if d is None:
+            log.warning("operator_state.not_persisted", reason="no checkpoint_dir")
+            return
+        target, rollback_id = self._rollback
+        save_state(
+            d,
+            OperatorState(
+                pinned=self.pinned,
+                rejected=tuple(sorted(self.rejected)),
+                learning_paused=self.learning_paused,
+                rollback_target=target,
+                rollback_id=rollback_id,
+            ),
+        )
+
+    def set_learning_paused(self, paused: bool) -> None:
+        """The operator's pause switch, read by the learner from `health` and from disk."""
+        with self._lock:
+            self.learning_paused = bool(paused)
+            self._persist()
 
     def pin(self, version: int) -> None:
         """Serve `version` (loading it if it is not live) and ignore newer notices until unpin."""
@@ -361,12 +465,14 @@ class Swapper:
                 self.failed.pop(version, None)  # an explicit request tries again
                 self._swap_locked(version, path, "pin")
             self.pinned = version
+            self._persist()
         log.info("pinned", version=version)
 
     def unpin(self) -> None:
         """Follow the learner again (its newest version goes live on the next pass)."""
         with self._lock:
             self.pinned = None
+            self._persist()
         log.info("unpinned")
 
     def rollback(self, trigger: str = "admin", target: int | None = None) -> int:
@@ -387,6 +493,8 @@ class Swapper:
             self._swap_locked(target, path, f"rollback:{trigger}")
             self.rejected.add(live)
             self.pinned = target
+            self._rollback = (target, self._rollback[1] + 1)  # the learner trains on from it
+            self._persist()
         self.metrics.rollbacks.labels(trigger=trigger).inc()
         log.warning("rollback", trigger=trigger, version=target, rejected=live)
         return target
@@ -410,7 +518,9 @@ class Swapper:
             try:
                 self.rollback("auto", self.previous)
             except SwapError:
-                self.pinned = self.server.snapshot.version  # stop following; an operator decides
+                with self._lock:  # stop following; an operator decides
+                    self.pinned = self.server.snapshot.version
+                    self._persist()
 
     # -- reports
 
@@ -449,6 +559,7 @@ class Swapper:
             "last_swap_s": self.last_swap_s,
             "rejected": sorted(self.rejected),
             "failed": {str(v): why for v, why in self.failed.items()},
+            "refused_notices": {str(v): why for v, why in self.refused_notices.items()},
             "checkpoint_dir": None if self.checkpoint_dir() is None else str(self.checkpoint_dir()),
             "versions_on_disk": self.versions_on_disk(),
             "compilations": self.server.snapshot.compilations,
