@@ -210,3 +210,15 @@ def test_a_dead_replay_writer_fails_health_and_ends_the_server(tmp_path):
     assert srv.failure is not None and "replay writer failed" in srv.failure
     thread.join(30)
     assert not thread.is_alive()  # run() ended: the process exits non-zero
+
+
+def test_a_watched_front_end_that_dies_fails_health_and_ends_the_server(tmp_path):
+    srv, thread = _start(tmp_path)
+    front = threading.Thread(target=lambda: None, name="front")  # ends at once: "died"
+    front.start()
+    front.join()
+    with PolicyClient(srv.endpoint, robot_id="arm-1", timeout_s=5.0) as client:
+        assert client.health()["status"] == "ready"
+        srv.watch("openpi-ws", front.is_alive)
+        thread.join(10)
+    assert not thread.is_alive() and srv.failure == "openpi-ws thread died (see the log)"

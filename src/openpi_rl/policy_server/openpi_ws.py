@@ -88,6 +88,10 @@ class OpenPIWebSocketEndpoint:
         self._started.wait(30)
         return self
 
+    def alive(self) -> bool:
+        """False once the event loop's thread has ended (after close(), or by a failure)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)

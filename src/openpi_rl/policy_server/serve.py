@@ -136,6 +136,9 @@ def serve(config: ServeConfig) -> int:
         admin=None if admin is None else admin.endpoint,
         model=type(config.model).__name__,
     )
+    for name, front in (("admin", admin), ("openpi-ws", ws)):
+        if front is not None:
+            server.watch(name, front.alive)
     # READY=1 after warm-up, WATCHDOG=1 only while the ROUTER loop answers a health request.
     watchdog = HealthWatchdog(zmq_health(server.inproc_endpoint)).start()
     try:

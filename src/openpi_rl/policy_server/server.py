@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,7 @@ class PolicyServer:
         self._committed: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.failure: str | None = None  # a stage that died: health says so, run() ends
+        self._stages: dict[str, Callable[[], bool]] = {}  # name -> alive (watch())
         self._next_check = 0.0
         # (robot_id, request_id) -> the packed reply, or the request while it is still pending.
         # A client that timed out resends the same request_id from a new socket (lazy pirate);
@@ -273,12 +275,21 @@ class PolicyServer:
             self.failure = f"replay writer failed: {self.replay.error!r:.300}"
         elif self.swapper is not None and self.swapper.died():
             self.failure = "swapper thread died (see the log)"
+        else:
+            dead = [name for name, alive in self._stages.items() if not alive()]
+            if dead:
+                self.failure = f"{dead[0]} thread died (see the log)"
         if self.failure is not None:
             log.error(
                 "stage failed: stopping so the supervisor restarts the server", reason=self.failure
             )
             self.metrics.ready.set(0)
             self._stop.set()
+
+    def watch(self, name: str, alive: Callable[[], bool]) -> None:
+        """Treat `name` (a front end's thread: the openpi WebSocket, admin) as a stage of this
+        server: while `run()` serves, `alive()` turning False fails health and ends it."""
+        self._stages[name] = alive
 
     def close(self, wait_s: float | None = None) -> None:
         """Stop serving; the loop flushes the replay and closes the socket. Idempotent. With
