@@ -282,6 +282,8 @@ class Swapper:
         reason, message = why
         if self.refused_notices.get(version) != message:  # heartbeats repeat it: once each
             self.refused_notices[version] = message
+            while len(self.refused_notices) > 64:  # bounded: shown in status, not a history
+                del self.refused_notices[next(iter(self.refused_notices))]
             self.metrics.swap_failures.labels(reason=reason).inc()
             log.warning(
                 "swap.notice_refused", version=version, path=notice["path"], reason=reason,
