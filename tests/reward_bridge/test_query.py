@@ -4,6 +4,7 @@ from an operator on a pendant (who sees a summary and a thumbnail), or the defau
 import base64
 import json
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -62,7 +63,13 @@ def test_query_token_when_configured(make_bridge):
     base = f"http://127.0.0.1:{bridge.http_port}/query"
     with pytest.raises(Exception, match="401"):
         HumanRewardHTTP(base, timeout_s=5).get(_obs(), np.ones(2))
-    assert HumanRewardHTTP(base + "?token=q-secret", timeout_s=5).get(_obs(), np.ones(2)) == 0.0
+    # In the Authorization header, never in the URL (proxies and histories log URLs).
+    with pytest.raises(Exception, match="401"):
+        HumanRewardHTTP(base + "?token=q-secret", timeout_s=5).get(_obs(), np.ones(2))
+    body = json.dumps({"observation": {"state": [1.0]}, "actions": [0.0]}).encode()
+    req = urllib.request.Request(base, body, {"Authorization": "Bearer q-secret"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read()) == {"reward": 0.0}
 
 
 def test_thumbnail_is_a_valid_png_of_the_image():

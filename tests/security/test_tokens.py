@@ -36,6 +36,7 @@ def test_bridge_tokens_never_reach_the_logs(tmp_path, capfd, caplog):
         metrics_port=None,
         operators={"ana": SECRET},
         query_token=SECRET,
+        query_timeout_s=0.1,
     )
     bridge = RewardBridge(config).start()
     try:
@@ -58,13 +59,22 @@ def test_bridge_tokens_never_reach_the_logs(tmp_path, capfd, caplog):
             except urllib.error.HTTPError as e:
                 status = e.code
             assert (status == 200) == ok
-            url = f"ws://127.0.0.1:{bridge.ws_port}/query?token={token}"
+            url = f"ws://127.0.0.1:{bridge.ws_port}/query"
+            auth = {"Authorization": f"Bearer {token}"}
             if ok:
-                with websockets.sync.client.connect(url):
+                with websockets.sync.client.connect(url, additional_headers=auth):
                     pass
             else:
                 with pytest.raises(websockets.exceptions.InvalidStatus):
-                    websockets.sync.client.connect(url)
+                    websockets.sync.client.connect(url, additional_headers=auth)
+            with websockets.sync.client.connect(url) as ws:  # or in the hello frame
+                ws.send(json.dumps({"type": "hello", "token": token}))
+                if ok:
+                    ws.send(json.dumps({"observation": {"x": [1.0]}, "actions": [0.0]}))
+                    assert json.loads(ws.recv(timeout=10)) == {"reward": 0.0}
+                else:
+                    with pytest.raises(websockets.exceptions.ConnectionClosed):
+                        ws.recv(timeout=10)
     finally:
         bridge.close()
     logs = capfd.readouterr()
@@ -114,3 +124,62 @@ def test_bridge_help_hides_tokens_from_the_config_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "operators" in out
     assert SECRET not in out and WRONG not in out
+
+
+def test_a_query_token_in_the_url_is_refused_and_masked_in_the_log(tmp_path, capfd, caplog):
+    """URLs end up in proxy logs, shell histories and Referer headers: /query takes its token
+    from the Authorization header or the hello frame only, and a URL that carries one is
+    logged with it masked."""
+    caplog.set_level(logging.DEBUG)
+    ReplayWriter(ReplayConfig(path=tmp_path / "replay")).close()
+    config = BridgeConfig(
+        replay_dir=str(tmp_path / "replay"),
+        ws_port=0,
+        http_port=0,
+        metrics_port=None,
+        operators={"ana": WRONG},
+        query_token=SECRET,
+        query_timeout_s=0.1,
+    )
+    bridge = RewardBridge(config).start()
+    try:
+        body = json.dumps({"observation": {"x": [1.0]}, "actions": [0.0]}).encode()
+        url = f"http://127.0.0.1:{bridge.http_port}/query?robot_id=arm-1&token={SECRET}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=10)
+        assert refused.value.code == 401
+        ws_url = f"ws://127.0.0.1:{bridge.ws_port}/query?token={SECRET}"
+        with websockets.sync.client.connect(ws_url) as ws:  # the URL's token counts for nothing
+            ws.send(body.decode())  # not a hello
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 4401
+    finally:
+        bridge.close()
+    logs = capfd.readouterr()
+    text = logs.out + logs.err + _server_logs(caplog)
+    assert "token=%2A%2A%2A" in text or "token=***" in text  # the refusal, URL masked
+    assert SECRET not in text
+
+
+def test_query_needs_a_token_when_the_bridge_binds_beyond_loopback(tmp_path):
+    ReplayWriter(ReplayConfig(path=tmp_path / "replay")).close()
+    config = BridgeConfig(
+        replay_dir=str(tmp_path / "replay"),
+        host="0.0.0.0",
+        ws_port=0,
+        http_port=0,
+        metrics_port=None,
+        query_timeout_s=0.1,
+    )
+    bridge = RewardBridge(config).start()
+    try:
+        body = json.dumps({"observation": {"x": [1.0]}, "actions": [0.0]}).encode()
+        url = f"http://127.0.0.1:{bridge.http_port}/query"
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no token can be right
+            urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            websockets.sync.client.connect(f"ws://127.0.0.1:{bridge.ws_port}/query")
+    finally:
+        bridge.close()

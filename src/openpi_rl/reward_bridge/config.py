@@ -12,6 +12,10 @@ from openpi_rl.secret import SECRET
 class BridgeConfig:
     replay_dir: str = "replay"
     """The policy server's replay directory; the bridge writes reward events only."""
+    fsync_interval_s: float | None = None
+    """None: events are committed, not fsynced (a `kill -9` loses nothing acknowledged; power
+    loss may). A number: a commit also fsyncs the WAL once the last fsync is this old (0: every
+    commit, before its ack); the replay writer's `fsync_interval_s`."""
     host: str = "127.0.0.1"
     """Every listener binds here; set 0.0.0.0 (or the pendant network's address) to expose."""
     ws_port: int = 8765
@@ -42,17 +46,27 @@ class BridgeConfig:
     """An event not committed by then gets a `not_stored` error (resend with the same key)."""
     auth_timeout_s: float = 10.0
     max_message_bytes: int = 64 * 1024
-    """Pendant frames and /feedback bodies; a larger one gets `too_large`, the connection stays."""
+    """Pendant frames and /feedback bodies; a larger one gets `too_large`, the connection stays
+    (a pendant frame past 4x this closes it: 1009). Before the token is checked (a hello, a
+    /query without its token, an HTTP body of any endpoint but an authorized /query) this is
+    the cap, and past it the connection is closed (1009) or answered 413 unread."""
     max_query_bytes: int = 16 * 2**20
     """Reward queries carry observations (images); frames past this close the connection."""
+    max_pending_acks: int = 256
+    """Events a pendant may have waiting for their commit; past it: `rate_limited`."""
     query_timeout_s: float = 20.0
     """Keep it below the provider's own `timeout_s` so the default, not an error, comes back."""
     query_default_reward: float = 0.0
     # Hostile clients (guarantee 6): each listener keeps serving good clients.
-    max_connections: int = 128
-    """Per port (WebSocket, HTTP); one address holds at most 3/4 of it. Past it, the oldest
-    connection that has not sent its request (HTTP) or its hello (pendant) makes way for the
-    newcomer; 503 only when none can."""
+    max_connections: int = 256
+    """Per port (WebSocket, HTTP); one client address holds at most 3/4 of it. Past it, the
+    oldest connection that has not sent its request (HTTP) or its hello (pendant) makes way for
+    the newcomer; 503 only when none can. A site of 200 pendants fits the default."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (`"127.0.0.1"`, `"10.0.0.0/8"`) of reverse proxies in front of
+    the bridge (the TLS proxy of deploy/nginx-openpi-rl-bridge.conf). A connection from one
+    counts against the client it names in `X-Forwarded-For` / `X-Real-IP`; from anyone else
+    those headers are ignored."""
     rate_limit_per_s: float = 100.0
     rate_limit_burst: int = 200
     """Frames per WebSocket connection; one over gets a `rate_limited` error reply."""

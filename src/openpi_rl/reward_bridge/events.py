@@ -33,6 +33,7 @@ ERROR_CODES = (
     "internal",
 )
 MAX_ID_CHARS = 128
+MAX_ABS_CLIENT_TIME = 1e11  # seconds since the epoch: past year 5000 is not a clock
 
 
 class BadRequest(Exception):
@@ -69,26 +70,58 @@ def parse_json(data: str | bytes, max_bytes: int) -> dict[str, Any]:
     return msg
 
 
+def check_id(v: Any, key: str) -> str:
+    """An id (robot, episode, idempotency key) as the replay can store it: a printable string
+    of 1..MAX_ID_CHARS characters (no control characters, no lone surrogates, which UTF-8
+    cannot encode and SQLite would refuse inside the writer's commit)."""
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_ID_CHARS or not v.isprintable():
+        raise BadRequest(
+            "bad_event",
+            f"{key}: expected a printable string of 1..{MAX_ID_CHARS} characters, got {show(v)}",
+        )
+    return v
+
+
+def printable_id(v: Any) -> str | None:
+    """`v` if it is a valid id (to echo back in an error reply), else None."""
+    try:
+        return check_id(v, "id")
+    except BadRequest:
+        return None
+
+
+def show(v: Any) -> str:
+    """A short, log- and UTF-8-safe rendering of a client's value for an error message."""
+    big = isinstance(v, int) and abs(v) >= 10**30
+    text = f"an integer of {v.bit_length()} bits" if big else repr(v)
+    return text[:60].encode("ascii", "backslashreplace").decode("ascii")
+
+
 def _text(msg: dict, key: str, required: bool = True) -> str | None:
     v = msg.get(key)
     if v is None and not required:
         return None
     if isinstance(v, int) and not isinstance(v, bool) and key == "episode_id":
         v = str(v)  # the replay stores episode ids as text
-    if not isinstance(v, str) or not 0 < len(v) <= MAX_ID_CHARS:
-        raise BadRequest(
-            "bad_event", f"{key}: expected a string of 1..{MAX_ID_CHARS}, got {v!r:.60}"
-        )
-    return v
+    return check_id(v, key)
 
 
-def _number(msg: dict, key: str) -> float | None:
+def parse_number(msg: dict, key: str, max_abs: float, required: bool = False) -> float | None:
+    """`msg[key]` as a finite float within +-max_abs (None if absent and not required)."""
     v = msg.get(key)
-    if v is None:
+    if v is None and not required:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise BadRequest("bad_event", f"{key}: expected a finite number, got {v!r:.60}")
-    return float(v)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadRequest("bad_event", f"{key}: expected a finite number, got {show(v)}")
+    try:
+        f = float(v)  # an integer past a float's range raises OverflowError
+    except OverflowError:
+        f = math.inf
+    if not (math.isfinite(f) and abs(f) <= max_abs):
+        raise BadRequest(
+            "bad_event", f"{key}: expected a finite number, |{key}| <= {max_abs:g}, got {show(v)}"
+        )
+    return f
 
 
 def parse_feedback(
@@ -103,18 +136,14 @@ def parse_feedback(
     robot_id = _text(msg, "robot_id")
     kind = msg.get("kind")
     if kind not in KINDS:
-        raise BadRequest("bad_event", f"kind: expected one of {list(KINDS)}, got {kind!r:.60}")
-    value = _number(msg, "value")
+        raise BadRequest("bad_event", f"kind: expected one of {list(KINDS)}, got {show(kind)}")
+    value = parse_number(msg, "value", max_abs_value)
     if value is None:
         if kind == "step_reward":
             raise BadRequest("bad_event", "value: a step_reward needs a number")
         value = {"success": success_value, "failure": -failure_value, "end_episode": 0.0}[kind]
     if kind == "end_episode":
         value = 0.0  # closes without reward
-    if abs(value) > max_abs_value:
-        raise BadRequest(
-            "bad_event", f"value: expected |value| <= {max_abs_value:g}, got {value:g}"
-        )
     key = _text(msg, "idempotency_key", required=False) or f"bridge-{uuid.uuid4().hex}"
     return Feedback(
         robot_id=robot_id,  # type: ignore[arg-type]
@@ -123,6 +152,6 @@ def parse_feedback(
         operator=operator,
         t=now,
         idempotency_key=key,
-        client_time=_number(msg, "client_time"),
+        client_time=parse_number(msg, "client_time", MAX_ABS_CLIENT_TIME),
         episode_id=_text(msg, "episode_id", required=False),
     )

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from openpi_rl.reward_bridge.events import BadRequest
+from openpi_rl.reward_bridge.events import BadRequest, parse_number, show
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.rl.reward import summarize_step
 
@@ -82,18 +82,13 @@ class QueryBroker:
             self._broadcast({"type": "query_done", "query_id": qid})
 
     def answer(self, msg: dict[str, Any], operator: str) -> None:
-        qid, reward = msg.get("query_id"), msg.get("reward")
-        if isinstance(reward, bool) or not isinstance(reward, int | float):
-            raise BadRequest("bad_event", f"reward: expected a number, got {reward!r:.60}")
-        if not (math.isfinite(reward) and abs(reward) <= self.max_abs_reward):
-            raise BadRequest(
-                "bad_event", f"reward: expected finite |reward| <= {self.max_abs_reward:g}"
-            )
+        qid = msg.get("query_id")
+        reward = parse_number(msg, "reward", self.max_abs_reward, required=True)
         if not isinstance(qid, str):  # also keeps an unhashable id away from the dict lookup
-            raise BadRequest("bad_event", f"query_id: expected a string, got {qid!r:.60}")
+            raise BadRequest("bad_event", f"query_id: expected a string, got {show(qid)}")
         entry = self._pending.get(qid)
         if entry is None:
-            raise BadRequest("bad_event", f"query_id: {qid!r:.60} is not pending (answered?)")
+            raise BadRequest("bad_event", f"query_id: {show(qid)} is not pending (answered?)")
         if not entry[1].done():
             entry[1].set_result((float(reward), operator))
 

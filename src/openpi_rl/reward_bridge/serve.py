@@ -1,5 +1,5 @@
 """`openpi-rl bridge --config FILE`: the reward bridge as a service (SIGTERM / Ctrl-C: stop
-accepting, let commits finish, close the replay writer, exit 0)."""
+accepting, let commits finish, close the replay writer, exit 0; a stage that died: exit 1)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def serve(config: BridgeConfig) -> int:
     watchdog = HealthWatchdog(http_health(lambda: f"http://{host}:{bridge.ws_port}/healthz"))
     watchdog.start()
     try:
-        bridge.run()
+        code = bridge.run()  # 1: a stage died (logged, and said by /healthz meanwhile)
     finally:
         watchdog.close()
         bridge.close()
-    return 0
+    return code

@@ -15,7 +15,13 @@ fully arrived, a pendant without its hello), and only when none can be shed gets
 `httpd.ConnectionSlots`); `handshake_timeout_s` for a
 WebSocket handshake or a whole HTTP request, websockets' `max_size` / `max_queue` and pings for
 frames and dead peers, and a token bucket of `rate_limit_per_s` frames per WebSocket
-connection (a frame over it gets a `rate_limited` error reply).
+connection (a frame over it gets a `rate_limited` error reply). Before a token is checked,
+frames and bodies are capped at `max_message_bytes`. Behind `trusted_proxies` the per-address
+share is the forwarded client's.
+
+Stages: the event loop (both ports), the status poller and the replay writer's commit thread.
+If one dies, `/healthz` answers 503 naming it, and `run()` returns 1 a moment later (the
+service exits non-zero and its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -46,7 +53,7 @@ from openpi_rl.reward_bridge.credit import (
 )
 from openpi_rl.reward_bridge.events import BadRequest, parse_feedback
 from openpi_rl.reward_bridge.http_port import HttpPort
-from openpi_rl.reward_bridge.httpd import ConnectionSlots
+from openpi_rl.reward_bridge.httpd import ConnectionSlots, mask_url, parse_networks
 from openpi_rl.reward_bridge.httpd import start_http_server as start_http
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.reward_bridge.query import QueryBroker
@@ -54,6 +61,7 @@ from openpi_rl.reward_bridge.status import LiveStatus
 from openpi_rl.reward_bridge.ws_port import WebSocketPort
 
 log = structlog.get_logger("openpi_rl.reward_bridge")
+FAILED_EXIT_DELAY_S = 2.0  # after a stage dies: /healthz says so this long, then run() ends
 
 
 class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
@@ -72,10 +80,22 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         self.config = config
         self.rules = dict(rules or default_rules(config.press_latency_s))
         self.metrics = metrics or BridgeMetrics()
-        self.writer = ReplayConfig(path=Path(config.replay_dir), events_only=True).create()
+        self._proxies = parse_networks(config.trusted_proxies)
+        self.writer = ReplayConfig(
+            path=Path(config.replay_dir),
+            events_only=True,
+            fsync_interval_s=config.fsync_interval_s,
+        ).create()
         self._tokens = [(tok.encode(), name) for name, tok in config.operators.items()]
         if not self._tokens:
             log.warning("bridge.no_operators", hint="no token will be accepted; set [operators]")
+        self._query_open = config.query_token is None and is_loopback(config.host)
+        if config.query_token is None and not self._query_open:
+            log.warning(
+                "bridge.query_refused",
+                host=config.host,
+                hint="/query needs a token beyond loopback; set query_token",
+            )
         self.ws_port, self.http_port = config.ws_port, config.http_port
         self.queries = QueryBroker(
             self._broadcast,
@@ -85,6 +105,8 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
             config.max_abs_value,
         )
         self._pendants: dict[ServerConnection, str | None] = {}  # connection -> robot shown
+        self._outbox: dict[ServerConnection, int] = {}  # connection -> sends waiting
+        self._failed: dict[str, str] = {}  # dead stage -> why
         self._status: dict[str, dict[str, Any]] = {}
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bridge-status")
         self._reader = None
@@ -106,8 +128,24 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
             raise TimeoutError(f"reward bridge not listening after {timeout_s} s")
         return self
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until `request_stop()` (0) or until a stage has died (1)."""
         asyncio.run(self._main())
+        return 1 if self._failed else 0
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Stages that died (stage -> why); empty while healthy."""
+        return dict(self._failed)
+
+    def _stage_failed(self, stage: str, why: str) -> None:
+        """A stage died: /healthz says so at once, and the bridge stops a moment later."""
+        if self._closed or stage in self._failed:
+            return
+        self._failed[stage] = why
+        log.error("bridge.stage_failed", stage=stage, error=why, exit_in_s=FAILED_EXIT_DELAY_S)
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_later(FAILED_EXIT_DELAY_S, self._stop.set)
 
     def request_stop(self) -> None:
         """Ask the loop to stop (safe from a signal handler or another thread)."""
@@ -132,12 +170,14 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         c = self.config
         quiet = logging.getLogger("openpi_rl.reward_bridge.websockets")
         quiet.setLevel(logging.WARNING)  # websockets would log request lines (query tokens)
+        if not any(isinstance(f, MaskUrls) for f in quiet.filters):
+            quiet.addFilter(MaskUrls())  # and what it logs at WARNING and above, masked
         async with serve(
             self._on_ws,
             c.host,
             c.ws_port,
             process_request=self._on_ws_http,
-            max_size=c.max_query_bytes,
+            max_size=c.max_message_bytes,  # until the token: raised per connection after it
             max_queue=4,
             open_timeout=c.handshake_timeout_s,
             compression=None,
@@ -155,9 +195,12 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
                     slots=self._http_slots,
                     on_refused=self.metrics.refused_connections.labels("http").inc,
                     on_shed=self.metrics.refused_connections.labels("http").inc,
+                    check_head=self._check_http_head,
+                    trusted_proxies=self._proxies,
                 )
                 self.http_port = http_server.sockets[0].getsockname()[1]
             poller = asyncio.create_task(self._poll_status())
+            poller.add_done_callback(self._on_poller_done)
             log.info(
                 "bridge.listening", host=c.host, ws_port=self.ws_port, http_port=self.http_port
             )
@@ -180,9 +223,16 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
                 found = name
         return found
 
+    def _query_token_needed(self) -> bool:
+        return self.config.query_token is not None
+
     def _query_allowed(self, token: str | None) -> bool:
+        """Whether /query may be served: the token matches, or none is configured and the
+        bridge binds loopback only."""
         want = self.config.query_token
-        return want is None or hmac.compare_digest((token or "").encode(), want.encode())
+        if want is None:
+            return self._query_open
+        return hmac.compare_digest((token or "").encode(), want.encode())
 
     # ---- feedback (shared by WebSocket and HTTP) -----------------------------------------------
 
@@ -212,6 +262,8 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
             self.metrics.replay_queue_depth.set(self.writer.queue_depth())
             result = await asyncio.wait_for(asyncio.wrap_future(fut), c.ack_timeout_s)
         except (ReplayFull, ReplayClosed, TimeoutError) as e:
+            if isinstance(e, ReplayClosed):  # the writer's commit stage died (we are not closing)
+                self._stage_failed("replay-writer", repr(e))
             log.error("bridge.not_stored", robot_id=ev.robot_id, kind=ev.kind, error=repr(e))
             raise BadRequest(
                 "not_stored", f"not committed ({type(e).__name__}); resend with the same key"
@@ -229,10 +281,37 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
 
     # ---- plumbing ------------------------------------------------------------------------------
 
+    def _on_poller_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._stage_failed("status-poller", repr(task.exception()))
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (the bind address) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "", 0.0.0.0, a host name: beyond loopback
+
+
+class MaskUrls(logging.Filter):
+    """Masks secret query parameters (`mask_url`) in a log record's message and arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(TypeError, ValueError):  # a message that does not format
+            record.msg, record.args = _mask_text(record.getMessage()), None
+        return True
+
+
+def _mask_text(text: str) -> str:
+    return " ".join(mask_url(word) if "?" in word else word for word in text.split(" "))
 
 
 def _ack(ev: Feedback, result: Any) -> dict[str, Any]:

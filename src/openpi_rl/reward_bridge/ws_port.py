@@ -3,9 +3,16 @@ subscriptions, answers to queries) and the `/query` WebSocket of the seed's
 `HumanRewardWebSocket`; also the port's plain HTTP requests (the page, `/healthz`).
 
 Pendant protocol (JSON text frames): first `{"type": "hello", "token"}` (a wrong or missing
-token closes with 4401); then events (see `events.py`), `{"type": "subscribe", "robot_id"}`,
+token closes with 4401; a frame past `max_message_bytes` before it closes with 1009); then
+events (see `events.py`), `{"type": "subscribe", "robot_id"}`,
 `{"type": "answer", "query_id", "reward"}`. The bridge pushes `status` (per robot: latest
-transition's episode, step, policy version; recent rewards), `query` and `query_done`.
+transition's episode, step, policy version; recent rewards), `query` and `query_done`; a
+pendant that stops reading them is closed (1008) once `MAX_PENDING_SENDS` wait for it.
+
+`/query`: the token (when one is needed) in the handshake's `Authorization: Bearer TOKEN`, or
+in a first frame `{"type": "hello", "token"}` (no reply; a wrong one closes with 4401), never
+in the URL. Until it has passed, frames are capped at `max_message_bytes`; then at
+`max_query_bytes`.
 
 `WebSocketPort` is mixed into `RewardBridge` (`server.py`), which owns the listener, the
 connections' state and the feedback path these handlers call.
@@ -27,8 +34,23 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from openpi_rl.reward_bridge.events import BadRequest, error_reply, parse_json
-from openpi_rl.reward_bridge.httpd import ConnectionSlots, RateLimiter, Slot, peer_host
+from openpi_rl.reward_bridge.events import (
+    BadRequest,
+    check_id,
+    error_reply,
+    parse_json,
+    printable_id,
+)
+from openpi_rl.reward_bridge.httpd import (
+    ConnectionSlots,
+    Networks,
+    RateLimiter,
+    Slot,
+    bearer_token,
+    client_address,
+    mask_url,
+    peer_host,
+)
 
 if TYPE_CHECKING:
     from openpi_rl.reward_bridge.config import BridgeConfig
@@ -38,66 +60,94 @@ if TYPE_CHECKING:
 log = structlog.get_logger("openpi_rl.reward_bridge")
 UNAUTHORIZED = 4401  # WebSocket close code: wrong or missing token
 TRY_AGAIN_LATER = 1013  # RFC 6455 registry: the server is full
+POLICY_VIOLATION = 1008  # a pendant that does not read what it is sent
+MAX_PENDING_SENDS = 64  # messages waiting for one pendant's socket before it is closed
+INTERNAL_MESSAGE = "internal error (logged by the bridge)"  # never the exception's text
 
 
 class WebSocketPort:
     """Handlers of the WebSocket port. From the bridge they use the fields below and
-    `operator_for`, `_query_allowed`, `feedback`, `_spawn`, `_static`, `_welcome` and
-    `_status_message`."""
+    `operator_for`, `_query_allowed`, `_query_token_needed`, `feedback`, `_spawn`, `_static`,
+    `_welcome` and `_status_message`."""
 
     config: BridgeConfig
     metrics: BridgeMetrics
     queries: QueryBroker
     _pendants: dict[ServerConnection, str | None]  # connection -> robot shown
     _ws_slots: ConnectionSlots  # past the handshake
+    _proxies: Networks
+    _outbox: dict[ServerConnection, int]  # connection -> messages waiting for its socket
+
+    def _ws_client(self, connection: ServerConnection, headers: Headers) -> str:
+        """The client's address (a trusted proxy's forwarded one): its per-address share."""
+
+        def header(name: str) -> str | None:
+            return ", ".join(headers.get_all(name)) or None
+
+        return client_address(peer_host(connection.remote_address), header, self._proxies)
 
     def _on_ws_http(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
+        if "token" in dict(parse_qsl(url.query)):
+            log.warning(
+                "bridge.url_token_ignored",
+                path=mask_url(request.path),
+                hint="send it in the Authorization header or the hello frame",
+            )
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            if not self._ws_slots.can_admit(peer_host(connection.remote_address)):
+            if not self._ws_slots.can_admit(self._ws_client(connection, request.headers)):
                 self.metrics.refused_connections.labels("ws").inc()
                 return _response(503, b"too many connections\n", "text/plain")
             if url.path == "/pendant":
                 return None
             if url.path == "/query":
-                if self._query_allowed(dict(parse_qsl(url.query)).get("token")):
+                token = bearer_token(request.headers.get("Authorization"))
+                if token is None and self._query_token_needed():
+                    return None  # the token comes in the hello frame
+                if self._query_allowed(token):
                     return None
                 self.metrics.auth_failures.labels("query").inc()
+                log.warning("bridge.unauthorized", endpoint="query", path=mask_url(request.path))
                 return _response(401, b"missing or wrong token\n", "text/plain")
             return _response(404, b"WebSocket paths: /pendant, /query\n", "text/plain")
         resp = self._static(url.path)
         return _response(resp.status, resp.body, resp.content_type)
 
     async def _on_ws(self, ws: ServerConnection) -> None:
-        url = urlsplit(ws.request.path if ws.request else "/")
+        assert ws.request is not None
+        url = urlsplit(ws.request.path)
 
         def shed() -> None:  # a pendant still without its hello makes way for a newcomer
             self.metrics.refused_connections.labels("ws").inc()
             self._spawn(ws.close(TRY_AGAIN_LATER, "server full: no hello yet"))
 
-        slot = self._ws_slots.admit(peer_host(ws.remote_address), shed)
+        slot = self._ws_slots.admit(self._ws_client(ws, ws.request.headers), shed)
         if slot is None:  # filled up while this handshake ran
             self.metrics.refused_connections.labels("ws").inc()
             await ws.close(TRY_AGAIN_LATER, "too many connections")
             return
         try:
             if url.path == "/query":
-                slot.sheddable = False  # its token was checked in the handshake
-                await self._query_ws(ws, dict(parse_qsl(url.query)).get("robot_id", "query"))
+                await self._query(ws, slot, dict(parse_qsl(url.query)).get("robot_id"))
             else:
                 await self._pendant(ws, slot)
         except ConnectionClosed:
             pass
         finally:
             self._ws_slots.release(slot)
+            self._outbox.pop(ws, None)
 
     async def _pendant(self, ws: ServerConnection, slot: Slot) -> None:
         operator = await self._hello(ws)
         if operator is None:
             return
         slot.sheddable = False
+        # Past the hello a frame somewhat over max_message_bytes gets `too_large` and the
+        # connection stays; one far over it closes the connection (1009).
+        _set_max_size(ws, 4 * self.config.max_message_bytes)
         self._pendants[ws] = None
         self.metrics.connections.inc()
+        pending = [0]  # this pendant's events waiting for their commit
         try:
             await self._send(ws, self._welcome(operator))
             limiter = self._limiter()
@@ -106,17 +156,21 @@ class WebSocketPort:
                     self.metrics.rate_limited.labels("pendant").inc()
                     await self._send(ws, error_reply("rate_limited", "too many messages"))
                     continue
-                await self._pendant_message(ws, frame, operator)
+                await self._pendant_message(ws, frame, operator, pending)
         finally:
             self._pendants.pop(ws, None)
             self.metrics.connections.dec()
 
-    async def _hello(self, ws: ServerConnection) -> str | None:
+    async def _first_frame(self, ws: ServerConnection) -> dict[str, Any]:
+        """The hello, or {} (the listener caps it at max_message_bytes: 1009 past it)."""
         try:
             frame = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
-            msg = parse_json(frame, self.config.max_message_bytes)
+            return parse_json(frame, self.config.max_message_bytes)
         except (TimeoutError, BadRequest):
-            msg = {}
+            return {}
+
+    async def _hello(self, ws: ServerConnection) -> str | None:
+        msg = await self._first_frame(ws)
         operator = self.operator_for(msg.get("token")) if msg.get("type") == "hello" else None
         if operator is None:
             self.metrics.auth_failures.labels("pendant").inc()
@@ -124,15 +178,39 @@ class WebSocketPort:
             await ws.close(UNAUTHORIZED, "unauthorized: wrong or missing token")
         return operator
 
-    async def _pendant_message(self, ws: ServerConnection, frame: Any, operator: str) -> None:
+    async def _query(self, ws: ServerConnection, slot: Slot, robot: str | None) -> None:
+        assert ws.request is not None
+        in_handshake = bearer_token(ws.request.headers.get("Authorization")) is not None
+        if not in_handshake and self._query_token_needed():
+            msg = await self._first_frame(ws)
+            token = msg.get("token") if msg.get("type") == "hello" else None
+            if not (isinstance(token, str) and self._query_allowed(token)):
+                self.metrics.auth_failures.labels("query").inc()
+                log.warning("bridge.unauthorized", endpoint="query", peer=str(ws.remote_address))
+                await ws.close(UNAUTHORIZED, "unauthorized: send the query token first")
+                return
+        slot.sheddable = False
+        _set_max_size(ws, self.config.max_query_bytes)
+        await self._query_ws(ws, printable_id(robot) or "query")
+
+    async def _pendant_message(
+        self, ws: ServerConnection, frame: Any, operator: str, pending: list[int]
+    ) -> None:
         try:
             msg = parse_json(frame, self.config.max_message_bytes)
             kind = msg.get("type", "feedback" if "kind" in msg else None)
             if kind == "feedback":
-                self._spawn(self._pendant_feedback(ws, msg, operator))
+                if pending[0] >= self.config.max_pending_acks:
+                    self.metrics.rate_limited.labels("pendant").inc()
+                    message = f"{pending[0]} events wait for their commit; resend later"
+                    key = printable_id(msg.get("idempotency_key"))
+                    await self._send(ws, error_reply("rate_limited", message, idempotency_key=key))
+                    return
+                pending[0] += 1
+                self._spawn(self._pendant_feedback(ws, msg, operator, pending))
             elif kind == "subscribe":
                 robot = msg.get("robot_id")
-                self._pendants[ws] = robot if isinstance(robot, str) else None
+                self._pendants[ws] = None if robot is None else check_id(robot, "robot_id")
                 await self._send(ws, self._status_message())
             elif kind == "answer":
                 self.queries.answer(msg, operator)
@@ -146,22 +224,26 @@ class WebSocketPort:
         except BadRequest as e:
             self.metrics.errors.labels(e.code).inc()
             await self._send(ws, error_reply(e.code, e.message))
-        except Exception as e:  # a bug: answer `internal` and keep the pendant (guarantee 6)
+        except Exception:  # a bug: answer `internal` and keep the pendant (guarantee 6)
             log.exception("bridge.pendant_message_failed")
             self.metrics.errors.labels("internal").inc()
-            await self._send(ws, error_reply("internal", f"{e!r:.200}"))
+            await self._send(ws, error_reply("internal", INTERNAL_MESSAGE))
 
-    async def _pendant_feedback(self, ws: ServerConnection, msg: dict, operator: str) -> None:
+    async def _pendant_feedback(
+        self, ws: ServerConnection, msg: dict, operator: str, pending: list[int]
+    ) -> None:
+        key = printable_id(msg.get("idempotency_key"))
         try:
             reply = await self.feedback(msg, operator)
         except BadRequest as e:
             self.metrics.errors.labels(e.code).inc()
-            reply = error_reply(e.code, e.message, idempotency_key=msg.get("idempotency_key"))
-        except Exception as e:  # a bug must not leave the pendant waiting without an answer
+            reply = error_reply(e.code, e.message, idempotency_key=key)
+        except Exception:  # a bug must not leave the pendant waiting without an answer
             log.exception("bridge.feedback_failed")
             self.metrics.errors.labels("internal").inc()
-            key = msg.get("idempotency_key")
-            reply = error_reply("internal", f"{e!r:.200}", idempotency_key=key)
+            reply = error_reply("internal", INTERNAL_MESSAGE, idempotency_key=key)
+        finally:
+            pending[0] -= 1
         await self._send(ws, reply)
 
     async def _query_ws(self, ws: ServerConnection, robot_id: str) -> None:
@@ -178,10 +260,10 @@ class WebSocketPort:
             except BadRequest as e:
                 self.metrics.errors.labels(e.code).inc()
                 reply = {"error": {"code": e.code, "message": e.message}}
-            except Exception as e:  # a bug: answer `internal`, the connection stays
+            except Exception:  # a bug: answer `internal`, the connection stays
                 log.exception("bridge.query_failed")
                 self.metrics.errors.labels("internal").inc()
-                reply = {"error": {"code": "internal", "message": f"{e!r:.200}"}}
+                reply = {"error": {"code": "internal", "message": INTERNAL_MESSAGE}}
             await ws.send(json.dumps(reply))
 
     def _broadcast(self, message: dict[str, Any]) -> None:
@@ -192,13 +274,36 @@ class WebSocketPort:
     async def _send(self, ws: ServerConnection, message: dict[str, Any]) -> None:
         await self._send_text(ws, json.dumps(message))
 
-    @staticmethod
-    async def _send_text(ws: ServerConnection, text: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(text)
+    async def _send_text(self, ws: ServerConnection, text: str) -> None:
+        """Send; but a pendant with `MAX_PENDING_SENDS` messages waiting already is closed
+        instead: one that stops reading must not hold the bridge's memory (the page
+        reconnects and its welcome carries the current status)."""
+        waiting = self._outbox.get(ws, 0)
+        if waiting >= MAX_PENDING_SENDS:
+            if waiting == MAX_PENDING_SENDS:
+                self._outbox[ws] = waiting + 1  # close once
+                log.warning("bridge.pendant_not_reading", peer=str(ws.remote_address))
+                self._spawn(ws.close(POLICY_VIOLATION, "not reading its messages"))
+            return
+        self._outbox[ws] = waiting + 1
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(text)
+        finally:
+            if ws in self._outbox:
+                self._outbox[ws] -= 1
 
     def _limiter(self) -> RateLimiter:
         return RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst, 1)
+
+
+def _set_max_size(ws: ServerConnection, max_bytes: int) -> None:
+    """Change the connection's frame cap (websockets reads it at each frame's start)."""
+    protocol: Any = ws.protocol
+    if hasattr(protocol, "max_message_size"):  # websockets >= 15
+        protocol.max_message_size = max_bytes
+    else:
+        protocol.max_size = max_bytes
 
 
 def _response(status: int, body: bytes, content_type: str) -> Response:
