@@ -284,3 +284,31 @@ def test_a_corrupt_newest_version_resumes_from_the_previous_one(tmp_path, record
         assert again.step().version == 3
     finally:
         again.close()
+
+
+def test_a_running_learner_trains_on_from_an_operator_rollback(tmp_path, recorder):
+    """The server's admin wrote a rollback to version 1 while the learner runs: between updates
+    the learner takes version 1's weights, and its next version is 3, not 2 again."""
+    from openpi_rl.daemon.operator_state import OperatorState, save_state
+
+    rng = np.random.default_rng(0)
+    learner = Learner(learner_config(tmp_path))
+    try:
+        for v in (1, 2):
+            recorder.episode("r", f"e{v}", 6, rng, version=v - 1)
+            recorder.writer.flush()
+            assert learner.step().version == v
+            if v == 1:
+                weights_1 = _params(learner)
+        save_state(tmp_path / "ckpt", OperatorState(pinned=1, rejected=(2,), rollback_target=1,
+                                                    rollback_id=1))  # fmt: skip
+        learner.check_operator()
+        for a, b in zip(weights_1, _params(learner), strict=True):
+            np.testing.assert_array_equal(a, b)
+        learner.check_operator()  # applied once: nothing changes on a second look
+        recorder.episode("r", "e3", 6, rng, version=1)
+        recorder.writer.flush()
+        result = learner.step()
+        assert result.version == 3 and learner._meta()["rollback_id"] == 1
+    finally:
+        learner.close()
