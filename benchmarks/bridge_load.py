@@ -7,6 +7,13 @@ sending `rate` events/s in total for `duration_s`, a fraction of them resent wit
 idempotency key after their ack. Afterwards the database is read directly: every acknowledged
 event must be stored exactly once.
 
+The bridge runs with its shipped defaults (`max_connections` 256 per port) but for one setting
+a real site of this size has: the pendants reach it through the TLS proxy of
+deploy/nginx-openpi-rl-bridge.conf, so they all come from the proxy's address and the bridge
+trusts it (`trusted_proxies = ["127.0.0.1"]`) to name each pendant in `X-Forwarded-For`, which
+every pendant here sends as the proxy would. Without that, one address holds at most 3/4 of
+`max_connections` (192 by default).
+
     python benchmarks/bridge_load.py            # 200 pendants, 1,000 events/s, 10 s
     python benchmarks/bridge_load.py --quick    # smoke run
 """
@@ -54,6 +61,7 @@ def start_bridge(root: Path) -> tuple[subprocess.Popen, int, list[str]]:
     config = root / "bridge.toml"
     config.write_text(
         f'replay_dir = "{root / "replay"}"\nws_port = 0\nhttp_port = 0\nmetrics_port = 0\n'
+        'trusted_proxies = ["127.0.0.1"]\n'  # the TLS proxy's address: see the docstring
         f'[operators]\nbench = "{TOKEN}"\n'
     )
     proc = subprocess.Popen(
@@ -93,8 +101,12 @@ async def pendant(
 ) -> None:
     rng = random.Random(idx)
     sent: dict[str, float] = {}
+    forwarded = {"X-Forwarded-For": f"10.{idx // 65536}.{idx // 256 % 256}.{idx % 256}"}
     async with websockets.asyncio.client.connect(
-        f"ws://127.0.0.1:{port}/pendant", max_size=2**20, ping_interval=None
+        f"ws://127.0.0.1:{port}/pendant",
+        max_size=2**20,
+        ping_interval=None,
+        additional_headers=forwarded,  # as the TLS proxy would add it
     ) as ws:
         await ws.send(json.dumps({"type": "hello", "token": TOKEN}))
         assert json.loads(await ws.recv())["type"] == "welcome"
