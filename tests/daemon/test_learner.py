@@ -69,6 +69,23 @@ def test_heartbeat_every_interval(tmp_path):
         learner.close()
 
 
+def test_a_dead_heartbeat_ends_the_learner_with_exit_1(tmp_path):
+    """The servers follow the learner by its heartbeat: a learner whose heartbeat thread died
+    would look dead to them while it trains on. It stops instead, so its supervisor restarts it."""
+    learner = Learner(learner_config(tmp_path, heartbeat_s=0.05, poll_interval_s=0.05))
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(learner.run()), daemon=True)
+    try:
+        runner.start()
+        time.sleep(0.3)
+        assert runner.is_alive()
+        learner.publisher._sock.close()  # the heartbeat thread's socket fails: it ends
+        runner.join(10.0)
+        assert not runner.is_alive() and result == [1]
+    finally:
+        learner.close()
+
+
 def test_stop_takes_no_lock_so_a_signal_handler_cannot_deadlock_the_run_loop(tmp_path):
     """`stop()` runs in the SIGTERM handler, on the main thread, possibly while `run` is inside
     `Event.wait` holding that event's lock: a stop that took it never returned (a CI learner

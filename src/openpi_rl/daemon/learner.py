@@ -393,8 +393,14 @@ class Learner:
         # only, so a stuck update silences it; the watchdog limit must cover one update.
         notifier = Notifier()
         notifier.ready(status=f"version {self.version}")
+        failed = None
         try:
             while not (self._stop_asked or self._stop.is_set()):
+                failed = self._dead_stage()
+                if failed is not None:
+                    log.error("learner.stage_failed", stage=failed, version=self.version)
+                    self.publisher.set_state("failed")
+                    break
                 notifier.watchdog()
                 if c.max_updates is not None and done >= c.max_updates:
                     break
@@ -409,7 +415,16 @@ class Learner:
                     done += 1
         finally:
             self.close()
-        return 0
+        return 0 if failed is None else 1  # non-zero: the supervisor restarts the learner
+
+    def _dead_stage(self) -> str | None:
+        """The learner's threads beside `run`: the heartbeat (servers follow it) and the
+        server watches (pauses come through them). One that died ends `run` with 1."""
+        if self.publisher.died():
+            return "heartbeat"
+        if self.servers.died():
+            return "server watch"
+        return None
 
     def _paused(self) -> bool:
         """An operator paused learning on a server (`openpi-rl admin pause-learning`): no new

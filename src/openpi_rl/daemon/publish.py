@@ -160,6 +160,11 @@ class Publisher:
         except zmq.Again:  # PUB drops at the high-water mark anyway; never block the learner
             pass
 
+    def died(self) -> bool:
+        """True if the heartbeat thread ended without `close()`: servers would take the
+        learner for dead while it learns on (it exits non-zero instead, to be restarted)."""
+        return not self._thread.is_alive() and not self._stop.is_set()
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
@@ -339,6 +344,10 @@ class ServerWatch:
                 self._stop.wait(self.interval_s)
         finally:
             client.close()
+
+    def died(self) -> bool:
+        """True if a watching thread ended without `close()` (pauses would go unseen)."""
+        return not self._stop.is_set() and not all(t.is_alive() for t in self._threads)
 
     def close(self) -> None:
         """Stop watching. Idempotent."""
