@@ -1,10 +1,14 @@
 """The pendant page in a real browser (Debian's chromium, headless, driven by playwright): it
-loads, connects, and a click on "success" becomes a committed event on the episode's last
-transition, acknowledged on the page. Its screenshot is docs/pendant.png."""
+loads, connects (on its own origin, so behind a proxy too), and a click on "success" becomes a
+committed event on the episode's last transition, acknowledged on the page. Its screenshot is
+docs/pendant.png."""
 
+import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,4 +95,65 @@ def test_the_page_reconnects_after_the_bridge_restarts(browser, make_bridge, rep
     page.wait_for_selector("#conn[data-state=connecting]", timeout=15_000)
     make_bridge(ws_port=port)
     page.wait_for_selector("#conn[data-state=connected]", timeout=30_000)
+    page.close()
+
+
+@pytest.fixture
+def forwarder():
+    """A TCP forwarder on a port of its own (the TLS proxy's stand-in, minus TLS): every
+    connection's first line is recorded, and an X-Forwarded-For naming the client is added
+    to each request head, as deploy/nginx-openpi-rl-bridge.conf does."""
+    stops: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def start(target_port: int) -> tuple[int, list[bytes]]:
+        seen: list[bytes] = []
+        ready = threading.Event()
+        port: list[int] = []
+
+        async def pipe(reader, writer):
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        async def on_client(reader, writer):
+            head = await reader.readuntil(b"\r\n")
+            seen.append(head)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            up_writer.write(head + b"X-Forwarded-For: 192.0.2.7\r\n")
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        async def main():
+            server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+            port.append(server.sockets[0].getsockname()[1])
+            stop = asyncio.Event()
+            stops.append((asyncio.get_running_loop(), stop))
+            ready.set()
+            async with server:
+                await stop.wait()
+
+        threading.Thread(target=asyncio.run, args=(main(),), daemon=True).start()
+        ready.wait(10)
+        return port[0], seen
+
+    yield start
+    for loop, stop in stops:
+        loop.call_soon_threadsafe(stop.set)
+
+
+def test_the_page_behind_a_proxy_connects_through_its_own_origin(
+    browser, make_bridge, replay, forwarder
+):
+    """Behind the TLS proxy the page is https://bridge.example.org/: its WebSocket must go to
+    that origin too, not to the bridge's own port (unreachable from the pendant network)."""
+    add_transitions(replay, "arm-1", "ep-1", 1)
+    bridge = make_bridge(trusted_proxies=("127.0.0.1",))
+    port, seen = forwarder(bridge.ws_port)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/#token={OPERATORS['ana']}")
+    page.wait_for_selector("#conn[data-state=connected]", timeout=15_000)
+    assert any(line.startswith(b"GET /pendant ") for line in seen), seen
+    slots = bridge._ws_slots
+    assert [s.peer for s in slots._slots] == ["192.0.2.7"]  # the forwarded client's share
     page.close()
