@@ -2,9 +2,12 @@
 
 Random bytes, truncated and bit-flipped messages, deep nesting, headers declaring GB-sized
 bins/arrays/bodies, wrong types in every field, NaN/inf, lying ndarray maps, oversize frames,
-mangled HTTP requests and WebSocket upgrades; `corpus` draws `n` of a strategy, the same for
-the same seed. Also the valid templates (`GOOD_*`) and what a slow-loris trickles (`SLOW`).
-Sizes and tokens are the rig's (`_fuzz_rigs.py`).
+amplifiers (a frame of thousands of empty maps), mangled HTTP requests and WebSocket upgrades;
+`corpus` draws `n` of a strategy, the same for the same seed. `report_specs` draws `report`s
+whose transition id is resolved when sent (the attacker's own transitions, another robot's, the
+good robot's, or a literal: 2**63, negative, float, ...) with every other field mangled too.
+Also the valid templates (`GOOD_*`, one per ZMQ message type) and what a slow-loris trickles
+(`SLOW`). Sizes and tokens are the rig's (`_fuzz_rigs.py`).
 """
 
 from __future__ import annotations
@@ -132,6 +135,159 @@ def msgpack_hostile(good: dict, obs_key: str | None = None) -> st.SearchStrategy
     )
 
 
+def amplifiers(good: dict) -> st.SearchStrategy[bytes]:
+    """Small frames that decode into many objects: an array32 or map32 of empty maps, empty
+    arrays or nils filling up to the frame cap (at 16 MiB, 16 M dicts), bare or as a field of
+    the valid message `good` (appended to its map by hand: msgpack would not build it lazily)."""
+    fill = st.sampled_from([b"\x80", b"\x90", b"\xc0", b"\x91\x80", b"\x81\xa0\x80"])
+
+    def array(item: bytes, k: int) -> bytes:
+        return b"\xdd" + struct.pack(">I", k) + item * k
+
+    def mapping(item: bytes, k: int) -> bytes:  # int keys 0..k-1, each to `item`
+        return b"\xdf" + struct.pack(">I", k) + b"".join(msgpack.packb(i) + item for i in range(k))
+
+    def inside(field: str, body: bytes) -> bytes:
+        packed = msgpack.packb({f: v for f, v in good.items() if f != field}, use_bin_type=True)
+        assert 0x80 <= packed[0] <= 0x8E  # a fixmap: one more entry fits the header
+        return bytes([packed[0] + 1]) + packed[1:] + msgpack.packb(field) + body
+
+    room = MAX_BYTES - 1024  # the frame cap, less the valid message around the body
+    body = st.one_of(
+        st.builds(lambda it, f: array(it, max(1, int(f * room / len(it)))), fill, st.floats(0, 1)),
+        st.builds(mapping, fill, st.integers(1_000, 9_000)),
+        st.builds(array, st.just(b"\x80"), st.integers(16_380, 16_400)),  # about the cap
+    )
+    return st.one_of(body, st.builds(inside, st.sampled_from([*sorted(good), "extra"]), body))
+
+
+_MISSING = ("missing",)  # a field left out of a report
+
+
+def _np(dtype: str, shape: tuple, fill: float) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.full(shape, fill).astype(dtype)
+
+
+def report_specs() -> st.SearchStrategy[dict]:
+    """`report`s to send with `_fuzz_attacks.zmq_report_attack`. The transition id is a plan,
+    resolved at send time: ("ref", "own") the attacker's newest transition, "own_old" its oldest,
+    "other" another hostile robot's, "good" one of the good robot's, ("near", d) the attacker's
+    newest plus d (a neighbour: any robot's), ("val", v) a literal. The robot is "self", "other"
+    (the other hostile robot), "fresh" (a name never served) or a literal. A report the server may
+    acknowledge names a transition served to the robot it names; any other acknowledged is a bug.
+    """
+    # One weighted pick (hypothesis's one_of does not weigh its branches evenly): real ids in
+    # two of three reports, the attacker's own in one of three.
+    refs = ["own"] * 4 + ["own_old", "good", "good", "other"]
+    tid = st.builds(
+        lambda k, d, special, i, odd: [
+            *[("ref", r) for r in refs],
+            ("near", d),
+            ("val", special),
+            ("val", i),
+            ("val", odd),
+        ][k],
+        st.integers(0, len(refs) + 3),
+        st.integers(-3, 3),
+        st.sampled_from([2**63, 2**63 - 1, 2**64 - 1, -(2**63), -1, 0, 2**62, 2**53 + 1]),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats()
+        | st.text(max_size=12)
+        | st.binary(max_size=12)
+        | st.none()
+        | st.booleans()
+        | st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3),
+    )
+    # One weighted pick (hypothesis's one_of does not weigh its branches evenly): mostly the
+    # attacker itself, so that the transition id and the mangled fields decide.
+    robot = st.builds(
+        lambda k, text, odd: [*["self"] * 6, "other", "fresh", ("val", text), ("val", odd)][k],
+        st.integers(0, 9),
+        st.text(max_size=16),
+        st.integers(-(2**63), 2**64 - 1) | st.none() | st.binary(max_size=8),
+    )
+    big = [1e308, -1e308, 1.7976931348623157e308, 5e-324, 1000.0, 1000.5, -1000.5, 1e16]
+    special = [float("nan"), float("inf"), float("-inf")]
+    npgeneric = st.builds(
+        lambda x, dt: {b"__npgeneric__": True, b"data": x, b"dtype": dt},
+        st.floats() | st.integers(-(2**63), 2**63 - 1) | st.booleans(),
+        st.sampled_from(["<f8", "<f4", "<i8", "|b1", "<c16", "|O"]),
+    )
+    reward = st.one_of(
+        st.floats(),
+        st.sampled_from(big + special),
+        st.integers(-(2**63), 2**64 - 1),
+        st.booleans() | st.none() | st.text(max_size=8) | st.lists(st.floats(), max_size=3),
+        npgeneric,
+        st.just(_MISSING),
+    )
+    flag = st.one_of(
+        st.booleans(), st.booleans(), st.integers(-1, 2), st.none(), st.text(max_size=4),
+        st.floats(), npgeneric, st.just(_MISSING),
+    )  # fmt: skip
+    shape = st.one_of(
+        st.sampled_from(["chunk", "chunk+1", "flat"]),
+        st.lists(st.integers(0, 5), max_size=4).map(tuple),
+    )
+    executed = st.one_of(
+        st.just(_MISSING),
+        st.builds(
+            lambda dt, sh, fill: ("array", dt, sh, fill),
+            st.sampled_from(["<f4", "<f8", "<f2", "<i8", "<u8", "|u1", "|b1", "<i2"]),
+            shape,
+            st.sampled_from([0.0, 1.0, -1.0, 1e300, 3.4e38, 1e39, 2**62, -(2**63), *special]),
+        ),
+        ANY_VALUE,
+        st.builds(  # an ndarray map whose header lies about its data
+            lambda dt, sh, data: {b"__ndarray__": True, b"data": data, b"dtype": dt, b"shape": sh},
+            st.sampled_from(["<f4", "<f8", "|O", "<U4", "V8", ">f4", "<c8"]) | st.text(max_size=4),
+            st.lists(st.integers(-(2**31), 2**31), max_size=3),
+            st.binary(max_size=32),
+        ),
+    )
+    # Each report mangles at most two of its fields (or none): the others are valid, so that
+    # what decides its fate is the mangled field, the transition id and the robot.
+    valid = st.fixed_dictionaries(
+        {
+            "reward": st.floats(-10, 10) | st.sampled_from([0.0, 1.0, -1.0]),
+            "done": st.booleans(),
+            "truncated": st.booleans(),
+            "intervened": st.just(_MISSING) | st.booleans(),
+            "executed_actions": st.just(_MISSING)
+            | st.sampled_from(["<f4", "<f8", "<i8"]).map(lambda dt: ("array", dt, "chunk", 0.5)),
+        }
+    )
+    hostile = st.fixed_dictionaries(
+        {
+            "reward": reward,
+            "done": flag,
+            "truncated": flag,
+            "intervened": st.just(_MISSING) | flag,
+            "executed_actions": executed,
+        }
+    )
+    fields = ["reward", "done", "truncated", "intervened", "executed_actions", "drop", "extra"]
+    return st.builds(
+        lambda t, r, v, h, mangle, drop, extra, single: {
+            "tid": t,
+            "robot": r,
+            **{k: (h[k] if k in mangle else v[k]) for k in v},
+            "drop": drop if "drop" in mangle else [],
+            "extra": extra if "extra" in mangle else {},
+            "single_float": single,  # floats as msgpack float32: NaN and inf stay so
+        },
+        tid,
+        robot,
+        valid,
+        hostile,
+        st.sets(st.sampled_from(fields), max_size=2),
+        st.lists(st.sampled_from(["type", "protocol_version", "robot_id"]), min_size=1, max_size=1),
+        st.dictionaries(st.text(max_size=6), ANY_VALUE, min_size=1, max_size=2),
+        st.booleans(),
+    )
+
+
 def json_hostile(good: dict) -> st.SearchStrategy[str | bytes]:
     text = json.dumps(good)
 
@@ -235,6 +391,20 @@ GOOD_INFER = {
     "episode_id": "e",
     "observation": {"state": [0.0, 0.0, 0.0, 0.0]},
 }
+GOOD_REPORT = {
+    "type": "report",
+    "protocol_version": 1,
+    "request_id": "x",
+    "robot_id": "r",
+    "transition_id": 1,
+    "reward": 0.0,
+    "done": False,
+    "truncated": False,
+    "intervened": False,
+    "executed_actions": [[0.0]],
+}
+GOOD_HEALTH = {"type": "health", "protocol_version": 1, "request_id": "x", "robot_id": "r"}
+GOOD_METADATA = {"type": "metadata", "protocol_version": 1, "request_id": "x", "robot_id": "r"}
 GOOD_ADMIN = {"token": ADMIN_TOKEN, "command": "status", "version": 0}
 GOOD_EVENT = {
     "type": "feedback",

@@ -119,3 +119,9 @@ def test_fuzz_listeners_quick_crashes_nothing_and_good_clients_see_no_error():
         assert r["tried"] >= 500, name
         assert r["crashes"] == 0 and r["good_client_errors"] == 0, (name, r)
         assert r["good_client_p99_ms"] > 0, name
+    z = figures["zmq"]  # the replay on, every message type, acknowledged reports all stored
+    assert z["health_after"] == "ready" and z["replay_writer_alive"]
+    assert z["reports"]["foreign_reports_acked"] == 0 and z["acked_reports_lost"] == 0
+    assert z["good_reports_acked"] > 0 and z["good_transitions_altered"] == 0
+    for name in ("bridge_ws", "bridge_http"):
+        assert figures[name]["acked_events_lost"] == 0, (name, figures[name])
