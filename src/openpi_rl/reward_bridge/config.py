@@ -29,7 +29,10 @@ class BridgeConfig:
     """Operator name -> token. Put tokens in the TOML file (`[operators]`), not on the command
     line; they are compared in constant time and never logged. Empty: nobody gets in."""
     query_token: Annotated[str | None, SECRET] = None
-    """When set, /query needs `?token=...` in the URL given to HumanRewardWebSocket/HTTP."""
+    """/query's token, sent as `Authorization: Bearer TOKEN` (HTTP and the WebSocket
+    handshake) or in a first `{"type": "hello", "token"}` frame (WebSocket), never in the URL
+    (a `?token=` is ignored, and masked in the log). Unset: /query is open while `host` is
+    loopback, and refused when the bridge binds beyond it."""
     robots: tuple[str, ...] = ()
     """Robots listed on the page before they have served anything."""
     press_latency_s: float = 0.3

@@ -65,18 +65,18 @@ the most body bytes this request may send."""
 
 # ---- secrets in URLs ---------------------------------------------------------------------------
 
-SECRET_PARAMS = frozenset(
-    {"token", "access_token", "api_key", "apikey", "key", "password", "secret", "auth"}
-)
+CREDENTIAL_PARAMS = ("token", "key", "secret", "password", "auth")  # as openpi_rl.secret
 
 
-def mask_url(url: str) -> str:
-    """`url` with the values of secret-looking query parameters replaced by `***` (for logs)."""
-    if "?" not in url:
-        return url
-    head, _, query = url.partition("?")
+def mask_url(target: str) -> str:
+    """A request target (`/query?robot_id=a&token=x`) with the values of credential-looking
+    query parameters replaced by `***`, for logs. (`openpi_rl.secret.mask_url` does the same
+    for absolute URLs; a request line has no scheme or host.)"""
+    if "?" not in target:
+        return target
+    head, _, query = target.partition("?")
     pairs = parse_qsl(query, keep_blank_values=True)
-    masked = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
+    masked = [(k, "***" if any(c in k.lower() for c in CREDENTIAL_PARAMS) else v) for k, v in pairs]
     return f"{head}?{urlencode(masked, safe='*')}"
 
 
