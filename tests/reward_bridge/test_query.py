@@ -8,6 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import websockets.sync.client
 
 from openpi_rl.reward_bridge.query import png_data_url, thumbnail
 from openpi_rl.rl.reward import HumanRewardHTTP, HumanRewardWebSocket
@@ -82,3 +83,13 @@ def test_thumbnail_is_a_valid_png_of_the_image():
     assert max(w, h) <= 128 and h > w  # downsampled, aspect kept
     assert thumbnail({"state": [1.0, 2.0]}) is None
     assert png_data_url(np.zeros((8, 8, 1), np.uint8)).startswith("data:image/png")
+
+
+def test_a_query_client_may_always_send_a_hello_first(make_bridge):
+    """Token or not, a client that opens every /query connection with a hello gets no reply
+    to it, so its next reply is its query's."""
+    bridge = make_bridge(query_timeout_s=0.1, query_default_reward=0.5)
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{bridge.ws_port}/query") as ws:
+        ws.send(json.dumps({"type": "hello", "token": "anything"}))
+        ws.send(json.dumps({"observation": {"x": [1.0]}, "actions": [0.0]}))
+        assert json.loads(ws.recv(timeout=10)) == {"reward": 0.5}
