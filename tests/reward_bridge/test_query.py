@@ -11,7 +11,7 @@ import pytest
 import websockets.sync.client
 
 from openpi_rl.reward_bridge.query import png_data_url, thumbnail
-from openpi_rl.rl.reward import HumanRewardHTTP, HumanRewardWebSocket
+from openpi_rl.rl.reward import HumanRewardHTTP, HumanRewardWebSocket, RewardError
 from tests.reward_bridge.conftest import pendant, recv_type
 
 
@@ -71,6 +71,15 @@ def test_query_token_when_configured(make_bridge):
     req = urllib.request.Request(base, body, {"Authorization": "Bearer q-secret"}, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         assert json.loads(r.read()) == {"reward": 0.0}
+    # The trainer's providers send it the same way (`openpi-rl train --reward_token`).
+    http = HumanRewardHTTP(base, timeout_s=5, default_reward=0.0, token="q-secret")
+    assert http.get(_obs(), np.ones(2)) == 0.0
+    ws_url = f"ws://127.0.0.1:{bridge.ws_port}/query"
+    ws = HumanRewardWebSocket(ws_url, timeout_s=5, default_reward=0.0, token="q-secret")
+    assert ws.get(_obs(), np.ones(2)) == 0.0
+    ws.close()
+    with pytest.raises(RewardError, match=r"4401|401"):
+        HumanRewardWebSocket(ws_url, timeout_s=5, token="wrong").get(_obs(), np.ones(2))
 
 
 def test_thumbnail_is_a_valid_png_of_the_image():

@@ -195,7 +195,10 @@ class _RemoteReward(RewardProvider):
         config: RewardConfig = RewardConfig(),  # noqa: B008 (RewardConfig is frozen)
         timeout_s: float = 30.0,
         default_reward: float | None = None,
+        token: str | None = None,
     ) -> None:
+        """`token`: the bridge's `query_token`, sent as `Authorization: Bearer` (never in the
+        URL: proxies and logs keep URLs)."""
         super().__init__(config)
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"{type(self).__name__}: timeout_s must be > 0, got {timeout_s}")
@@ -205,6 +208,7 @@ class _RemoteReward(RewardProvider):
         self.shown_url = mask_url(url)  # for logs and errors: without its `?token=`
         self.timeout_s = timeout_s
         self.default_reward = default_reward
+        self._headers = {} if token is None else {"Authorization": f"Bearer {token}"}
 
     def _on_timeout(self, cause: BaseException) -> float:
         if self.default_reward is None:
@@ -264,6 +268,7 @@ class HumanRewardWebSocket(_RemoteReward):
                     # A human may take longer than a ping round to answer; the server's event
                     # loop may be blocked on input() meanwhile, so keepalive pings would fail.
                     ping_interval=None,
+                    additional_headers=self._headers,
                 )
             except (OSError, websockets.exceptions.WebSocketException) as e:
                 raise RewardError(f"{self!r}: cannot connect: {e}") from e
@@ -292,7 +297,11 @@ class HumanRewardHTTP(_RemoteReward):
         request = urllib.request.Request(
             self.url,
             data=encode_request(observation, actions).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                **self._headers,
+            },
             method="POST",
         )
         try:

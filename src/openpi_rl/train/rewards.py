@@ -23,6 +23,7 @@ def make_provider(
     reward_url: str | None,
     reward_timeout_s: float,
     reward_default: float | None,
+    reward_token: str | None = None,
 ) -> RewardProvider:
     """One provider by name (every type except `env` and `composite`)."""
     if kind == "human_cli":
@@ -40,6 +41,7 @@ def make_provider(
             config=reward_config,
             timeout_s=reward_timeout_s,
             default_reward=reward_default,
+            token=reward_token,
         )
     raise ValueError(f"unknown reward type {kind!r}; expected one of {REWARD_TYPES}")
 

@@ -64,6 +64,7 @@ class PPOTrainConfig:
     )
     reward_timeout_s: float = 30.0
     reward_default: float | None = None  # reward when a rater times out (None: error)
+    reward_token: Annotated[str | None, SECRET] = None  # the bridge's query_token, if it has one
     composite: tuple[str, ...] = ("env:1.0",)  # "kind:weight" parts for reward_type composite
     rollout_length: int = 64  # transitions per env per update
     num_ppo_epochs: int | None = None  # overrides ppo.train_iters when set (seed name)
@@ -119,6 +120,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
         reward_url=config.reward_url,
         reward_timeout_s=config.reward_timeout_s,
         reward_default=config.reward_default,
+        reward_token=config.reward_token,
     )
     env = EnvBatch(config.env, config.num_envs, config.seed)
     model_config = config.model.for_env(env.obs_dim, env.action_dim)
