@@ -32,7 +32,7 @@ class RobotLedger:
         if max_robots < 1 or report_window < 1:
             raise ValueError("max_robots and report_window must be >= 1")
         self._robots: OrderedDict[str, _Robot] = OrderedDict()
-        self._max, self._window = max_robots, report_window
+        self._max, self.report_window = max_robots, report_window
         self.evicted = 0  # robots forgotten to stay within max_robots
 
     def __len__(self) -> int:
@@ -57,7 +57,7 @@ class RobotLedger:
         step = r.next_step
         r.next_step += 1
         r.issued[tid] = None
-        if len(r.issued) > self._window:
+        if len(r.issued) > self.report_window:
             r.issued.popitem(last=False)
         return step
 
@@ -79,5 +79,5 @@ class RobotLedger:
         steps and accepts late reports for what it served before)."""
         r = self._get(robot)
         r.episode, r.next_step = episode, next_step
-        for tid in tids[-self._window :]:
+        for tid in tids[-self.report_window :]:
             r.issued[tid] = None

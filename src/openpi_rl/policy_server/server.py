@@ -20,10 +20,7 @@ replies [identity, b"", reply]. A REQ client produces the same frames.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +34,7 @@ import zmq
 from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.curve import curve_server
 from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.reports import Reports
 from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
@@ -157,10 +155,6 @@ class PolicyServer:
         self.robots = RobotLedger(options.max_robots, options.report_window)
         if self.replay is not None:
             self._restore_robots()
-        # Reports are acknowledged once committed: the writer's commit thread hands each
-        # finished one back here (the socket is this thread's) and wakes the poll.
-        self._committed: collections.deque = collections.deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.failure: str | None = None  # a stage that died: health says so, run() ends
         self._stages: dict[str, Callable[[], bool]] = {}  # name -> alive (watch())
         self._next_check = 0.0
@@ -177,6 +171,9 @@ class PolicyServer:
         self._warmed_sorted = {tuple(sorted(k)) for k in self.key_sets}  # as _serve groups them
         example = example_observation(self.obs_spec)
         self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
+        self.reports = Reports(
+            self.robots, self.action_shape, options.reward_range, self.metrics, self.replay
+        )
 
     # -- lifecycle
 
@@ -226,14 +223,15 @@ class PolicyServer:
         threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.reports.wake_fd, zmq.POLLIN)
         pending: list[_Pending] = []
         serve_at = 0.0  # when the open batch is due (one forecast per pass)
         while not self._stop.is_set():
             timeout_ms = 100 if not pending else max(0.0, serve_at - time.perf_counter()) * 1e3
             events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                self._acknowledge_reports()
+            if self.reports.wake_fd in events:
+                for p, reply in self.reports.completed():  # acknowledged once committed
+                    self._reply(p, reply, remember="error" not in reply, kind="report")
             if self.socket in events:
                 self._drain(pending)
             if time.perf_counter() >= self._next_check:
@@ -308,8 +306,7 @@ class PolicyServer:
                 self.replay.close()
             except Exception:  # a failed writer: what it could commit, it did
                 log.exception("replay close failed")
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        self.reports.close()
         log.info("stopped", served=self.served)
         self._finished.set()
 
@@ -440,89 +437,16 @@ class PolicyServer:
             )
 
     def _checked_report(self, msg: dict) -> tuple[int, float, np.ndarray | None]:
-        """Check a report against what this server served: the transition is one of the
-        robot's own (`unknown_transition` otherwise), executed actions have the chunk's shape.
-        Returns (transition id, the reward clamped into `reward_range`, executed actions)."""
-        robot, tid = msg["robot_id"], msg["transition_id"]
-        if not self.robots.owns(robot, tid):
-            raise protocol.ProtocolError(
-                protocol.UNKNOWN_TRANSITION,
-                f"transition_id {tid}: not one of the last {self.options.report_window} "
-                f"transitions this server served to robot {robot!r:.80}",
-            )
-        executed = msg.get("executed_actions")
-        if executed is not None:
-            if tuple(executed.shape) != self.action_shape:
-                raise protocol.ProtocolError(
-                    protocol.INVALID_FIELD,
-                    f"'executed_actions': expected the chunk's shape {list(self.action_shape)}, "
-                    f"got {list(executed.shape)}",
-                )
-            executed = executed.astype(np.float32)
-            if not np.isfinite(executed).all():  # an int64 past float32's range
-                raise protocol.ProtocolError(
-                    protocol.INVALID_FIELD, "'executed_actions': not finite as float32"
-                )
-        lo, hi = self.options.reward_range
-        reward = float(msg["reward"])
-        if not lo <= reward <= hi:
-            self.metrics.rewards_clamped.inc()
-            reward = min(max(reward, lo), hi)
+        checked = self.reports.check(msg)
         ended = bool(msg["done"]) or bool(msg["truncated"])
-        self.returns.reported(robot, reward, ended)
-        return tid, reward, executed
+        self.returns.reported(msg["robot_id"], checked[1], ended)
+        return checked
 
     def _report(self, p: _Pending, key: tuple[str, str] | None) -> None:
         """Queue a checked report; its reply goes out once it is committed (guarantee 2)."""
-        tid, reward, executed = self._checked_report(p.msg)
-        assert self.replay is not None
-        try:
-            fut = self.replay.report(
-                tid,
-                reward,
-                bool(p.msg["done"]),
-                bool(p.msg["truncated"]),
-                executed_actions=executed,
-                intervened=bool(p.msg.get("intervened", False)),
-                robot_id=p.msg["robot_id"],
-            )
-        except (ReplayFull, ReplayClosed) as e:
-            raise protocol.ProtocolError(protocol.OVERLOADED, f"replay: {e}") from None
+        self.reports.submit(p, p.msg, self._checked_report(p.msg))
         if key is not None:
             self._remember(key, p)  # a resend meanwhile is answered with this reply
-
-        def done(_: object) -> None:  # the writer's thread: hand it to the serving thread
-            self._committed.append((p, fut))
-            # A full pipe has a wake-up pending; a closed one means the server has stopped.
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"\0")
-
-        fut.add_done_callback(done)
-
-    def _acknowledge_reports(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while self._committed:
-            p, fut = self._committed.popleft()
-            try:
-                found = fut.result()
-                if found:
-                    reply = {"ok": True}
-                else:  # stored under another robot, or retention deleted it meanwhile
-                    reply = self._error(
-                        protocol.UNKNOWN_TRANSITION,
-                        f"transition_id {p.msg['transition_id']}: no such transition of "
-                        f"robot {p.msg['robot_id']!r:.80} in the replay",
-                    )
-            except ReplayClosed as e:
-                reply = self._error(protocol.OVERLOADED, f"replay: {e}")
-            except Exception as e:  # refused by the store (counted by the writer)
-                log.error("report not stored", error=f"{e!r:.300}")
-                reply = self._error(protocol.INTERNAL, "report not stored (see the server log)")
-            self._reply(p, reply, remember="error" not in reply, kind="report")
 
     def _reply(self, p: _Pending, reply: dict, remember: bool = False, kind: str = "infer") -> None:
         rid = p.msg.get("request_id")
