@@ -1,8 +1,9 @@
 """Chaos run: `kill -9` the service's processes at random moments while it works, and check
 after every kill that no guarantee about the data broke (DESIGN.md, guarantee 2).
 
-    python benchmarks/chaos.py              # 100 kills, 3-6 s apart after each recovery
-    python benchmarks/chaos.py --quick      # 5 kills (smoke)
+    python benchmarks/chaos.py              # 100 kills, 3-6 s apart after each recovery, then
+                                            # 5 kills of the daemon itself
+    python benchmarks/chaos.py --quick      # 5 kills and 1 of the daemon (smoke)
 
 The workload is the demo's: `openpi-rl daemon` (policy server, reward bridge, learner as its
 children), 4 simulated MuJoCo robots on `PolicyClient`s and a simulated operator at the
@@ -22,12 +23,27 @@ After each kill, once every role is ready again:
 - after a server kill: the restarted server's first reply carries at least the newest version
   that was on disk when it was killed (it starts from `swap.checkpoint_dir`).
 
+- acknowledged reports: every report a robot saw answered {"ok": true} is in its transition
+  (the server acknowledges a report once committed): the transition is stored with that reward
+  and its done/truncated flags (`acked_reports_lost`, `acked_reports_altered`).
+
+Then `--daemon-kills` times the daemon itself: `kill -9` of the `openpi-rl daemon` process
+while robots infer and report. Its children run in their own sessions (the supervisor's
+`start_new_session`), so nothing kills them: they go on serving as orphans, holding the ports
+and the replay's lock (`orphans_after_daemon_kill` counts the roles still running
+`--orphan-watch-s` later, `replies_from_orphans` what robots were served meanwhile). Under
+systemd (`KillMode=mixed`) the unit's remaining processes get SIGKILL once its main process is
+gone; the run does that (SIGKILL to each child's process group), starts the daemon again, and
+once every role is ready checks all of the above (a killed server's commit interval as for a
+server kill).
+
 Robot requests that fail while the server restarts are counted as `robot_failures`: the
 guarantees are about data, not availability. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -72,8 +88,15 @@ class Args:
     """A kill the service has not recovered from within this long is not survived."""
     slack_s: float = 0.05
     """Scheduling slack added to the commit interval when judging a killed server's losses."""
+    daemon_kills: int = 5
+    """After the role kills: `kill -9` of the daemon itself, each followed by a restart."""
+    orphan_watch_s: float = 2.0
+    """How long after a daemon kill its children are watched before they get SIGKILL."""
+    restart_beside_orphans: bool = False
+    """Start the new daemon while the killed one's children still run (as by hand, outside
+    systemd), watch it 3 x `orphan_watch_s`, then SIGKILL the orphans."""
     quick: bool = False
-    """5 kills."""
+    """5 kills, 1 of the daemon."""
     workdir: str | None = None
     keep: bool = False
 
@@ -95,6 +118,8 @@ class Robots:
     def __init__(self, endpoint: str, n: int, hz: float, seed: int, rescale: bool, operator):
         self.endpoint, self.hz, self.rescale, self.operator = endpoint, hz, rescale, operator
         self.replies: list[Reply] = []
+        # (transition id, reward, done, truncated) of every report answered {"ok": true}
+        self.acked: list[tuple[int, float, bool, bool]] = []
         self.failures = 0
         self.latencies_ms: list[float] = []
         self.stop = threading.Event()
@@ -117,6 +142,10 @@ class Robots:
     def snapshot(self) -> list[Reply]:
         with self._lock:
             return list(self.replies)
+
+    def acked_reports(self) -> list[tuple[int, float, bool, bool]]:
+        with self._lock:
+            return list(self.acked)
 
     def _run(self, robot_id: str, seed: int) -> None:
         env = EnvBatch("InvertedPendulum-v5", 1, seed)
@@ -143,14 +172,18 @@ class Robots:
                         )
                     step, _ = env.step(out.actions[None], rescale=self.rescale)
                     term, trunc = bool(step.terminated[0]), bool(step.truncated[0])
+                    reward = float(step.rewards[0])
                     try:
-                        client.report(
-                            out.transition_id, reward=float(step.rewards[0]), done=term,
-                            truncated=trunc,
-                        )  # fmt: skip
+                        ack = client.report(
+                            out.transition_id, reward=reward, done=term, truncated=trunc
+                        )
                     except (TimeoutError, protocol.ProtocolError):
                         with self._lock:
                             self.failures += 1
+                    else:
+                        if ack.get("ok") is True:
+                            with self._lock:
+                                self.acked.append((out.transition_id, reward, term, trunc))
                     served += 1
                     if self.operator is not None and (step.finished or served % 20 == 0):
                         # The operator judges the robot every second or so (a failure press on
@@ -220,6 +253,15 @@ class Service:
                 return time.monotonic() - t0
             time.sleep(0.1)
         return None
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -299,6 +341,42 @@ class Checker:
             conn.close()
         return sum(1 for k in keys if k not in counts), sum(1 for n in counts.values() if n > 1)
 
+    def reports(self, acked: list[tuple[int, float, bool, bool]]) -> tuple[int, int]:
+        """(acknowledged reports whose transition is missing, ones whose transition differs:
+        its reward is not the sum of the acknowledged rewards, or a flag reported is unset)."""
+        want: dict[int, list] = {}
+        for tid, reward, done, trunc in acked:
+            w = want.setdefault(tid, [0.0, False, False])
+            w[0] += reward
+            w[1] |= done
+            w[2] |= trunc
+        ids = sorted(want)
+        rows: dict[int, tuple] = {}
+        conn = self._db()
+        try:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                q = ",".join("?" * len(part))
+                for tid, *row in conn.execute(
+                    f"SELECT id, reward, done, truncated FROM transitions WHERE id IN ({q})", part
+                ):
+                    rows[tid] = tuple(row)
+        finally:
+            conn.close()
+        lost = sum(1 for tid in ids if tid not in rows)
+        altered = 0
+        for tid, (reward, done, trunc) in want.items():
+            row = rows.get(tid)
+            if row is not None and (
+                abs(row[0] - reward) > 1e-9 * max(1.0, abs(reward))
+                or (done and not row[1])
+                or (trunc and not row[2])
+            ):
+                altered += 1
+                if altered <= 3:
+                    print(f"  report of {tid}: acked {(reward, done, trunc)}, stored {row}")
+        return lost, altered
+
     def transitions(self, replies: list[Reply], upto: float) -> tuple[int, int, int]:
         """Account for the replies that arrived before `upto` and were not yet checked:
         (replies checked, lost within a killed server's commit interval, lost otherwise)."""
@@ -367,8 +445,99 @@ def first_reply_after(robots: Robots, epoch: int, timeout_s: float) -> Reply | N
 # -- the run
 
 
+def kill_daemon(
+    svc: Service, robots: Robots, operator, checker: Checker, args: Args, i: int, n: int
+) -> tuple[bool, int, int]:
+    """`kill -9` of the daemon; watch its children; SIGKILL them as systemd would; start the
+    daemon again. Returns (recovered with every check holding, roles still running
+    `orphan_watch_s` after the kill, replies robots got meanwhile)."""
+    pids = svc.children()
+    dpid = svc.daemon.proc.pid
+    newest_before = newest_version(svc.checkpoint_dir)
+    t_kill = time.monotonic()
+    os.kill(dpid, signal.SIGKILL)
+    svc.daemon.proc.wait()
+    time.sleep(args.orphan_watch_s)
+    orphans = {role: pid for role, pid in pids.items() if _running(pid)}
+    served = sum(1 for r in robots.snapshot() if r.t > t_kill)
+    last = robots.snapshot()[-1:]
+    epoch = last[0].transition_id >> SEQ_BITS if last else None
+    beside = ""
+    t0 = time.monotonic()
+    if args.restart_beside_orphans:
+        svc.daemon.start()
+        time.sleep(3 * args.orphan_watch_s)
+        ran = svc.children()
+        up = "up" if svc.daemon.proc.poll() is None else f"exited {svc.daemon.proc.returncode}"
+        beside = f"; a daemon started beside them: {up}, its children running {sorted(ran)}"
+        last = robots.snapshot()[-1:]
+        epoch = last[0].transition_id >> SEQ_BITS if last else None
+    # systemd, KillMode=mixed: once the main process is gone, SIGKILL to the rest of the unit.
+    t_server_kill = time.monotonic()
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    if epoch is not None and "serve" in pids:
+        checker.server_kills[epoch] = t_server_kill
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    problems = []
+    recovered_s: float | None = None
+    try:
+        if not args.restart_beside_orphans:
+            svc.daemon.start()
+        svc.daemon.wait_ready(args.recover_timeout_s)
+        # Every role under a new pid and ready (beside orphans, the new daemon's own children
+        # may still be in their restart back-off when the orphans die).
+        while time.monotonic() - t0 < args.recover_timeout_s:
+            new = svc.children()
+            fresh = all(new.get(r) not in (None, pids.get(r)) for r in ROLES)
+            if fresh and all(svc.ready(r) for r in ROLES):
+                recovered_s = time.monotonic() - t0
+                break
+            time.sleep(0.1)
+        else:
+            problems.append(f"children not restarted: {pids} -> {svc.children()}")
+    except (RuntimeError, TimeoutError) as e:
+        problems.append(f"not recovered: {e}")
+    integrity = checker.integrity()
+    if integrity != "ok":
+        problems.append(f"integrity {integrity!r}")
+    lost, dup = checker.events(list(operator.acks))
+    if lost or dup:
+        problems.append(f"acked events lost {lost}, stored twice {dup}")
+    n_checked, in_window, outside = checker.transitions(robots.snapshot(), t_server_kill)
+    if outside:
+        problems.append(f"transitions lost outside a commit interval {outside}")
+    r_lost, r_altered = checker.reports(robots.acked_reports())
+    if r_lost or r_altered:
+        problems.append(f"acked reports lost {r_lost}, altered {r_altered}")
+    got = None
+    if recovered_s is not None and epoch is not None:
+        first = first_reply_after(robots, epoch, 15.0)
+        got = None if first is None else first.version
+        if got is None or (newest_before is not None and got < newest_before):
+            problems.append(f"served v{got} < newest v{newest_before}")
+    line = (
+        f"daemon kill {i + 1}/{n} pid {dpid}: children still running after "
+        f"{args.orphan_watch_s:g} s {sorted(orphans) or 'none'} ({served} replies served "
+        f"meanwhile){beside}; orphans SIGKILLed; restarted "
+        f"{'-' if recovered_s is None else f'{recovered_s:.1f} s'} | integrity {integrity} | "
+        f"acked events {len(operator.acks)} lost {lost} | acked reports "
+        f"{len(robots.acked_reports())} lost {r_lost} altered {r_altered} | replies checked "
+        f"{n_checked}, lost in window {in_window}, outside {outside} | newest on disk "
+        f"{newest_before}, first reply after restart v{got}"
+    )
+    if problems:
+        line += " | FAILED: " + "; ".join(problems)
+    print(line, flush=True)
+    return not problems, len(orphans), served
+
+
 def run(args: Args) -> dict:
     kills = 5 if args.quick and args.kills == Args.kills else args.kills
+    daemon_kills = 1 if args.quick and args.daemon_kills == Args.daemon_kills else args.daemon_kills
     rng = random.Random(args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="openpi-rl-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +556,7 @@ def run(args: Args) -> dict:
     order: list[str] = []
     daemon_rc = None
     done = 0
+    daemon_survived = orphans_total = orphan_replies = daemon_done = 0
     try:
         for i in range(kills):
             if _FINISH.is_set():
@@ -427,11 +597,15 @@ def run(args: Args) -> dict:
             n, in_window, outside = checker.transitions(robots.snapshot(), t_kill)
             if outside:
                 problems.append(f"transitions lost outside a commit interval {outside}")
+            r_lost, r_altered = checker.reports(robots.acked_reports())
+            if r_lost or r_altered:
+                problems.append(f"acked reports lost {r_lost}, altered {r_altered}")
             line = (
                 f"kill {i + 1:3d}/{kills} {role:6s} pid {pids[role]}: recovered "
                 f"{'-' if recovered_s is None else f'{recovered_s:.1f} s'} | integrity "
-                f"{integrity} | acked events {len(operator.acks)} lost {lost} | replies "
-                f"checked {n}, lost in window {in_window}, outside {outside}"
+                f"{integrity} | acked events {len(operator.acks)} lost {lost} | acked reports "
+                f"lost {r_lost} | replies checked {n}, lost in window {in_window}, outside "
+                f"{outside}"
             )
             if role == "learn":
                 v, ok = checker.checkpoint()
@@ -451,6 +625,17 @@ def run(args: Args) -> dict:
             else:
                 line += " | FAILED: " + "; ".join(problems)
             print(line, flush=True)
+        for j in range(daemon_kills if not _FINISH.is_set() else 0):
+            if _FINISH.wait(rng.uniform(args.interval_min_s, args.interval_max_s)):
+                daemon_kills = j
+                break
+            ok, orphans, served = kill_daemon(svc, robots, operator, checker, args, j, daemon_kills)
+            daemon_survived += ok
+            orphans_total += orphans
+            orphan_replies += served
+            daemon_done += 1
+            if svc.daemon.proc.poll() is not None:
+                break  # not restarted: nothing more to kill
     finally:
         robots.close()
         operator.close()
@@ -460,6 +645,7 @@ def run(args: Args) -> dict:
     integrity = checker.integrity()
     acked_lost, acked_twice = checker.events(list(operator.acks))
     checker.transitions(robots.snapshot(), t_end)
+    reports_lost, reports_altered = checker.reports(robots.acked_reports())
     v, ok = checker.checkpoint()
     unrestorable_final = not ok
     replies = robots.snapshot()
@@ -471,6 +657,13 @@ def run(args: Args) -> dict:
         "transitions_duplicated": checker.duplicated,
         "checkpoints_unrestorable": unrestorable + unrestorable_final,
         "kills_by_role": by_role,
+        "daemon_kills": daemon_done,
+        "daemon_kills_survived": daemon_survived,
+        "orphans_after_daemon_kill": orphans_total,
+        "replies_from_orphans": orphan_replies,
+        "acked_reports": len(robots.acked_reports()),
+        "acked_reports_lost": reports_lost,
+        "acked_reports_altered": reports_altered,
         "acked_events": len({a["idempotency_key"] for a in operator.acks}),
         "acked_events_stored_twice": acked_twice,
         "replies": len(replies),
@@ -488,7 +681,10 @@ def run(args: Args) -> dict:
     print(
         f"chaos: kills survived {survived}/{kills}, acknowledged events lost {acked_lost} "
         f"(of {figures['acked_events']}), transitions duplicated {checker.duplicated}, "
-        f"checkpoints unrestorable {figures['checkpoints_unrestorable']}; transitions lost "
+        f"checkpoints unrestorable {figures['checkpoints_unrestorable']}; daemon kills "
+        f"survived {daemon_survived}/{daemon_done} (children still running after each: "
+        f"{orphans_total} in all); acknowledged reports lost {reports_lost}, altered "
+        f"{reports_altered} (of {figures['acked_reports']}); transitions lost "
         f"within a killed server's commit interval {checker.lost_in_window} over "
         f"{by_role['serve']} server kills (widest {figures['max_loss_window_ms']} ms before the "
         f"kill, allowed {figures['commit_window_ms']} ms), outside it "

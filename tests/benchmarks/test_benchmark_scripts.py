@@ -109,6 +109,10 @@ def test_chaos_quick_survives_every_kill():
     assert figures["kills"] == figures["survived"] == 5
     assert figures["acked_events_lost"] == 0 and figures["transitions_duplicated"] == 0
     assert figures["checkpoints_unrestorable"] == 0
+    # Then kill -9 of the daemon itself, restarted: every acknowledged report still stored.
+    assert figures["daemon_kills"] == figures["daemon_kills_survived"] == 1
+    assert figures["acked_reports"] > 0 and figures["acked_reports_lost"] == 0
+    assert figures["acked_reports_altered"] == 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """A short seeded chaos run: `kill -9` of the policy server, the reward bridge and the learner
 (one each, in a seeded order, at seeded moments) while robots and an operator work; the daemon
-restarts each, and no guarantee about the data breaks (DESIGN.md, guarantee 2).
+restarts each, and no guarantee about the data breaks (DESIGN.md, guarantee 2). Then `kill -9`
+of the daemon itself (its children SIGKILLed after it, as systemd does) and a restart: every
+report and event acknowledged before is still stored.
 
 Real processes, real SIGKILL, real SQLite: this runs `benchmarks/chaos.py`, whose checks are
 the guarantees, and asserts on its figures. Its service starts and restarts JAX processes three
@@ -20,8 +22,8 @@ CHAOS = Path(__file__).parents[2] / "benchmarks" / "chaos.py"
 @pytest.mark.slow
 def test_kill_9_of_each_role_loses_no_acked_event_duplicates_nothing_and_restores(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(CHAOS), "--kills", "3", "--seed", "0", "--interval-min-s", "1",
-         "--interval-max-s", "2", "--workdir", str(tmp_path / "chaos")],
+        [sys.executable, str(CHAOS), "--kills", "3", "--daemon-kills", "1", "--seed", "0",
+         "--interval-min-s", "1", "--interval-max-s", "2", "--workdir", str(tmp_path / "chaos")],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -37,5 +39,9 @@ def test_kill_9_of_each_role_loses_no_acked_event_duplicates_nothing_and_restore
     # A killed server loses at most what it replied within one commit interval (+ slack).
     assert f["transitions_lost_outside_window"] == 0
     assert f["max_loss_window_ms"] <= f["commit_window_ms"]
+    assert f["daemon_kills"] == f["daemon_kills_survived"] == 1, out.stdout[-2000:]
+    # Every report a robot saw acknowledged is stored, with its reward, across every kill.
+    assert f["acked_reports"] > 0 and f["acked_reports_lost"] == 0
+    assert f["acked_reports_altered"] == 0
     assert f["checkpoints_unrestorable"] == 0 and f["final_integrity"] == "ok"
     assert f["final_version"] is not None and f["daemon_rc"] == 0
