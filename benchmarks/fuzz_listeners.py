@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -208,15 +209,38 @@ def _status_counts(replies: list[bytes]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def run(args: Args) -> dict[str, dict[str, Any]]:
-    import logging
+class _Unhandled(logging.Handler):
+    """Counts what asyncio logs at ERROR: an exception that escaped a connection's handler
+    (`Unhandled exception in client_connected_cb`). The listener lives on, so it is not a
+    crash, but it is a handler bug an attacker can make log a traceback at will."""
 
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.first: dict[int, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if len(self.first) < 3 and record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            site, tb = None, e.__traceback__
+            while tb is not None:  # the deepest frame of ours: where to fix it
+                if "openpi_rl" in tb.tb_frame.f_code.co_filename:
+                    site = f" at {tb.tb_frame.f_code.co_filename.split('src/')[-1]}:{tb.tb_lineno}"
+                tb = tb.tb_next
+            msg = record.getMessage().splitlines()[0]
+            self.first.setdefault(self.count, f"{msg}: {e!r}{site or ''}")
+
+
+def run(args: Args) -> dict[str, dict[str, Any]]:
     import structlog
 
     # The attack makes thousands of warnings (refused tokens, closed connections); keep the
     # output to the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     logging.getLogger("websockets").setLevel(logging.CRITICAL)
+    unhandled = _Unhandled()
+    logging.getLogger("asyncio").addHandler(unhandled)
     n = 500 if args.quick else args.n
     if args.quick:
         args = dataclasses.replace(
@@ -232,8 +256,12 @@ def run(args: Args) -> dict[str, dict[str, Any]]:
             time.sleep(1.0)
             for name in args.listeners:
                 before = stack.internal_errors(name)
+                unhandled_before, unhandled.first = unhandled.count, {}
                 stats = attack(stack, name, args, n)
                 internal = stack.internal_errors(name) - before
+                stats["unhandled_errors"] = unhandled.count - unhandled_before
+                if unhandled.first:
+                    stats["unhandled_first"] = list(unhandled.first.values())[:1]
                 ok = stack.alive(name)
                 results[name] = {
                     "tried": stats["tried"],
@@ -258,6 +286,7 @@ def run(args: Args) -> dict[str, dict[str, Any]]:
                 results["zmq"]["crashes"] += (health != "ready") + (not writer)
         finally:
             stack.close()
+            logging.getLogger("asyncio").removeHandler(unhandled)
         # Flushed and closed: every acknowledged report and event must be in the replay.
         for name, figures in stack.check_replay().items():
             if name in results:
