@@ -29,6 +29,8 @@ def test_listener_survives_hostile_input_and_keeps_serving_good_clients(results,
     assert r["crashes"] == 0, r
     assert r["good_client_errors"] == 0, r
     assert r["good_client_requests"] > 0
+    # No exception escapes a connection handler (asyncio would log it with its traceback).
+    assert r.get("unhandled_errors", 0) == 0, r
 
 
 @pytest.mark.parametrize("listener", fuzz_listeners.LISTENERS)

@@ -383,16 +383,16 @@ async def _write(
     linger: asyncio.StreamReader | None = None,
 ) -> None:
     """Send and close. `linger`: the request's bytes may still be arriving on this reader;
-    half-close and let them drain a moment first, or closing with unread input would reset the connection and the
-    client might lose the reply (what nginx's lingering_close is for)."""
+    half-close and let them drain a moment first, or closing with unread input would reset the
+    connection and the client might lose the reply (what nginx's lingering_close is for)."""
     try:
         writer.write(_encode(response))
         await writer.drain()
         if linger is not None and writer.can_write_eof():
             writer.write_eof()
-            with contextlib.suppress(TimeoutError, ConnectionError):
+            with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(_discard(linger, 1 << 20), 1.0)
-    except ConnectionError:
+    except OSError:  # the client went away (reset, or ENOTCONN from write_eof): nothing to send
         pass
     finally:
         writer.close()
