@@ -247,6 +247,23 @@ COMMANDS = {
 }
 
 
+def _die_with_supervisor() -> None:
+    """Under `openpi-rl daemon`: SIGTERM from the kernel when the daemon dies (Linux
+    PR_SET_PDEATHSIG), so a role never serves on unsupervised after a `kill -9` of it; the
+    role stops as on any SIGTERM (flushes, exits 0). If the daemon is already gone, stop now."""
+    parent = os.environ.get("OPENPI_RL_SUPERVISOR_PID")  # supervisor.PARENT_ENV
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if str(os.getppid()) != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -256,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     # it before it kills a stuck child, so a hang leaves its cause behind.
     with contextlib.suppress(AttributeError, OSError, ValueError):  # no fd 2 (embedded)
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    _die_with_supervisor()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except KeyboardInterrupt:

@@ -10,7 +10,9 @@ learner as separate child processes, supervised the way systemd would.
   restore worker) goes with it: as systemd's `KillMode=mixed`, a stop sends SIGTERM to the
   child, then SIGKILL to whatever is left of its group; a kill (watchdog, start timeout) is
   SIGKILL to the group; a child that died by itself (even of `kill -9`) has its group's
-  leftovers killed before it is restarted. No orphan outlives its role.
+  leftovers killed before it is restarted. No orphan outlives its role, and no role outlives
+  the supervisor: each child gets SIGTERM from the kernel when the daemon dies, even of
+  `kill -9` (`PR_SET_PDEATHSIG`, set by the child: `openpi_rl.cli`), and stops as on a stop.
 - A child that dies is restarted after a back-off that doubles with each crash in a row
   (reset once it stayed up `healthy_after_s`); one that is ready but silent past its
   watchdog, or never ready within `start_timeout_s`, is killed and restarted. Restarts are
@@ -54,6 +56,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from openpi_rl.daemon.config import EX_CONFIG, SHARED, DaemonConfig, ServiceFile
 from openpi_rl.daemon.sdnotify import Notifier
+
+PARENT_ENV = "OPENPI_RL_SUPERVISOR_PID"  # set in each child: it dies with this process
 
 log = structlog.get_logger("openpi_rl.daemon")
 
@@ -309,7 +313,9 @@ class Supervisor:
 
     def _start(self, child: _Child, now: float) -> None:
         child.drain()  # a late datagram from the previous process must not count
-        env = {**self.env, "NOTIFY_SOCKET": child.notify_path}
+        # The child asks the kernel for SIGTERM when this process dies (cli.py), so a
+        # supervisor killed with -9 outside systemd leaves no role serving unsupervised.
+        env = {**self.env, "NOTIFY_SOCKET": child.notify_path, PARENT_ENV: str(os.getpid())}
         env.pop("WATCHDOG_PID", None)  # systemd's, for the daemon itself
         env.pop("WATCHDOG_USEC", None)
         if child.spec.watchdog_s is not None:
