@@ -29,12 +29,13 @@ After each kill, once every role is ready again:
 
 Then `--daemon-kills` times the daemon itself: `kill -9` of the `openpi-rl daemon` process
 while robots infer and report. Its children run in their own sessions (the supervisor's
-`start_new_session`), so nothing kills them: they go on serving as orphans, holding the ports
-and the replay's lock (`orphans_after_daemon_kill` counts the roles still running
-`--orphan-watch-s` later, `replies_from_orphans` what robots were served meanwhile). Under
-systemd (`KillMode=mixed`) the unit's remaining processes get SIGKILL once its main process is
-gone; the run does that (SIGKILL to each child's process group), starts the daemon again, and
-once every role is ready checks all of the above (a killed server's commit interval as for a
+`start_new_session`), but each asked the kernel for SIGTERM on the daemon's death
+(`PR_SET_PDEATHSIG`) and stops as on any SIGTERM; `orphans_after_daemon_kill` counts the roles
+still running `--orphan-watch-s` later (0 expected: a learner mid-update may take longer),
+`replies_from_orphans` what robots were served meanwhile. Under systemd (`KillMode=mixed`) the
+unit's remaining processes get SIGKILL once its main process is gone; the run does that
+(SIGKILL to each child's process group, if any is left), starts the daemon again, and once
+every role is ready checks all of the above (a killed server's commit interval as for a
 server kill).
 
 Robot requests that fail while the server restarts are counted as `robot_failures`: the
