@@ -85,3 +85,48 @@ def test_a_wrong_api_key_is_refused(stack, openpi_client_python):
         timeout=120,
     )
     assert out.returncode != 0 and "401" in out.stderr
+
+
+RECONNECTING = """
+import sys
+import numpy as np
+from openpi_client import websocket_client_policy
+for i in range(int(sys.argv[2])):  # a robot whose connection drops every step
+    policy = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=int(sys.argv[1]), api_key="s3cret")
+    policy.infer({"observation/state": np.zeros(6, np.float32)})
+    policy._ws.close()
+print("done")
+"""
+
+
+def test_an_openpi_client_that_reconnects_does_not_grow_the_servers_memory(
+    tmp_path, openpi_client_python
+):
+    config = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=5)
+    ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=6, value_hidden=(8,))
+    options = ServeOptions(endpoint="tcp://127.0.0.1:*", max_robots=8)
+    server = PolicyServer(ac, options, ReplayConfig(path=str(tmp_path / "replay")))
+    threading.Thread(target=server.run, daemon=True).start()
+    server._ready.wait(60)
+    ws = OpenPIWebSocketEndpoint(
+        server.inproc_endpoint,
+        server.metadata(),
+        port=0,
+        api_key="s3cret",
+        key_map={"observation/state": "state"},
+    ).start()
+    try:
+        out = subprocess.run(
+            [openpi_client_python, "-c", RECONNECTING, str(ws.port), "40"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        # Each connection is a robot id of its own ("ws-N"); 40 of them, memory for 8.
+        assert server.served == 40
+        assert len(server.robots) == 8 and server.robots.evicted == 32
+        assert len(server.returns._open) <= 8 and len(server._arrivals._replied) <= 8
+    finally:
+        ws.close()
+        server.close(wait_s=30)
