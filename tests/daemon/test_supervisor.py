@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
+from daemon_process import alive
+
 from openpi_rl.daemon.config import DaemonConfig
 from openpi_rl.daemon.supervisor import ChildSpec, Supervisor
 
@@ -192,15 +195,6 @@ def test_a_child_with_a_config_error_is_held_down_the_others_run_and_a_reload_re
     finally:
         assert run.stop() == 0
     assert [e[0] for e in events(ok)] == ["start", "term"]
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaps, as an orphan under a container's init may be, is dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def grandchildren(log) -> list[int]:

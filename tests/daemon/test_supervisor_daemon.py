@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
-from daemon_process import MODEL, PORTS, DaemonProcess, NotifySocket, service_config
+from daemon_process import MODEL, PORTS, DaemonProcess, NotifySocket, alive, service_config
 
 from openpi_rl.daemon import LatestVersion, VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.checkpoints import restore_version
@@ -237,14 +237,6 @@ def test_a_bad_bridge_section_leaves_the_server_serving_and_is_reported(tmp_path
         d.kill()
 
 
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_roles_stop_cleanly_when_the_daemon_is_killed_9(tmp_path):
     """Outside systemd no cgroup takes the children with a daemon killed by -9: each asked the
     kernel for SIGTERM on its parent's death, so none serves on unsupervised (a restarted daemon
@@ -257,9 +249,9 @@ def test_roles_stop_cleanly_when_the_daemon_is_killed_9(tmp_path):
         d.proc.kill()  # kill -9 of the supervisor
         d.proc.wait(10)
         deadline = time.monotonic() + 60
-        while any(map(_running, pids.values())) and time.monotonic() < deadline:
+        while any(map(alive, pids.values())) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(map(_running, pids.values())), {r: _running(p) for r, p in pids.items()}
+        assert not any(map(alive, pids.values())), {r: alive(p) for r, p in pids.items()}
         # The server stopped as on any SIGTERM: its replay flushed and closed (lock released).
         d.wait_for("stopped", timeout_s=10)
         d.wait_for("replay.close", timeout_s=10)

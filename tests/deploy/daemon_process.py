@@ -86,6 +86,15 @@ minibatch_size = 8
 """
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaps, as an orphan under a container's init may be, is dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class NotifySocket:
     """What systemd listens on: an AF_UNIX datagram socket; every line with its arrival time."""
 

@@ -34,12 +34,13 @@ print(json.dumps({"meta": meta["action_horizon"], "shapes": shapes, "bad": bad, 
 """
 
 
-@pytest.fixture
-def stack(tmp_path):
+def _stack(tmp_path, **options) -> tuple[PolicyServer, OpenPIWebSocketEndpoint]:
     config = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=5)
     ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=6, value_hidden=(8,))
     server = PolicyServer(
-        ac, ServeOptions(endpoint="tcp://127.0.0.1:*"), ReplayConfig(path=str(tmp_path / "replay"))
+        ac,
+        ServeOptions(endpoint="tcp://127.0.0.1:*", **options),
+        ReplayConfig(path=str(tmp_path / "replay")),
     )
     threading.Thread(target=server.run, daemon=True).start()
     server._ready.wait(60)
@@ -50,6 +51,12 @@ def stack(tmp_path):
         api_key="s3cret",
         key_map={"observation/state": "state"},
     ).start()
+    return server, ws
+
+
+@pytest.fixture
+def stack(tmp_path):
+    server, ws = _stack(tmp_path)
     yield server, ws
     ws.close()
     server.close(wait_s=30)
@@ -102,19 +109,7 @@ print("done")
 def test_an_openpi_client_that_reconnects_does_not_grow_the_servers_memory(
     tmp_path, openpi_client_python
 ):
-    config = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=5)
-    ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=6, value_hidden=(8,))
-    options = ServeOptions(endpoint="tcp://127.0.0.1:*", max_robots=8)
-    server = PolicyServer(ac, options, ReplayConfig(path=str(tmp_path / "replay")))
-    threading.Thread(target=server.run, daemon=True).start()
-    server._ready.wait(60)
-    ws = OpenPIWebSocketEndpoint(
-        server.inproc_endpoint,
-        server.metadata(),
-        port=0,
-        api_key="s3cret",
-        key_map={"observation/state": "state"},
-    ).start()
+    server, ws = _stack(tmp_path, max_robots=8)
     try:
         out = subprocess.run(
             [openpi_client_python, "-c", RECONNECTING, str(ws.port), "40"],
