@@ -129,3 +129,10 @@ def test_fuzz_listeners_quick_crashes_nothing_and_good_clients_see_no_error():
     assert z["good_reports_acked"] > 0 and z["good_transitions_altered"] == 0
     for name in ("bridge_ws", "bridge_http"):
         assert figures[name]["acked_events_lost"] == 0, (name, figures[name])
+
+
+def test_report_ack_quick_reads_back_every_acknowledged_report():
+    figures = _last_json("report_ack.py")
+    assert figures["acknowledged"] == figures["rounds"] == 200
+    assert figures["acknowledged_lost"] == 0
+    assert figures["report_p50_ms"] > 0 and figures["report_over_health_p50"] > 0
