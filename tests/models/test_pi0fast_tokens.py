@@ -177,6 +177,18 @@ def test_norm_stats_file_layout():
             np.testing.assert_array_equal(getattr(stats[key], field), entry[field])
 
 
+def test_reads_norm_stats_written_by_openpi():
+    # norm_stats_openpi/ was written by openpi's own normalize.save (RunningStats, quantiles).
+    stats = load_norm_stats(FIXTURES / "norm_stats_openpi")
+    raw = json.loads((FIXTURES / "norm_stats_openpi" / "norm_stats.json").read_text())["norm_stats"]
+    assert set(stats) == {"state", "actions", "no_quantiles"}
+    np.testing.assert_array_equal(stats["state"].q99, raw["state"]["q99"])
+    assert stats["actions"].mean.shape == (3,)
+    assert stats["no_quantiles"].q01 is None and stats["no_quantiles"].q99 is None
+    with pytest.raises(ValueError, match="q01 and q99"):
+        normalize(np.zeros(2), stats["no_quantiles"], use_quantiles=True)
+
+
 def test_norm_stats_save_load_round_trip(tmp_path):
     stats = {"state": NormStats(np.array([1.0, 2.0]), np.array([0.5, 0.25]))}
     save_norm_stats(tmp_path, stats)
