@@ -205,6 +205,25 @@ STATS = NormStats(
 )
 
 
+@pytest.mark.parametrize(
+    "case", GOLDEN["normalize"], ids=lambda c: "quantile" if c["use_quantiles"] else "z"
+)
+def test_normalize_equals_openpi_transforms(case):
+    # openpi's transforms.Normalize / Unnormalize with norm_stats.json: state has fewer dims
+    # than its stats on the way in, actions more dims than theirs on the way back.
+    stats = load_norm_stats(FIXTURES)
+    q = case["use_quantiles"]
+    for key in ("state", "actions"):
+        x = np.asarray(case["normalize_in"][key])
+        np.testing.assert_allclose(
+            normalize(x, stats[key], q), case["normalize_out"][key], rtol=1e-12
+        )
+        y = np.asarray(case["unnormalize_in"][key])
+        np.testing.assert_allclose(
+            unnormalize(y, stats[key], q), case["unnormalize_out"][key], rtol=1e-12
+        )
+
+
 def test_z_score_both_ways_by_hand():
     x = np.array([3.0, -1.0, 0.5])
     want = np.array([2.0 / 2.000001, 1.0 / 0.500001, 0.0])  # (x - mean) / (std + 1e-6)
