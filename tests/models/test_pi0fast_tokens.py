@@ -160,6 +160,14 @@ def test_missing_files_name_the_file_and_where_it_goes(tmp_path):
         load_norm_stats(tmp_path)
 
 
+def test_tokenize_names_a_mis_shaped_input():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match=r"state: expected .* \[D\], got shape \(2, 3\)"):
+        tok.tokenize("go", np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"actions: expected .* \[H, D\], got shape \(1, 10, 3\)"):
+        tok.tokenize("go", np.zeros(3), np.zeros((1, H, D)))
+
+
 def test_fast_vocab_must_fit_paligemma_tail():
     sp = PaligemmaTokenizer(SP_MODEL)
     fast = FASTActionTokenizer.from_directory(FAST_DIR)

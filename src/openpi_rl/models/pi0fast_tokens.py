@@ -318,10 +318,18 @@ class Pi0FASTTokenizer:
 
         Unpacks as openpi's tuple: `tokens, token_mask, ar_mask, loss_mask = tok.tokenize(...)`.
         """
+        state = np.asarray(state)
+        if state.ndim != 1:
+            raise ValueError(f"state: expected a normalised vector [D], got shape {state.shape}")
         prefix = self.paligemma.encode(self.prefix_text(prompt, state), add_bos=True)
         postfix: list[int] = []
         if actions is not None:
-            fast_ids = self.fast.encode(np.asarray(actions)[None])[0]
+            actions = np.asarray(actions)
+            if actions.ndim != 2:
+                raise ValueError(
+                    f"actions: expected a normalised chunk [H, D], got shape {actions.shape}"
+                )
+            fast_ids = self.fast.encode(actions[None])[0]
             postfix = (
                 self.paligemma.encode("Action: ")
                 + self.act_tokens_to_paligemma_tokens(np.asarray(fast_ids, dtype=np.int64)).tolist()
