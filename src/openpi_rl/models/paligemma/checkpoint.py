@@ -1,0 +1,108 @@
+"""openpi's parameter layout for PaliGemma, and loading its params into our module.
+
+Owns: the mapping between an openpi Pi0-FAST params tree (`PaliGemma/llm/...`,
+`PaliGemma/img/...`, leaves possibly wrapped as `{"value": array}` by nnx's state dicts) and
+our `PaliGemma`'s nnx State. Our modules are named as openpi's, so the mapping is the identity
+on paths; what this adds is the checks (every missing, unexpected or mis-shaped key named in
+one error) and the cast to the config's weight dtype. Reading the orbax directory itself is
+the checkpoint loader's job (next to the RL model), not this module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from openpi_rl.models.paligemma.paligemma import PaliGemma, PaliGemmaConfig
+
+ROOT = "PaliGemma"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _openpi_paths(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    """Drop nnx's trailing `value` and the leading `PaliGemma`."""
+    out = {}
+    for path, value in flat.items():
+        if path and path[-1] == "value":
+            path = path[:-1]
+        if path and path[0] == ROOT:
+            path = path[1:]
+        out[path] = value
+    return out
+
+
+def param_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Our tree's parameters in openpi's naming, `PaliGemma/llm/layers/attn/q_einsum/w` ->
+    shape, from `jax.eval_shape` (nothing allocated)."""
+    state = nnx.state(config.abstract(), nnx.Param)
+    flat = _flatten(nnx.to_pure_dict(state))
+    return {"/".join((ROOT, *path)): tuple(leaf.shape) for path, leaf in sorted(flat.items())}
+
+
+def param_count(config: PaliGemmaConfig) -> int:
+    return sum(int(np.prod(s)) for s in param_shapes(config).values())
+
+
+def openpi_to_ours(params: Mapping[str, Any], config: PaliGemmaConfig) -> nnx.State:
+    """openpi's params (a nested dict as its checkpoint's `params` item holds them, rooted at
+    `PaliGemma` or at its children) -> our module's Param state, cast to
+    `config.param_dtype`. Raises ValueError naming every missing, unexpected or mis-shaped
+    key. Merge with `nnx.merge(nnx.graphdef(config.abstract()), state)`, or use
+    `load_openpi_params`."""
+    given = _openpi_paths(_flatten(params))
+    state = nnx.state(config.abstract(), nnx.Param)
+    expected = _flatten(nnx.to_pure_dict(state))
+    name = "/".join
+    missing = sorted(name(p) for p in expected.keys() - given.keys())
+    unexpected = sorted(name(p) for p in given.keys() - expected.keys())
+    misshaped = sorted(
+        f"{name(p)}: expected {list(expected[p].shape)}, got {list(np.shape(given[p]))}"
+        for p in expected.keys() & given.keys()
+        if tuple(np.shape(given[p])) != tuple(expected[p].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys)}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped", misshaped),
+            )
+            if keys
+        ]
+        raise ValueError("openpi params do not fit PaliGemma: " + "; ".join(parts))
+    pure: dict = {}
+    for path in expected:
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(given[path], config.param_dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def load_openpi_params(params: Mapping[str, Any], config: PaliGemmaConfig) -> PaliGemma:
+    """A `PaliGemma` holding openpi's params (see `openpi_to_ours`)."""
+    graphdef, _ = nnx.split(config.abstract())
+    return nnx.merge(graphdef, openpi_to_ours(params, config))
+
+
+def ours_to_openpi(model: PaliGemma) -> dict:
+    """Our module's params as openpi's nested dict, rooted at `PaliGemma`."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {ROOT: jax.tree.map(np.asarray, pure)}
