@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from openpi_rl.models.pi0fast_tokens import (
-    FASTActionTokenizer,
+from openpi_rl.models.normalize import (
     NormStats,
-    PaligemmaTokenizer,
-    Pi0FASTTokenizer,
-    discretize_state,
     load_norm_stats,
     normalize,
     save_norm_stats,
     unnormalize,
+)
+from openpi_rl.models.pi0fast_tokens import (
+    FASTActionTokenizer,
+    PaligemmaTokenizer,
+    Pi0FASTTokenizer,
+    discretize_state,
 )
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"

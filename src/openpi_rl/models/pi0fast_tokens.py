@@ -14,9 +14,8 @@ Owns the text side of openpi's Pi0-FAST pipeline, numpy only, outside any jit:
   "Task: {prompt}, State: {256-bin state};\\n" with BOS, the postfix "Action: " + FAST ids
   mapped onto the tail of PaliGemma's vocabulary + "|" + EOS, the token/ar/loss masks, padding
   and truncation to `max_len`, and `extract_actions` back from generated ids.
-- `NormStats`, `load_norm_stats`, `normalize`, `unnormalize`: openpi's `norm_stats.json`
-  (`src/openpi/shared/normalize.py`) and its z-score / quantile transforms
-  (`src/openpi/transforms.py` Normalize / Unnormalize).
+
+openpi's `norm_stats.json` and its z-score / quantile transforms are `models/normalize.py`.
 
 Nothing is downloaded: each loader takes a local path, and a missing file is a
 `FileNotFoundError` naming the file and where it goes. Models and policies use this module;
@@ -30,7 +29,7 @@ import json
 import logging
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.fft
@@ -41,14 +40,11 @@ PALIGEMMA_TOKENIZER_FILE = "paligemma_tokenizer.model"
 FAST_TOKENIZER_FILE = "tokenizer.json"
 FAST_PROCESSOR_CONFIG_FILE = "processor_config.json"
 FAST_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-NORM_STATS_FILE = "norm_stats.json"
 
 # openpi skips the last 128 PaliGemma ids (the <seg> tokens) when placing FAST ids.
 FAST_SKIP_TOKENS = 128
 # openpi discretises the normalised state into 256 bins over [-1, 1].
 STATE_BINS = 256
-# openpi adds this to the denominator of both normalisations.
-NORM_EPS = 1e-6
 
 
 def _require_file(path: pathlib.Path, what: str, where: str) -> pathlib.Path:
@@ -370,111 +366,3 @@ class Pi0FASTTokenizer:
         if not ok:
             self.malformed_actions += 1
         return actions.astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class NormStats:
-    """Per-dimension statistics of one key in openpi's norm_stats.json (float64 [D] each)."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    q01: np.ndarray | None = None
-    q99: np.ndarray | None = None
-
-
-def load_norm_stats(path: str | pathlib.Path) -> dict[str, NormStats]:
-    """openpi's norm_stats.json (a file, or the directory holding it) -> {key: NormStats}.
-
-    The layout is `{"norm_stats": {key: {"mean": [...], "std": [...], "q01": [...] | null,
-    "q99": [...] | null}}}`, keys such as "state" and "actions" (openpi writes it next to a
-    checkpoint's params under assets/<asset_id>/).
-    """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        path = path / NORM_STATS_FILE
-    _require_file(
-        path,
-        "openpi norm stats",
-        f"expected {NORM_STATS_FILE} (openpi writes it under <checkpoint>/assets/<asset_id>/)",
-    )
-    data = json.loads(path.read_text())
-    if not isinstance(data, Mapping) or not isinstance(data.get("norm_stats"), Mapping):
-        raise ValueError(
-            f'{path}: expected {{"norm_stats": {{key: stats}}}}, got {type(data).__name__}'
-        )
-    out = {}
-    for key, entry in data["norm_stats"].items():
-        for field in ("mean", "std"):
-            if field not in entry:
-                raise ValueError(
-                    f"{path}: norm_stats[{key!r}]: expected a {field!r} list, got keys {sorted(entry)}"
-                )
-
-        def arr(name, entry=entry):
-            value = entry.get(name)
-            return None if value is None else np.asarray(value, dtype=np.float64)
-
-        out[key] = NormStats(mean=arr("mean"), std=arr("std"), q01=arr("q01"), q99=arr("q99"))
-    return out
-
-
-def save_norm_stats(path: str | pathlib.Path, stats: Mapping[str, NormStats]) -> None:
-    """Write openpi's norm_stats.json layout (a directory gets norm_stats.json inside)."""
-    path = pathlib.Path(path)
-    if path.suffix != ".json":
-        path = path / NORM_STATS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def lst(a):
-        return None if a is None else np.asarray(a, dtype=np.float64).tolist()
-
-    layout = {
-        "norm_stats": {
-            k: {"mean": lst(s.mean), "std": lst(s.std), "q01": lst(s.q01), "q99": lst(s.q99)}
-            for k, s in stats.items()
-        }
-    }
-    path.write_text(json.dumps(layout, indent=2))
-
-
-def _need_quantiles(stats: NormStats) -> tuple[np.ndarray, np.ndarray]:
-    if stats.q01 is None or stats.q99 is None:
-        raise ValueError("norm stats: quantile normalisation needs q01 and q99, got None")
-    return stats.q01, stats.q99
-
-
-def normalize(x: np.ndarray, stats: NormStats, use_quantiles: bool = False) -> np.ndarray:
-    """openpi's Normalize for one key: x [..., D'] with D' <= D (stats are cut to D').
-
-    z-score: (x - mean) / (std + 1e-6). Quantile: (x - q01) / (q99 - q01 + 1e-6) * 2 - 1.
-    """
-    x = np.asarray(x)
-    d = x.shape[-1]
-    if use_quantiles:
-        q01, q99 = _need_quantiles(stats)
-        q01, q99 = q01[..., :d], q99[..., :d]
-        return (x - q01) / (q99 - q01 + NORM_EPS) * 2.0 - 1.0
-    return (x - stats.mean[..., :d]) / (stats.std[..., :d] + NORM_EPS)
-
-
-def unnormalize(x: np.ndarray, stats: NormStats, use_quantiles: bool = False) -> np.ndarray:
-    """openpi's Unnormalize for one key: x [..., D'] with D' >= D (extra dims pass through).
-
-    z-score: x * (std + 1e-6) + mean, stats padded with mean 0, std 1. Quantile:
-    (x + 1) / 2 * (q99 - q01 + 1e-6) + q01 on the first D dims, the rest unchanged.
-    """
-    x = np.asarray(x)
-    d_x = x.shape[-1]
-    if use_quantiles:
-        q01, q99 = _need_quantiles(stats)
-        d = q01.shape[-1]
-        if d < d_x:
-            head = (x[..., :d] + 1.0) / 2.0 * (q99 - q01 + NORM_EPS) + q01
-            return np.concatenate([head, x[..., d:]], axis=-1)
-        return (x + 1.0) / 2.0 * (q99 - q01 + NORM_EPS) + q01
-    mean, std = stats.mean, stats.std
-    if mean.shape[-1] < d_x:
-        pad = d_x - mean.shape[-1]
-        mean = np.concatenate([mean, np.zeros(pad)], axis=-1)
-        std = np.concatenate([std, np.ones(pad)], axis=-1)
-    return x * (std + NORM_EPS) + mean
