@@ -242,7 +242,7 @@ def test_bf16_compute_over_fp32_weights(model):
     mask = make_attn_mask(input_mask, ar_mask)
     x16, *_ = _prefix_and_actions(m16)
     assert x16.dtype == jnp.bfloat16
-    hidden16 = m16.llm.transformer(x16, mask)[0]
+    hidden16 = jax.eval_shape(lambda x: m16.llm.transformer(x, mask)[0], x16)
     assert hidden16.dtype == jnp.bfloat16
     out16 = np.asarray(forward(m16, x16, mask), np.float32)
     out32 = np.asarray(forward(model, x, mask))

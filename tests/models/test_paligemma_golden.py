@@ -71,11 +71,20 @@ def golden():
     return meta, inputs, outputs
 
 
-@pytest.fixture(scope="module", params=["params", "params_pure"])
-def model(request):
-    if not (TINY / request.param).exists():
-        pytest.skip(f"{request.param}/ not in the fixtures")
-    return load_openpi_params(_restore(TINY / request.param), _tiny_config())
+@pytest.fixture(scope="module")
+def model():
+    # tiny/params/: as openpi's trainer writes them (leaves end in `value`).
+    return load_openpi_params(_restore(TINY / "params"), _tiny_config())
+
+
+def test_released_layout_loads_the_same_weights(model):
+    # tiny/params_pure/: as openpi's released checkpoints hold them (no `value`).
+    pure = load_openpi_params(_restore(TINY / "params_pure"), _tiny_config())
+    ours = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    theirs = dict(nnx.to_flat_state(nnx.state(pure, nnx.Param)))
+    assert len(ours) == len(theirs) == 32
+    for path, value in ours:
+        np.testing.assert_array_equal(value[...], theirs[path][...])
 
 
 def _prefix(model, meta, inputs, which):
@@ -182,3 +191,21 @@ def test_full_size_tree_matches_openpi_key_by_key(variant):
     for key, shape in theirs.items():
         assert ours[key] == shape, key
     assert sum(int(np.prod(s)) for s in ours.values()) == full["total_params"]
+
+
+def test_teacher_forced_greedy_logits(model, golden):
+    """openpi's non-cached forward over [valid prefix, greedy tokens] at sample_actions'
+    positions (decoded token i at prefill_len + 1 + i)."""
+    meta, inputs, out = golden
+    emb, input_mask, _ = _prefix(model, meta, inputs, "infer")
+    tokens = out["greedy_tokens"]
+    n = tokens.shape[1]
+    for b in range(tokens.shape[0]):
+        valid = np.asarray(input_mask[b])
+        p = int(valid.sum())
+        seq = jnp.concatenate([emb[b : b + 1][:, valid], model.embed_tokens(tokens[b : b + 1])], 1)
+        ar = jnp.asarray([[0] * p + [1] * n])
+        pos = jnp.asarray([[*range(p), *range(p + 1, p + 1 + n)]])
+        mask = make_attn_mask(jnp.ones(ar.shape, bool), ar)
+        logits = model.llm.logits(model.llm.transformer(seq, mask, pos)[0])[0, p - 1 : p - 1 + n]
+        np.testing.assert_allclose(logits, out["greedy_teacher_forced_logits"][b], **TOL)
