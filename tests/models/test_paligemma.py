@@ -4,6 +4,8 @@ in test_paligemma_golden.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from flax import nnx
 
 from openpi_rl.models.paligemma import (
     PaliGemmaConfig,
+    frozen_filter,
     is_lora_param,
     load_openpi_params,
     make_attn_mask,
@@ -247,3 +250,34 @@ def test_bf16_compute_over_fp32_weights(model):
     out16 = np.asarray(forward(m16, x16, mask), np.float32)
     out32 = np.asarray(forward(model, x, mask))
     assert np.abs(out16 - out32).max() < 0.1 * np.abs(out32).max()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _action_nll_grad(graphdef, trainable, frozen, x, mask, tokens):
+    def loss(trainable):
+        logits = nnx.merge(graphdef, frozen, trainable).forward(x, mask)[0]
+        logp = jax.nn.log_softmax(logits[:, -A - 1 : -1])
+        return -jnp.take_along_axis(logp, tokens[:, -A:, None], -1).mean()
+
+    return jax.grad(loss)(trainable)
+
+
+def test_lora_gradients_flow_through_the_scanned_layers_with_and_without_remat():
+    grads = {}
+    for remat in (False, True):
+        cfg = PaliGemmaConfig("dummy_lora", "dummy", dtype="float32", remat=remat)
+        m = cfg.create(jax.random.key(5))
+        x, input_mask, ar_mask, tokens = _prefix_and_actions(m)
+        mask = make_attn_mask(input_mask, ar_mask)
+        # openpi's LoRA training: the decoder's base weights frozen, LoRA and SigLIP trained.
+        graphdef, frozen, trainable = nnx.split(m, frozen_filter(cfg), nnx.Param)
+
+        grads[remat] = _action_nll_grad(graphdef, trainable, frozen, x, mask, tokens)
+        names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+        assert all("lora" in n or n.startswith("img/") for n in names)
+        assert any(n.startswith("img/") for n in names)
+    flat = dict(nnx.to_flat_state(grads[False]))
+    # b starts at zero, so only b gets a gradient at the first step.
+    assert float(jnp.abs(flat[("llm", "layers", "mlp", "linear_lora_b")][...]).max()) > 0
+    for path, g in nnx.to_flat_state(grads[True]):
+        np.testing.assert_allclose(g[...], flat[path][...], atol=1e-6)

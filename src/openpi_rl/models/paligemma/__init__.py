@@ -18,6 +18,7 @@ from openpi_rl.models.paligemma.gemma import (
 from openpi_rl.models.paligemma.paligemma import (
     PaliGemma,
     PaliGemmaConfig,
+    frozen_filter,
     make_attn_mask,
     sample_tokens,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "PaliGemmaConfig",
     "SigLIP",
     "SigLIPConfig",
+    "frozen_filter",
     "gemma_config",
     "is_lora_param",
     "load_openpi_params",

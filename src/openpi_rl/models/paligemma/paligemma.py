@@ -124,6 +124,22 @@ class PaliGemma(nnx.Module):
         return self.llm(x, mask, positions, cache)
 
 
+def _in_llm(path: tuple, _value=None) -> bool:
+    return "llm" in (str(p) for p in path)
+
+
+def _is_lora(path: tuple, _value=None) -> bool:
+    return any("lora" in str(p) for p in path)
+
+
+def frozen_filter(config: PaliGemmaConfig):
+    """The nnx filter of parameters openpi's trainer freezes (`Pi0FASTConfig.get_freeze_filter`):
+    with LoRA, the decoder's non-LoRA weights (SigLIP and the adapters train); without, none."""
+    if config.gemma.lora_attn is None and config.gemma.lora_ffn is None:
+        return nnx.Nothing
+    return nnx.All(nnx.Param, _in_llm, nnx.Not(_is_lora))
+
+
 def make_attn_mask(input_mask: Array, ar_mask: Array) -> Array:
     """bool [B, N, N]: token i attends token j when both are valid and j's cumulative ar_mask
     is <= i's (big_vision's prefix-LM mask). ar_mask [B or 1, N]: 1 starts a new causal block,
