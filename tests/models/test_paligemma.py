@@ -281,3 +281,33 @@ def test_lora_gradients_flow_through_the_scanned_layers_with_and_without_remat()
     assert float(jnp.abs(flat[("llm", "layers", "mlp", "linear_lora_b")][...]).max()) > 0
     for path, g in nnx.to_flat_state(grads[True]):
         np.testing.assert_allclose(g[...], flat[path][...], atol=1e-6)
+
+
+def test_full_size_prefill_and_decode_trace_without_allocating():
+    cfg = PaliGemmaConfig("gemma_2b_lora")  # bf16 compute over fp32 weights, openpi's default
+    graphdef, state = nnx.split(cfg.abstract())
+    b, n_img, p, steps = 1, 3 * 256, 48, 8
+    s = n_img + p
+
+    def run(state, images, tokens):
+        m = nnx.merge(graphdef, state)
+        ones = jnp.ones((b, p), bool)
+        x, input_mask, ar_mask = m.embed_prefix(
+            [images] * 3, [jnp.ones(b, bool)] * 3, tokens, ones, jnp.zeros((b, p), jnp.int32)
+        )
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        logits, cache = m.prefill(x, make_attn_mask(input_mask, ar_mask), positions, s + steps)
+        step_logits, cache = m.decode_step(
+            m.embed_tokens(tokens[:, :1]),
+            positions[:, :1] + s,
+            jnp.ones((b, 1, s + steps), bool),
+            cache,
+        )
+        return logits, step_logits, cache
+
+    images = jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((b, p), jnp.int32)
+    logits, step_logits, cache = jax.eval_shape(run, state, images, tokens)
+    assert logits.shape == (b, s, 257_152) and logits.dtype == jnp.float32
+    assert step_logits.shape == (b, 1, 257_152)
+    assert cache.k.shape == (18, b, s + steps, 1, 256) and cache.k.dtype == jnp.bfloat16
