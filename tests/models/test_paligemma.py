@@ -311,3 +311,15 @@ def test_full_size_prefill_and_decode_trace_without_allocating():
     assert logits.shape == (b, s, 257_152) and logits.dtype == jnp.float32
     assert step_logits.shape == (b, 1, 257_152)
     assert cache.k.shape == (18, b, s + steps, 1, 256) and cache.k.dtype == jnp.bfloat16
+
+
+def test_base_checkpoint_into_a_lora_variant(model):
+    x, input_mask, ar_mask, _ = _prefix_and_actions(model)
+    mask = make_attn_mask(input_mask, ar_mask)
+    lora_cfg = PaliGemmaConfig("dummy_lora", "dummy", dtype="float32")
+    with pytest.raises(ValueError, match=r"missing \(10\): llm/layers/attn/attn_vec_einsum/lora_a"):
+        load_openpi_params(ours_to_openpi(model), lora_cfg)
+    m = load_openpi_params(ours_to_openpi(model), lora_cfg, init_missing_lora=jax.random.key(7))
+    lora = dict(nnx.to_flat_state(nnx.state(m, is_lora_param)))
+    assert float(jnp.abs(lora[("llm", "layers", "mlp", "linear_lora_a")][...]).max()) > 0
+    np.testing.assert_allclose(forward(m, x, mask), forward(model, x, mask), atol=1e-6)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from openpi_rl.models.paligemma.gemma import is_lora_param
 from openpi_rl.models.paligemma.paligemma import PaliGemma, PaliGemmaConfig
 
 ROOT = "PaliGemma"
@@ -58,15 +59,36 @@ def param_count(config: PaliGemmaConfig) -> int:
     return sum(int(np.prod(s)) for s in param_shapes(config).values())
 
 
-def openpi_to_ours(params: Mapping[str, Any], config: PaliGemmaConfig) -> nnx.State:
+def _fresh_lora(config: PaliGemmaConfig, rng: jax.Array) -> dict[tuple[str, ...], Any]:
+    # Jitted so that only the LoRA leaves are computed (XLA drops the rest of the init).
+    def init(rng):
+        return nnx.to_pure_dict(nnx.state(PaliGemma(config, rngs=nnx.Rngs(rng)), is_lora_param))
+
+    return _flatten(jax.jit(init)(rng))
+
+
+def openpi_to_ours(
+    params: Mapping[str, Any],
+    config: PaliGemmaConfig,
+    *,
+    init_missing_lora: jax.Array | None = None,
+) -> nnx.State:
     """openpi's params (a nested dict as its checkpoint's `params` item holds them, rooted at
     `PaliGemma` or at its children) -> our module's Param state, cast to
     `config.param_dtype`. Raises ValueError naming every missing, unexpected or mis-shaped
-    key. Merge with `nnx.merge(nnx.graphdef(config.abstract()), state)`, or use
+    key. With `init_missing_lora` (an rng), LoRA parameters the checkpoint lacks (a base
+    checkpoint into a `_lora` variant) are initialised fresh instead, as openpi's weight loader
+    keeps them (`missing_regex=".*lora.*"`); `b` starts at zero, so the model is the
+    checkpoint's. Merge with `nnx.merge(nnx.graphdef(config.abstract()), state)`, or use
     `load_openpi_params`."""
     given = _openpi_paths(_flatten(params))
     state = nnx.state(config.abstract(), nnx.Param)
     expected = _flatten(nnx.to_pure_dict(state))
+    if init_missing_lora is not None and any(
+        is_lora_param(p) for p in expected.keys() - given.keys()
+    ):
+        fresh = _fresh_lora(config, init_missing_lora)
+        given = {**{p: v for p, v in fresh.items() if p not in given}, **given}
     name = "/".join
     missing = sorted(name(p) for p in expected.keys() - given.keys())
     unexpected = sorted(name(p) for p in given.keys() - expected.keys())
@@ -96,10 +118,16 @@ def openpi_to_ours(params: Mapping[str, Any], config: PaliGemmaConfig) -> nnx.St
     return state
 
 
-def load_openpi_params(params: Mapping[str, Any], config: PaliGemmaConfig) -> PaliGemma:
+def load_openpi_params(
+    params: Mapping[str, Any],
+    config: PaliGemmaConfig,
+    *,
+    init_missing_lora: jax.Array | None = None,
+) -> PaliGemma:
     """A `PaliGemma` holding openpi's params (see `openpi_to_ours`)."""
     graphdef, _ = nnx.split(config.abstract())
-    return nnx.merge(graphdef, openpi_to_ours(params, config))
+    state = openpi_to_ours(params, config, init_missing_lora=init_missing_lora)
+    return nnx.merge(graphdef, state)
 
 
 def ours_to_openpi(model: PaliGemma) -> dict:
