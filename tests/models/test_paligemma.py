@@ -217,7 +217,7 @@ def test_loader_round_trip_and_errors(model):
     mask = make_attn_mask(input_mask, ar_mask)
     params = ours_to_openpi(model)
     # Leaves wrapped as {"value": ...}, as openpi's trainer writes nnx state dicts.
-    wrapped = jax.tree.map(lambda a: {"value": a}, params)
+    wrapped = {"params": jax.tree.map(lambda a: {"value": a}, params)}
     loaded = load_openpi_params(wrapped, CFG)
     np.testing.assert_array_equal(forward(loaded, x, mask), forward(model, x, mask))
     bf16 = openpi_to_ours(

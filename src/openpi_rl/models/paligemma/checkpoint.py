@@ -36,11 +36,13 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
 
 
 def _openpi_paths(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
-    """Drop nnx's trailing `value` and the leading `PaliGemma`."""
+    """Drop nnx's trailing `value`, the checkpoint item's `params` and the leading `PaliGemma`."""
     out = {}
     for path, value in flat.items():
         if path and path[-1] == "value":
             path = path[:-1]
+        if path and path[0] == "params":
+            path = path[1:]
         if path and path[0] == ROOT:
             path = path[1:]
         out[path] = value
@@ -74,7 +76,7 @@ def openpi_to_ours(
     init_missing_lora: jax.Array | None = None,
 ) -> nnx.State:
     """openpi's params (a nested dict as its checkpoint's `params` item holds them, rooted at
-    `PaliGemma` or at its children) -> our module's Param state, cast to
+    `params`, `PaliGemma` or its children) -> our module's Param state, cast to
     `config.param_dtype`. Raises ValueError naming every missing, unexpected or mis-shaped
     key. With `init_missing_lora` (an rng), LoRA parameters the checkpoint lacks (a base
     checkpoint into a `_lora` variant) are initialised fresh instead, as openpi's weight loader

@@ -175,7 +175,13 @@ def sample_tokens(
     temperature is 0) one token at a time with the KV cache until every row has emitted EOS
     (token 1) or `max_decoding_steps` is reached. prefix [B, S, width], input_mask [B, S],
     ar_mask [B, S]. Returns tokens [B, max_decoding_steps] (float32 as openpi's, zeros after
-    the stop)."""
+    the stop).
+
+    openpi's quirks, kept so its checkpoints decode as openpi decodes them: decoded token i
+    sits at RoPE position prefill_len + 1 + i (one position skipped); the decode window starts
+    at S - sum(input_mask), so a camera masked out in the middle of the prefix is attended by
+    the decode steps (and as many leading valid slots are not), while the prefill itself uses
+    the exact mask. `temperature` is a Python float (openpi's may be traced)."""
     attn_mask = make_attn_mask(input_mask, ar_mask)
     prefix, input_mask, attn_mask = left_to_right_align(prefix, input_mask, attn_mask)
     b, s, _ = prefix.shape
