@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from openpi_rl.models.paligemma.gemma import Gemma, GemmaConfig, KVCache, gemma_config
+from openpi_rl.models.paligemma.gemma import (
+    Gemma,
+    GemmaConfig,
+    KVCache,
+    gemma_config,
+    is_lora_param,
+)
 from openpi_rl.models.paligemma.siglip import SigLIP, SigLIPConfig, siglip_config
 
 Array = jax.Array
@@ -128,16 +134,12 @@ def _in_llm(path: tuple, _value=None) -> bool:
     return "llm" in (str(p) for p in path)
 
 
-def _is_lora(path: tuple, _value=None) -> bool:
-    return any("lora" in str(p) for p in path)
-
-
 def frozen_filter(config: PaliGemmaConfig):
     """The nnx filter of parameters openpi's trainer freezes (`Pi0FASTConfig.get_freeze_filter`):
     with LoRA, the decoder's non-LoRA weights (SigLIP and the adapters train); without, none."""
     if config.gemma.lora_attn is None and config.gemma.lora_ffn is None:
         return nnx.Nothing
-    return nnx.All(nnx.Param, _in_llm, nnx.Not(_is_lora))
+    return nnx.All(nnx.Param, _in_llm, nnx.Not(is_lora_param))
 
 
 def make_attn_mask(input_mask: Array, ar_mask: Array) -> Array:
