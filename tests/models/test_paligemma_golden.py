@@ -18,11 +18,11 @@ from flax import nnx
 from openpi_rl.models.paligemma import (
     LoRAConfig,
     PaliGemmaConfig,
-    load_openpi_params,
     make_attn_mask,
     param_shapes,
     sample_tokens,
 )
+from openpi_rl.models.paligemma.checkpoint import load_openpi_checkpoint
 
 _DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "openpi_pi0_fast"
 # Another fixture directory (a fresh make_golden.py run) may be tested in place of the committed one.
@@ -53,16 +53,6 @@ def _tiny_config(lora: bool = False) -> PaliGemmaConfig:
     )
 
 
-def _restore(path: pathlib.Path) -> dict:
-    import orbax.checkpoint as ocp
-
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, restore_args=restore_args)["params"]
-
-
 @pytest.fixture(scope="module")
 def golden():
     meta = json.loads((TINY / "config.json").read_text())
@@ -74,12 +64,12 @@ def golden():
 @pytest.fixture(scope="module")
 def model():
     # tiny/params/: as openpi's trainer writes them (leaves end in `value`).
-    return load_openpi_params(_restore(TINY / "params"), _tiny_config())
+    return load_openpi_checkpoint(TINY / "params", _tiny_config())
 
 
 def test_released_layout_loads_the_same_weights(model):
     # tiny/params_pure/: as openpi's released checkpoints hold them (no `value`).
-    pure = load_openpi_params(_restore(TINY / "params_pure"), _tiny_config())
+    pure = load_openpi_checkpoint(TINY / "params_pure", _tiny_config())
     ours = nnx.to_flat_state(nnx.state(model, nnx.Param))
     theirs = dict(nnx.to_flat_state(nnx.state(pure, nnx.Param)))
     assert len(ours) == len(theirs) == 32

@@ -4,13 +4,15 @@ Owns: the mapping between an openpi Pi0-FAST params tree (`PaliGemma/llm/...`,
 `PaliGemma/img/...`, leaves possibly wrapped as `{"value": array}` by nnx's state dicts) and
 our `PaliGemma`'s nnx State. Our modules are named as openpi's, so the mapping is the identity
 on paths; what this adds is the checks (every missing, unexpected or mis-shaped key named in
-one error) and the cast to the config's weight dtype. Reading the orbax directory itself is
-the checkpoint loader's job (next to the RL model), not this module's.
+one error) and the cast to the config's weight dtype; and reading openpi's orbax directories
+(`load_openpi_checkpoint`: a trainer step's `params/`, or a released checkpoint's).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -136,3 +138,83 @@ def ours_to_openpi(model: PaliGemma) -> dict:
     """Our module's params as openpi's nested dict, rooted at `PaliGemma`."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {ROOT: jax.tree.map(np.asarray, pure)}
+
+
+# Files orbax writes at the top of a PyTree checkpoint directory (`_METADATA`: the tree; older
+# and non-OCDBT checkpoints have `_CHECKPOINT_METADATA` or `checkpoint`).
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "checkpoint")
+
+
+def openpi_params_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """The orbax directory holding openpi's params: `checkpoint_dir` itself when it is one (a
+    released checkpoint's `params/`, or a trainer step's), else its `params/` (openpi's
+    trainer writes `<ckpt>/<step>/params/`; released checkpoints hold `params/` too).
+    Raises FileNotFoundError naming what was expected."""
+    path = Path(checkpoint_dir)
+
+    def is_orbax(p: Path) -> bool:
+        return p.is_dir() and any((p / m).exists() for m in _ORBAX_MARKERS)
+
+    if is_orbax(path):
+        return path
+    if is_orbax(path / "params"):
+        return path / "params"
+    if not path.exists():
+        raise FileNotFoundError(f"openpi checkpoint {path}: does not exist")
+    raise FileNotFoundError(
+        f"openpi checkpoint {path}: expected an orbax checkpoint directory (holding "
+        f"{' or '.join(_ORBAX_MARKERS)}) or a directory holding one as params/ (openpi's "
+        f"<ckpt>/<step>/ or a released checkpoint); found "
+        f"{sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else 'a file'}"
+    )
+
+
+def restore_openpi_params(checkpoint_dir: str | os.PathLike) -> dict:
+    """openpi's params as stored (numpy arrays in the stored dtype: float32 or bfloat16), the
+    nested dict under the checkpoint's `params` item; leaves may be wrapped in `value` (the
+    trainer's nnx state) or not (released checkpoints). `checkpoint_dir`: see
+    `openpi_params_dir`."""
+    import orbax.checkpoint as ocp
+
+    path = openpi_params_dir(checkpoint_dir).absolute()
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+            # orbax >= 0.12 returns a StepMetadata (the tree is its item_metadata.tree);
+            # openpi's pinned 0.11 returns the tree itself.
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckptr.restore(path, restore_args=restore_args)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"openpi checkpoint {path}: orbax cannot restore it: {e}") from e
+    if not isinstance(restored, Mapping) or "params" not in restored:
+        keys = sorted(restored) if isinstance(restored, Mapping) else type(restored).__name__
+        raise ValueError(
+            f"openpi checkpoint {path}: expected the item `params` (openpi's layout), got {keys}"
+        )
+    return restored["params"]
+
+
+def load_openpi_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    model_or_config: PaliGemma | PaliGemmaConfig,
+    *,
+    init_missing_lora: jax.Array | None = None,
+) -> PaliGemma:
+    """An openpi checkpoint directory (see `openpi_params_dir`) restored with orbax as stored
+    (float32 or bfloat16 leaves) and cast to the config's `param_dtype`. Given a `PaliGemma`,
+    its params are replaced in place and it is returned; given a config, a new module is
+    built (without initialising weights first). Raises ValueError naming the directory and
+    every missing, unexpected or mis-shaped key at once (see `openpi_to_ours`, also for
+    `init_missing_lora`)."""
+    params = restore_openpi_params(checkpoint_dir)
+    is_model = isinstance(model_or_config, PaliGemma)
+    config = model_or_config.config if is_model else model_or_config
+    try:
+        state = openpi_to_ours(params, config, init_missing_lora=init_missing_lora)
+    except ValueError as e:
+        raise ValueError(f"openpi checkpoint {openpi_params_dir(checkpoint_dir)}: {e}") from e
+    if is_model:
+        nnx.update(model_or_config, state)
+        return model_or_config
+    return nnx.merge(nnx.graphdef(config.abstract()), state)
