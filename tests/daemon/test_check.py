@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from openpi_rl.daemon.check import check_main
 
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "openpi-rl.toml.example"
@@ -90,3 +92,57 @@ def test_two_roles_on_one_port_and_an_unreadable_file(tmp_path, capsys):
     config.write_text("replay_dir = \n")  # not TOML: nothing else can be checked
     assert check_main(["--config", str(config)]) == 78
     assert "config:" in capsys.readouterr().out
+
+
+# -- the memory a PaliGemma variant needs (models/paligemma/memory.py)
+
+
+def test_memory_estimate_counts_openpis_tree_and_what_lora_trains():
+    from openpi_rl.models.paligemma import param_shapes
+    from openpi_rl.models.paligemma.memory import memory_estimate, paligemma_variant_config
+
+    full = memory_estimate("gemma_2b")
+    assert full.params == full.trainable == 2_923_335_408  # openpi's full tree
+    assert full.serve_weights_bytes == 2 * full.params  # bf16 for serving
+    assert full.train_weights_bytes == full.train_grads_bytes == 4 * full.params
+    assert full.train_adam_bytes == 8 * full.params
+    # KV cache: k and v, 18 layers, 1 KV head of 256, 3 x 256 patches + 250 + 256 positions, bf16.
+    assert full.serve_positions == 3 * 256 + 250 + 256
+    assert full.serve_kv_cache_bytes == 2 * 18 * 1 * full.serve_positions * 256 * 2
+    # frozen_filter with gemma_2b_lora: the decoder's base weights freeze; its LoRA adapters
+    # (27,869,184) and the whole SigLIP tower train.
+    lora = memory_estimate("gemma_2b_lora")
+    shapes = param_shapes(paligemma_variant_config("gemma_2b_lora"))
+    siglip = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("PaliGemma/img/"))
+    assert siglip == 414_803_696
+    assert lora.params == 2_923_335_408 + 27_869_184
+    assert lora.trainable == 27_869_184 + siglip
+    assert lora.train_bytes < full.train_bytes and lora.train_activations_bytes > 0
+    assert "2,951,204,592 params" in lora.summary() and "trains 442,672,880" in lora.summary()
+
+
+def test_model_memory_prints_the_estimate_for_a_variant(capsys):
+    assert check_main(["--model-memory", "gemma_2b_lora"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("paligemma gemma_2b_lora: 2,951,204,592 params; serving batch 1")
+    assert "PPO update minibatch 8 (trains 442,672,880)" in out
+    assert check_main(["--model-memory", "gemma_7b"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+
+
+def test_a_paligemma_model_config_gets_an_info_line():
+    import dataclasses
+
+    from openpi_rl.daemon.check import model_memory
+
+    @dataclasses.dataclass
+    class Model:  # what a Pi0FASTOpenPIConfig-style config carries
+        paligemma_variant: str = "tiny_lora"
+
+    @dataclasses.dataclass
+    class Role:
+        model: object
+
+    findings = model_memory({"serve": Role(Model()), "learn": Role(object())})
+    assert [(f.where, f.severity) for f in findings] == [("serve.model", "info")]
+    assert str(findings[0]).startswith("info     serve.model: paligemma tiny_lora: ")

@@ -7,6 +7,11 @@ checkpoints) exists and is writable, or can be created; each model builds and sa
 (traced abstractly with `jax.eval_shape`, so a 2B model is checked in seconds without its
 memory); the server and the learner build the same policy. Exit status 0 when clean, 1 with
 problems (each on its own line, naming the key), 78 when the file cannot be read at all.
+
+For a model built on openpi's PaliGemma (its config names a `paligemma_variant`, or it is
+`models/pi0_fast_openpi`'s with a `variant`), an `info` line gives its parameter count and the
+memory it needs for serving and for a PPO update (`models/paligemma/memory.py`).
+`openpi-rl check --model-memory VARIANT` prints that line for a variant without a config.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from openpi_rl.daemon.config import EX_CONFIG, ROLES, ServiceFile
 class Finding:
     where: str  # the key it is about: "serve.metrics_port"
     message: str
-    severity: str = "problem"  # or "warning" (reported, exit status unaffected)
+    severity: str = "problem"  # or "warning" / "info" (reported, exit status unaffected)
 
     def __str__(self) -> str:
         return f"{self.severity:8} {self.where}: {self.message}"
@@ -50,6 +55,7 @@ def check(path: str | Path) -> list[Finding]:
     findings += check_ports(_listeners(service, configs))
     findings += check_dirs(_directories(configs))
     findings += check_models(configs)
+    findings += model_memory(configs)
     bridge = configs.get("bridge")
     if bridge is not None and not bridge.operators:
         findings.append(Finding("bridge.operators", "empty: no pendant can log in", "warning"))
@@ -196,6 +202,51 @@ def check_models(configs: dict[str, Any]) -> list[Finding]:
     return findings
 
 
+def _paligemma_variant(model: Any) -> str | None:
+    """The PaliGemma variant a model config is built on, if any."""
+    from openpi_rl.models.paligemma.memory import SIGLIP_FOR
+
+    variant = getattr(model, "paligemma_variant", None)
+    if variant is None and type(model).__module__.endswith("pi0_fast_openpi"):
+        variant = getattr(model, "variant", None)
+    if isinstance(variant, str) and variant.removesuffix("_lora") in SIGLIP_FOR:
+        return variant
+    return None
+
+
+def model_memory(configs: dict[str, Any]) -> list[Finding]:
+    """An `info` line per role whose model is a PaliGemma variant: its parameter count and the
+    memory for serving (serve) or for a PPO update (learn); see `memory_estimate`."""
+    from openpi_rl.models.paligemma.memory import memory_estimate
+
+    findings = []
+    for role in ("serve", "learn"):
+        cfg = configs.get(role)
+        variant = _paligemma_variant(getattr(cfg, "model", None)) if cfg is not None else None
+        if variant is None:
+            continue
+        try:
+            summary = memory_estimate(variant).summary()
+        except Exception as e:  # an estimate that fails is worth a warning, not a stop
+            findings.append(Finding(f"{role}.model", f"no memory estimate: {e}", "warning"))
+            continue
+        findings.append(Finding(f"{role}.model", summary, "info"))
+    return findings
+
+
+def model_memory_main(variant: str) -> int:
+    """`openpi-rl check --model-memory VARIANT`: the estimate's line for a PaliGemma variant."""
+    from openpi_rl.models.paligemma.memory import memory_estimate
+
+    try:
+        estimate = memory_estimate(variant)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(estimate.summary())
+    return 0
+
+
 def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | None:
     import jax
 
@@ -214,14 +265,20 @@ def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | 
 
 
 def check_main(argv: list[str]) -> int:
-    """`openpi-rl check --config FILE`."""
-    if len(argv) != 2 or argv[0] != "--config":
-        print("usage: openpi-rl check --config openpi-rl.toml", file=sys.stderr)
+    """`openpi-rl check --config FILE`, or `openpi-rl check --model-memory VARIANT`."""
+    if len(argv) != 2 or argv[0] not in ("--config", "--model-memory"):
+        print(
+            "usage: openpi-rl check --config openpi-rl.toml\n"
+            "       openpi-rl check --model-memory gemma_2b_lora   (a PaliGemma variant)",
+            file=sys.stderr,
+        )
         return 2
     if "JAX_PLATFORMS" not in os.environ:  # shapes only: never claim the accelerator
         import jax
 
         jax.config.update("jax_platforms", "cpu")
+    if argv[0] == "--model-memory":
+        return model_memory_main(argv[1])
     findings = check(argv[1])
     for f in findings:
         print(f)
