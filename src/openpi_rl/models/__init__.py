@@ -8,6 +8,7 @@ from openpi_rl.models.action_tokenizer import (
 )
 from openpi_rl.models.gaussian_mlp import GaussianMLP, GaussianMLPConfig
 from openpi_rl.models.pi0_fast import Pi0FAST, Pi0FASTConfig
+from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPI, Pi0FASTOpenPIConfig
 
 __all__ = [
     "ActionTokenizer",
@@ -17,5 +18,7 @@ __all__ = [
     "GaussianMLPConfig",
     "Pi0FAST",
     "Pi0FASTConfig",
+    "Pi0FASTOpenPI",
+    "Pi0FASTOpenPIConfig",
     "make_tokenizer",
 ]

@@ -1,0 +1,200 @@
+"""openpi's Pi0-FAST in the RL API (models/pi0_fast_openpi.py): the seed's usage, the PPO ratio
+at 1, a PPO update, and greedy decoding against openpi's own tokens on the golden tiny weights
+(tests/fixtures/openpi_pi0_fast/, see its README.md). Tokenizers: the tiny fixtures in
+tests/fixtures/tokenizers/."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openpi_rl.config_file import from_dict
+from openpi_rl.models.pi0_fast_openpi import (
+    EOS,
+    Pi0FASTOpenPI,
+    Pi0FASTOpenPIConfig,
+    restore_openpi_checkpoint,
+)
+from openpi_rl.rl import ActorCritic, PPOBatch, PPOConfig, PPOTrainer, validate_observation
+from openpi_rl.rl.ppo import ppo_step
+from openpi_rl.train.train_ppo import PPOTrainConfig
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+TOK = FIXTURES / "tokenizers"
+GOLDEN = FIXTURES / "openpi_pi0_fast" / "tiny"
+
+TINY = Pi0FASTOpenPIConfig(
+    paligemma_tokenizer=str(TOK / "paligemma_tiny.model"),
+    fast_tokenizer=str(TOK / "fast_tiny"),
+    norm_stats=str(TOK / "norm_stats.json"),
+    gemma_variant="dummy",
+    siglip_variant="dummy",
+    max_decoding_steps=24,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> Pi0FASTOpenPI:
+    return TINY.create(jax.random.key(0))
+
+
+def _obs(config: Pi0FASTOpenPIConfig, batch: int, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    s = config.image_size
+    rows = [
+        config.make_obs(
+            f"pick up block {i}",
+            rng.normal(size=config.state_dim).astype(np.float32),
+            {c: rng.integers(0, 256, (s, s, 3), np.uint8) for c in config.cameras},
+        )
+        for i in range(batch)
+    ]
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def test_seed_programmatic_usage(model):
+    # The seed's snippet with this config (value_in_dim is the decoder's width).
+    config = TINY
+    rng = jax.random.key(42)
+    ac_model = ActorCritic(model, value_in_dim=config.value_in_dim)
+    obs = config.fake_obs(1)
+    actions = model.sample_actions(rng, obs)
+    rewards = jnp.array([0.5])
+    dones = jnp.array([False])
+    old_logp = model.policy_logprobs(rng, obs, actions)
+    old_values = ac_model.value(rng, obs)
+    loss, metrics = ppo_step(
+        ac_model, rng, obs, actions, rewards, dones, old_logp, old_values, PPOConfig()
+    )
+    assert actions.shape == (1, config.action_horizon, config.action_dim)
+    assert actions.dtype == jnp.float32
+    assert model.value_features(rng, obs).shape == (1, config.value_in_dim)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(float(v)) for k, v in metrics.items() if k != "explained_variance")
+
+
+def test_obs_spec_and_host_tokenization(model):
+    obs = _obs(TINY, 2)
+    assert validate_observation(obs, model.obs_spec) == 2
+    assert set(TINY.serving_key_sets[1]) == set(model.obs_spec)
+    # The prompt holds the normalised, discretised state as openpi's text.
+    one = TINY.tokenize("pick up block 0", np.asarray(obs["state"][0]))
+    np.testing.assert_array_equal(one["tokenized_prompt"], obs["tokenized_prompt"][0])
+    text = TINY.tokenizer().paligemma.decode(one["tokenized_prompt"][one["tokenized_prompt_mask"]])
+    assert text.startswith("Task: pick up block 0, State: ")
+
+
+def test_sampled_logprob_equals_policy_logprobs(model):
+    obs = _obs(TINY, 3)
+    actions, logp, ids = jax.jit(model.sample_with_logprobs)(jax.random.key(3), obs)
+    assert ids.shape == (3, TINY.max_decoding_steps) and ids.dtype == jnp.int32
+    assert actions.shape == (3, TINY.action_horizon, TINY.action_dim)
+    np.testing.assert_allclose(model.policy_logprobs(None, obs, ids), logp, rtol=1e-5, atol=1e-4)
+    ev_logp, ent, feats = model.evaluate_actions(None, obs, ids)
+    np.testing.assert_allclose(ev_logp, logp, rtol=1e-5, atol=1e-4)
+    assert ent.shape == (3,) and feats.shape == (3, TINY.value_in_dim)
+    np.testing.assert_allclose(feats, model.value_features(None, obs), rtol=1e-5, atol=1e-5)
+
+
+def test_early_eos_and_topk_logprobs(model):
+    """Rows ending at EOS (the rest padding) and top-k sampling keep the ratio at 1."""
+    config = dataclasses.replace(TINY, top_k=5, temperature=0.7)
+    m = Pi0FASTOpenPI(config, paligemma=model.paligemma)
+    obs = _obs(config, 2)
+    out = m.decode(jax.random.key(0), obs)
+    np.testing.assert_allclose(m.policy_logprobs(None, obs, out["ids"]), out["logp"], atol=1e-4)
+    # An EOS in the middle: what follows does not count.
+    ids = np.asarray(out["ids"]).copy()
+    ids[:, 4] = EOS
+    cut = ids.copy()
+    cut[:, 5:] = 0
+    np.testing.assert_allclose(
+        m.policy_logprobs(None, obs, ids), m.policy_logprobs(None, obs, cut), atol=1e-5
+    )
+
+
+def test_continuous_actions_round_trip_through_openpi_postfix():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, TINY.action_horizon)[:, None]
+    actions = (0.3 * np.sin(2 * np.pi * t + rng.uniform(0, 6, (2, 1, TINY.action_dim)))).astype(
+        np.float32
+    )
+    stats = TINY.stats()["actions"]
+    raw = (actions + 1) / 2 * (stats.q99 - stats.q01) + stats.q01  # unnormalised
+    ids = TINY.actions_to_tokens(raw)
+    assert (ids == EOS).sum(1).tolist() == [1, 1]
+    back = TINY.tokens_to_actions(ids)
+    # Within FAST's DCT quantisation (scale 10), in normalised units.
+    scale = (stats.q99 - stats.q01) / 2
+    assert np.abs((back - raw) / scale).max() <= np.sqrt(TINY.action_horizon) * 0.5 / 10 + 1e-4
+
+
+def test_one_ppo_update_raises_the_logprob_of_a_positively_advantaged_chunk(model):
+    ac = ActorCritic(model, value_in_dim=TINY.value_in_dim, value_hidden=(32,))
+    obs = _obs(TINY, 4)
+    _, logp, value, tokens = ac.act(jax.random.key(2), obs)
+    adv = jnp.array([1.0, -1.0] * 2)
+    batch = PPOBatch(obs, tokens, logp, value, adv, value + adv)
+    PPOTrainer(ac, PPOConfig(lr=1e-3, train_iters=1, minibatch_size=4)).update(
+        jax.random.key(0), batch
+    )
+    gain = np.asarray(model.policy_logprobs(None, obs, tokens) - logp)
+    assert gain[0::2].mean() > 0 > gain[1::2].mean()
+
+
+def test_selectable_as_model_kind():
+    config = from_dict(PPOTrainConfig, {"model": {"kind": "pi0_fast_openpi", "max_token_len": 64}})
+    assert isinstance(config.model, Pi0FASTOpenPIConfig) and config.model.max_token_len == 64
+    assert from_dict(PPOTrainConfig, {"model": {"kind": "pi0_fast"}}).model.KIND == "pi0_fast"
+
+
+# ----------------------------------------------------------------------------- openpi golden
+
+
+def _golden_config() -> Pi0FASTOpenPIConfig:
+    meta = json.loads((GOLDEN / "config.json").read_text())
+    g, s = meta["gemma"], meta["siglip"]
+    keys = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+    siglip = {k: s[k] for k in ("width", "depth", "mlp_dim", "num_heads")}
+    siglip.update(patch_size=s["patch_size"][0], image_size=meta["image_resolution"][0])
+    mc = meta["model_config"]
+    return dataclasses.replace(
+        TINY,
+        gemma_overrides=tuple((k, g[k]) for k in keys),
+        siglip_overrides=tuple(siglip.items()),
+        cameras=tuple(meta["cameras"]),
+        action_horizon=mc["action_horizon"],
+        action_dim=mc["action_dim"],
+        max_token_len=mc["max_token_len"],
+        max_decoding_steps=meta["max_decoding_steps"],
+        temperature=0.0,
+    )
+
+
+@pytest.mark.skipif(not (GOLDEN / "outputs.npz").exists(), reason="golden fixtures not present")
+def test_greedy_tokens_equal_openpi_on_golden_weights():
+    config = _golden_config()
+    model = config.load(restore_openpi_checkpoint(GOLDEN / "params"))
+    inputs, outputs = np.load(GOLDEN / "inputs.npz"), np.load(GOLDEN / "outputs.npz")
+    # openpi's infer Observation as ours: uint8 cameras (openpi fed u8 / 255 * 2 - 1, as we do),
+    # the tokenized prefix and its mask; every camera valid.
+    obs = {c: jnp.asarray(inputs[f"image_u8/{c}"]) for c in config.cameras}
+    obs["tokenized_prompt"] = jnp.asarray(inputs["infer_tokenized_prompt"])
+    obs["tokenized_prompt_mask"] = jnp.asarray(inputs["infer_tokenized_prompt_mask"])
+    validate_observation(obs, model.obs_spec)
+    actions, logp, ids = jax.jit(model.sample_with_logprobs)(jax.random.key(2), obs)
+    np.testing.assert_array_equal(ids, outputs["greedy_tokens"])
+    assert actions.shape == (2, config.action_horizon, config.action_dim)
+    np.testing.assert_allclose(model.policy_logprobs(None, obs, ids), logp, rtol=1e-5, atol=1e-4)
+    # Example 1 without base_1_rgb (a camera masked in the middle): the exact mask, which
+    # openpi's non-cached forward gives (418 55 55 26; openpi's sampler: 418 55 55 55).
+    one = {k: v[1:] for k, v in obs.items() if k != "base_1_rgb"}
+    ids1 = model.decode(None, one)["ids"]
+    assert np.asarray(ids1)[0, :4].tolist() == [418, 55, 55, 26]
+    assert outputs["greedy_tokens_masked_camera"][1, :4].tolist() == [418, 55, 55, 55]
