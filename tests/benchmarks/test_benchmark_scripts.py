@@ -136,3 +136,11 @@ def test_report_ack_quick_reads_back_every_acknowledged_report():
     assert figures["acknowledged"] == figures["rounds"] == 200
     assert figures["acknowledged_lost"] == 0
     assert figures["report_p50_ms"] > 0 and figures["report_over_health_p50"] > 0
+
+
+def test_paligemma_decode_quick_reports_prefill_and_decode_rate():
+    # Ours only (openpi's side needs its scratch venv and a subprocess; the full run has it).
+    figures = _last_json("paligemma_decode.py", "--no-openpi")
+    assert figures["openpi"] is False and figures["steps"] == 8
+    assert figures["tiny"]["params"] > 0 and figures["tiny"]["ours"]["prefill_ms"] > 0
+    assert "decode_tok_per_s" in figures["tiny"]["ours"]  # None when noise beat the timing
