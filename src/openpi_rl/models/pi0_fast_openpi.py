@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from openpi_rl.models.normalize import NormStats, load_norm_stats, normalize, unnormalize
-from openpi_rl.models.paligemma.checkpoint import load_openpi_params
+from openpi_rl.models.paligemma.checkpoint import load_openpi_checkpoint
 from openpi_rl.models.paligemma.paligemma import (
     PALIGEMMA_EOS_TOKEN,
     PaliGemma,
@@ -215,11 +215,13 @@ class Pi0FASTOpenPIConfig:
     def create(self, rng: Array) -> Pi0FASTOpenPI:
         return Pi0FASTOpenPI(self, rngs=nnx.Rngs(rng))
 
-    def load(self, params: dict) -> Pi0FASTOpenPI:
-        """The model holding openpi's params (a checkpoint's `params` item as a nested dict,
-        e.g. from `restore_openpi_checkpoint`); LoRA adapters a base checkpoint lacks start
-        fresh."""
-        pg = load_openpi_params(params, self.paligemma, init_missing_lora=jax.random.key(0))
+    def load(self, checkpoint_dir: str | pathlib.Path, rng: Array | None = None) -> Pi0FASTOpenPI:
+        """The model holding an openpi checkpoint's params (`<ckpt>/<step>/`, or a released
+        checkpoint's `params/`: models/paligemma/checkpoint.py's `load_openpi_checkpoint`).
+        LoRA adapters a base checkpoint lacks start fresh from `rng` (b = 0: the model is the
+        checkpoint's)."""
+        rng = jax.random.key(0) if rng is None else rng
+        pg = load_openpi_checkpoint(checkpoint_dir, self.paligemma, init_missing_lora=rng)
         return Pi0FASTOpenPI(self, paligemma=pg)
 
     def fake_obs(self, batch: int = 1) -> dict[str, Array]:
@@ -249,19 +251,6 @@ def _load_tokenizer(pg: str, fast: str, max_len: int) -> Pi0FASTTokenizer:
 @functools.cache
 def _load_stats(path: str) -> dict[str, NormStats]:
     return load_norm_stats(path)
-
-
-def restore_openpi_checkpoint(path: str | pathlib.Path) -> dict:
-    """An openpi params directory (orbax; as its trainer writes it or as released) -> the
-    `params` item as a nested dict of numpy arrays, for `Pi0FASTOpenPIConfig.load`."""
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).resolve()
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, restore_args=args)["params"]
 
 
 def _align(x: Array, mask: Array) -> tuple[Array, Array]:
