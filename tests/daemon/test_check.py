@@ -136,7 +136,7 @@ def test_a_paligemma_model_config_gets_an_info_line():
     from openpi_rl.daemon.check import model_memory
 
     @dataclasses.dataclass
-    class Model:  # what a Pi0FASTOpenPIConfig-style config carries
+    class Model:  # a config naming openpi's variant
         paligemma_variant: str = "tiny_lora"
 
     @dataclasses.dataclass
@@ -146,3 +146,30 @@ def test_a_paligemma_model_config_gets_an_info_line():
     findings = model_memory({"serve": Role(Model()), "learn": Role(object())})
     assert [(f.where, f.severity) for f in findings] == [("serve.model", "info")]
     assert str(findings[0]).startswith("info     serve.model: paligemma tiny_lora: ")
+
+
+def test_check_prints_the_memory_of_a_pi0_fast_openpi_model(tmp_path):
+    text = example_on(tmp_path).replace(
+        'kind = "gaussian_mlp"', 'kind = "pi0_fast_openpi"\ngemma_variant = "tiny"'
+    )
+    config = tmp_path / "openpi-rl.toml"
+    config.write_text(text.replace("obs_dim = 4\naction_dim = 1", "action_dim = 1"))
+    out = subprocess.run(
+        [sys.executable, "-m", "openpi_rl.cli", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("info")]
+    assert len(lines) == 2 and " serve.model: paligemma tiny: 524,352 params;" in lines[0]
+    assert "serving batch 8 (float32 weights" in lines[0]  # the server's max_batch
+    assert " learn.model: paligemma tiny: 524,352 params;" in lines[1]
+
+
+def test_memory_estimate_of_a_models_own_config_follows_its_sizes():
+    from openpi_rl.models.paligemma.memory import memory_estimate, paligemma_variant_config
+
+    config = paligemma_variant_config("gemma_2b_lora")
+    a = memory_estimate(config, num_images=1, prompt_len=48, decode_steps=32)
+    b = memory_estimate("gemma_2b_lora", num_images=1, prompt_len=48, decode_steps=32)
+    assert a.params == b.params and a.trainable == b.trainable
+    assert a.serve_positions == 256 + 48 + 32 and a.serve_dtype == "bfloat16"

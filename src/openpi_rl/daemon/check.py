@@ -8,8 +8,8 @@ checkpoints) exists and is writable, or can be created; each model builds and sa
 memory); the server and the learner build the same policy. Exit status 0 when clean, 1 with
 problems (each on its own line, naming the key), 78 when the file cannot be read at all.
 
-For a model built on openpi's PaliGemma (its config names a `paligemma_variant`, or it is
-`models/pi0_fast_openpi`'s with a `variant`), an `info` line gives its parameter count and the
+For a model built on openpi's PaliGemma (`Pi0FASTOpenPIConfig`, or a config naming a
+`paligemma_variant`), an `info` line gives its parameter count and the
 memory it needs for serving and for a PPO update (`models/paligemma/memory.py`).
 `openpi-rl check --model-memory VARIANT` prints that line for a variant without a config.
 """
@@ -202,35 +202,52 @@ def check_models(configs: dict[str, Any]) -> list[Finding]:
     return findings
 
 
-def _paligemma_variant(model: Any) -> str | None:
-    """The PaliGemma variant a model config is built on, if any."""
-    from openpi_rl.models.paligemma.memory import SIGLIP_FOR
+def _memory_estimate(model: Any, role_config: Any):
+    """The memory estimate of a model built on openpi's PaliGemma, else None: a config with a
+    `paligemma` PaliGemmaConfig (`Pi0FASTOpenPIConfig`: its cameras, prompt length, decoding
+    steps and dtypes), or one naming a `paligemma_variant`. Serving batch: the role's
+    `serve.max_batch`; PPO minibatch: its `ppo.minibatch_size` (else 1 and 8)."""
+    from openpi_rl.models.paligemma import PaliGemmaConfig
+    from openpi_rl.models.paligemma.memory import SIGLIP_FOR, memory_estimate
 
+    serve = getattr(role_config, "serve", None)
+    batch = {"serve_batch": getattr(serve, "max_batch", 1) or 1}
+    minibatch = getattr(getattr(role_config, "ppo", None), "minibatch_size", None)
+    if isinstance(minibatch, int) and minibatch > 0:
+        batch["train_batch"] = minibatch
+    paligemma = getattr(type(model), "paligemma", None)
+    if isinstance(paligemma, property):
+        pg = model.paligemma
+        if isinstance(pg, PaliGemmaConfig):
+            return memory_estimate(
+                pg,
+                num_images=len(getattr(model, "cameras", ("image",) * 3)),
+                prompt_len=getattr(model, "max_token_len", 250),
+                decode_steps=getattr(model, "max_decoding_steps", 256),
+                serve_dtype=pg.param_dtype,
+                **batch,
+            )
     variant = getattr(model, "paligemma_variant", None)
-    if variant is None and type(model).__module__.endswith("pi0_fast_openpi"):
-        variant = getattr(model, "variant", None)
     if isinstance(variant, str) and variant.removesuffix("_lora") in SIGLIP_FOR:
-        return variant
+        return memory_estimate(variant, **batch)
     return None
 
 
 def model_memory(configs: dict[str, Any]) -> list[Finding]:
-    """An `info` line per role whose model is a PaliGemma variant: its parameter count and the
-    memory for serving (serve) or for a PPO update (learn); see `memory_estimate`."""
-    from openpi_rl.models.paligemma.memory import memory_estimate
-
+    """An `info` line per role whose model is built on openpi's PaliGemma: its parameter count
+    and the memory for serving and for a PPO update; see `memory_estimate`."""
     findings = []
     for role in ("serve", "learn"):
         cfg = configs.get(role)
-        variant = _paligemma_variant(getattr(cfg, "model", None)) if cfg is not None else None
-        if variant is None:
+        if cfg is None:
             continue
         try:
-            summary = memory_estimate(variant).summary()
+            estimate = _memory_estimate(getattr(cfg, "model", None), cfg)
         except Exception as e:  # an estimate that fails is worth a warning, not a stop
             findings.append(Finding(f"{role}.model", f"no memory estimate: {e}", "warning"))
             continue
-        findings.append(Finding(f"{role}.model", summary, "info"))
+        if estimate is not None:
+            findings.append(Finding(f"{role}.model", estimate.summary(), "info"))
     return findings
 
 

@@ -107,7 +107,7 @@ class MemoryEstimate:
 
 
 def memory_estimate(
-    variant: str,
+    variant: str | PaliGemmaConfig,
     *,
     serve_batch: int = 1,
     train_batch: int = 8,
@@ -121,8 +121,15 @@ def memory_estimate(
     """The memory a variant needs (see the module docstring for what is counted). Defaults
     are openpi's Pi0-FAST: 3 cameras, `max_token_len` 250 prompt tokens (text, state and
     action tokens), 256 decoding steps, bf16 compute, float32 weights for training, bf16 for
-    serving; `lora` is the variant's (`gemma_2b_lora`)."""
-    config = paligemma_variant_config(variant, dtype=dtype, param_dtype=param_dtype)
+    serving; `lora` is the variant's (`gemma_2b_lora`). `variant` may be a PaliGemmaConfig
+    (a model's own, with its overrides): then its dtype and param_dtype are used."""
+    if isinstance(variant, PaliGemmaConfig):
+        config = variant
+        dtype, param_dtype, variant = config.dtype, config.param_dtype, config.gemma_variant
+        serve_config = dataclasses.replace(config, param_dtype=serve_dtype)
+    else:
+        config = paligemma_variant_config(variant, dtype=dtype, param_dtype=param_dtype)
+        serve_config = paligemma_variant_config(variant, dtype=dtype, param_dtype=serve_dtype)
     model = config.abstract()
     frozen, trainable = nnx.state(model, frozen_filter(config), nnx.Param)
     params = _count(frozen) + _count(trainable)
@@ -131,7 +138,6 @@ def memory_estimate(
     prefix = num_images * patches + prompt_len
     positions = prefix + decode_steps
 
-    serve_config = paligemma_variant_config(variant, dtype=dtype, param_dtype=serve_dtype)
     graphdef, state = nnx.split(serve_config.abstract())
     sds = jax.ShapeDtypeStruct
     logits, cache = jax.eval_shape(
