@@ -253,6 +253,18 @@ def _load_stats(path: str) -> dict[str, NormStats]:
     return load_norm_stats(path)
 
 
+def _batched(fn, trailing: int):
+    """A host function of [B, *trailing axes] for any number of leading axes (under vmap)."""
+
+    def call(x):
+        x = np.asarray(x)
+        lead = x.shape[: x.ndim - trailing]
+        out = fn(x.reshape(-1, *x.shape[x.ndim - trailing :]))
+        return out.reshape(*lead, *out.shape[1:])
+
+    return call
+
+
 def _align(x: Array, mask: Array) -> tuple[Array, Array]:
     """Roll each row so its last valid token sits at the end (openpi's left_to_right_align)."""
 
@@ -401,15 +413,20 @@ class Pi0FASTOpenPI(nnx.Module):
         if jnp.issubdtype(actions.dtype, jnp.integer):
             return actions.astype(jnp.int32)
         c = self.config
-        shape = jax.ShapeDtypeStruct((actions.shape[0], c.max_decoding_steps), jnp.int32)
+        shape = jax.ShapeDtypeStruct((*actions.shape[:-2], c.max_decoding_steps), jnp.int32)
         return jax.pure_callback(
-            c.actions_to_tokens, shape, jax.lax.stop_gradient(actions), vmap_method="sequential"
+            _batched(c.actions_to_tokens, 2),
+            shape,
+            jax.lax.stop_gradient(actions),
+            vmap_method="legacy_vectorized",
         )
 
     def _to_actions(self, ids: Array) -> Array:
         c = self.config
-        shape = jax.ShapeDtypeStruct((ids.shape[0], c.action_horizon, c.action_dim), jnp.float32)
-        return jax.pure_callback(c.tokens_to_actions, shape, ids, vmap_method="sequential")
+        shape = jax.ShapeDtypeStruct((*ids.shape[:-1], c.action_horizon, c.action_dim), jnp.float32)
+        return jax.pure_callback(
+            _batched(c.tokens_to_actions, 1), shape, ids, vmap_method="legacy_vectorized"
+        )
 
     def _token_logps(self, obs: Observation, ids: Array):
         logits, hidden, m = self.teacher_forced(obs, ids)
