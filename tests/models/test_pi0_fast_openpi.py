@@ -207,3 +207,32 @@ def test_greedy_tokens_equal_openpi_on_golden_weights():
     ids1 = model.decode(None, one)["ids"]
     assert np.asarray(ids1)[0, :4].tolist() == [418, 55, 55, 26]
     assert outputs["greedy_tokens_masked_camera"][1, :4].tolist() == [418, 55, 55, 55]
+
+
+def test_full_size_traces_abstractly():
+    """openpi's full Pi0-FAST (gemma_2b_lora + So400m/14, 3 cameras of 224x224, 250 prompt
+    tokens, 256 decode steps, bf16) through decode and the learner's pass, shapes only."""
+    config = Pi0FASTOpenPIConfig(
+        gemma_variant="gemma_2b_lora",
+        siglip_variant="So400m/14",
+        cameras=("base_0_rgb", "base_1_rgb", "wrist_0_rgb"),
+        max_token_len=250,
+        max_decoding_steps=256,
+        dtype="bfloat16",
+    )
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: config.create(jax.random.key(0))))
+    obs = jax.eval_shape(lambda: config.fake_obs(2))
+    assert config.image_size == 224 and config.value_in_dim == 2048
+
+    def decode(state, obs):
+        return nnx.merge(graphdef, state).decode(jax.random.key(0), obs)
+
+    out = jax.eval_shape(decode, state, obs)
+    assert out["ids"].shape == (2, 256) and out["ids"].dtype == jnp.int32
+
+    def evaluate(state, obs, ids):
+        return nnx.merge(graphdef, state).evaluate_actions(None, obs, ids)
+
+    logp, ent, feats = jax.eval_shape(evaluate, state, obs, out["ids"])
+    assert logp.shape == ent.shape == (2,) and feats.shape == (2, 2048)
+    assert logp.dtype == jnp.float32

@@ -401,10 +401,13 @@ class Pi0FASTOpenPI(nnx.Module):
         positions = jnp.concatenate(
             [jnp.cumsum(m, -1) - 1, prefill_len[:, None] + 1 + jnp.arange(n)[None]], 1
         )
-        logits, hidden = self.paligemma.forward(
+        llm = self.paligemma.llm
+        hidden, _ = llm.transformer(
             seq, make_attn_mask(input_mask, ar), positions.astype(jnp.int32)
         )
-        return logits[:, p - 1 : p - 1 + n].astype(jnp.float32), hidden[:, :p], m
+        # Logits of the action span only ([B, N, V], not [B, P + N, V]: V is 257k at full size).
+        logits = llm.logits(hidden[:, p - 1 : p - 1 + n])
+        return logits.astype(jnp.float32), hidden[:, :p], m
 
     def _as_ids(self, actions: Array) -> Array:
         """Policy actions -> ids [B, N]: stored tokens pass through; continuous actions are
@@ -462,7 +465,7 @@ class Pi0FASTOpenPI(nnx.Module):
 
     def value_features(self, rng: Array, obs: Observation) -> Array:
         x, m = self._prefix(obs)
-        _, hidden = self.paligemma.forward(
+        hidden, _ = self.paligemma.llm.transformer(
             x, m[:, None, :] & m[:, :, None], (jnp.cumsum(m, -1) - 1).astype(jnp.int32)
         )
         return self._features(hidden, m)
