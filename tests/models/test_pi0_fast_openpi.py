@@ -157,6 +157,10 @@ def test_one_ppo_update_raises_the_logprob_of_a_positively_advantaged_chunk(mode
 def test_selectable_as_model_kind():
     config = from_dict(PPOTrainConfig, {"model": {"kind": "pi0_fast_openpi", "max_token_len": 64}})
     assert isinstance(config.model, Pi0FASTOpenPIConfig) and config.model.max_token_len == 64
+    toml = {"kind": "pi0_fast_openpi", "cameras": ["a", "b"], "gemma_overrides": [["depth", 1]]}
+    model = from_dict(PPOTrainConfig, {"model": toml}).model
+    assert model.cameras == ("a", "b") and model.gemma_overrides == (("depth", 1),)
+    hash(model)  # jit keys on it
     assert from_dict(PPOTrainConfig, {"model": {"kind": "pi0_fast"}}).model.KIND == "pi0_fast"
 
 

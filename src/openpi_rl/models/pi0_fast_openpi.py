@@ -99,6 +99,15 @@ class Pi0FASTOpenPIConfig:
     param_dtype: str = "float32"
     remat: bool = False
 
+    def __post_init__(self):
+        # A TOML file gives lists ([["vocab_size", 512]]); the config must stay hashable (jit
+        # keys compiled functions on it).
+        for name in ("gemma_overrides", "siglip_overrides", "cameras"):
+            value = getattr(self, name)
+            if name != "cameras":
+                value = tuple(tuple(pair) for pair in value)
+            object.__setattr__(self, name, tuple(value))
+
     KIND: ClassVar[str] = "pi0_fast_openpi"  # its name in config files and on the CLI
     normalized_actions = False  # actions come out unnormalised, in the robot's units
 
