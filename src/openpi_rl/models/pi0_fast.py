@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from openpi_rl.models.action_tokenizer import ActionTokenizer, make_tokenizer
+from openpi_rl.models.token_policy import TokenPolicy
 from openpi_rl.rl.rl_api import Array, ArraySpec, Observation, ObsSpec
 
 Variant = Literal["dummy", "small", "gemma_300m", "gemma_2b"]
@@ -241,7 +242,7 @@ class Block(nnx.Module):
         return x + self.down(jax.nn.gelu(gate) * up)
 
 
-class Pi0FAST(nnx.Module):
+class Pi0FAST(TokenPolicy, nnx.Module):
     def __init__(self, config: Pi0FASTConfig, *, rngs: nnx.Rngs):
         self.config = config
         size, dtype = config.size, jnp.dtype(config.dtype)
@@ -449,29 +450,7 @@ class Pi0FAST(nnx.Module):
         ent = -jnp.sum(jnp.exp(logp_all) * jnp.where(logp_all > -1e29, logp_all, 0.0), -1)
         return tok_logp, live, ent, self._features(h_pre, m_pre)
 
-    # -- the RL API
-
-    def sample_actions(self, rng: Array, obs: Observation) -> Array:
-        return self._to_actions(self._decode(rng, obs)["ids"])
-
-    def sample_with_logprobs(self, rng: Array, obs: Observation) -> tuple[Array, Array, Array]:
-        out = self._decode(rng, obs)
-        return self._to_actions(out["ids"]), out["logp"], out["ids"]
-
-    def policy_logprobs(self, rng: Array, obs: Observation, actions: Array) -> Array:
-        tok_logp, live, _, _ = self._token_logps(obs, self._as_ids(actions))
-        return jnp.sum(jnp.where(live, tok_logp, 0.0), 1)
-
-    def evaluate_actions(
-        self, rng: Array, obs: Observation, actions: Array
-    ) -> tuple[Array, Array, Array]:
-        tok_logp, live, ent, features = self._token_logps(obs, self._as_ids(actions))
-        count = jnp.maximum(live.sum(1), 1)
-        return (
-            jnp.sum(jnp.where(live, tok_logp, 0.0), 1),
-            jnp.sum(jnp.where(live, ent, 0.0), 1) / count,
-            features,
-        )
+    # -- the RL API (the rest is TokenPolicy's)
 
     def value_features(self, rng: Array, obs: Observation) -> Array:
         x, m_pre = self._prefix(obs)
@@ -481,10 +460,6 @@ class Pi0FAST(nnx.Module):
             q, k, v = blk.qkv(x)
             x = blk.finish(x, q, k, v, mask)
         return self._features(x, m_pre)
-
-    def entropy(self, rng: Array, obs: Observation) -> Array:
-        """Mean per-token entropy along a chunk sampled with `rng`."""
-        return self._decode(rng, obs)["entropy"]
 
 
 def param_count(config: Pi0FASTConfig) -> int:

@@ -58,6 +58,7 @@ from openpi_rl.models.paligemma.paligemma import (
     make_attn_mask,
 )
 from openpi_rl.models.pi0fast_tokens import Pi0FASTTokenizer
+from openpi_rl.models.token_policy import TokenPolicy
 from openpi_rl.rl.rl_api import Array, ArraySpec, Observation, ObsSpec
 
 EOS = PALIGEMMA_EOS_TOKEN
@@ -284,7 +285,7 @@ def _align(x: Array, mask: Array) -> tuple[Array, Array]:
     return jax.vmap(one)(x, mask)
 
 
-class Pi0FASTOpenPI(nnx.Module):
+class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
     def __init__(
         self,
         config: Pi0FASTOpenPIConfig,
@@ -344,6 +345,9 @@ class Pi0FASTOpenPI(nnx.Module):
     def _features(hidden: Array, mask: Array) -> Array:
         w = mask[..., None].astype(jnp.float32)
         return (hidden.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+    def _decode(self, rng: Array, obs: Observation) -> dict[str, Array]:
+        return self.decode(rng, obs)  # TokenPolicy's hook
 
     def decode(self, rng: Array, obs: Observation, greedy: bool | None = None) -> dict[str, Array]:
         """Sample with the KV cache. Returns ids [B, N] int32 (0 after EOS), logp [B],
@@ -448,29 +452,7 @@ class Pi0FASTOpenPI(nnx.Module):
         live = ~(jnp.cumsum(is_eos, 1) - is_eos > 0)  # up to and including the first EOS
         return tok_logp, live, self._entropy(logp_all), self._features(hidden, m)
 
-    # -- the RL API
-
-    def sample_actions(self, rng: Array, obs: Observation) -> Array:
-        return self._to_actions(self.decode(rng, obs)["ids"])
-
-    def sample_with_logprobs(self, rng: Array, obs: Observation) -> tuple[Array, Array, Array]:
-        out = self.decode(rng, obs)
-        return self._to_actions(out["ids"]), out["logp"], out["ids"]
-
-    def policy_logprobs(self, rng: Array, obs: Observation, actions: Array) -> Array:
-        tok_logp, live, _, _ = self._token_logps(obs, self._as_ids(actions))
-        return jnp.sum(jnp.where(live, tok_logp, 0.0), 1)
-
-    def evaluate_actions(
-        self, rng: Array, obs: Observation, actions: Array
-    ) -> tuple[Array, Array, Array]:
-        tok_logp, live, ent, features = self._token_logps(obs, self._as_ids(actions))
-        count = jnp.maximum(live.sum(1), 1)
-        return (
-            jnp.sum(jnp.where(live, tok_logp, 0.0), 1),
-            jnp.sum(jnp.where(live, ent, 0.0), 1) / count,
-            features,
-        )
+    # -- the RL API (the rest is TokenPolicy's)
 
     def value_features(self, rng: Array, obs: Observation) -> Array:
         x, m = self._prefix(obs)
@@ -478,7 +460,3 @@ class Pi0FASTOpenPI(nnx.Module):
             x, m[:, None, :] & m[:, :, None], (jnp.cumsum(m, -1) - 1).astype(jnp.int32)
         )
         return self._features(hidden, m)
-
-    def entropy(self, rng: Array, obs: Observation) -> Array:
-        """Mean per-token entropy along a chunk sampled with `rng`."""
-        return self.decode(rng, obs)["entropy"]
