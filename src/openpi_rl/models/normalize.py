@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from openpi_rl.models.pi0fast_tokens import _require_file
+from openpi_rl.models.pi0fast_tokens import require_file
 
 NORM_STATS_FILE = "norm_stats.json"
 # openpi adds this to the denominator of both normalisations.
@@ -39,13 +39,11 @@ def load_norm_stats(path: str | pathlib.Path) -> dict[str, NormStats]:
     "q99": [...] | null}}}`, keys such as "state" and "actions" (openpi writes it next to a
     checkpoint's params under assets/<asset_id>/).
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        path = path / NORM_STATS_FILE
-    _require_file(
+    path = require_file(
         path,
         "openpi norm stats",
         f"expected {NORM_STATS_FILE} (openpi writes it under <checkpoint>/assets/<asset_id>/)",
+        name=NORM_STATS_FILE,
     )
     data = json.loads(path.read_text())
     if not isinstance(data, Mapping) or not isinstance(data.get("norm_stats"), Mapping):

@@ -47,7 +47,14 @@ FAST_SKIP_TOKENS = 128
 STATE_BINS = 256
 
 
-def _require_file(path: pathlib.Path, what: str, where: str) -> pathlib.Path:
+def require_file(
+    path: str | pathlib.Path, what: str, where: str, name: str | None = None
+) -> pathlib.Path:
+    """`path`, or `path/name` when `path` is a directory and `name` is given; a missing file is
+    a FileNotFoundError saying what it is and where it goes (nothing is downloaded)."""
+    path = pathlib.Path(path)
+    if name is not None and path.is_dir():
+        path = path / name
     if not path.is_file():
         raise FileNotFoundError(
             f"{what}: file not found at {path}; {where}. Nothing is downloaded: "
@@ -62,14 +69,12 @@ class PaligemmaTokenizer:
     def __init__(self, model_path: str | pathlib.Path):
         import sentencepiece
 
-        path = pathlib.Path(model_path)
-        if path.is_dir():
-            path = path / PALIGEMMA_TOKENIZER_FILE
-        _require_file(
-            path,
+        path = require_file(
+            model_path,
             "PaliGemma tokenizer",
             f"expected {PALIGEMMA_TOKENIZER_FILE} (openpi's "
             "gs://big_vision/paligemma_tokenizer.model, 257152 pieces)",
+            name=PALIGEMMA_TOKENIZER_FILE,
         )
         self.path = path
         self._sp = sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
@@ -131,10 +136,10 @@ class FASTActionTokenizer:
         where = (
             f"the FAST processor directory {directory} (a local copy of physical-intelligence/fast)"
         )
-        tok_path = _require_file(
+        tok_path = require_file(
             directory / FAST_TOKENIZER_FILE, "FAST BPE tokenizer", f"it belongs in {where}"
         )
-        cfg_path = _require_file(
+        cfg_path = require_file(
             directory / FAST_PROCESSOR_CONFIG_FILE,
             "FAST processor config (scale, vocab_size, min_token)",
             f"it belongs in {where}",
