@@ -38,7 +38,7 @@ from openpi_rl.policy_server.reports import Reports
 from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
 from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
-from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
 from openpi_rl.replay.writer import ReplayClosed, ReplayFull
 from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl.rl.actor_critic import ActorCritic
@@ -558,8 +558,6 @@ class PolicyServer:
     def _restore_robots(self) -> None:
         """Seed the robot ledger from the replay's newest transitions (a restarted server
         counts steps on and accepts late reports for chunks it served before)."""
-        from openpi_rl.replay import ReplayReader
-
         assert self.replay is not None
         with ReplayReader(self.replay.root) as reader:
             recent = reader.recent_by_robot(self.options.report_window, self.options.max_robots)
