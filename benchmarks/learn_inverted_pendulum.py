@@ -9,9 +9,12 @@ Ours and SB3 alternate per seed so machine noise hits both alike.
     python benchmarks/learn_inverted_pendulum.py            # seeds 0 1 2, both sides
     python benchmarks/learn_inverted_pendulum.py --quick    # seed 0, ours only
 
-With `--model pi0_fast`, the token policy (dummy variant, one action per chunk) trains for
-`--max-steps` env steps per seed; the figure is its mean return over the last 20 episodes
-against the first 20 (the random-init policy), with the sampling and update rates.
+With `--model pi0_fast` (the embedded look-alike, dummy variant) or `--model pi0_fast_openpi`
+(openpi's Pi0-FAST: tiny PaliGemma, the tokenizer fixtures of tests/fixtures/tokenizers, the
+state written into the prompt as openpi's pipeline does, decoding constrained to well-formed
+chunks), the token policy (one action per chunk) trains for `--max-steps` env steps per seed;
+the figure is its mean return over the last 20 episodes against the first 20 (the random-init
+policy), with the sampling and update rates.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from _common import print_json, steps_to_threshold  # noqa: E402
 
 @dataclasses.dataclass
 class Args:
-    model: str = "gaussian_mlp"  # or "pi0_fast"
+    model: str = "gaussian_mlp"  # or "pi0_fast", "pi0_fast_openpi"
     seeds: tuple[int, ...] = (0, 1, 2)
     env: str = "InvertedPendulum-v5"
     threshold: float = 950.0
@@ -44,14 +47,35 @@ class Args:
     seed: int = 0
 
 
+TOKENIZERS = HERE.parent / "tests" / "fixtures" / "tokenizers"
+
+
+def token_model(name: str):
+    if name == "pi0_fast":
+        from openpi_rl.models.pi0_fast import Pi0FASTConfig
+
+        return Pi0FASTConfig(variant="dummy", action_horizon=1)
+    from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
+
+    return Pi0FASTOpenPIConfig(
+        gemma_variant="dummy",  # width 64, depth 2; the vocabulary is the tokenizer's (980)
+        scan=False,
+        paligemma_tokenizer=str(TOKENIZERS / "paligemma_tiny.model"),
+        fast_tokenizer=str(TOKENIZERS / "fast_tiny"),
+        action_horizon=1,
+        max_token_len=32,
+        max_decoding_steps=6,  # "Action: " (3 ids), one FAST id, "|", EOS
+        prompt="balance the pole",
+    )
+
+
 def run_pi0_fast(args: Args) -> dict:
     import dataclasses as dc
 
-    from openpi_rl.models.pi0_fast import Pi0FASTConfig
     from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS, PPOTrainConfig, train
 
     config = PPOTrainConfig(
-        model=Pi0FASTConfig(variant="dummy", action_horizon=1),
+        model=token_model(args.model),
         ppo=dc.replace(TRAIN_PPO_DEFAULTS, lr=3e-4),  # a transformer wants a smaller step
         env=args.env,
         seed=args.seed,
@@ -99,7 +123,7 @@ def run_sb3(args: Args) -> dict:
 def main_pi0_fast(args: Args) -> dict:
     runs = []
     for seed in (0,) if args.quick else args.seeds:
-        runs.append(spawn("pi0_fast", seed, args))
+        runs.append(spawn(args.model, seed, args))
         r = runs[-1]
         print(
             f"seed {seed}: return {r['init_return']:.1f} -> {r['final_return']:.1f} in "
@@ -109,7 +133,9 @@ def main_pi0_fast(args: Args) -> dict:
             flush=True,
         )
     return {
-        "pi0_fast_return_ratio": [round(r["final_return"] / r["init_return"], 2) for r in runs],
+        f"{args.model}_return_ratio": [
+            round(r["final_return"] / r["init_return"], 2) for r in runs
+        ],
         "init_return": [round(r["init_return"], 2) for r in runs],
         "final_return": [round(r["final_return"], 2) for r in runs],
         "sample_steps_per_s": [round(r["sample_steps_per_s"]) for r in runs],
@@ -122,7 +148,7 @@ def main_pi0_fast(args: Args) -> dict:
 
 def spawn(worker: str, seed: int, args: Args) -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", worker, "--seed", str(seed), "--env", args.env,
+        sys.executable, __file__, "--worker", worker, "--model", args.model, "--seed", str(seed), "--env", args.env,
         "--threshold", str(args.threshold), "--window", str(args.window),
         "--max-steps", str(args.max_steps),
     ]  # fmt: skip
@@ -165,8 +191,9 @@ if __name__ == "__main__":
     a = tyro.cli(Args)
     if a.worker is not None:
         workers = {"ours": run_ours, "sb3": run_sb3, "pi0_fast": run_pi0_fast}
+        workers["pi0_fast_openpi"] = run_pi0_fast
         print(json.dumps(workers[a.worker](a)))
-    elif a.model == "pi0_fast":
+    elif a.model in ("pi0_fast", "pi0_fast_openpi"):
         if a.quick:
             a = dataclasses.replace(a, max_steps=10_000)
         print_json(main_pi0_fast(a))

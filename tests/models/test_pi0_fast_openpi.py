@@ -164,6 +164,89 @@ def test_selectable_as_model_kind():
     assert from_dict(PPOTrainConfig, {"model": {"kind": "pi0_fast"}}).model.KIND == "pi0_fast"
 
 
+# ----------------------------------------------------------------------------- constrained
+
+
+def test_constrained_decoding_writes_only_chunks_openpi_can_read(model):
+    """Sampled from near-uniform random weights, every chunk is "Action: ", FAST ids adding up
+    to exactly H * D coefficients, "|", EOS, so openpi's extract_actions reads each one; the
+    stored ids score to the behaviour log-prob under the same constraint."""
+    config = dataclasses.replace(TINY, constrain_actions=True, max_decoding_steps=36)
+    g = config.grammar()
+    assert g.coeffs == 30 and g.max_len == 35
+    m = Pi0FASTOpenPI(config, paligemma=model.paligemma)
+    obs = _obs(config, 6)
+    tok = config.tokenizer()
+    for temperature in (1.0, 0.0):
+        c = dataclasses.replace(config, temperature=temperature)
+        m = Pi0FASTOpenPI(c, paligemma=model.paligemma)
+        out = nnx.jit(lambda m, rng, obs: m.decode(rng, obs))(m, jax.random.key(5), obs)
+        for row in np.asarray(out["ids"]):
+            body_end = int(np.argmax(row == EOS)) + 1 - len(g.tail)
+            assert row[: len(g.head)].tolist() == g.head.tolist()
+            assert row[body_end : body_end + len(g.tail)].tolist() == g.tail.tolist()
+            assert g.char_len[row[len(g.head) : body_end]].sum() == g.coeffs
+            before = tok.malformed_actions
+            tok.extract_actions(row, c.action_horizon, c.action_dim)
+            assert tok.malformed_actions == before
+        logp = nnx.jit(lambda m, obs, ids: m.policy_logprobs(None, obs, ids))
+        np.testing.assert_allclose(logp(m, obs, out["ids"]), out["logp"], rtol=1e-5, atol=1e-3)
+    # Unconstrained, the same weights write no readable chunk; a chunk outside the grammar
+    # (a FAST id where "Action: " must be) has probability 0 under it.
+    free = Pi0FASTOpenPI(TINY, paligemma=model.paligemma)
+    ids = np.asarray(nnx.jit(lambda m, r, o: m.decode(r, o))(free, jax.random.key(5), obs)["ids"])
+    assert not any(row[: len(g.head)].tolist() == g.head.tolist() for row in ids)
+    bad = np.asarray(out["ids"]).copy()
+    bad[:, 0] = int(np.nonzero(g.char_len)[0][0])
+    assert np.all(np.asarray(logp(m, obs, bad)) < -1e29)
+
+
+def test_constrained_decoding_needs_room_for_a_whole_chunk():
+    with pytest.raises(ValueError, match=r"max_decoding_steps: expected >= 35"):
+        dataclasses.replace(TINY, constrain_actions=True).grammar()
+
+
+def test_gym_task_state_written_into_the_prompt_inside_the_model():
+    """for_env: no cameras, the state alone; the model tokenizes it into the fixed prompt as
+    openpi's pipeline does (here on the host, from inside jit), decodes only readable chunks,
+    and the PPO ratio starts at 1."""
+    config = dataclasses.replace(TINY, action_horizon=1, max_decoding_steps=6).for_env(4, 1)
+    assert config.cameras == () and config.constrain_actions and config.prompt
+    model = config.create(jax.random.key(0))
+    states = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    obs = {"state": jnp.asarray(states)}
+    assert validate_observation(obs, model.obs_spec) == 5
+    tokens, mask = jax.jit(model._prompt)(obs)
+    for i, state in enumerate(states):
+        one = config.tokenize(config.prompt, state)
+        np.testing.assert_array_equal(tokens[i], one["tokenized_prompt"])
+        np.testing.assert_array_equal(mask[i], one["tokenized_prompt_mask"])
+    actions, logp, ids = jax.jit(model.sample_with_logprobs)(jax.random.key(1), obs)
+    assert actions.shape == (5, 1, 1)
+    # One FAST id per chunk: the action is its coefficient / scale (raw units, no norm stats).
+    fast = config.tokenizer().act_tokens_to_paligemma_tokens(np.asarray(ids)[:, 3])
+    coeffs = [ord(config.tokenizer().fast._bpe.decode([int(f)])) - 32 for f in fast]
+    np.testing.assert_allclose(np.asarray(actions)[:, 0, 0], np.array(coeffs) / 10, atol=1e-6)
+    np.testing.assert_allclose(model.policy_logprobs(None, obs, ids), logp, atol=1e-4)
+    with pytest.raises(ValueError, match="tokenized_prompt"):
+        TINY.create(jax.random.key(0))._prompt({"state": obs["state"]})
+
+
+def test_unrolled_layers_equal_the_scan():
+    """scan=False runs the same stacked weights layer by layer: the same weights (built from
+    the same key), the same logits."""
+    scanned = TINY.create(jax.random.key(0))
+    unrolled = dataclasses.replace(TINY, scan=False).create(jax.random.key(0))
+    assert unrolled.paligemma.llm.config.scan is False
+    a, b = jax.tree.leaves(nnx.state(scanned)), jax.tree.leaves(nnx.state(unrolled))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    obs = _obs(TINY, 2)
+    ids = scanned.decode(jax.random.key(0), obs)["ids"]
+    logits = nnx.jit(lambda m, o, i: m.teacher_forced(o, i)[0])
+    np.testing.assert_allclose(logits(unrolled, obs, ids), logits(scanned, obs, ids), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- openpi golden
 
 

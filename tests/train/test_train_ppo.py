@@ -12,6 +12,28 @@ from openpi_rl.cli import _seed_style_args
 from openpi_rl.train.train_ppo import PPOTrainConfig, train
 
 SMALL = dict(num_envs=2, rollout_length=32)
+TOKENIZERS = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
+
+
+def _token_model(kind: str):
+    """The embedded look-alike, or openpi's Pi0-FAST (dummy sizes, the tokenizer fixtures,
+    the gym state written into a fixed prompt), two actions per chunk."""
+    if kind == "pi0_fast":
+        from openpi_rl.models.pi0_fast import Pi0FASTConfig
+
+        return Pi0FASTConfig(variant="dummy", action_horizon=2)
+    from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
+
+    return Pi0FASTOpenPIConfig(
+        gemma_variant="dummy",
+        siglip_variant="dummy",
+        scan=False,
+        paligemma_tokenizer=str(TOKENIZERS / "paligemma_tiny.model"),
+        fast_tokenizer=str(TOKENIZERS / "fast_tiny"),
+        action_horizon=2,
+        max_token_len=32,
+        max_decoding_steps=8,
+    )
 
 
 def test_short_run_collects_episodes_and_reports_finite_metrics():
@@ -99,14 +121,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert _steps(ckpt)[-1] == last + 2
 
 
-def test_pi0_fast_trains_through_the_cli_config_on_stored_tokens(monkeypatch):
+@pytest.mark.parametrize("kind", ["pi0_fast", "pi0_fast_openpi"])
+def test_token_policy_trains_through_the_cli_config_on_stored_tokens(monkeypatch, kind):
     """The token policy trains through `train`, and each rollout it learns from holds the
     sampled action tokens whose log-prob, recomputed with the weights that sampled them,
     is the stored behaviour log-prob (the PPO ratio starts at exactly 1)."""
     import jax
     from flax import nnx
 
-    from openpi_rl.models.pi0_fast import Pi0FASTConfig
     from openpi_rl.train import train_ppo
     from openpi_rl.train.learner import RolloutLearner
 
@@ -119,13 +141,20 @@ def test_pi0_fast_trains_through_the_cli_config_on_stored_tokens(monkeypatch):
             return super().learn(update, rollout)
 
     monkeypatch.setattr(train_ppo, "RolloutLearner", RecordingLearner)
-    model = Pi0FASTConfig(variant="dummy", action_horizon=2)
+    model = _token_model(kind)
+    malformed = model.tokenizer().malformed_actions if kind == "pi0_fast_openpi" else 0
     result = train(PPOTrainConfig(model=model, num_train_steps=2, **SMALL), display=False)
     assert result.updates == 2 and np.isfinite(result.metrics["policy_loss"])
 
     assert len(seen) == 2
     learner = seen[0][0]
-    num_tokens = model.for_env(4, 1).action_tokenizer().num_tokens
+    env_model = model.for_env(4, 1)
+    if kind == "pi0_fast":
+        num_ids = env_model.action_tokenizer().num_tokens + 1  # the chunk's tokens, then EOA
+    else:
+        num_ids = env_model.max_decoding_steps
+        # Constrained decoding: every chunk decoded (none fell back to zeros).
+        assert env_model.tokenizer().malformed_actions == malformed
 
     @jax.jit
     def recompute(params, obs, tokens):
@@ -135,6 +164,6 @@ def test_pi0_fast_trains_through_the_cli_config_on_stored_tokens(monkeypatch):
     for _, rollout, params in seen:  # the second rollout was sampled by updated weights
         t, n = rollout["logp"].shape
         tokens = rollout["actions"]
-        assert tokens.dtype == np.int32 and tokens.shape == (t, n, num_tokens + 1)
+        assert tokens.dtype == np.int32 and tokens.shape == (t, n, num_ids)
         logp = recompute(params, rollout["obs"].reshape(t * n, -1), tokens.reshape(t * n, -1))
         np.testing.assert_allclose(np.asarray(logp).reshape(t, n), rollout["logp"], atol=1e-4)

@@ -57,7 +57,7 @@ from openpi_rl.models.paligemma.paligemma import (
     PaliGemmaConfig,
     make_attn_mask,
 )
-from openpi_rl.models.pi0fast_tokens import Pi0FASTTokenizer
+from openpi_rl.models.pi0fast_tokens import ActionGrammar, Pi0FASTTokenizer
 from openpi_rl.models.token_policy import TokenPolicy
 from openpi_rl.rl.rl_api import Array, ArraySpec, Observation, ObsSpec
 
@@ -96,9 +96,18 @@ class Pi0FASTOpenPIConfig:
     cameras: tuple[str, ...] = ("base_0_rgb",)
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: the whole vocabulary
+    # Decode only chunks openpi's extract_actions can read: "Action: ", FAST ids adding up to
+    # exactly action_horizon * action_dim coefficients, "|", EOS. openpi samples the whole
+    # vocabulary; a checkpoint trained on demonstrations writes that format anyway, a model
+    # from random weights almost never does (for_env turns it on).
+    constrain_actions: bool = False
+    # A fixed task prompt for observations that carry a state but no tokenized prompt (gym
+    # tasks): the model tokenizes "Task: {prompt}, State: {bins};" itself (host callback).
+    prompt: str | None = None
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
     param_dtype: str = "float32"
     remat: bool = False
+    scan: bool = True  # False: layers unrolled (faster small models on a CPU)
 
     def __post_init__(self):
         # A TOML file gives lists ([["vocab_size", 512]]); the config must stay hashable (jit
@@ -126,6 +135,7 @@ class Pi0FASTOpenPIConfig:
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             remat=self.remat,
+            scan=self.scan,
             gemma_overrides=tuple(gemma.items()),
             siglip_overrides=self.siglip_overrides,
         )
@@ -142,9 +152,11 @@ class Pi0FASTOpenPIConfig:
     def obs_spec(self) -> ObsSpec:
         s = self.image_size
         spec = {cam: ArraySpec((s, s, 3), "uint8", optional=True) for cam in self.cameras}
-        spec["state"] = ArraySpec((self.state_dim,), "float32", optional=True)
-        spec["tokenized_prompt"] = ArraySpec((self.max_token_len,), "int32")
-        spec["tokenized_prompt_mask"] = ArraySpec((self.max_token_len,), "bool")
+        # With a fixed prompt the model tokenizes the state itself: the state is what it reads.
+        fixed = self.prompt is not None
+        spec["state"] = ArraySpec((self.state_dim,), "float32", optional=not fixed)
+        spec["tokenized_prompt"] = ArraySpec((self.max_token_len,), "int32", optional=fixed)
+        spec["tokenized_prompt_mask"] = ArraySpec((self.max_token_len,), "bool", optional=fixed)
         return spec
 
     @property
@@ -154,11 +166,21 @@ class Pi0FASTOpenPIConfig:
         return (base, (*base, "state"))
 
     def for_env(self, obs_dim: int, action_dim: int) -> Pi0FASTOpenPIConfig:
-        raise ValueError(
-            "pi0_fast_openpi reads camera images and a tokenized prompt, not a gym state "
-            "vector: serve it to robots (policy server, learner), or train gym tasks with "
-            "gaussian_mlp or pi0_fast"
+        """This config for a state-only gym task: no cameras; the model writes each state into
+        the fixed prompt as openpi's pipeline does (256 bins over [-1, 1]) and decodes only
+        well-formed chunks. State and actions stay in the task's units: a robot's norm stats
+        do not describe a gym task."""
+        config = dataclasses.replace(
+            self,
+            state_dim=obs_dim,
+            action_dim=action_dim,
+            cameras=(),
+            norm_stats=None,
+            prompt=self.prompt if self.prompt is not None else "solve the task",
+            constrain_actions=True,
         )
+        config.grammar()  # the tokenizer files exist and the chunk fits max_decoding_steps
+        return config
 
     # -- host-side (numpy) tokenization, outside jit
 
@@ -169,6 +191,20 @@ class Pi0FASTOpenPIConfig:
                 "paligemma_tokenizer.model and a FAST processor directory), got None"
             )
         return _load_tokenizer(self.paligemma_tokenizer, self.fast_tokenizer, self.max_token_len)
+
+    def grammar(self) -> ActionGrammar:
+        """The tables of `constrain_actions` (from the tokenizer files)."""
+        self.tokenizer()  # names the missing file, if one is
+        g = _load_grammar(
+            self.paligemma_tokenizer, self.fast_tokenizer, self.action_horizon, self.action_dim
+        )
+        if g.max_len > self.max_decoding_steps:
+            raise ValueError(
+                f"max_decoding_steps: expected >= {g.max_len} to hold a whole constrained chunk "
+                f'("Action: ", up to {g.coeffs} FAST ids, "|", EOS), got '
+                f"{self.max_decoding_steps}"
+            )
+        return g
 
     def stats(self) -> dict[str, NormStats]:
         return {} if self.norm_stats is None else _load_stats(self.norm_stats)
@@ -263,16 +299,38 @@ def _load_stats(path: str) -> dict[str, NormStats]:
     return load_norm_stats(path)
 
 
+@functools.cache
+def _load_grammar(pg: str, fast: str, horizon: int, dim: int) -> ActionGrammar:
+    return Pi0FASTTokenizer.from_files(pg, fast).action_grammar(horizon, dim)
+
+
 def _batched(fn, trailing: int):
-    """A host function of [B, *trailing axes] for any number of leading axes (under vmap)."""
+    """A host function of [B, *trailing axes] for any number of leading axes (under vmap);
+    it may return one array or a tuple of them, each [B, ...]."""
 
     def call(x):
         x = np.asarray(x)
         lead = x.shape[: x.ndim - trailing]
         out = fn(x.reshape(-1, *x.shape[x.ndim - trailing :]))
+        if isinstance(out, tuple):
+            return tuple(o.reshape(*lead, *o.shape[1:]) for o in out)
         return out.reshape(*lead, *out.shape[1:])
 
     return call
+
+
+def allowed_ids(g: ActionGrammar, i: Array, written: Array, tail_start: Array) -> Array:
+    """The ids a constrained decoder may emit at step `i`, given the FAST characters written
+    before it and the step its tail began (anything >= the chunk length: not yet). The three
+    arguments broadcast together to a shape S; returns bool [*S, vocab]."""
+    i, written, tail_start = (jnp.asarray(a)[..., None] for a in (i, written, tail_start))
+    head, tail, char_len = jnp.asarray(g.head), jnp.asarray(g.tail), jnp.asarray(g.char_len)
+    ids = jnp.arange(char_len.shape[0])
+    head_id = head[jnp.clip(i, 0, len(g.head) - 1)]
+    k = i - tail_start
+    tail_id = jnp.where(k < len(g.tail), tail[jnp.clip(k, 0, len(g.tail) - 1)], PAD)
+    body = (char_len > 0) & (char_len <= g.coeffs - written)
+    return jnp.where(i < len(g.head), ids == head_id, jnp.where(k >= 0, ids == tail_id, body))
 
 
 def _align(x: Array, mask: Array) -> tuple[Array, Array]:
@@ -307,7 +365,7 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
     def _prefix(self, obs: Observation) -> tuple[Array, Array]:
         """(embeddings [B, P, W], valid mask [B, P]), right-aligned."""
         c = self.config
-        tokens = jnp.asarray(obs["tokenized_prompt"], jnp.int32)
+        tokens, token_mask = self._prompt(obs)
         b = tokens.shape[0]
         images, masks = [], []
         for cam in c.cameras:
@@ -321,15 +379,49 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
             images,
             masks,
             tokens,
-            jnp.asarray(obs["tokenized_prompt_mask"], bool),
+            token_mask,
             jnp.zeros_like(tokens),
         )
         return _align(x, mask)
 
-    def _logp(self, logits: Array) -> Array:
-        """Log-probs [..., V] under the sampling temperature and top-k (greedy: temperature 1)."""
+    def _prompt(self, obs: Observation) -> tuple[Array, Array]:
+        """(tokens int32 [B, L], mask bool [B, L]): the observation's, or with a fixed
+        `prompt` its state written into it on the host (openpi's tokenizer)."""
+        c = self.config
+        if "tokenized_prompt" in obs:
+            return (
+                jnp.asarray(obs["tokenized_prompt"], jnp.int32),
+                jnp.asarray(obs["tokenized_prompt_mask"], bool),
+            )
+        if c.prompt is None or "state" not in obs:
+            raise ValueError(
+                "observation: expected tokenized_prompt and tokenized_prompt_mask (or a state, "
+                f"with the config's prompt set), got keys {sorted(obs)}"
+            )
+        state = jax.lax.stop_gradient(jnp.asarray(obs["state"], jnp.float32))
+        lead, n = state.shape[:-1], c.max_token_len
+        shapes = (
+            jax.ShapeDtypeStruct((*lead, n), jnp.int32),
+            jax.ShapeDtypeStruct((*lead, n), jnp.bool_),
+        )
+        return jax.pure_callback(
+            _batched(self._tokenize_states, 1), shapes, state, vmap_method="legacy_vectorized"
+        )
+
+    def _tokenize_states(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self.config.tokenize(self.config.prompt, s) for s in states]
+        return (
+            np.stack([r["tokenized_prompt"] for r in rows]),
+            np.stack([r["tokenized_prompt_mask"] for r in rows]),
+        )
+
+    def _logp(self, logits: Array, allowed: Array | None = None) -> Array:
+        """Log-probs [..., V] under the sampling temperature and top-k (greedy: temperature 1),
+        over the `allowed` ids [..., V] when decoding is constrained."""
         c = self.config
         logits = logits.astype(jnp.float32)
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, _NEG)
         if c.temperature > 0:
             logits = logits / c.temperature
             if c.top_k:
@@ -363,12 +455,14 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
         prefill_len = jnp.sum(m, -1)
         slots = jnp.arange(p + n)
         prefix_valid = jnp.pad(m, ((0, 0), (0, n)))
+        g = c.grammar() if c.constrain_actions else None
 
         def step(carry):
-            i, last, ids, done, logp, ent, count, cache = carry
-            logp_all = self._logp(last)
+            i, last, ids, done, logp, ent, count, cache, written, tail_start = carry
+            allowed = None if g is None else allowed_ids(g, i, written, tail_start)
+            logp_all = self._logp(last, allowed)
             if greedy:
-                tok = jnp.argmax(last, -1)
+                tok = jnp.argmax(last if g is None else jnp.where(allowed, last, _NEG), -1)
             else:
                 tok = jax.random.categorical(jax.random.fold_in(rng, i), logp_all, -1)
             live = ~done
@@ -379,11 +473,15 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
             count = count + live
             ids = ids.at[:, i].set(tok)
             done = done | (tok == EOS)
+            if g is not None:
+                written = written + jnp.asarray(g.char_len)[tok]
+                tail_start = jnp.where((tail_start > i) & (written >= g.coeffs), i + 1, tail_start)
             mask = jnp.where(slots < p, prefix_valid, slots <= p + i)
             nxt, cache = pg.decode_step(
                 pg.embed_tokens(tok[:, None]), (prefill_len + 1 + i)[:, None], mask[:, None], cache
             )
-            return i + 1, nxt[:, 0].astype(jnp.float32), ids, done, logp, ent, count, cache
+            next_logits = nxt[:, 0].astype(jnp.float32)
+            return i + 1, next_logits, ids, done, logp, ent, count, cache, written, tail_start
 
         def cond(carry):
             return (carry[0] < n) & ~jnp.all(carry[3])
@@ -397,8 +495,10 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
             jnp.zeros((b,)),
             jnp.zeros((b,), jnp.int32),
             cache,
+            jnp.zeros((b,), jnp.int32),  # FAST characters written (constrained decoding)
+            jnp.full((b,), n, jnp.int32),  # the step the tail began at (n: not yet)
         )
-        i, _, ids, _, logp, ent, count, _ = jax.lax.while_loop(cond, step, init)
+        i, _, ids, _, logp, ent, count, *_ = jax.lax.while_loop(cond, step, init)
         return {"ids": ids, "logp": logp, "entropy": ent / jnp.maximum(count, 1), "steps": i}
 
     def teacher_forced(self, obs: Observation, ids: Array) -> tuple[Array, Array, Array]:
@@ -444,9 +544,22 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
             _batched(c.tokens_to_actions, 1), shape, ids, vmap_method="legacy_vectorized"
         )
 
+    def _allowed_along(self, ids: Array) -> Array | None:
+        """The constrained decoder's allowed ids at every step of `ids` [B, N] ([B, N, V])."""
+        c = self.config
+        if not c.constrain_actions:
+            return None
+        g = c.grammar()
+        n = ids.shape[-1]
+        char_len = jnp.asarray(g.char_len)[ids]
+        written = jnp.cumsum(char_len, -1) - char_len
+        reached = written >= g.coeffs
+        tail_start = jnp.where(reached.any(-1), jnp.argmax(reached, -1), n)
+        return allowed_ids(g, jnp.arange(n), written, tail_start[..., None])
+
     def _token_logps(self, obs: Observation, ids: Array):
         logits, hidden, m = self.teacher_forced(obs, ids)
-        logp_all = self._logp(logits)
+        logp_all = self._logp(logits, self._allowed_along(ids))
         tok_logp = jnp.take_along_axis(logp_all, ids[..., None], -1)[..., 0]
         is_eos = ids == EOS
         live = ~(jnp.cumsum(is_eos, 1) - is_eos > 0)  # up to and including the first EOS

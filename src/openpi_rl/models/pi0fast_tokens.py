@@ -262,6 +262,28 @@ class TokenizedPrompt:
         return iter((self.tokens, self.token_mask, self.ar_mask, self.loss_mask))
 
 
+@dataclasses.dataclass(frozen=True)
+class ActionGrammar:
+    """What a well-formed Pi0-FAST postfix may hold, as tables over PaliGemma ids.
+
+    A postfix is `head` ("Action: "), then FAST ids whose texts add up to exactly `coeffs`
+    characters (one per DCT coefficient: action_horizon * action_dim), then `tail` ("|" and
+    EOS). head, tail: int32 ids; char_len: int32 [vocab_size], the characters a PaliGemma id
+    writes as a FAST id (0: not a FAST id, or not the id FAST's encoder writes for its own
+    text, such as half of a multi-byte character).
+    """
+
+    head: np.ndarray
+    tail: np.ndarray
+    char_len: np.ndarray
+    coeffs: int
+
+    @property
+    def max_len(self) -> int:
+        """The longest well-formed postfix (one character per FAST id)."""
+        return len(self.head) + self.coeffs + len(self.tail)
+
+
 class Pi0FASTTokenizer:
     """openpi's FASTTokenizer: prompt + state (+ actions) <-> PaliGemma ids.
 
@@ -306,6 +328,24 @@ class Pi0FASTTokenizer:
     def act_tokens_to_paligemma_tokens(self, tokens: np.ndarray | Sequence[int]) -> np.ndarray:
         """FAST ids <-> PaliGemma ids (the map is its own inverse): V - 1 - skip - id."""
         return self.paligemma.vocab_size - 1 - self.fast_skip_tokens - np.asarray(tokens)
+
+    def action_grammar(self, action_horizon: int, action_dim: int) -> ActionGrammar:
+        """The tables that constrain decoding to postfixes `extract_actions` can decode."""
+        head = np.asarray(self.paligemma.encode("Action: "), np.int32)
+        tail = np.asarray(self.paligemma.encode("|", add_eos=True), np.int32)
+        char_len = np.zeros(self.paligemma.vocab_size, np.int32)
+        for fast_id in range(self.fast.vocab_size):
+            text = self.fast._bpe.decode([fast_id], skip_special_tokens=False)
+            # Only ids FAST's own encoder writes for their text: not half characters, not
+            # duplicates of another id's text, not characters the encoder drops.
+            if text and self.fast._bpe.encode(text).ids == [fast_id]:
+                char_len[self.act_tokens_to_paligemma_tokens(fast_id)] = len(text)
+        if np.any(char_len[np.concatenate([head, tail])] > 0):
+            raise ValueError(
+                "PaliGemma tokenizer: 'Action: ' or '|' encodes to ids that FAST also uses; "
+                "these files do not form openpi's Pi0-FAST vocabulary"
+            )
+        return ActionGrammar(head, tail, char_len, action_horizon * action_dim)
 
     def prefix_text(self, prompt: str, state: np.ndarray) -> str:
         cleaned = prompt.lower().strip().replace("_", " ")

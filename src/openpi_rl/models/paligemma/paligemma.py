@@ -37,25 +37,31 @@ PALIGEMMA_EOS_TOKEN = 1
 class PaliGemmaConfig:
     """gemma_variant / siglip_variant name the halves (see `gemma_config`, `siglip_config`);
     dtype is the compute dtype of both, param_dtype the weights'. `gemma_overrides` and
-    `siglip_overrides` replace single fields (a tiny vocabulary, another image size)."""
+    `siglip_overrides` replace single fields (a tiny vocabulary, another image size); remat
+    and scan apply to both (see `GemmaConfig`)."""
 
     gemma_variant: str = "gemma_2b"
     siglip_variant: str = "So400m/14"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    scan: bool = True
     gemma_overrides: tuple[tuple[str, object], ...] = ()
     siglip_overrides: tuple[tuple[str, object], ...] = ()
 
     @property
+    def _common(self) -> dict:
+        return dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan=self.scan
+        )
+
+    @property
     def gemma(self) -> GemmaConfig:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-        return gemma_config(self.gemma_variant, **{**common, **dict(self.gemma_overrides)})
+        return gemma_config(self.gemma_variant, **{**self._common, **dict(self.gemma_overrides)})
 
     @property
     def siglip(self) -> SigLIPConfig:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-        overrides = {**common, **dict(self.siglip_overrides)}
+        overrides = {**self._common, **dict(self.siglip_overrides)}
         return siglip_config(self.siglip_variant, out_width=self.gemma.width, **overrides)
 
     def create(self, rng: Array) -> PaliGemma:

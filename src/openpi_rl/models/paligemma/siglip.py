@@ -29,7 +29,8 @@ LN_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class SigLIPConfig:
-    """A ViT without pooling. out_width: the decoder's width (openpi's `num_classes`)."""
+    """A ViT without pooling. out_width: the decoder's width (openpi's `num_classes`); scan:
+    the blocks as one `lax.scan`, or unrolled (as `GemmaConfig.scan`)."""
 
     width: int
     depth: int
@@ -41,6 +42,7 @@ class SigLIPConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    scan: bool = True
 
     def __post_init__(self):
         if self.image_size % self.patch_size or self.width % self.num_heads:
@@ -176,7 +178,7 @@ class Encoder(nnx.Module):
             body = jax.checkpoint(
                 body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable
             )
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=not self.config.scan)
         return self.encoder_norm(x, dtype)
 
 
