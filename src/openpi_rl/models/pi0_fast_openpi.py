@@ -35,6 +35,12 @@ jit; malformed sequences give zeros, as openpi's.
 
 Value features: the final-norm hidden states of the prefix, mean-pooled over its valid
 tokens ([B, width]).
+
+Training from random weights (gym tasks, `for_env`): `constrain_actions` masks each decode step
+to the ids that keep the chunk readable ("Action: ", FAST ids adding up to exactly H * D
+coefficients, "|", EOS: `allowed_ids`), in sampling and in scoring alike; `prompt` fixes the
+task prompt and the model tokenizes each observation's `state` into it (host callback), so a
+gym observation is just its state vector.
 """
 
 from __future__ import annotations
