@@ -226,10 +226,10 @@ def test_seed_programmatic_usage_with_gaussian_mlp_and_custom_value_head():
     )  # the step trained the critic
 
 
-def test_ppo_step_keeps_adam_state_across_calls_and_learns_a_value():
-    """Call after call, `ppo_step` takes the steps of a PPOTrainer that carries Adam's state
-    explicitly (a fresh state per call would restart the moments and the bias correction),
-    and the critic learns the Monte Carlo return."""
+def test_ppo_step_keeps_adam_state_in_the_callers_trainer_and_learns_a_value():
+    """With the caller's trainer, call after call `ppo_step` takes the steps of a PPOTrainer
+    updated on the same batches (Adam's moments carry over), and the critic learns the Monte
+    Carlo return. Without one, a call keeps nothing: two calls equal two fresh trainers."""
     _, ac = _ac()
     _, twin = _ac()  # the same weights
     obs = {"state": jnp.ones((8, 3))}
@@ -244,14 +244,27 @@ def test_ppo_step_keeps_adam_state_across_calls_and_learns_a_value():
     )
     trainer = PPOTrainer(twin, cfg)
     batch = PPOBatch(obs, actions, logp, values, adv[:, 0], ret[:, 0])
+    mine = PPOTrainer(ac, cfg)
+    args = (obs, actions, rewards, dones, logp, values, cfg)
     for _ in range(8):
-        ppo_step(ac, jax.random.key(0), obs, actions, rewards, dones, logp, values, cfg)
+        ppo_step(ac, jax.random.key(0), *args, trainer=mine)
         trainer.update(jax.random.key(0), batch)
     got, want = nnx.state(ac, nnx.Param), nnx.state(twin, nnx.Param)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # Monte Carlo return is 1 at every step (gamma 1): the critic must approach it.
     assert float(jnp.abs(ac.value(None, obs) - 1.0).max()) < 0.1
+
+    _, bare = _ac()
+    _, fresh = _ac()
+    for _ in range(2):
+        ppo_step(bare, jax.random.key(0), *args)
+        PPOTrainer(fresh, cfg).update(jax.random.key(0), batch)
+    got, want = nnx.state(bare, nnx.Param), nnx.state(fresh, nnx.Param)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="trainer: expected the PPOTrainer built for"):
+        ppo_step(bare, jax.random.key(0), *args, trainer=mine)
 
 
 def test_ppo_step_rejects_non_trajectory_rewards():

@@ -8,9 +8,8 @@ PureJaxRL's (`lax.scan` over epochs and minibatches, no Python loop on the hot p
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -287,6 +286,41 @@ class PPOTrainer:
         nnx.update(self.ac_model, self.params)
         return metrics
 
+    def step(
+        self,
+        rng: Array,
+        obs: Observation,
+        actions: Array,
+        rewards: Array,
+        dones: Array,
+        old_logp: Array,
+        old_values: Array,
+        *,
+        last_value: float | Array = 0.0,
+    ) -> tuple[Array, dict[str, Array]]:
+        """`ppo_step` on one trajectory with this trainer's optimizer state (Adam's moments
+        carry from call to call). Returns (mean loss, metrics)."""
+        validate_observation(obs, self.ac_model.model.obs_spec)
+        rewards = jnp.asarray(rewards, jnp.float32)
+        if rewards.ndim != 1:
+            raise ValueError(f"rewards: expected [T], got shape {list(rewards.shape)}")
+        old_values = jnp.asarray(old_values, jnp.float32)
+        last = jnp.reshape(jnp.asarray(last_value, jnp.float32), (1,))
+        adv, ret = gae_advantages(
+            rewards[:, None], old_values[:, None], jnp.asarray(dones)[:, None], None, last,
+            self.config.gamma, self.config.lam,
+        )  # fmt: skip
+        batch = PPOBatch(
+            obs=dict(obs),
+            actions=jnp.asarray(actions),
+            old_logp=jnp.asarray(old_logp, jnp.float32),
+            old_values=old_values,
+            advantages=adv[:, 0],
+            returns=ret[:, 0],
+        )
+        metrics = self.update(rng, batch)
+        return metrics["loss"], metrics
+
 
 def flatten_rollout(
     obs: Mapping[str, Array],
@@ -310,12 +344,6 @@ def flatten_rollout(
 
 # ----------------------------------------------------------------------------- seed API
 
-# Optimizer state for `ppo_step` callers, kept per model so Adam's moments persist across
-# calls without changing the seed's call signature.
-_step_opt_states: weakref.WeakKeyDictionary[ActorCritic, tuple[PPOConfig, Any]] = (
-    weakref.WeakKeyDictionary()
-)
-
 
 def ppo_step(
     ac_model: ActorCritic,
@@ -329,6 +357,7 @@ def ppo_step(
     config: PPOConfig,
     *,
     last_value: float | Array = 0.0,
+    trainer: PPOTrainer | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """One PPO update on one trajectory, updating `ac_model` in place (the seed's API).
 
@@ -337,33 +366,18 @@ def ppo_step(
     Runs GAE then `config.train_iters` epochs of minibatch updates. Returns the mean loss over
     the applied minibatch steps and the metrics dict. `obs` is checked against the model's
     `obs_spec` first (ValueError naming the key).
+
+    The optimizer state is the caller's: pass `trainer=PPOTrainer(ac_model, config)` and keep
+    it between calls so Adam's moments carry over (as optax's `opt_state` does); without one,
+    each call starts a fresh optimizer state.
     """
-    validate_observation(obs, ac_model.model.obs_spec)
-    rewards = jnp.asarray(rewards, jnp.float32)
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards: expected [T], got shape {list(rewards.shape)}")
-    old_values = jnp.asarray(old_values, jnp.float32)
-    last = jnp.reshape(jnp.asarray(last_value, jnp.float32), (1,))
-    adv, ret = gae_advantages(
-        rewards[:, None], old_values[:, None], jnp.asarray(dones)[:, None], None, last,
-        config.gamma, config.lam,
-    )  # fmt: skip
-    batch = PPOBatch(
-        obs=dict(obs),
-        actions=jnp.asarray(actions),
-        old_logp=jnp.asarray(old_logp, jnp.float32),
-        old_values=old_values,
-        advantages=adv[:, 0],
-        returns=ret[:, 0],
+    if trainer is None:
+        trainer = PPOTrainer(ac_model, config)
+    elif trainer.ac_model is not ac_model or trainer.config != config:
+        raise ValueError(
+            "trainer: expected the PPOTrainer built for this ac_model and config (it holds "
+            "their optimizer state), got one for another model or config"
+        )
+    return trainer.step(
+        rng, obs, actions, rewards, dones, old_logp, old_values, last_value=last_value
     )
-    graphdef, params, rest = nnx.split(ac_model, nnx.Param, ...)
-    cached = _step_opt_states.get(ac_model)
-    opt_state = cached[1] if cached is not None and cached[0] == config else None
-    if opt_state is None:
-        opt_state = make_optimizer(config).init(params)
-    params, opt_state, metrics = _ppo_update_jit(
-        graphdef, params, rest, opt_state, rng, batch, config
-    )
-    nnx.update(ac_model, params)
-    _step_opt_states[ac_model] = (config, opt_state)
-    return metrics["loss"], metrics
