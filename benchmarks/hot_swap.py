@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ class Robot(threading.Thread):
         self.samples: list[tuple[float, float | None, int, float]] = []
 
     def run(self) -> None:
-        rng = np.random.default_rng(abs(hash(self.name)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(self.name.encode()))
         period, t_next = 1.0 / self.hz, time.monotonic()
         with PolicyClient(self.endpoint, robot_id=self.name, timeout_s=1.0, retries=0) as client:
             step = 0

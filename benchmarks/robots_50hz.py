@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def _free_port() -> int:
 
 
 def _robot(endpoint: str, name: str, args: Args, start: float, out: dict) -> None:
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
     period = 1.0 / args.hz
     stats = {"ms": [], "late": 0, "errors": [], "replies": 0, "ticks": 0, "stalls": 0}

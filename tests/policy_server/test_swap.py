@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -106,7 +107,7 @@ class Robots:
             t.start()
 
     def _run(self, endpoint: str, name: str, episode_len: int, reward) -> None:
-        rng = np.random.default_rng(hash(name) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
         seen = self.versions.setdefault(name, [])
         with PolicyClient(endpoint, robot_id=name, timeout_s=5.0, retries=0) as client:
             step, episode = 0, 0
