@@ -267,7 +267,7 @@ def model_memory_main(variant: str) -> int:
 def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | None:
     import jax
 
-    from openpi_rl.daemon.checkpoints import build_actor_critic
+    from openpi_rl.daemon.checkpoints import ModelConfigError, build_actor_critic
 
     def build_and_sample() -> Any:
         ac = build_actor_critic(model, value_hidden, seed)
@@ -277,7 +277,9 @@ def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | 
     try:
         jax.eval_shape(build_and_sample)
     except Exception as e:  # any failure is the finding; its text names what broke
-        return f"{type(model).__name__} does not build: {type(e).__name__}: {e}"
+        # What the model config raised, not ModelConfigError's repetition of it.
+        cause = e.__cause__ if isinstance(e, ModelConfigError) and e.__cause__ else e
+        return f"{type(model).__name__} does not build: {type(cause).__name__}: {cause}"
     return None
 
 

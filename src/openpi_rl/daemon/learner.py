@@ -36,7 +36,8 @@ from flax import nnx
 from prometheus_client import start_http_server
 
 from openpi_rl.daemon.batch import ChunkBatch, build_batch
-from openpi_rl.daemon.checkpoints import VersionCheckpoints, build_actor_critic
+from openpi_rl.daemon.checkpoints import ModelConfigError, VersionCheckpoints, build_actor_critic
+from openpi_rl.daemon.config import config_error
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.operator_state import OperatorState, load_state, state_path
 from openpi_rl.daemon.publish import AUTO, Publisher, ServerWatch, notice_endpoint
@@ -461,8 +462,12 @@ class Learner:
 
 def learn(config: LearnerConfig) -> int:
     """`openpi-rl learn`: run a Learner until SIGTERM / Ctrl-C (finish the current update,
-    close, exit 0), with Prometheus /metrics on `metrics_port`."""
-    learner = Learner(config)
+    close, exit 0), with Prometheus /metrics on `metrics_port`. A model config that does not
+    build exits EX_CONFIG (78)."""
+    try:
+        learner = Learner(config)
+    except ModelConfigError as e:  # e.g. a tokenizer file missing: held down, not restarted
+        return config_error("learn", str(e))
     if config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=learner.metrics.registry

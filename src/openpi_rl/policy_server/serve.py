@@ -12,11 +12,11 @@ import sys
 import threading
 from typing import Annotated
 
-import jax
 import structlog
-from flax import nnx
 from prometheus_client import start_http_server
 
+from openpi_rl.daemon.checkpoints import ModelConfigError, build_actor_critic
+from openpi_rl.daemon.config import config_error
 from openpi_rl.daemon.sdnotify import HealthWatchdog, zmq_health
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
@@ -25,7 +25,6 @@ from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayLocked
-from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.secret import SECRET
 from openpi_rl.train.train_ppo import ModelChoice
 
@@ -57,14 +56,8 @@ class ServeConfig:
 
 
 def build_server(config: ServeConfig) -> PolicyServer:
-    key = jax.random.key(config.seed)
-    model = config.model.create(jax.random.fold_in(key, 0))
-    ac = ActorCritic(
-        model,
-        value_in_dim=config.model.value_in_dim,
-        value_hidden=config.value_hidden,
-        rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
-    )
+    """The server of `config`; raises ModelConfigError when its model does not build."""
+    ac = build_actor_critic(config.model, config.value_hidden, config.seed)  # the learner's v0
     replay = (
         ReplayConfig(
             path=config.replay_dir,
@@ -98,6 +91,8 @@ def serve(config: ServeConfig) -> int:
     except ReplayLocked as e:  # a second server on one replay directory: say so, exit 2
         print(f"openpi-rl serve: {e}", file=sys.stderr)
         return 2
+    except ModelConfigError as e:  # e.g. a tokenizer file missing: held down, not restarted
+        return config_error("serve", str(e))
     tune_serving_process(config.gil_switch_interval_s)
     if config.metrics_port is not None:
         start_http_server(
