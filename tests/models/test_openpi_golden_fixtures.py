@@ -123,9 +123,9 @@ def _expected_shapes(g: dict, s: dict, n_patches: int, lora_rank: int | None) ->
 
 
 def test_fixture_files_present_and_small():
-    for rel in ("README.md", "make_golden.py", "full_tree.json", "tiny/config.json", "tiny/inputs.npz", "tiny/outputs.npz"):  # fmt: skip
+    for rel in ("README.md", "make_golden.py", "full_tree.json", "tiny/config.json", "tiny/inputs.npz", "tiny/outputs.npz", "tiny/outputs_bf16.npz", "tiny/outputs_bf16_params.npz", "tiny/lora/outputs.npz"):  # fmt: skip
         assert (FIXTURES / rel).is_file(), rel
-    for sub in ("params", "params_pure"):
+    for sub in ("params", "params_pure", "lora/params"):
         assert (TINY / sub / "_METADATA").is_file(), sub
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     assert total < 4 * 2**20, total
