@@ -18,7 +18,6 @@ role's config gains are set in its table: the daemon passes the tables through u
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tomllib
 import typing
 from pathlib import Path
@@ -127,16 +126,6 @@ class ServiceFile:
         """The role's frozen config (ServeConfig, BridgeConfig or LearnerConfig); raises
         ValueError naming the key (`serve.model.obs_dim: ...`)."""
         return config_file.from_dict(role_class(role), self.role_table(role), f"{role}.")
-
-
-def config_error(role: str, message: str) -> int:
-    """A role's configuration is wrong: say so on stderr and to the supervisor (STATUS=, which
-    the daemon shows for a held-down role); returns EX_CONFIG for the role to exit with."""
-    from openpi_rl.daemon.sdnotify import notify
-
-    print(f"openpi-rl {role}: {message}", file=sys.stderr)
-    notify("STATUS=" + message.replace("\n", " "))
-    return EX_CONFIG
 
 
 def connect_address(endpoint: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -41,6 +42,15 @@ def notify(*lines: str, environ: dict[str, str] | None = None) -> bool:
         log.warning("sdnotify.failed", socket=addr, error=str(e))
         return False
     return True
+
+
+def config_error(role: str, message: str) -> int:
+    """A role's configuration is wrong: say so on stderr and to the supervisor (STATUS=, which
+    the daemon shows for a held-down role); returns EX_CONFIG (78, sysexits), the exit status
+    neither the daemon nor systemd restarts."""
+    print(f"openpi-rl {role}: {message}", file=sys.stderr)
+    notify("STATUS=" + message.replace("\n", " "))
+    return os.EX_CONFIG
 
 
 def watchdog_interval_s(environ: dict[str, str] | None = None) -> float | None:

@@ -16,8 +16,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from openpi_rl.daemon.checkpoints import ModelConfigError, build_actor_critic
-from openpi_rl.daemon.config import config_error
-from openpi_rl.daemon.sdnotify import HealthWatchdog, zmq_health
+from openpi_rl.daemon.sdnotify import HealthWatchdog, config_error, zmq_health
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
 from openpi_rl.policy_server.metrics import ServerMetrics
