@@ -272,11 +272,6 @@ def test_check_names_the_model_configs_own_error(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pi0_fast_openpi.py's serving_key_sets ignores a fixed `prompt`: robots then send "
-    "cameras + state, which compile on the serving path (fix belongs in the model file)",
-)
 def test_with_a_fixed_prompt_the_key_sets_robots_send_are_compiled_before_ready():
     """With `prompt` set the model tokenizes the state itself: a robot sends its cameras and its
     state, and `state` is required. The server compiles the key sets the config names before

@@ -167,7 +167,10 @@ class Pi0FASTOpenPIConfig:
 
     @property
     def serving_key_sets(self) -> tuple[tuple[str, ...], ...]:
-        """Key sets robots send: every camera and the prompt, with and without the state."""
+        """Key sets robots send: every camera and the prompt, with and without the state; with
+        a fixed `prompt`, every camera and the state (the model writes it into the prompt)."""
+        if self.prompt is not None:
+            return ((*self.cameras, "state"),)
         base = (*self.cameras, "tokenized_prompt", "tokenized_prompt_mask")
         return (base, (*base, "state"))
 
