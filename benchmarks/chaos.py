@@ -63,9 +63,9 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from openpi_rl.daemon.config import ServiceFile
 from openpi_rl.demo import DaemonProcess, Episode, OperatorPolicy, SimOperator, write_demo_config
 from openpi_rl.replay.writer import SEQ_BITS
+from openpi_rl.service.config import ServiceFile
 from openpi_rl.train.envs import EnvBatch
 from openpi_rl_client import PolicyClient, protocol
 
@@ -298,7 +298,7 @@ def newest_version(checkpoint_dir: Path) -> int | None:
 
 class Checker:
     def __init__(self, svc: Service, slack_s: float):
-        from openpi_rl.daemon.checkpoints import build_actor_critic
+        from openpi_rl.models.choice import build_actor_critic
 
         self.svc = svc
         self.window_s = svc.serve.commit_interval_s + slack_s
@@ -417,7 +417,7 @@ class Checker:
 
     def checkpoint(self) -> tuple[int | None, bool]:
         """(newest complete version, whether it restores into a fresh ActorCritic)."""
-        from openpi_rl.daemon.checkpoints import restore_version
+        from openpi_rl.weights.versions import restore_version
 
         v = newest_version(self.svc.checkpoint_dir)
         if v is None:

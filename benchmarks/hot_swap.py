@@ -83,8 +83,9 @@ def learner_stand_in(
     import jax
     from flax import nnx
 
-    from openpi_rl.daemon import Publisher, VersionCheckpoints, build_actor_critic
     from openpi_rl.models import GaussianMLPConfig
+    from openpi_rl.models.choice import build_actor_critic
+    from openpi_rl.weights import Publisher, VersionCheckpoints
 
     config = GaussianMLPConfig(
         obs_dim=OBS_DIM, action_dim=ACTION_DIM, action_horizon=HORIZON, hidden=HIDDEN

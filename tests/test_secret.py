@@ -118,12 +118,12 @@ def test_urls_keep_where_they_point_and_lose_their_credentials():
 
 def test_every_field_named_like_a_secret_carries_the_marker():
     """A new token field without the marker would print in --help: caught here."""
-    from openpi_rl.daemon.config import DaemonConfig
     from openpi_rl.daemon.learner import LearnerConfig
     from openpi_rl.demo import DemoConfig
     from openpi_rl.demo.config import DemoService
     from openpi_rl.policy_server.serve import ServeConfig
     from openpi_rl.reward_bridge import BridgeConfig
+    from openpi_rl.service.config import DaemonConfig
     from openpi_rl.train.train_ppo import PPOTrainConfig
 
     words = ("token", "api_key", "password", "secret", "operators", "_url")

@@ -1,10 +1,10 @@
-"""`openpi-rl` command line: one subcommand per role (`train` now; the service roles later)."""
+"""`openpi-rl` command line: one subcommand per role (`serve`, `bridge`, `learn`), the supervisor
+of all three (`daemon`), `train` (gym tasks), `check`, `replay`, `admin`, `demo`, `keys`."""
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
-import logging
 import os
 import signal
 import sys
@@ -12,11 +12,13 @@ import sys
 import structlog
 import tyro
 
+from openpi_rl.logs import configure_logging
+
 
 def _seed_style_args(argv: list[str]) -> list[str]:
     """The seed writes `--model.pi0_fast`; tyro names that subcommand `model:pi0_fast`. With a
     single model registered there is no subcommand, and the flag only confirms the default."""
-    from openpi_rl.train.train_ppo import MODEL_NAMES
+    from openpi_rl.models.choice import MODEL_NAMES
 
     out = []
     for a in argv:
@@ -29,33 +31,13 @@ def _seed_style_args(argv: list[str]) -> list[str]:
     return out
 
 
-def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
-    """structlog: readable console lines for CLIs, JSON lines for services.
-    `OPENPI_RL_LOG_JSON=1|0` overrides (the daemon sets it so its children log alike)."""
-    json = {"1": True, "0": False}.get(os.environ.get("OPENPI_RL_LOG_JSON", ""), json)
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
-
-
 def _file_config(cls: type, argv: list[str], role: str) -> object:
     """The default `cls` for tyro: `--config FILE` (the role's own TOML), or `--config FILE
     --section ROLE` (openpi-rl.toml, shared settings filled in; what the daemon and the systemd
     units run). Both options are removed from argv. A wrong file exits with EX_CONFIG (78),
     which neither the daemon nor systemd restarts."""
     from openpi_rl import config_file
-    from openpi_rl.daemon.config import EX_CONFIG, ServiceFile
+    from openpi_rl.service.config import EX_CONFIG, ServiceFile
 
     if "--config" not in argv:
         return cls()
@@ -73,7 +55,7 @@ def _file_config(cls: type, argv: list[str], role: str) -> object:
             os.environ.setdefault("OPENPI_RL_LOG_JSON", "1" if service.log_json else "0")
         return config_file.from_dict(cls, service.role_table(section), f"{section}.")
     except (OSError, ValueError) as e:
-        from openpi_rl.daemon.sdnotify import notify
+        from openpi_rl.sdnotify import notify
 
         print(f"openpi-rl {role}: {path}: {e}", file=sys.stderr)
         notify("STATUS=" + str(e).replace("\n", " "))  # why the daemon holds this role down
@@ -169,7 +151,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
     if len(argv) != 2 or argv[0] != "--config":
         print("usage: openpi-rl daemon --config openpi-rl.toml", file=sys.stderr)
         return 2
-    from openpi_rl.daemon.supervisor import daemon
+    from openpi_rl.service.supervisor import daemon
 
     configure_logging(json=not sys.stderr.isatty())
     return daemon(argv[1])
@@ -177,7 +159,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
 
 def check_main(argv: list[str] | None = None) -> int:
     """`openpi-rl check --config openpi-rl.toml`: every problem of the file and this machine."""
-    from openpi_rl.daemon.check import check_main
+    from openpi_rl.service.check import check_main
 
     return check_main(list(sys.argv[1:] if argv is None else argv))
 

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from openpi_rl.daemon import ChunkBatch, DataParallel, build_actor_critic
+from openpi_rl.daemon import ChunkBatch, DataParallel
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.rl import PPOConfig
 from openpi_rl.rl.ppo import make_optimizer
 

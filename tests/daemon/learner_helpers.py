@@ -9,8 +9,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from openpi_rl.daemon import LearnerConfig, build_actor_critic
+from openpi_rl.daemon import LearnerConfig
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.replay import ReplayConfig, ReplayWriter
 from openpi_rl.rl import PPOConfig
 from openpi_rl_client import wire

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openpi_rl.daemon.check import check_main
+from openpi_rl.service.check import check_main
 
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "openpi-rl.toml.example"
 
@@ -133,7 +133,7 @@ def test_model_memory_prints_the_estimate_for_a_variant(capsys):
 def test_a_paligemma_model_config_gets_an_info_line():
     import dataclasses
 
-    from openpi_rl.daemon.check import model_memory
+    from openpi_rl.service.check import model_memory
 
     @dataclasses.dataclass
     class Model:  # a config naming openpi's variant

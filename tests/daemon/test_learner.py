@@ -11,9 +11,11 @@ import pytest
 from flax import nnx
 from learner_helpers import MODEL, Recorder, learner_config
 
-from openpi_rl.daemon import LatestVersion, Learner, build_actor_critic, restore_version
+from openpi_rl.daemon import Learner
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.models.pi0_fast import Pi0FASTConfig
 from openpi_rl.rl import PPOBatch, PPOConfig, ppo_loss
+from openpi_rl.weights import LatestVersion, restore_version
 
 
 def _wait_heartbeat(sub: LatestVersion, timeout_s: float = 5.0) -> None:
@@ -306,7 +308,7 @@ def test_a_corrupt_newest_version_resumes_from_the_previous_one(tmp_path, record
 def test_a_running_learner_trains_on_from_an_operator_rollback(tmp_path, recorder):
     """The server's admin wrote a rollback to version 1 while the learner runs: between updates
     the learner takes version 1's weights, and its next version is 3, not 2 again."""
-    from openpi_rl.daemon.operator_state import OperatorState, save_state
+    from openpi_rl.weights.operator_state import OperatorState, save_state
 
     rng = np.random.default_rng(0)
     learner = Learner(learner_config(tmp_path))

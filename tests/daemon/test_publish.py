@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from openpi_rl.cli import keys_main
-from openpi_rl.daemon import LatestVersion, Publisher
-from openpi_rl.daemon.publish import AUTO, notice_endpoint
+from openpi_rl.weights import LatestVersion, Publisher
+from openpi_rl.weights.notices import AUTO, notice_endpoint
 
 
 def _heard(sub: LatestVersion, publisher: Publisher, timeout_s: float = 3.0) -> int | None:

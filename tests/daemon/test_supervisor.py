@@ -23,8 +23,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
 from daemon_process import alive
 
-from openpi_rl.daemon.config import DaemonConfig
-from openpi_rl.daemon.supervisor import ChildSpec, Supervisor
+from openpi_rl.service.config import DaemonConfig
+from openpi_rl.service.supervisor import ChildSpec, Supervisor
 
 CHILD = r"""
 import faulthandler, os, signal, socket, sys, time

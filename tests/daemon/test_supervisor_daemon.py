@@ -24,9 +24,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "deploy"))
 from daemon_process import MODEL, PORTS, DaemonProcess, NotifySocket, alive, service_config
 
-from openpi_rl.daemon import LatestVersion, VersionCheckpoints, build_actor_critic
-from openpi_rl.daemon.checkpoints import restore_version
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
+from openpi_rl.weights import LatestVersion, VersionCheckpoints
+from openpi_rl.weights.versions import restore_version
 from openpi_rl_client import PolicyClient
 
 ROLES = ("serve", "bridge", "learn")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from openpi_rl.daemon import sdnotify
+from openpi_rl import sdnotify
 from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.policy_server.serve import ServeConfig, build_server
 from openpi_rl.policy_server.server import ServeOptions

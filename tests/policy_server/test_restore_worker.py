@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from openpi_rl.daemon import VersionCheckpoints, build_actor_critic
-from openpi_rl.daemon.checkpoints import restore_version
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.policy_server.restore_worker import RestoreError, RestoreWorker
+from openpi_rl.weights import VersionCheckpoints
+from openpi_rl.weights.versions import restore_version
 
 CONFIG = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=4, hidden=(32, 32))
 

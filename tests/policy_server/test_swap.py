@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from openpi_rl.daemon import Publisher, VersionCheckpoints, build_actor_critic
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.policy_server.admin import AdminEndpoint, admin_request
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
+from openpi_rl.weights import Publisher, VersionCheckpoints
 from openpi_rl_client import PolicyClient
 
 CONFIG = GaussianMLPConfig(obs_dim=6, action_dim=2, action_horizon=4, hidden=(32, 32))

@@ -12,7 +12,7 @@ import pytest
 import websockets.exceptions
 from websockets.sync.client import connect
 
-from openpi_rl.reward_bridge.httpd import ConnectionSlots
+from openpi_rl.guards import ConnectionSlots
 from tests.reward_bridge.conftest import OPERATORS, add_transitions, pendant, recv_type
 
 CAP = 6

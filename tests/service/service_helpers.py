@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from openpi_rl.daemon import Learner, LearnerConfig, build_actor_critic
+from openpi_rl.daemon import Learner, LearnerConfig
 from openpi_rl.models import GaussianMLPConfig
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.policy_server.admin import AdminEndpoint, admin_request
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper

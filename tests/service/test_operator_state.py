@@ -15,7 +15,7 @@ from flax import nnx
 from service_helpers import MODEL, TOKEN, ServerRig, free_port, learner_config, wait_for
 
 from openpi_rl.daemon import Learner
-from openpi_rl.daemon.operator_state import load_state
+from openpi_rl.weights.operator_state import load_state
 from openpi_rl_client import PolicyClient
 
 

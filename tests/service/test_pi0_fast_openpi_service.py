@@ -24,10 +24,11 @@ import pytest
 from flax import nnx
 from service_helpers import free_port, wait_for
 
-from openpi_rl.daemon import Learner, build_actor_critic
-from openpi_rl.daemon.config import EX_CONFIG, ServiceFile
+from openpi_rl.daemon import Learner
+from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.models.pi0_fast_openpi import EOS, Pi0FASTOpenPIConfig
 from openpi_rl.replay import ReplayReader
+from openpi_rl.service.config import EX_CONFIG, ServiceFile
 from openpi_rl_client import PolicyClient, wire
 
 TOK = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
@@ -259,7 +260,7 @@ def test_a_missing_tokenizer_file_is_a_config_error_exit_78(tmp_path, role):
 
 def test_check_names_the_model_configs_own_error(tmp_path):
     """`openpi-rl check` shows what the model config raised (not the roles' wrapper of it)."""
-    from openpi_rl.daemon.check import check_models
+    from openpi_rl.service.check import check_models
 
     path = tmp_path / "openpi-rl.toml"
     ports = dict.fromkeys(("publish", "metrics", "serve"), 0)

@@ -78,7 +78,7 @@ def test_a_bad_reward_configuration_is_refused_before_training():
 
 
 def test_seed_style_model_flag_maps_to_the_tyro_subcommand():
-    from openpi_rl.train.train_ppo import MODEL_NAMES
+    from openpi_rl.models.choice import MODEL_NAMES
 
     expected = ["model:gaussian_mlp"] if len(MODEL_NAMES) > 1 else []
     assert _seed_style_args(["--model.gaussian_mlp", "--env", "X"]) == [*expected, "--env", "X"]

@@ -36,17 +36,17 @@ from flax import nnx
 from prometheus_client import start_http_server
 
 from openpi_rl.daemon.batch import ChunkBatch, build_batch
-from openpi_rl.daemon.checkpoints import ModelConfigError, VersionCheckpoints, build_actor_critic
 from openpi_rl.daemon.metrics import LearnerMetrics
-from openpi_rl.daemon.operator_state import OperatorState, load_state, state_path
-from openpi_rl.daemon.publish import AUTO, Publisher, ServerWatch, notice_endpoint
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
-from openpi_rl.daemon.sdnotify import Notifier, config_error
 from openpi_rl.daemon.update import DataParallel
+from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.replay import CorruptRecord, MissingRecord, TransitionRow
 from openpi_rl.rl.ppo import PPOConfig, make_optimizer
-from openpi_rl.train.train_ppo import ModelChoice
+from openpi_rl.sdnotify import Notifier, config_error
+from openpi_rl.weights.notices import AUTO, Publisher, ServerWatch, notice_endpoint
+from openpi_rl.weights.operator_state import OperatorState, load_state, state_path
+from openpi_rl.weights.versions import VersionCheckpoints
 
 log = structlog.get_logger("openpi_rl.learner")
 

@@ -16,8 +16,8 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from openpi_rl.daemon.config import ServiceFile
 from openpi_rl.secret import SECRET
+from openpi_rl.service.config import ServiceFile
 
 PENDANT_PORT = 8765  # the bridge's usual port; a free one when it is taken
 

@@ -1,9 +1,8 @@
-"""Policy server: answers robots' action requests over ZeroMQ (and openpi's WebSocket protocol)
-from one live `PolicySnapshot`, micro-batching concurrent robots, and logs every served chunk to
-the replay. Talks to: robots (client/), the replay store, and later the learner (hot-swap).
-
-This slice holds the snapshot (padded-batch jitted sampler with warm-up) and the metrics; the
-serving loop lands with the wire protocol and the replay store.
+"""Policy server (`openpi-rl serve`): answers robots' action requests over ZeroMQ (and openpi's
+WebSocket protocol) from one live `PolicySnapshot`, batching concurrent robots, logs every
+served chunk and report to the replay, and hot-swaps to the learner's versions. Talks to:
+robots (client/, openpi-client), the replay, the learner (version notices, health), the
+operator (`openpi-rl admin`).
 """
 
 from openpi_rl.policy_server.metrics import ServerMetrics

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
-from openpi_rl.reward_bridge.httpd import RateLimiter
+from openpi_rl.guards import RateLimiter
 from openpi_rl_client import protocol, wire
 
 if TYPE_CHECKING:

@@ -37,8 +37,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from openpi_rl.guards import ConnectionSlots, RateLimiter, peer_host
 from openpi_rl.policy_server.metrics import ServerMetrics
-from openpi_rl.reward_bridge.httpd import ConnectionSlots, RateLimiter, peer_host
 from openpi_rl_client import PROTOCOL_VERSION, wire
 
 log = structlog.get_logger("openpi_rl.policy_server.openpi_ws")

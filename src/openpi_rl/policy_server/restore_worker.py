@@ -126,7 +126,7 @@ class RestoreWorker:
 def _restore_leaves(path: str, target: Any) -> list[np.ndarray]:
     import jax
 
-    from openpi_rl.daemon.checkpoints import restore_weights
+    from openpi_rl.weights.versions import restore_weights
 
     return [np.ascontiguousarray(x) for x in jax.tree.leaves(restore_weights(path, target))]
 

@@ -15,8 +15,7 @@ from typing import Annotated
 import structlog
 from prometheus_client import start_http_server
 
-from openpi_rl.daemon.checkpoints import ModelConfigError, build_actor_critic
-from openpi_rl.daemon.sdnotify import HealthWatchdog, config_error, zmq_health
+from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
 from openpi_rl.policy_server.metrics import ServerMetrics
@@ -24,8 +23,8 @@ from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayLocked
+from openpi_rl.sdnotify import HealthWatchdog, config_error, zmq_health
 from openpi_rl.secret import SECRET
-from openpi_rl.train.train_ppo import ModelChoice
 
 log = structlog.get_logger("openpi_rl.policy_server")
 

@@ -25,22 +25,22 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 import zmq
 
+from openpi_rl.guards import RateLimiter
 from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.curve import curve_server
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.reports import Reports
+from openpi_rl.policy_server.returns import EpisodeReturns
 from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
-from openpi_rl.policy_server.swapper import EpisodeReturns, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
 from openpi_rl.replay.writer import ReplayClosed, ReplayFull
-from openpi_rl.reward_bridge.httpd import RateLimiter
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
 from openpi_rl_client import protocol, wire
@@ -99,6 +99,14 @@ class _Pending:
     resent_from: list[bytes] = dataclasses.field(default_factory=list)  # sockets of resends
 
 
+class SwapStage(Protocol):
+    """What the server asks of its hot-swap stage (policy_server/swapper.py's `Swapper`)."""
+
+    def died(self) -> bool: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
 class PolicyServer:
     """`PolicyServer(ac, options, replay_config).run()`; `close()` from any thread stops it."""
 
@@ -117,7 +125,7 @@ class PolicyServer:
         self.metrics = metrics or ServerMetrics()
         self.metrics.policy_version.set(version)
         self.metrics.compilations.set_function(lambda: self.snapshot.compilations)
-        self.swapper: Swapper | None = None  # set by Swapper(self, ...): hot-swap and admin
+        self.swapper: SwapStage | None = None  # set by Swapper(self, ...): hot-swap and admin
         # Per-version episode returns (automatic rollback).
         self.returns = EpisodeReturns(max_robots=options.max_robots)
         self.replay = ReplayWriter(replay_config) if replay_config is not None else None

@@ -15,11 +15,11 @@ hold twice in RAM). The first version to start from is restored in-process, befo
 Weights never queue: a swapper that falls behind loads only the newest version it has heard
 of. The learner's heartbeats (every 0.5 s) show it alive; silent for `peer_timeout_s`, it is
 shown dead in `health` and the metrics, and the server keeps serving its last good version.
-The learner's side of the exchange asks the server's `health` (daemon/publish.py
+The learner's side of the exchange asks the server's `health` (weights/notices.py
 `ServerWatch`), which also carries `learning_paused`, the admin's pause switch.
 
 Weights come only from our learner: the notice channel is private (an ipc socket in a 0700
-directory by default, CURVE across hosts: daemon/publish.py); a notice names a version and the
+directory by default, CURVE across hosts: weights/notices.py); a notice names a version and the
 server loads `<checkpoint_dir>/<version>` (a notice naming another path, a version far past the
 newest on disk, or a directory that resolves outside `checkpoint_dir` is refused); and a
 version goes live only if its files match the manifest the learner wrote (checkpoints.py).
@@ -30,7 +30,7 @@ An operator (admin.py) can pin a version (newer notices are ignored until `unpin
 back to the newest good version older than the live one (that pins it too; the version rolled
 back from is never followed again). These decisions and the pause-learning switch are written
 atomically to `<checkpoint_dir>/operator_state.json` and honoured after a restart of the server
-or the learner (daemon/operator_state.py). Optionally, a new version whose last K episodes' mean
+or the learner (weights/operator_state.py). Optionally, a new version whose last K episodes' mean
 return falls below the previous version's by a margin is rolled back automatically.
 """
 
@@ -42,7 +42,6 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -50,12 +49,12 @@ import jax
 import structlog
 from flax import nnx
 
-from openpi_rl.daemon.checkpoints import CorruptVersion, restore_version, verify_version
-from openpi_rl.daemon.operator_state import OperatorState, load_state, save_state
-from openpi_rl.daemon.publish import AUTO, LatestVersion, notice_endpoint
 from openpi_rl.policy_server.restore_worker import RestoreWorker
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
 from openpi_rl.secret import SECRET
+from openpi_rl.weights.notices import AUTO, LatestVersion, notice_endpoint
+from openpi_rl.weights.operator_state import OperatorState, load_state, save_state
+from openpi_rl.weights.versions import CorruptVersion, restore_version, verify_version
 
 if TYPE_CHECKING:
     from openpi_rl.policy_server.server import PolicyServer
@@ -84,52 +83,6 @@ class SwapOptions:
 
 class SwapError(Exception):
     """A version that cannot go live: not on disk, other shapes, non-finite outputs."""
-
-
-class EpisodeReturns:
-    """Returns of finished episodes per policy version, from the robots' reports. An episode
-    counts for a version only if that version served every chunk of it. Thread-safe: the
-    serving thread writes, the swapper reads."""
-
-    def __init__(self, keep_versions: int = 16, keep_episodes: int = 256, max_robots: int = 4096):
-        # robot -> [episode_id, version or None (mixed), return]; least recently served first
-        self._open: OrderedDict[str, list] = OrderedDict()
-        self._done: OrderedDict[int, deque[float]] = OrderedDict()
-        self._keep_versions, self._keep_episodes = keep_versions, keep_episodes
-        self._max_robots = max_robots  # many robot ids (hostile or not): bounded memory
-        self._lock = threading.Lock()
-
-    def served(self, robot: str, episode: str, version: int) -> None:
-        with self._lock:
-            cur = self._open.get(robot)
-            if cur is None or cur[0] != episode:
-                self._open[robot] = [episode, version, 0.0]
-                while len(self._open) > self._max_robots:
-                    self._open.popitem(last=False)
-            elif cur[1] != version:
-                cur[1] = None
-            self._open.move_to_end(robot)
-
-    def reported(self, robot: str, reward: float, ended: bool) -> None:
-        with self._lock:
-            cur = self._open.get(robot)
-            if cur is None:
-                return
-            cur[2] += reward
-            if not ended:
-                return
-            del self._open[robot]
-            if cur[1] is None:
-                return
-            if cur[1] not in self._done:
-                self._done[cur[1]] = deque(maxlen=self._keep_episodes)
-                while len(self._done) > self._keep_versions:
-                    self._done.popitem(last=False)
-            self._done[cur[1]].append(cur[2])
-
-    def last(self, version: int, k: int) -> list[float]:
-        with self._lock:
-            return list(self._done.get(version, ()))[-k:]
 
 
 class Swapper:
@@ -570,4 +523,4 @@ class Swapper:
         }
 
 
-__all__ = ["EpisodeReturns", "SwapError", "SwapOptions", "Swapper"]
+__all__ = ["SwapError", "SwapOptions", "Swapper"]

@@ -9,9 +9,9 @@ import threading
 import structlog
 from prometheus_client import start_http_server
 
-from openpi_rl.daemon.sdnotify import HealthWatchdog, http_health
 from openpi_rl.reward_bridge.config import BridgeConfig
 from openpi_rl.reward_bridge.server import RewardBridge
+from openpi_rl.sdnotify import HealthWatchdog, http_health
 
 
 def serve(config: BridgeConfig) -> int:

@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
+from openpi_rl.guards import ConnectionSlots, parse_networks
 from openpi_rl.replay import ReplayClosed, ReplayConfig, ReplayFull
 from openpi_rl.reward_bridge.config import BridgeConfig
 from openpi_rl.reward_bridge.credit import (
@@ -53,7 +54,7 @@ from openpi_rl.reward_bridge.credit import (
 )
 from openpi_rl.reward_bridge.events import BadRequest, parse_feedback
 from openpi_rl.reward_bridge.http_port import HttpPort
-from openpi_rl.reward_bridge.httpd import ConnectionSlots, mask_url, parse_networks
+from openpi_rl.reward_bridge.httpd import mask_url
 from openpi_rl.reward_bridge.httpd import start_http_server as start_http
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.reward_bridge.query import QueryBroker

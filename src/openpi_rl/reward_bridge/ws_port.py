@@ -34,6 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from openpi_rl.guards import ConnectionSlots, Networks, RateLimiter, Slot, client_address, peer_host
 from openpi_rl.reward_bridge.events import (
     BadRequest,
     check_id,
@@ -41,16 +42,7 @@ from openpi_rl.reward_bridge.events import (
     parse_json,
     printable_id,
 )
-from openpi_rl.reward_bridge.httpd import (
-    ConnectionSlots,
-    Networks,
-    RateLimiter,
-    Slot,
-    bearer_token,
-    client_address,
-    mask_url,
-    peer_host,
-)
+from openpi_rl.reward_bridge.httpd import bearer_token, mask_url
 
 if TYPE_CHECKING:
     from openpi_rl.reward_bridge.config import BridgeConfig

@@ -16,12 +16,10 @@ from typing import Annotated, Literal
 import jax
 import numpy as np
 import structlog
-import tyro
 from flax import nnx
 
+from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
-from openpi_rl.models.pi0_fast import Pi0FASTConfig
-from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.rl.reward import RewardConfig
@@ -34,15 +32,6 @@ from openpi_rl.train.rewards import build_reward
 
 log = structlog.get_logger("openpi_rl.train")
 
-# One tyro subcommand per model (`--model.gaussian_mlp`, `--model.pi0_fast`,
-# `--model.pi0_fast_openpi`): pi0_fast is the embedded demo's tiny look-alike, pi0_fast_openpi
-# openpi's Pi0-FAST (PaliGemma, its tokenizers and checkpoints).
-ModelChoice = (
-    Annotated[GaussianMLPConfig, tyro.conf.subcommand("gaussian_mlp")]
-    | Annotated[Pi0FASTConfig, tyro.conf.subcommand("pi0_fast")]
-    | Annotated[Pi0FASTOpenPIConfig, tyro.conf.subcommand("pi0_fast_openpi")]
-)
-MODEL_NAMES = ("gaussian_mlp", "pi0_fast", "pi0_fast_openpi")
 
 # Defaults for gymnasium control tasks: the seed's PPOConfig values (lr 5e-5, 4 epochs) are
 # meant for fine-tuning a large pretrained policy; a small MLP from scratch learns faster with

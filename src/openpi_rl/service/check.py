@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from openpi_rl.daemon.config import EX_CONFIG, ROLES, ServiceFile
+from openpi_rl.service.config import EX_CONFIG, ROLES, ServiceFile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +267,7 @@ def model_memory_main(variant: str) -> int:
 def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | None:
     import jax
 
-    from openpi_rl.daemon.checkpoints import ModelConfigError, build_actor_critic
+    from openpi_rl.models.choice import ModelConfigError, build_actor_critic
 
     def build_and_sample() -> Any:
         ac = build_actor_critic(model, value_hidden, seed)

@@ -54,8 +54,8 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from openpi_rl.daemon.config import EX_CONFIG, SHARED, DaemonConfig, ServiceFile
-from openpi_rl.daemon.sdnotify import Notifier
+from openpi_rl.sdnotify import Notifier
+from openpi_rl.service.config import EX_CONFIG, SHARED, DaemonConfig, ServiceFile
 
 PARENT_ENV = "OPENPI_RL_SUPERVISOR_PID"  # set in each child: it dies with this process
 
@@ -513,7 +513,7 @@ def daemon(path: str | Path) -> int:
         log.error("daemon.config_error", error=str(e))
         return EX_CONFIG
     if service.log_json is not None:  # the file decides for the daemon and its children alike
-        from openpi_rl.cli import configure_logging
+        from openpi_rl.logs import configure_logging
 
         os.environ["OPENPI_RL_LOG_JSON"] = "1" if service.log_json else "0"
         configure_logging()

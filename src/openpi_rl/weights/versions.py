@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 import structlog
 from flax import nnx
 
-from openpi_rl.daemon.operator_state import atomic_write, load_state
 from openpi_rl.rl.actor_critic import ActorCritic
+from openpi_rl.weights.operator_state import atomic_write, load_state
 
 log = structlog.get_logger("openpi_rl.checkpoints")
 
@@ -113,41 +113,6 @@ def _skip_raw_io_metrics() -> None:
 
 
 _skip_raw_io_metrics()
-
-
-class ModelConfigError(ValueError):
-    """The model config does not build: a file it names is missing or unreadable (openpi's
-    tokenizers, norm stats), or a value is refused (a variant, a size). The role's configuration
-    is wrong, so `openpi-rl serve` and `openpi-rl learn` exit EX_CONFIG (78), which neither the
-    daemon nor systemd restarts, instead of crashing again at every restart."""
-
-
-_CONFIG_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
-
-
-def build_actor_critic(model_config: Any, value_hidden: tuple[int, ...], seed: int) -> ActorCritic:
-    """The ActorCritic `openpi-rl serve` builds (same keys, same layout): the learner starts from
-    the weights the server serves at version 0, and either can restore the other's state.
-    Raises ModelConfigError (naming the model kind) when the model config does not build."""
-    key = jax.random.key(seed)
-    try:
-        model = model_config.create(jax.random.fold_in(key, 0))
-        value_in_dim = model_config.value_in_dim
-    except _CONFIG_ERRORS as e:
-        kind = getattr(model_config, "KIND", type(model_config).__name__)
-        raise ModelConfigError(f"model ({kind}) does not build: {e}") from e
-    return ActorCritic(
-        model,
-        value_in_dim=value_in_dim,
-        value_hidden=value_hidden,
-        rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
-    )
 
 
 def _abstract(tree: Any) -> Any:
