@@ -8,7 +8,13 @@ import sqlite3
 import numpy as np
 import pytest
 
-from openpi_rl.replay import ReplayConfig, ReplayLocked, ReplayReader, ReplayWriter
+from openpi_rl.replay import (
+    ReplayConfig,
+    ReplayEventsConfig,
+    ReplayLocked,
+    ReplayReader,
+    ReplayWriter,
+)
 from openpi_rl.replay.pipeline import ItemRefused
 
 
@@ -102,5 +108,5 @@ def test_a_second_writer_on_one_directory_is_refused_with_a_clear_error(tmp_path
         proc.join(30)
         assert "in use by another writer" in msg and "one policy server per replay" in msg
         # The bridge's events-only writer shares the directory with its owner.
-        ReplayWriter(ReplayConfig(path=tmp_path, events_only=True)).close()
+        ReplayEventsConfig(path=tmp_path).create().close()
     ReplayWriter(ReplayConfig(path=tmp_path)).close()  # released on close

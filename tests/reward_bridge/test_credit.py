@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.replay import ReplayEventsConfig, ReplayEventsWriter
 from openpi_rl.reward_bridge import Credit, Feedback, StepRewardRule, default_rules
 from openpi_rl.reward_bridge.credit import resolver
 from tests.reward_bridge.conftest import add_transitions
@@ -13,7 +13,7 @@ from tests.reward_bridge.conftest import add_transitions
 
 @pytest.fixture
 def events(replay):
-    with ReplayWriter(ReplayConfig(path=replay.root, events_only=True)) as w:
+    with ReplayEventsWriter(ReplayEventsConfig(path=replay.root)) as w:
         yield w
 
 

@@ -7,7 +7,13 @@ import time
 
 import numpy as np
 
-from openpi_rl.replay import ReplayConfig, ReplayWriter, schema
+from openpi_rl.replay import (
+    ReplayConfig,
+    ReplayEventsConfig,
+    ReplayEventsWriter,
+    ReplayWriter,
+    schema,
+)
 
 
 def test_events_only_writer_does_not_touch_segments(tmp_path):
@@ -18,7 +24,7 @@ def test_events_only_writer_does_not_touch_segments(tmp_path):
     with open(seg, "ab") as f:  # a torn tail, as a running server's file may show mid-append
         f.write(b"partial")
     size = seg.stat().st_size
-    with ReplayWriter(ReplayConfig(path=tmp_path, events_only=True)) as events:
+    with ReplayEventsWriter(ReplayEventsConfig(path=tmp_path)) as events:
         eid = events.add_reward_event("r0", "success", 1.0, wait=True)
         assert seg.stat().st_size == size  # no recovery ran on the owner's segment
         assert events.boot_epoch != owner.boot_epoch  # ids of the two writers never collide
@@ -27,13 +33,13 @@ def test_events_only_writer_does_not_touch_segments(tmp_path):
 
 
 def test_events_only_writer_creates_no_segment_dir(tmp_path):
-    with ReplayWriter(ReplayConfig(path=tmp_path / "new", events_only=True)) as events:
+    with ReplayEventsWriter(ReplayEventsConfig(path=tmp_path / "new")) as events:
         events.add_reward_event("r0", "failure", -1.0, wait=True)
     assert not (tmp_path / "new" / "segments").exists()
 
 
 def test_a_busy_database_is_retried_not_lost(tmp_path):
-    events = ReplayWriter(ReplayConfig(path=tmp_path, events_only=True, busy_timeout_s=0.05))
+    events = ReplayEventsWriter(ReplayEventsConfig(path=tmp_path, busy_timeout_s=0.05))
     other = sqlite3.connect(
         tmp_path / schema.DB_NAME, isolation_level=None, check_same_thread=False
     )
@@ -49,14 +55,14 @@ def test_a_busy_database_is_retried_not_lost(tmp_path):
 
 
 def test_a_version_1_store_is_migrated(tmp_path):
-    ReplayWriter(ReplayConfig(path=tmp_path, events_only=True)).close()
+    ReplayEventsWriter(ReplayEventsConfig(path=tmp_path)).close()
     with sqlite3.connect(tmp_path / schema.DB_NAME) as conn:
         for index in ("reward_events_episode", "reward_events_transition"):
             conn.execute(f"DROP INDEX {index}")
         for col in ("episode_id", "status", "client_time"):
             conn.execute(f"ALTER TABLE reward_events DROP COLUMN {col}")
         conn.execute("UPDATE schema_version SET version = 1")
-    with ReplayWriter(ReplayConfig(path=tmp_path, events_only=True)) as w:
+    with ReplayEventsWriter(ReplayEventsConfig(path=tmp_path)) as w:
         w.submit_reward_event("r0", "success", 1.0, episode_id="e1", status="x").result(10)
     with sqlite3.connect(tmp_path / schema.DB_NAME) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)

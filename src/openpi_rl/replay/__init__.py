@@ -7,6 +7,7 @@ process. Talks to: the policy server and reward bridge (writers), the learner (r
 """
 
 from openpi_rl.replay.cli import stats_main
+from openpi_rl.replay.events_writer import ReplayEventsConfig, ReplayEventsWriter
 from openpi_rl.replay.reader import ReplayReader, ReplayStats, TransitionRow
 from openpi_rl.replay.recovery import RecoveryReport
 from openpi_rl.replay.segments import CorruptRecord, MissingRecord
@@ -25,6 +26,8 @@ __all__ = [
     "RecoveryReport",
     "ReplayClosed",
     "ReplayConfig",
+    "ReplayEventsConfig",
+    "ReplayEventsWriter",
     "ReplayFull",
     "ReplayLocked",
     "ReplayReader",

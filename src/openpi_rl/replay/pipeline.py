@@ -4,7 +4,7 @@ Callers put items on the writer's queue; the segment stage turns each append int
 points at its bytes and passes every item on, in order; the commit stage gathers them into a
 `Batch` and writes it in one transaction (`write_batch`). An item is a tuple whose first field
 is its kind (below); a waiter is a future set once the item's commit is done. No threads and no
-writer state here: the stages themselves live in `writer.py`.
+writer state here: the segment stage lives in `writer.py`, the commit stage in `committer.py`.
 """
 
 from __future__ import annotations

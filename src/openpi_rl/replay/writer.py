@@ -1,57 +1,54 @@
-"""`ReplayWriter`: the one writer of the replay store, a two-stage pipeline of threads.
+"""`ReplayWriter`: the transitions writer, owner of a replay directory (the policy server's).
 
-Callers (the policy server's loop, the reward bridge) get an id back at once and the row goes on
-a bounded queue. The segment stage (`replay-segments`) checksums each observation and appends it
-to the current segment file (unbuffered: the bytes are in the OS when the write returns), then
-hands the row, now pointing at its bytes, to the commit stage (`replay-writer`), which commits
-the SQLite transaction holding those rows every `commit_interval_s` (guarantee 2: a `kill -9`
-loses at most the rows of one commit interval; an event passed with `wait=True` is acknowledged
-only after its commit). With `fsync_interval_s`, the commit stage fdatasyncs the segments before
-the commit that syncs the WAL. So a row never commits before its bytes reached the OS (and, when
-syncing, the disk), while the checksum and the copy into the page cache (~60 us for 150 kB, both
-GIL-free) overlap the SQLite work of earlier rows instead of adding to it. WAL checkpoints run on
-a third thread (`replay-checkpoint`, `checkpoint.py`), off the commit path, and keep the WAL
-within `DiskBudget.wal_bytes`; retention (`retention.py`) keeps the whole directory under
+Callers (the policy server's loop) get an id back at once and the row goes on a bounded queue.
+The segment stage (`replay-segments`) checksums each observation and appends it to the current
+segment file (unbuffered: the bytes are in the OS when the write returns), then hands the row,
+now pointing at its bytes, to the commit stage (`replay-writer`, the `Committer`'s in
+`committer.py`), which commits the SQLite transaction holding those rows every
+`commit_interval_s` (guarantee 2: a `kill -9` loses at most the rows of one commit interval; an
+event passed with `wait=True` is acknowledged only after its commit). With `fsync_interval_s`,
+the commit stage fdatasyncs the segments before the commit that syncs the WAL. So a row never
+commits before its bytes reached the OS (and, when syncing, the disk), while the checksum and
+the copy into the page cache (~60 us for 150 kB, both GIL-free) overlap the SQLite work of
+earlier rows instead of adding to it. WAL checkpoints run on a third thread
+(`replay-checkpoint`, `checkpoint.py`), off the commit path, and keep the WAL within
+`DiskBudget.wal_bytes`; retention (`retention.py`) keeps the whole directory under
 `retention_max_bytes`. The items the stages pass each other, the batch a commit gathers and the
-SQL that writes it are in `pipeline.py`; this module owns the threads, the ids and the files.
+SQL that writes it are in `pipeline.py`; this module owns the segment stage, the files and the
+directory's owner lock. Reward events from another process (the reward bridge) go through
+`ReplayEventsWriter` (`events_writer.py`), which writes beside this one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import fcntl
 import os
 import queue
-import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import structlog
 
 from openpi_rl.replay import retention, schema
 from openpi_rl.replay.checkpoint import WalCheckpointer
+from openpi_rl.replay.committer import COUNTERS, Committer
+from openpi_rl.replay.committer import SEQ_BITS as SEQ_BITS  # re-exported: the writer's API
+from openpi_rl.replay.committer import ReplayClosed as ReplayClosed
+from openpi_rl.replay.committer import ReplayFull as ReplayFull
 from openpi_rl.replay.pipeline import (
     APPEND,
-    BARRIER,
     CHUNK,
-    EVENT,
-    ITEM_ERRORS,
     REPORT,
     ROW,
     STOP,
     Batch,
-    ItemRefused,
     fail_waiters,
     new_waiter,
     take,
-    wait_for,
-    write_batch,
-    write_isolated,
 )
 from openpi_rl.replay.pipeline import Credit as Credit  # re-exported: the writer's API
 from openpi_rl.replay.pipeline import Resolve as Resolve
@@ -66,23 +63,9 @@ from openpi_rl.replay.segments import (
 
 log = structlog.get_logger("openpi_rl.replay")
 
-# id = (boot_epoch << SEQ_BITS) | seq. The epoch is committed at open, before any id is handed
-# out, so ids given out but never committed before a crash are never reused. 40 bits of seq is
-# ~35 years at 1000 rows/s per boot; ids stay below 2**53 (JSON-safe) for the first 8191 boots.
-SEQ_BITS = 40
-SEQ_MASK = (1 << SEQ_BITS) - 1
-
-
-class ReplayFull(Exception):
-    """The writer's queue stayed full for `enqueue_timeout_s`: the disk cannot keep up."""
-
 
 class ReplayLocked(RuntimeError):
     """Another process writes this replay directory's transitions (one owner per directory)."""
-
-
-class ReplayClosed(Exception):
-    """The writer was closed (or its thread failed); nothing more is accepted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +93,6 @@ class ReplayConfig:
     `retention_max_bytes` within [32 KiB, 16 MiB], or 16 MiB without a byte cap."""
     enqueue_timeout_s: float = 0.1
     """How long an append waits on a full queue before raising `ReplayFull`."""
-    events_only: bool = False
-    """Write reward events only (the reward bridge, alongside a live server that owns the
-    transitions): no segment recovery, no segment files, no retention."""
     busy_timeout_s: float = 5.0
     """How long one commit waits for another process's write lock; past it the commit is
     rolled back and retried (counted as `commit_retries`), never dropped."""
@@ -121,37 +101,34 @@ class ReplayConfig:
         return ReplayWriter(self)
 
 
-class ReplayWriter:
-    """Single writer of a replay directory. Thread-safe to call; `close()` flushes."""
+class ReplayWriter(Committer):
+    """Single writer of a replay directory's transitions. Thread-safe to call; `close()`
+    flushes."""
 
     def __init__(self, config: ReplayConfig):
-        self.config = config
-        self.root = Path(config.path)
-        self._seg_dir = self.root / schema.SEGMENTS_DIR
-        if config.events_only:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd: int | None = None
-        else:
-            self._seg_dir.mkdir(parents=True, exist_ok=True)
-            # Recovery truncates segment tails and ids come from this process's boot epoch: a
-            # second owner would corrupt both. The lock dies with the process (kill -9 too).
-            self._lock_fd = _lock_owner(self.root)
+        root = Path(config.path)
+        self._seg_dir = root / schema.SEGMENTS_DIR
+        self._seg_dir.mkdir(parents=True, exist_ok=True)
+        # Recovery truncates segment tails and ids come from this process's boot epoch: a
+        # second owner would corrupt both. The lock dies with the process (kill -9 too).
+        self._lock_fd: int | None = _lock_owner(root)
         self._budget = retention.DiskBudget.make(config.retention_max_bytes, config.wal_max_bytes)
-        self._conn = schema.connect_writer(
-            self.root,
+        conn = schema.connect_writer(
+            root,
             busy_timeout_s=config.busy_timeout_s,
             journal_size_limit=self._budget.wal_bytes,
         )
         # Recovery truncates segment tails: only the owner of the segments may run it.
-        self.recovery: RecoveryReport = (
-            RecoveryReport(None, 0, 0) if config.events_only else recover(self._conn, self._seg_dir)
+        self.recovery: RecoveryReport = recover(conn, self._seg_dir)
+        counters = (
+            *("transitions_committed", "bytes_committed", "reports_missing", *COUNTERS),
+            *("retention_rows_deleted", "retention_segments_deleted"),
+            *("retention_pages_vacuumed", "retention_busy"),
         )
-        self.boot_epoch = self._next_boot_epoch()
-        self._id_base = self.boot_epoch << SEQ_BITS
-        self._seq = 0
-        self._id_lock = threading.Lock()
+        super().__init__(config, root, conn, counters)
+        self.config: ReplayConfig = config
 
-        segs = [] if config.events_only else list_segments(self._seg_dir)
+        segs = list_segments(self._seg_dir)
         # Segment stage: the file being appended to, opened lazily (idle restarts add no files).
         self._seg: SegmentWriter | None = None
         self._next_seg = (segs[-1] + 1) if segs else 1
@@ -159,42 +136,25 @@ class ReplayWriter:
         # with fsync, the files it still has to sync; it closes a retired one after its sync.
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
         self._unsynced: dict[int, SegmentWriter] = {}
-        store_bytes = sum(self._seg_sizes.values()) + retention.db_bytes(self._conn)[0]
+        store_bytes = sum(self._seg_sizes.values()) + retention.db_bytes(conn)[0]
         self._wal_step = 0  # about the most a commit adds to the WAL
-        rows = self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
         # Whether the database file can shrink after retention deletes (see retention.py).
-        shrinks = schema.incremental_vacuum(self._conn)
-        if not shrinks and config.retention_max_bytes is not None and not config.events_only:
+        shrinks = schema.incremental_vacuum(conn)
+        if not shrinks and config.retention_max_bytes is not None:
             t0 = time.monotonic()
-            shrinks = schema.enable_incremental_vacuum(self._conn)
+            shrinks = schema.enable_incremental_vacuum(conn)
             log.log(
                 20 if shrinks else 30,
                 "replay.auto_vacuum_enabled" if shrinks else "replay.auto_vacuum_unavailable",
-                path=str(self.root),
+                path=str(root),
                 seconds=round(time.monotonic() - t0, 3),
             )
         self._last_sync = time.monotonic()
-        self._counters = dict.fromkeys(
-            (
-                "transitions_committed",
-                "bytes_committed",
-                "commits",
-                "reports_missing",
-                "events_committed",
-                "events_duplicate",
-                "retention_rows_deleted",
-                "retention_segments_deleted",
-                "retention_pages_vacuumed",
-                "retention_busy",
-                "commit_retries",
-                "items_refused",
-            ),
-            0,
-        )
         # Run by the commit stage after each commit; shares its segment bookkeeping and counters.
         self._retention = retention.Retention(
-            conn=self._conn,
-            root=self.root,
+            conn=conn,
+            root=root,
             seg_dir=self._seg_dir,
             max_rows=config.retention_max_rows,
             budget=self._budget,
@@ -206,32 +166,22 @@ class ReplayWriter:
             counters=self._counters,
         )
 
-        self._q: queue.Queue = queue.Queue(maxsize=config.max_queue)
-        self._put_lock = threading.Lock()
-        self._closed = False
-        self._error: BaseException | None = None
         # Segment stage -> commit stage: lists of items, in caller order (a report or event never
-        # overtakes the append it refers to). None in events-only mode: there are no segments.
-        self._staged: queue.Queue | None = None
-        self._threads = []
-        if not config.events_only:
-            self._staged = queue.Queue(maxsize=max(2, config.max_queue // CHUNK))
-            self._threads.append(
-                threading.Thread(target=self._run_segments, name="replay-segments", daemon=True)
-            )
-        self._threads.append(threading.Thread(target=self._run, name="replay-writer", daemon=True))
+        # overtakes the append it refers to).
+        self._staged: queue.Queue = queue.Queue(maxsize=max(2, config.max_queue // CHUNK))
+        # WAL checkpoints (copying pages into the database file, with two fsyncs) run on their own
+        # thread and connection, not inside a commit.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = WalCheckpointer(root, self._budget.wal_bytes)
+        self._threads = [
+            threading.Thread(target=self._run_segments, name="replay-segments", daemon=True),
+            threading.Thread(target=self._run, name="replay-writer", daemon=True),
+        ]
         for t in self._threads:
             t.start()
-        # WAL checkpoints (copying pages into the database file, with two fsyncs) run on their own
-        # thread and connection, not inside a commit. The events-only writer keeps SQLite's
-        # autocheckpoint: its commits are small, and the store's owner truncates the WAL.
-        self._checkpointer: WalCheckpointer | None = None
-        if not config.events_only:
-            self._conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._checkpointer = WalCheckpointer(self.root, self._budget.wal_bytes)
         log.info(
             "replay.open",
-            path=str(self.root),
+            path=str(root),
             boot_epoch=self.boot_epoch,
             rows=self._retention.rows,
             segments=len(segs),
@@ -262,8 +212,6 @@ class ReplayWriter:
         from `actions`. `tid`: an id taken with `new_id()` (default: a new one). Raises
         `ReplayFull` when the queue stays full, `ReplayClosed` after close.
         """
-        if self.config.events_only:
-            raise ValueError(f"{self.root}: events_only writer; transitions need the store's owner")
         tid = self._new_id() if tid is None else tid
         item = (
             APPEND,
@@ -322,173 +270,35 @@ class ReplayWriter:
         self._put((*item, None if robot_id is None else str(robot_id), fut))
         return fut
 
-    def add_reward_event(
-        self,
-        robot_id: str,
-        kind: str,
-        value: float,
-        operator: str | None = None,
-        t: float | None = None,
-        idempotency_key: str | None = None,
-        transition_id: int | None = None,
-        wait: bool = False,
-        timeout: float | None = 5.0,
-    ) -> int:
-        """Queue a human feedback event. With `wait=True`, return only once it is committed
-        (acknowledge to the pendant after this); if `idempotency_key` was stored before, nothing
-        is inserted and the stored event's id is returned."""
-        fut = self.submit_reward_event(
-            robot_id, kind, value, operator, t, idempotency_key, transition_id
-        )
-        return wait_for(fut, timeout).id if wait else fut.event_id  # type: ignore[attr-defined]
-
-    def submit_reward_event(
-        self,
-        robot_id: str,
-        kind: str,
-        value: float,
-        operator: str | None = None,
-        t: float | None = None,
-        idempotency_key: str | None = None,
-        transition_id: int | None = None,
-        *,
-        episode_id: str | None = None,
-        status: str | None = None,
-        client_time: float | None = None,
-        resolve: Resolve | None = None,
-    ) -> concurrent.futures.Future:
-        """Queue a reward event; the future gives its `RewardEventResult` once committed (async
-        callers: `asyncio.wrap_future`). `resolve(conn)`, if given, runs inside the commit's write
-        transaction, so it sees every committed transition and no other writer can change them
-        before the event lands: it returns (transition_id, episode_id, status, close_episode),
-        replacing the given fields; close_episode sets `episodes.ended`. It is not run for a
-        duplicate; if it raises, the event is stored unattached with the error as status."""
-        eid = self._new_id()
-        fut = new_waiter()
-        fut.event_id = eid  # type: ignore[attr-defined]
-        item = (EVENT, eid, str(robot_id), str(kind), float(value), operator)
-        item += (time.time() if t is None else float(t), time.time(), idempotency_key)
-        item += (transition_id, episode_id, status, client_time, resolve, fut)
-        self._put(item)
-        return fut
-
-    def flush(self, timeout: float | None = 30.0) -> None:
-        """Block until everything queued before this call is committed."""
-        fut = new_waiter()
-        self._put((BARRIER, fut), timeout=timeout)
-        wait_for(fut, timeout)
-
-    @property
-    def error(self) -> BaseException | None:
-        """Why a stage of the writer failed (it accepts nothing more); None while it works."""
-        return self._error
-
     def queue_depth(self) -> int:
         """Items handed to the writer and not yet taken into a commit."""
-        staged = 0 if self._staged is None else sum(map(len, list(self._staged.queue)))
-        return self._q.qsize() + staged
+        return super().queue_depth() + sum(map(len, list(self._staged.queue)))
 
     def counters(self) -> dict[str, int]:
         """Totals since open, for metrics (`openpi_rl_replay_<name>_total`)."""
-        extra = {} if self._checkpointer is None else self._checkpointer.counters
-        return {**self._counters, **extra}
+        return {**self._counters, **self._checkpointer.counters}
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Stop accepting, commit everything queued, close files. Idempotent."""
-        with self._put_lock:
-            if self._closed:
-                already = True
-            else:
-                already, self._closed = False, True
-        if not already and self._threads[0].is_alive():
-            self._q.put((STOP,))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                raise TimeoutError(f"replay writer ({t.name}) did not finish within {timeout} s")
-        if self._checkpointer is not None:  # after the commit stage is done
-            self._checkpointer.close(
-                None if deadline is None else max(0.0, deadline - time.monotonic())
+        """Stop accepting, commit everything queued, close files, release the directory.
+        Idempotent."""
+        super().close(timeout)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the owner lock
+            self._lock_fd = None
+
+    def _close_files(self, deadline: float | None, timeout: float | None) -> None:
+        self._checkpointer.close(  # after the commit stage is done
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
+        if self._checkpointer.is_alive():
+            raise TimeoutError(
+                f"replay writer (replay-checkpoint) did not finish within {timeout} s"
             )
-            if self._checkpointer.is_alive():
-                raise TimeoutError(
-                    f"replay writer (replay-checkpoint) did not finish within {timeout} s"
-                )
         for seg in (self._seg, *self._unsynced.values()):
             if seg is not None:
                 seg.close()
         self._seg = None
         self._unsynced.clear()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None  # type: ignore[assignment]
-            log.info("replay.close", path=str(self.root), **self._counters)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the owner lock
-            self._lock_fd = None
-
-    def __enter__(self) -> ReplayWriter:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _new_id(self) -> int:
-        with self._id_lock:
-            self._seq += 1
-            if self._seq > SEQ_MASK:
-                raise OverflowError("replay ids of this boot epoch exhausted; reopen the writer")
-            return self._id_base | self._seq
-
-    def _put(self, item: tuple | None, timeout: float | None = None, room: int = 1) -> None:
-        """Queue `item` once there is room for `room` items (None: only wait for the room).
-        The closed check and the put happen under one lock so that nothing lands on the queue
-        after close()'s stop marker; a full queue is waited on outside the lock."""
-        timeout = self.config.enqueue_timeout_s if timeout is None else timeout
-        deadline = None
-        while True:
-            with self._put_lock:
-                if self._closed:
-                    cause = f": writer failed: {self._error!r}" if self._error else ""
-                    raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
-                if self._q.qsize() + room <= self.config.max_queue:
-                    if item is not None:  # cannot fail: only this lock's holder adds
-                        self._q.put_nowait(item)
-                    return
-            now = time.monotonic()
-            deadline = deadline or now + timeout
-            if now >= deadline:
-                raise ReplayFull(
-                    f"replay queue: expected room for {room} within {timeout} s, "
-                    f"got {self.config.max_queue} items still queued"
-                )
-            time.sleep(0.001)
-
-    def _next_boot_epoch(self) -> int:
-        conn = self._conn
-        conn.execute("PRAGMA synchronous=FULL")  # this one commit must outlive power loss too
-        conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute("SELECT value FROM meta WHERE key = 'boot_epoch'").fetchone()
-        epoch = (int(row[0]) if row else 0) + 1
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('boot_epoch', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(epoch),),
-        )
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return epoch
-
-    def _fail(self, exc: BaseException) -> ReplayClosed:
-        with self._put_lock:
-            self._error = self._error or exc
-            self._closed = True
-        # Wake the first stage if it waits for work (a full queue: it is busy, and sees the
-        # failure before its next wait).
-        with contextlib.suppress(queue.Full):
-            self._q.put_nowait((STOP,))
-        return ReplayClosed(f"replay writer failed: {exc!r}")
 
     # ---- segment stage (thread replay-segments) ----------------------------------------------
 
@@ -496,7 +306,6 @@ class ReplayWriter:
         """Take the callers' items in chunks, write the appends' bytes, pass everything on in
         order to the commit stage; end by passing a stop marker on."""
         staged = self._staged
-        assert staged is not None
         items: list[tuple] = []
         out: list[tuple] = []
         try:
@@ -553,56 +362,20 @@ class ReplayWriter:
             self._next_seg += 1
         return seg
 
-    # ---- commit stage (thread replay-writer) -------------------------------------------------
+    # ---- commit stage (thread replay-writer, the Committer's loop) ---------------------------
 
-    def _run(self) -> None:
-        batch = Batch()
-        deadline: float | None = None  # commit by then: commit_interval after the batch began
-        stop = False
+    def _take(self, timeout: float | None) -> list[tuple]:
+        """A chunk as the segment stage took it (at most CHUNK items)."""
         try:
-            while not stop:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if self._staged is None:
-                    items = take(self._q, timeout)
-                else:  # a chunk as the segment stage took it (at most CHUNK items)
-                    try:
-                        items = self._staged.get(timeout=timeout)
-                    except queue.Empty:
-                        items = []
-                for item in items:
-                    if item[0] == STOP:
-                        stop = True
-                    else:
-                        self._stage(item, batch)
-                if batch and deadline is None:
-                    deadline = time.monotonic() + self.config.commit_interval_s
-                urgent = bool(batch.waiters) or stop
-                if batch and (urgent or time.monotonic() >= deadline):  # type: ignore[operator]
-                    wal = retention.wal_files_bytes(self.root)[0]
-                    self._commit(batch)
-                    # What a commit adds to the WAL (retention keeps room for it), decaying.
-                    step = retention.wal_files_bytes(self.root)[0] - wal
-                    self._wal_step = max(step, self._wal_step * 63 // 64)
-                    batch, deadline = Batch(), None
-                    if not self.config.events_only:
-                        self._retention.apply(self._wal_step, self._checkpointer)
-                    if self._checkpointer is not None:
-                        self._checkpointer.check(self._conn)
-        except BaseException as exc:
-            log.exception("replay.writer_failed", path=str(self.root))
-            failed = self._fail(exc)
-            fail_waiters([(BARRIER, w) for w in batch.waiters], failed)
-            if self._staged is None:
-                while True:  # fail whoever still waits on a commit
-                    try:
-                        fail_waiters([self._q.get_nowait()], failed)
-                    except queue.Empty:
-                        break
-                return
-            while not stop:  # until the segment stage stops: it may hold more waiters
-                items = self._staged.get()
-                fail_waiters(items, failed)
-                stop = any(item[0] == STOP for item in items)
+            return self._staged.get(timeout=timeout)
+        except queue.Empty:
+            return []
+
+    def _fail_rest(self, failed: ReplayClosed, stopped: bool) -> None:
+        while not stopped:  # until the segment stage stops: it may hold more waiters
+            items = self._staged.get()
+            fail_waiters(items, failed)
+            stopped = any(item[0] == STOP for item in items)
 
     def _stage(self, item: tuple, batch: Batch) -> None:
         batch.add(item)
@@ -612,79 +385,30 @@ class ReplayWriter:
             if self.config.fsync_interval_s is not None:
                 self._unsynced[seg.seg] = seg
 
-    def _sync_segments(self) -> None:
-        """fdatasync every segment the committed and staged rows point into; close the retired."""
+    def _commit(self, batch: Batch) -> None:
+        wal = retention.wal_files_bytes(self.root)[0]
+        super()._commit(batch)
+        # What a commit adds to the WAL (retention keeps room for it), decaying.
+        step = retention.wal_files_bytes(self.root)[0] - wal
+        self._wal_step = max(step, self._wal_step * 63 // 64)
+        self._retention.apply(self._wal_step, self._checkpointer)
+        self._checkpointer.check(self._conn)
+
+    def _sync_files(self) -> None:
+        """fdatasync every segment the committed and staged rows point into; close the retired.
+        Segment bytes are in the OS already (appended before their rows got here); on the disk
+        before the WAL commit that makes their rows durable."""
         newest = max(self._unsynced, default=None)
         for seg_id in list(self._unsynced):
             self._unsynced[seg_id].sync()
             if seg_id != newest:  # the segment stage moved on: nothing more is written to it
                 self._unsynced.pop(seg_id).close()
 
-    def _commit(self, batch: Batch) -> None:
-        # Another process (server or bridge) may hold the write lock past busy_timeout: roll
-        # back and retry the same batch; the rows and waiters stay with us, nothing is dropped.
-        # An error that is one item's (a value SQLite cannot hold, a constraint) writes the
-        # batch again item by item: the bad one is refused and counted, the others commit.
-        # A store's error (disk full, I/O, corruption) fails the writer: health says so.
-        pause = 0.01
-        isolate = False
-        while True:
-            try:
-                return self._commit_once(batch, isolate)
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
-                self._counters["commit_retries"] += 1
-                log.warning("replay.commit_busy_retry", path=str(self.root), error=str(e))
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-            except ITEM_ERRORS as e:
-                if isolate:
-                    raise
-                log.warning("replay.commit_isolating_items", error=f"{e!r:.300}")
-                isolate = True
-
-    def _commit_once(self, batch: Batch, isolate: bool = False) -> None:
-        conn = self._conn
-        fsync = self.config.fsync_interval_s
-        now = time.monotonic()
-        sync_due = fsync is not None and now - self._last_sync >= fsync
-        if sync_due:
-            # Segment bytes are in the OS already (appended before their rows got here); on the
-            # disk before the WAL commit that makes their rows durable.
-            self._sync_segments()
-            conn.execute("PRAGMA synchronous=FULL")  # WAL mode: the WAL is synced on commit
-        # IMMEDIATE: take the write lock first (waiting busy_timeout), so reads made by an
-        # event's `resolve` cannot go stale before the write (SQLITE_BUSY_SNAPSHOT).
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            write = write_isolated if isolate else write_batch
-            results, found = write(conn, batch, self._counters)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        if sync_due:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._last_sync = now
+    def _count_committed(self, batch: Batch) -> None:
         committed = len(batch.rows) - batch.refused_rows
         self._retention.rows += committed
         self._counters["transitions_committed"] += committed
         self._counters["bytes_committed"] += batch.obs_bytes - batch.refused_bytes
-        self._counters["commits"] += 1
-        stored = [r for r in results if not isinstance(r, ItemRefused)]
-        dups = sum(r.duplicate for r in stored)
-        self._counters["events_duplicate"] += dups
-        self._counters["events_committed"] += len(stored) - dups
-        for item, result in zip([*batch.events, *batch.reports], [*results, *found], strict=True):
-            if isinstance(result, ItemRefused):
-                item[-1].set_exception(result)
-            else:
-                item[-1].set_result(result)
-        for w in batch.waiters:
-            if not w.done():
-                w.set_result(None)
 
 
 def _lock_owner(root: Path) -> int:

@@ -42,7 +42,7 @@ import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
 from openpi_rl.guards import ConnectionSlots, parse_networks
-from openpi_rl.replay import ReplayClosed, ReplayConfig, ReplayFull
+from openpi_rl.replay import ReplayClosed, ReplayEventsConfig, ReplayFull
 from openpi_rl.reward_bridge.config import BridgeConfig
 from openpi_rl.reward_bridge.credit import (
     ATTACHED,
@@ -82,10 +82,8 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         self.rules = dict(rules or default_rules(config.press_latency_s))
         self.metrics = metrics or BridgeMetrics()
         self._proxies = parse_networks(config.trusted_proxies)
-        self.writer = ReplayConfig(
-            path=Path(config.replay_dir),
-            events_only=True,
-            fsync_interval_s=config.fsync_interval_s,
+        self.writer = ReplayEventsConfig(
+            path=Path(config.replay_dir), fsync_interval_s=config.fsync_interval_s
         ).create()
         self._tokens = [(tok.encode(), name) for name, tok in config.operators.items()]
         if not self._tokens:

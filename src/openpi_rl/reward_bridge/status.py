@@ -21,7 +21,7 @@ from openpi_rl.replay import schema
 if TYPE_CHECKING:
     import sqlite3
 
-    from openpi_rl.replay import ReplayWriter
+    from openpi_rl.replay import ReplayEventsWriter
     from openpi_rl.reward_bridge.config import BridgeConfig
     from openpi_rl.reward_bridge.credit import CreditRule
     from openpi_rl.reward_bridge.metrics import BridgeMetrics
@@ -38,7 +38,7 @@ class LiveStatus:
     metrics: BridgeMetrics
     rules: dict[str, CreditRule]
     queries: QueryBroker
-    writer: ReplayWriter
+    writer: ReplayEventsWriter
     _status: dict[str, dict[str, Any]]
     _db: concurrent.futures.ThreadPoolExecutor  # the reader's one thread
     _reader: sqlite3.Connection | None
