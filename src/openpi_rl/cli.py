@@ -3,6 +3,7 @@ of all three (`daemon`), `train` (gym tasks), `check`, `replay`, `admin`, `demo`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import faulthandler
 import os
@@ -147,14 +148,19 @@ def learn_main(argv: list[str] | None = None) -> int:
 def daemon_main(argv: list[str] | None = None) -> int:
     """`openpi-rl daemon --config openpi-rl.toml`: server, bridge and learner as supervised
     child processes (restarted when they crash; SIGTERM stops all cleanly)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] != "--config":
-        print("usage: openpi-rl daemon --config openpi-rl.toml", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="openpi-rl daemon",
+        description="The policy server, reward bridge and learner as supervised child "
+        "processes: one that crashes is restarted; SIGTERM stops all cleanly.",
+    )
+    parser.add_argument(
+        "--config", required=True, metavar="FILE", help="the service file (openpi-rl.toml)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # --help: exit 0
     from openpi_rl.service.supervisor import daemon
 
     configure_logging(json=not sys.stderr.isatty())
-    return daemon(argv[1])
+    return daemon(args.config)
 
 
 def check_main(argv: list[str] | None = None) -> int:
@@ -204,12 +210,27 @@ def keys_main(argv: list[str] | None = None) -> int:
     the other side) and DIR/NAME.key_secret (keep it). NAME defaults to `server`."""
     import zmq.auth
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) not in (2, 3) or argv[0] != "generate":
-        print("usage: openpi-rl keys generate DIR [NAME]", file=sys.stderr)
-        return 2
-    os.makedirs(argv[1], exist_ok=True)
-    public, secret = zmq.auth.create_certificates(argv[1], argv[2] if len(argv) == 3 else "server")
+    parser = argparse.ArgumentParser(
+        prog="openpi-rl keys", description="CURVE key pairs for the ZMQ listeners."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate = commands.add_parser(
+        "generate",
+        help="write a key pair",
+        description="Write a CURVE key pair: DIR/NAME.key (public: give it to the other side) "
+        "and DIR/NAME.key_secret (keep it; mode 600).",
+    )
+    generate.add_argument("dir", metavar="DIR", help="where the pair goes (created if missing)")
+    generate.add_argument(
+        "name",
+        nargs="?",
+        default="server",
+        metavar="NAME",
+        help="the files' name (default: server)",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # --help: exit 0
+    os.makedirs(args.dir, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.dir, args.name)
     os.chmod(secret, 0o600)
     print(f"public: {public}\nsecret: {secret}")
     return 0

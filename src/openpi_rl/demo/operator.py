@@ -30,10 +30,12 @@ log = structlog.get_logger("openpi_rl.demo")
 
 @dataclasses.dataclass(frozen=True)
 class OperatorPolicy:
+    """When the simulated operator presses success or failure."""
+
     success_steps: int = 200  # an episode this long (or cut by the time limit) is a success
     failure_steps: int = 30  # the pole fell before this: failure
-    press_hz: float = 2.0
-    reaction_s: float = 0.3
+    press_hz: float = 2.0  # presses per second at most, like a person
+    reaction_s: float = 0.3  # an episode gets its verdict this long after it ended, not sooner
 
 
 class SimOperator(threading.Thread):

@@ -38,13 +38,16 @@ class DemoConfig:
     minutes: float = 5.0
     """How long the robots run (after the service is ready)."""
     robots: int = 2
+    """Simulated robots, each its own environment and `PolicyClient`."""
     hz: float | None = None
     """Chunks per second per robot; None: as fast as the server answers."""
     config: str | None = None
     """A service file (openpi-rl.toml) to run instead of the demo's own; its [model] must fit
     the environment, and its bridge needs an operator token for the simulated operator."""
     env: str = "InvertedPendulum-v5"
+    """The gymnasium task the robots run (MuJoCo)."""
     seed: int = 0
+    """Seeds the robots' environments and the policy's initial weights."""
     operator: bool = True
     """A simulated operator presses success / failure at the pendant."""
     operator_policy: OperatorPolicy = OperatorPolicy()
@@ -57,7 +60,9 @@ class DemoConfig:
     """Where the demo's config, replay, checkpoints and service log go; default: a fresh
     temporary directory, removed at the end unless --keep."""
     keep: bool = False
+    """Keep the work directory (replay, checkpoints, service log) and print where it is."""
     ready_timeout_s: float = 300.0
+    """Give up when the service is not ready within this long (first start compiles)."""
 
 
 @dataclasses.dataclass
@@ -162,7 +167,7 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
             r.join(10)
         if operator is not None:
             operator.close()
-        rc = daemon.stop()
+        rc = daemon.close()
     rows = None
     try:
         from openpi_rl.replay import ReplayReader

@@ -26,11 +26,11 @@ _LOG_2PI = math.log(2.0 * math.pi)
 class GaussianMLPConfig:
     """Builds a `GaussianMLP` (`GaussianMLPConfig(obs_dim=4, action_dim=1).create(rng)`)."""
 
-    obs_dim: int = 4
-    action_dim: int = 1
-    action_horizon: int = 1
-    hidden: tuple[int, ...] = (64, 64)
-    log_std_init: float = 0.0
+    obs_dim: int = 4  # width of observation["state"] (`train` takes it from the environment)
+    action_dim: int = 1  # numbers per action (`train` takes it from the environment)
+    action_horizon: int = 1  # actions per chunk
+    hidden: tuple[int, ...] = (64, 64)  # hidden widths of the mean's MLP
+    log_std_init: float = 0.0  # initial log standard deviation of every action entry (learned)
 
     @property
     def obs_spec(self) -> ObsSpec:

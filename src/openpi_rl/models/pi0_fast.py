@@ -62,23 +62,23 @@ VARIANTS: dict[str, TransformerSize] = {
 class Pi0FASTConfig:
     """`Pi0FASTConfig(variant="dummy").create(rng)`; defaults give 1024-wide value features."""
 
-    variant: Variant = "small"
-    action_horizon: int = 10
-    action_dim: int = 7
-    state_dim: int = 8
+    variant: Variant = "small"  # the transformer's size (VARIANTS; "dummy" for tests)
+    action_horizon: int = 10  # actions per chunk
+    action_dim: int = 7  # numbers per action
+    state_dim: int = 8  # width of observation["state"]
     image_keys: tuple[str, ...] = ("image",)  # each optional in an observation
-    image_size: int = 224
-    patch_size: int = 16
+    image_size: int = 224  # images are square uint8 [image_size, image_size, 3]
+    patch_size: int = 16  # pixels per side of one image token
     prompt_len: int = 16  # 0: no prompt input
     prompt_vocab_size: int = 257  # bytes + padding, the prompt tokenizer a robot can run
-    tokenizer: Literal["fast", "binning"] = "fast"
-    fast_scale: float = 10.0
-    num_bins: int = 256
-    temperature: float = 1.0
+    tokenizer: Literal["fast", "binning"] = "fast"  # action tokens: FAST's DCT, or uniform bins
+    fast_scale: float = 10.0  # FAST: DCT coefficients are multiplied by this, then rounded
+    num_bins: int = 256  # binning: bins per action value over [-1, 1]
+    temperature: float = 1.0  # sampling temperature of the action tokens
     top_k: int = 0  # 0: the whole vocabulary
-    value_pooling: Literal["mean", "last"] = (
-        "mean"  # "last": the position before the first action token
-    )
+    value_pooling: Literal["mean", "last"] = "mean"
+    """How the value head reads the prefix: "mean" of its valid positions, or "last": the position
+    before the first action token."""
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
 
     @property

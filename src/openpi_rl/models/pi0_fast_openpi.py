@@ -75,44 +75,47 @@ _NEG = -1e30
 @dataclasses.dataclass(frozen=True)
 class Pi0FASTOpenPIConfig:
     """`Pi0FASTOpenPIConfig(paligemma_tokenizer=..., fast_tokenizer=...).create(rng)`.
-
-    gemma_variant / siglip_variant: as `PaliGemmaConfig` (`gemma_2b`, `gemma_2b_lora` and
-    `So400m/14` are openpi's; `tiny`, `dummy`, `mid` are small ones); the overrides replace
-    single fields (`(("vocab_size", 512),)`). `vocab_size` None: the tokenizer's when one is
-    given (the FAST ids sit at its tail), else the variant's.
-    paligemma_tokenizer: openpi's paligemma_tokenizer.model (or a directory holding it);
-    fast_tokenizer: a FAST processor directory; norm_stats: openpi's norm_stats.json (or its
-    directory); all local paths, needed to tokenize prompts and to decode actions.
-    """
+    The tokenizer and norm-stats paths are local files, needed to tokenize prompts and to
+    decode actions."""
 
     gemma_variant: str = "tiny"
+    """As `PaliGemmaConfig`: `gemma_2b`, `gemma_2b_lora` are openpi's; `tiny`, `dummy`, `mid`
+    are small ones."""
     siglip_variant: str = "tiny"
+    """As `PaliGemmaConfig`: `So400m/14` is openpi's; `tiny`, `dummy`, `mid` are small ones."""
     gemma_overrides: tuple[tuple[str, int], ...] = ()
+    """(field, value) pairs replacing single fields of the Gemma variant
+    (`(("vocab_size", 512),)`)."""
     siglip_overrides: tuple[tuple[str, int], ...] = ()
+    """(field, value) pairs replacing single fields of the SigLIP variant (another image
+    size)."""
     vocab_size: int | None = None
+    """None: the tokenizer's when one is given (the FAST ids sit at its tail), else the
+    variant's."""
     paligemma_tokenizer: str | None = None
-    fast_tokenizer: str | None = None
-    norm_stats: str | None = None
+    """openpi's paligemma_tokenizer.model (or a directory holding it)."""
+    fast_tokenizer: str | None = None  # a FAST processor directory
+    norm_stats: str | None = None  # openpi's norm_stats.json (or its directory)
     use_quantile_norm: bool = True  # openpi normalises Pi0-FAST's data with quantiles
-    action_horizon: int = 10
-    action_dim: int = 3
-    state_dim: int = 4
-    max_token_len: int = 48
-    max_decoding_steps: int = 32
-    cameras: tuple[str, ...] = ("base_0_rgb",)
+    action_horizon: int = 10  # actions per chunk
+    action_dim: int = 3  # numbers per action
+    state_dim: int = 4  # width of observation["state"]
+    max_token_len: int = 48  # prompt tokens: the width of `tokenized_prompt`
+    max_decoding_steps: int = 32  # tokens decoded per chunk at most
+    cameras: tuple[str, ...] = ("base_0_rgb",)  # image keys, each optional in an observation
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: the whole vocabulary
-    # Decode only chunks openpi's extract_actions can read: "Action: ", FAST ids adding up to
-    # exactly action_horizon * action_dim coefficients, "|", EOS. openpi samples the whole
-    # vocabulary; a checkpoint trained on demonstrations writes that format anyway, a model
-    # from random weights almost never does (for_env turns it on).
     constrain_actions: bool = False
-    # A fixed task prompt for observations that carry a state but no tokenized prompt (gym
-    # tasks): the model tokenizes "Task: {prompt}, State: {bins};" itself (host callback).
+    """Decode only chunks openpi's extract_actions can read: "Action: ", FAST ids adding up to
+    exactly action_horizon * action_dim coefficients, "|", EOS. openpi samples the whole
+    vocabulary; a checkpoint trained on demonstrations writes that format anyway, a model
+    from random weights almost never does (for_env turns it on)."""
     prompt: str | None = None
+    """A fixed task prompt for observations that carry a state but no tokenized prompt (gym
+    tasks): the model tokenizes "Task: {prompt}, State: {bins};" itself (host callback)."""
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
-    param_dtype: str = "float32"
-    remat: bool = False
+    param_dtype: str = "float32"  # dtype the weights are stored and updated in
+    remat: bool = False  # recompute each layer in the backward pass (less memory)
     scan: bool = True  # False: layers unrolled (faster small models on a CPU)
 
     def __post_init__(self):

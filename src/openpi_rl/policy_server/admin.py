@@ -186,11 +186,29 @@ def admin_main(argv: list[str] | None = None) -> int:
     """`openpi-rl admin COMMAND [VERSION]`: prints the reply as JSON; exit 0 ok, 1 error reply,
     2 usage or no reply."""
     parser = argparse.ArgumentParser(prog="openpi-rl admin", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument(
+        "command",
+        choices=COMMANDS,
+        help="status: the live version and health; pin VERSION: serve it, ignore newer ones; "
+        "unpin: follow the learner again; rollback: pin the newest good version before the "
+        "live one; pause-learning / resume-learning: the switch the learner reads",
+    )
     parser.add_argument("version", nargs="?", type=int, help="for pin: the version to serve")
-    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
-    parser.add_argument("--token", default=None, help=f"default: ${TOKEN_ENV}")
-    parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        help=f"the server's admin endpoint (its swap.admin_endpoint; default: {DEFAULT_ENDPOINT})",
+    )
+    parser.add_argument(
+        "--token", default=None, help=f"the server's admin token (default: ${TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="give up (exit 2) when no reply comes within this long (default: 30; a pin loads "
+        "the version first)",
+    )
     args = parser.parse_args(argv)
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:

@@ -22,7 +22,7 @@ from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
 from openpi_rl.policy_server.swapper import SwapOptions, Swapper
-from openpi_rl.replay import ReplayConfig, ReplayLocked
+from openpi_rl.replay import ReplayConfig, ReplayFormatError, ReplayLocked
 from openpi_rl.sdnotify import HealthWatchdog, config_error, zmq_health
 from openpi_rl.secret import SECRET
 
@@ -33,22 +33,31 @@ log = structlog.get_logger("openpi_rl.policy_server")
 class ServeConfig:
     model: ModelChoice = GaussianMLPConfig()
     serve: ServeOptions = ServeOptions()
-    replay_dir: str | None = "replay"  # None: log nothing (benchmarks only)
+    replay_dir: str | None = "replay"  # every served chunk lands here; None: none (benchmarks)
     commit_interval_s: float = 0.05
-    # The replay's durability and retention (see `ReplayConfig`): fsync against power loss,
-    # and caps past which the oldest transitions (whole segments) are deleted.
+    """Replay rows are committed at most this long after their reply: what a `kill -9` of the
+    server can lose."""
     fsync_interval_s: float | None = None
+    """None: the replay is committed, never fsynced (a `kill -9` loses nothing committed). A
+    number: segments and the WAL are fdatasync'ed that often, against power loss."""
     retention_max_rows: int | None = None
+    """Keep at most this many transitions; the oldest (whole segments) go first. None: no cap."""
     retention_max_bytes: int | None = None
+    """Keep the replay directory's bytes on disk at most this (several times
+    `segment_max_bytes`); the oldest transitions go first. None: no cap."""
     segment_max_bytes: int = 256 * 2**20
+    """Observation bytes per segment file; retention deletes whole segments."""
     value_hidden: tuple[int, ...] = (64, 64)
-    metrics_host: str = "127.0.0.1"
+    """Hidden widths of the value head's MLP (the learner's must match)."""
+    metrics_host: str = "127.0.0.1"  # where Prometheus /metrics listens
     metrics_port: int | None = 9101  # Prometheus /metrics; None: off
-    openpi_ws_host: str = "127.0.0.1"
+    openpi_ws_host: str = "127.0.0.1"  # where openpi-client's WebSocket listens
     openpi_ws_port: int | None = 8000  # openpi-client's WebSocket protocol; None: off
     openpi_api_key: Annotated[str | None, SECRET] = None  # `Authorization: Api-Key …` when set
     openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
     seed: int = 0
+    """Seed of the initial weights (version 0) when no checkpoint is loaded; the learner's must
+    match."""
     swap: SwapOptions = SwapOptions()  # hot-swap from the learner, heartbeats, admin
     gil_switch_interval_s: float = 0.0005  # see serve(): other threads' hold on the GIL
 
@@ -90,6 +99,8 @@ def serve(config: ServeConfig) -> int:
         print(f"openpi-rl serve: {e}", file=sys.stderr)
         return 2
     except ModelConfigError as e:  # e.g. a tokenizer file missing: held down, not restarted
+        return config_error("serve", str(e))
+    except ReplayFormatError as e:  # a replay from a newer openpi-rl: a restart cannot help
         return config_error("serve", str(e))
     tune_serving_process(config.gil_switch_interval_s)
     if config.metrics_port is not None:

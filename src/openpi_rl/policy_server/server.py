@@ -54,39 +54,48 @@ class ServeOptions:
 
     endpoint: str = "tcp://127.0.0.1:5555"  # loopback unless configured (guarantee 7)
     max_batch: int = 8
-    # Continuous batching: a request is served as soon as the model is free, together with
-    # every request that arrived while it ran. A wait > 0 holds a lone request this long for
-    # company (worth it only when robots are in lockstep and the model's cost barely grows
-    # with the batch); 0 keeps a lone robot at the transport's floor.
+    """Requests served by one model call at most (batches are padded to a few fixed sizes)."""
     max_wait_us: int = 0
-    # Predictive hold (batching.py): a batch waits for robots whose next request is due within
-    # this long and within one model call (a robot arriving later than that is better served
-    # on its own). A lone robot never waits. 0: off.
+    """Continuous batching: a request is served as soon as the model is free, together with
+    every request that arrived while it ran. A wait > 0 holds a lone request this long for
+    company (worth it only when robots are in lockstep and the model's cost barely grows with
+    the batch); 0 keeps a lone robot at the transport's floor."""
     expected_wait_us: int = 3000
+    """Predictive hold (batching.py): a batch waits for robots whose next request is due within
+    this long and within one model call (a robot arriving later than that is better served on
+    its own). A lone robot never waits. 0: off."""
     max_message_bytes: int = 16 * 1024 * 1024
+    """A request larger than this is answered `too_large` unread (libzmq drops frames past 4x
+    this, without a reply)."""
     seed: int = 0
-    # Observation key sets to compile before ready, besides all keys and the required ones
-    # (e.g. [["image", "state"]] when robots leave an optional key out).
+    """Unused: the sampling key comes from the policy version and a call counter."""
     warm_key_sets: tuple[tuple[str, ...], ...] = ()
+    """Observation key sets to compile before ready, besides all keys and the required ones
+    (e.g. [["image", "state"]] when robots leave an optional key out)."""
     dedupe_window: int = 4096  # replies kept to answer a resent request without serving it twice
-    # Per connection (ROUTER identity): a robot at 50 Hz uses 2-3 % of it; a flood past it is
-    # answered `overloaded` before decoding. 0: no limit.
     rate_limit_per_s: float = 2000.0
+    """Requests per second per connection (ROUTER identity): a robot at 50 Hz uses 2-3 % of it;
+    a flood past it is answered `overloaded` before decoding. 0: no limit."""
     rate_limit_burst: int = 2000
+    """Requests a connection may send back to back before `rate_limit_per_s` applies (the
+    token bucket's size)."""
     handshake_timeout_s: float = 5.0  # drop peers that never finish the ZMQ handshake
-    # CURVE (guarantee 7): the server's key pair (a `.key_secret` file from `openpi-rl keys
-    # generate`) and a directory of the robots' public `.key` files; None: plaintext.
     curve_secret_key_file: str | None = None
+    """CURVE (guarantee 7): the server's `.key_secret` file from `openpi-rl keys generate`;
+    None: plaintext."""
     curve_allowed_clients_dir: str | None = None
-    # Per-robot state (robots.py): robots remembered (least recently heard from forgotten
-    # first), and how many of a robot's latest transitions a report may still name.
+    """CURVE: the directory of the robots' public `.key` files; a robot whose key is not there
+    is refused at the handshake."""
     max_robots: int = 4096
+    """Robots remembered (robots.py); the least recently heard from is forgotten first."""
     report_window: int = 1024
-    # A report's reward is clamped into this range (counted): one absurd finite reward
-    # (1e308: two of them sum to inf) must not turn the learner's advantages into NaN.
+    """How many of a robot's latest transitions a report may still name."""
     reward_range: tuple[float, float] = (-1000.0, 1000.0)
-    # ZMQ queues per connection: a robot has one request in flight (two while resending).
+    """A report's reward is clamped into this range (counted): one absurd finite reward
+    (1e308: two of them sum to inf) must not turn the learner's advantages into NaN."""
     rcvhwm: int = 16
+    """ZMQ receive queue per connection: a robot has one request in flight (two while
+    resending); past it libzmq drops."""
     sndhwm: int = 64
 
 

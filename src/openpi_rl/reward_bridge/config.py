@@ -23,6 +23,7 @@ class BridgeConfig:
     http_port: int | None = 8766
     """POST /feedback, POST /query, GET /healthz; None: off."""
     metrics_host: str = "127.0.0.1"
+    """Where Prometheus /metrics listens."""
     metrics_port: int | None = 9102
     """Prometheus /metrics; None: off."""
     operators: Annotated[dict[str, str], SECRET] = dataclasses.field(default_factory=dict)
@@ -41,13 +42,18 @@ class BridgeConfig:
     """Success/failure/end wait this long before credit, so the server's last commit interval
     (default 50 ms) has reached the database."""
     success_value: float = 1.0
+    """The terminal reward of a success press that carries no value."""
     failure_value: float = 1.0
-    """Terminal rewards when a verdict carries no value (failure gives minus this)."""
+    """A failure press that carries no value gives minus this."""
     max_abs_value: float = 10.0
+    """A press's or a query answer's value past ±this is refused (`bad_event`)."""
     status_interval_s: float = 0.5
+    """How often the bridge reads the replay for the pendants' live status (pushed when it
+    changed, and at least every 5 s)."""
     ack_timeout_s: float = 10.0
     """An event not committed by then gets a `not_stored` error (resend with the same key)."""
     auth_timeout_s: float = 10.0
+    """A WebSocket that sends no hello with its token within this long is closed (4401)."""
     max_message_bytes: int = 64 * 1024
     """Pendant frames and /feedback bodies; a larger one gets `too_large`, the connection stays
     (a pendant frame past 4x this closes it: 1009). Before the token is checked (a hello, a
@@ -58,11 +64,15 @@ class BridgeConfig:
     max_pending_acks: int = 256
     """Events a pendant may have waiting for their commit; past it: `rate_limited`."""
     query_timeout_s: float = 20.0
-    """Keep it below the provider's own `timeout_s` so the default, not an error, comes back."""
+    """A reward query nobody answers within this long gets `query_default_reward`. Keep it below
+    the provider's own `timeout_s` so the default, not an error, comes back."""
     query_default_reward: float = 0.0
+    """The reward of a query that timed out."""
+
     # Hostile clients (guarantee 6): each listener keeps serving good clients.
+
     max_connections: int = 256
-    """Per port (WebSocket, HTTP); one client address holds at most 3/4 of it. Past it, the
+    """Connections per port (WebSocket, HTTP); one client address holds at most 3/4 of it. Past it, the
     oldest connection that has not sent its request (HTTP) or its hello (pendant) makes way for
     the newcomer; 503 only when none can. A site of 200 pendants fits the default."""
     trusted_proxies: tuple[str, ...] = ()
@@ -71,8 +81,10 @@ class BridgeConfig:
     counts against the client it names in `X-Forwarded-For` / `X-Real-IP`; from anyone else
     those headers are ignored."""
     rate_limit_per_s: float = 100.0
+    """Frames per second per WebSocket connection; one over gets a `rate_limited` error reply."""
     rate_limit_burst: int = 200
-    """Frames per WebSocket connection; one over gets a `rate_limited` error reply."""
+    """Frames a WebSocket connection may send back to back before `rate_limit_per_s` applies
+    (the token bucket's size)."""
     handshake_timeout_s: float = 5.0
     """A WebSocket handshake or an HTTP request (headers and body) not done by then is dropped
     (slow-loris)."""

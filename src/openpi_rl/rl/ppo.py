@@ -24,19 +24,19 @@ from openpi_rl.rl.rl_api import Array, Observation, validate_observation
 class PPOConfig:
     """PPO hyperparameters. The first eight fields and their defaults are the seed's."""
 
-    clip_ratio: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    gamma: float = 0.99
-    lam: float = 0.95
-    lr: float = 5e-5
+    clip_ratio: float = 0.2  # epsilon of the clipped surrogate: ratios outside 1 ± this stop
+    value_coef: float = 0.5  # weight of the value loss in the total loss
+    entropy_coef: float = 0.01  # weight of the entropy bonus (subtracted from the loss)
+    gamma: float = 0.99  # discount per step
+    lam: float = 0.95  # GAE's lambda: 0 one-step TD, 1 Monte Carlo
+    lr: float = 5e-5  # Adam's learning rate
     train_iters: int = 4  # epochs over the batch per update
-    minibatch_size: int = 64
+    minibatch_size: int = 64  # transitions per gradient step
     max_grad_norm: float | None = 0.5  # global-norm gradient clipping; None turns it off
     target_kl: float | None = None  # stop the update once approx KL passes 1.5x this (SB3's rule)
     normalize_advantages: bool = True  # per minibatch, as SB3 and CleanRL do
     clip_value: bool = False  # clip the value change to +-value_clip_range (CleanRL's clip_vloss)
-    value_clip_range: float = 0.2
+    value_clip_range: float = 0.2  # how far clip_value lets the value move from the old one
     adam_eps: float = 1e-5  # SB3 / CleanRL value, not optax's 1e-8
     bc_coef: float = 0.0  # weight of the behaviour-cloning term on `PPOBatch.bc_actions` (0: off)
 

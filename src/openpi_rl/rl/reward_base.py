@@ -28,8 +28,8 @@ class RewardError(ValueError):
 class RewardConfig:
     """The range every provider clamps its reward to."""
 
-    min_reward: float = -1.0
-    max_reward: float = 1.0
+    min_reward: float = -1.0  # a lower reward is raised to this
+    max_reward: float = 1.0  # a higher reward is lowered to this
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_reward) and math.isfinite(self.max_reward)):

@@ -50,12 +50,13 @@ class PPOTrainConfig:
     env: str = "InvertedPendulum-v5"  # gymnasium id
     num_envs: int = 8  # environments stepped in lockstep
     reward_type: Literal["env", "human_cli", "external", "websocket", "http", "composite"] = "env"
+    """Where rewards come from: the environment, a person at this terminal, a Python function,
+    a rater over WebSocket or HTTP (the reward bridge's /query), or a weighted mix."""
     reward_config: RewardConfig = RewardConfig()  # clamps provider rewards (not the env's)
     external_reward_fn: str | None = None  # "module:function" for reward_type external
-    reward_url: Annotated[str | None, SECRET] = (
-        None  # ws://… or http://… for reward_type websocket / http
-    )
-    reward_timeout_s: float = 30.0
+    reward_url: Annotated[str | None, SECRET] = None
+    """ws://… or http://… for reward_type websocket / http."""
+    reward_timeout_s: float = 30.0  # how long a rater has to answer one query
     reward_default: float | None = None  # reward when a rater times out (None: error)
     reward_token: Annotated[str | None, SECRET] = None  # the bridge's query_token, if it has one
     composite: tuple[str, ...] = ("env:1.0",)  # "kind:weight" parts for reward_type composite
@@ -63,15 +64,14 @@ class PPOTrainConfig:
     num_ppo_epochs: int | None = None  # overrides ppo.train_iters when set (seed name)
     num_train_steps: int = 100  # PPO updates (each after one rollout)
     max_env_steps: int | None = None  # stop after this many env steps
-    target_return: float | None = (
-        None  # stop once the mean of the last `target_window` returns reaches it
-    )
-    target_window: int = 20
+    target_return: float | None = None
+    """Stop once the mean of the last `target_window` returns reaches it."""
+    target_window: int = 20  # episodes averaged for target_return
     value_hidden: tuple[int, ...] = (64, 64)  # the critic MLP on value_features
-    seed: int = 0
+    seed: int = 0  # seeds the environments, the initial weights and the sampling
     checkpoint_dir: str | None = None  # orbax checkpoints; a run resumes from the newest
     save_interval: int = 10  # updates between checkpoints
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
 
 
 @dataclasses.dataclass
