@@ -100,7 +100,7 @@ class Stack:
         self.server = PolicyServer(ac, opts, ReplayConfig(path=replay_dir))
         self.server_thread = threading.Thread(target=self.server.run, name="server", daemon=True)
         self.server_thread.start()
-        if not self.server._ready.wait(120):
+        if not self.server.wait_ready(120):
             raise TimeoutError("policy server not ready")
         self.swapper = Swapper(self.server, SwapOptions(learner_endpoint=None, nice=0)).start()
         self.admin = AdminEndpoint(
@@ -214,12 +214,17 @@ class Stack:
 
     def internal_errors(self, listener: str) -> int:
         """Handler bugs caught so far (an `internal` reply), by listener."""
+
+        def count(metrics, name: str, **labels: str) -> int:  # as /metrics shows it
+            return int(metrics.registry.get_sample_value(name, labels) or 0)
+
         if listener in ("zmq", "openpi_ws"):
-            return int(self.server.metrics.errors.labels(code="internal")._value.get())
+            return count(self.server.metrics, "openpi_rl_server_errors_total", code="internal")
         if listener == "admin":
-            m = self.swapper.metrics.admin_requests
-            return int(sum(m.labels(command=c, outcome="failed")._value.get() for c in _ADMIN_CMDS))
-        return int(self.bridge.metrics.errors.labels("internal")._value.get())
+            name = "openpi_rl_server_admin_requests_total"
+            m = self.swapper.metrics
+            return sum(count(m, name, command=c, outcome="failed") for c in _ADMIN_CMDS)
+        return count(self.bridge.metrics, "openpi_rl_bridge_errors_total", code="internal")
 
     def alive(self, listener: str) -> bool:
         threads = {

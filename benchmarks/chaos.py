@@ -640,7 +640,7 @@ def run(args: Args) -> dict:
     finally:
         robots.close()
         operator.close()
-        daemon_rc = svc.daemon.stop()
+        daemon_rc = svc.daemon.close()
     # Final accounting, the daemon stopped (every role flushed).
     t_end = time.monotonic()
     integrity = checker.integrity()

@@ -51,7 +51,7 @@ def main(args: Args) -> dict:
         srv = PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*"), replay)
         thread = threading.Thread(target=srv.run, name="server", daemon=True)
         thread.start()
-        srv._ready.wait(120)
+        srv.wait_ready(120)
         rng = np.random.default_rng(0)
         report_s, health_s, acked = [], [], {}
         with PolicyClient(srv.endpoint, robot_id="arm-1", timeout_s=5.0) as client:

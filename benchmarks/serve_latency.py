@@ -206,7 +206,7 @@ def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, pro
     else:
         thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    server._ready.wait(600)
+    server.wait_ready(600)
     endpoint = None
     if ws:
         endpoint = OpenPIWebSocketEndpoint(server.inproc_endpoint, server.metadata(), port=0)

@@ -279,7 +279,7 @@ def run(args: Args) -> dict:
 
             versions = newest_version(svc.checkpoint_dir)
         finally:
-            daemon_rc = svc.daemon.stop()
+            daemon_rc = svc.daemon.close()
     lat = np.concatenate(
         [np.load(workdir / f"robots-{p}.npy") for p in range(args.robot_procs)]
     )  # fmt: skip

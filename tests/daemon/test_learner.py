@@ -88,22 +88,29 @@ def test_a_dead_heartbeat_ends_the_learner_with_exit_1(tmp_path):
         learner.close()
 
 
-def test_stop_takes_no_lock_so_a_signal_handler_cannot_deadlock_the_run_loop(tmp_path):
-    """`stop()` runs in the SIGTERM handler, on the main thread, possibly while `run` is inside
-    `Event.wait` holding that event's lock: a stop that took it never returned (a CI learner
-    hung until killed). Here the lock is held, as `run` would hold it, while `stop()` is called;
-    then `run` must notice the flag and return."""
+def test_close_on_runs_own_thread_takes_no_lock_so_a_signal_handler_cannot_deadlock_run(
+    tmp_path, monkeypatch
+):
+    """`close()` runs in the SIGTERM handler, on the main thread, possibly while `run` is inside
+    `Event.wait` holding that event's lock: a close that took it (or waited there for `run` to
+    end) never returned (a CI learner hung until killed). Here `close()` is called on `run`'s
+    own thread, as the handler is, from inside a pass of the loop; it must return at once, and
+    then `run` must notice and return."""
     learner = Learner(learner_config(tmp_path, poll_interval_s=0.05))
+    check, returned = learner.check_operator, threading.Event()
+
+    def check_then_close():  # where a signal can land: between two steps of `run`
+        check()
+        learner.close()
+        returned.set()
+
+    monkeypatch.setattr(learner, "check_operator", check_then_close)
     runner = threading.Thread(target=learner.run, daemon=True)
     try:
-        with learner._stop._cond:  # what an interrupted Event.wait holds
-            stopper = threading.Thread(target=learner.stop, daemon=True)
-            stopper.start()
-            stopper.join(2.0)
-            assert not stopper.is_alive(), "stop() blocked on the event's lock"
         runner.start()
+        assert returned.wait(5.0), "close() blocked on run's own thread"
         runner.join(5.0)
-        assert not runner.is_alive(), "run() did not return after stop()"
+        assert not runner.is_alive(), "run() did not return after close()"
     finally:
         learner.close()
 

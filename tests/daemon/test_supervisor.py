@@ -97,7 +97,7 @@ class Running:
         self.rc = self.sup.run()
 
     def stop(self, timeout_s: float = 20.0) -> int:
-        self.sup.request_stop()
+        self.sup.close()
         self.thread.join(timeout_s)
         assert not self.thread.is_alive(), "supervisor did not stop"
         return self.rc

@@ -107,7 +107,7 @@ def test_a_lockstep_fleet_stays_in_full_batches(tmp_path):
     srv = PolicyServer(ac, options)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    assert srv._ready.wait(60)
+    assert srv.wait_ready(60)
     sample = srv.snapshot.sample
 
     def slow_sample(*args, **kwargs):

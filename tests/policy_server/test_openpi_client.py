@@ -43,7 +43,7 @@ def _stack(tmp_path, **options) -> tuple[PolicyServer, OpenPIWebSocketEndpoint]:
         ReplayConfig(path=str(tmp_path / "replay")),
     )
     threading.Thread(target=server.run, daemon=True).start()
-    server._ready.wait(60)
+    server.wait_ready(60)
     ws = OpenPIWebSocketEndpoint(
         server.inproc_endpoint,
         server.metadata(),

@@ -83,7 +83,7 @@ def test_the_replay_cap_in_the_serve_config_is_applied(tmp_path):
     assert server.replay.config.retention_max_rows == 5
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    assert server._ready.wait(60)
+    assert server.wait_ready(60)
     with PolicyClient(server.endpoint, robot_id="r", timeout_s=5.0) as client:
         for _ in range(12):
             client.infer({"state": np.ones(3, np.float32)})

@@ -30,7 +30,7 @@ def server(tmp_path):
     )
     thread = threading.Thread(target=srv.run, name="server", daemon=True)
     thread.start()
-    srv._ready.wait(60)
+    srv.wait_ready(60)
     yield srv
     srv.close()
     thread.join(30)
@@ -137,7 +137,7 @@ def _start(tmp_path, **options):
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    assert srv._ready.wait(60)
+    assert srv.wait_ready(60)
     return srv, thread
 
 
@@ -213,7 +213,7 @@ def test_the_key_sets_robots_send_are_compiled_before_ready(tmp_path):
     assert warmed >= {frozenset({"cam", "state"}), frozenset({"state"}), frozenset(config.obs_spec)}
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    assert srv._ready.wait(120)
+    assert srv.wait_ready(120)
     compiled = srv.snapshot.compilations
     rng = np.random.default_rng(0)
     with PolicyClient(srv.endpoint, robot_id="r", timeout_s=30.0) as client:
@@ -243,7 +243,7 @@ def test_a_full_replay_queue_is_answered_overloaded_and_nothing_served_is_lost(t
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    srv._ready.wait(60)
+    srv.wait_ready(60)
     rng = np.random.default_rng(0)
     served, refused = [], 0
     blocker = sqlite3.connect(replay_dir / "replay.sqlite", isolation_level=None)

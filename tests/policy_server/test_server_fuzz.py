@@ -68,7 +68,7 @@ def server():
     srv = PolicyServer(ac, options)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    srv._ready.wait(60)
+    srv.wait_ready(60)
     yield srv
     srv.close(wait_s=10)
 

@@ -31,7 +31,7 @@ def _start(tmp_path, commit_interval_s=0.02, **options):
     )
     thread = threading.Thread(target=srv.run, name="server", daemon=True)
     thread.start()
-    assert srv._ready.wait(60)
+    assert srv.wait_ready(60)
     return srv, thread
 
 

@@ -44,7 +44,7 @@ class Rig:
         self.admin = AdminEndpoint(self.swapper, "tcp://127.0.0.1:*", TOKEN)
         self.thread = threading.Thread(target=self.server.run, name="server", daemon=True)
         self.thread.start()
-        assert self.server._ready.wait(60)
+        assert self.server.wait_ready(60)
         self.swapper.start()
         self.admin.start()
         self.compiled = self.server.snapshot.compilations
@@ -326,8 +326,7 @@ def test_a_restarted_server_starts_at_the_newest_version_on_disk(tmp_path):
         assert server.snapshot.compilations == 2
     finally:
         swapper.close()
-        server.close()
-        server._finish()
+        server.close()  # never ran: released here
 
 
 def _send_raw(rig: Rig, msg) -> None:

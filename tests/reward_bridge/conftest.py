@@ -29,6 +29,12 @@ def add_transitions(writer: ReplayWriter, robot: str, episode: str, n: int, gap_
     return ids
 
 
+def counted(bridge: RewardBridge, name: str, **labels: str) -> float:
+    """A counter's value as /metrics would show it (`name` with its `_total`); 0 before its
+    first count."""
+    return bridge.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 @pytest.fixture
 def replay(tmp_path):
     with ReplayWriter(ReplayConfig(path=tmp_path / "replay", commit_interval_s=0.01)) as w:

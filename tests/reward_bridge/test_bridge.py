@@ -10,7 +10,7 @@ import pytest
 import websockets.exceptions
 import websockets.sync.client
 
-from tests.reward_bridge.conftest import OPERATORS, add_transitions, pendant, recv_type
+from tests.reward_bridge.conftest import OPERATORS, add_transitions, counted, pendant, recv_type
 
 
 def _events(tmp_path) -> list[tuple]:
@@ -47,7 +47,7 @@ def test_ack_comes_after_commit_and_a_resend_counts_once(make_bridge, replay, tm
                 ("success", 1.0, "ana", ids[-1], "ep-1", "attached", "press-1")
             ]
             assert ack["transition_id"] == ids[-1] and ack["duplicate"] == (attempt == 1)
-    assert bridge.metrics.duplicates._value.get() == 1
+    assert counted(bridge, "openpi_rl_bridge_events_duplicate_total") == 1
 
 
 def test_http_feedback_needs_a_token_and_acks_after_commit(make_bridge, replay, tmp_path):
@@ -76,7 +76,7 @@ def test_wrong_or_missing_token_closes_the_pendant_and_stores_nothing(make_bridg
             ws.recv(timeout=10)
     assert e.value.rcvd.code == 4401
     assert _events(tmp_path) == []
-    assert bridge.metrics.auth_failures.labels("pendant")._value.get() == 1
+    assert counted(bridge, "openpi_rl_bridge_auth_failures_total", endpoint="pendant") == 1
 
 
 def test_bad_input_gets_errors_and_the_connection_keeps_working(make_bridge, replay, tmp_path):
@@ -101,7 +101,7 @@ def test_bad_input_gets_errors_and_the_connection_keeps_working(make_bridge, rep
         ws.send(json.dumps({"robot_id": "arm-1", "kind": "step_reward", "value": 1}))
         assert recv_type(ws, "ack")["status"] == "attached"
     assert [e[0] for e in _events(tmp_path)] == ["step_reward"]
-    assert bridge.metrics.errors.labels("bad_event")._value.get() == 5
+    assert counted(bridge, "openpi_rl_bridge_errors_total", code="bad_event") == 5
 
 
 def test_unknown_robot_is_stored_unattached_and_reported(make_bridge, tmp_path):
@@ -111,7 +111,7 @@ def test_unknown_robot_is_stored_unattached_and_reported(make_bridge, tmp_path):
         ack = recv_type(ws, "ack")
     assert ack["transition_id"] is None and ack["status"] == "unknown_robot"
     assert _events(tmp_path)[0][3:6] == (None, None, "unknown_robot")
-    assert bridge.metrics.unattached.labels("unknown_robot")._value.get() == 1
+    assert counted(bridge, "openpi_rl_bridge_events_unattached_total", status="unknown_robot") == 1
 
 
 def test_pendants_get_the_live_status_from_the_replay(make_bridge, replay):

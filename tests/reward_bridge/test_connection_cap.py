@@ -13,7 +13,7 @@ import websockets.exceptions
 from websockets.sync.client import connect
 
 from openpi_rl.guards import ConnectionSlots
-from tests.reward_bridge.conftest import OPERATORS, add_transitions, pendant, recv_type
+from tests.reward_bridge.conftest import OPERATORS, add_transitions, counted, pendant, recv_type
 
 CAP = 6
 
@@ -92,7 +92,7 @@ def test_good_post_feedback_succeeds_with_the_cap_full_of_idle_and_slow_connecti
     shed = _reply(held[0])
     assert shed.startswith(b"HTTP/1.1 503") and b"retry" in shed
     assert bridge._http_slots.shed_count == 1
-    assert bridge.metrics.refused_connections.labels("http")._value.get() == 1
+    assert counted(bridge, "openpi_rl_bridge_refused_connections_total", port="http") == 1
     for s in held:
         s.close()
 

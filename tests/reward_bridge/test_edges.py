@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from openpi_rl.replay import ReplayConfig, ReplayWriter
 from openpi_rl.reward_bridge import BridgeConfig, RewardBridge, StepRewardRule
-from tests.reward_bridge.conftest import OPERATORS, add_transitions, pendant, recv_type
+from tests.reward_bridge.conftest import OPERATORS, add_transitions, counted, pendant, recv_type
 from tests.reward_bridge.test_bridge_kill import _start_bridge
 
 TOKEN = OPERATORS["ana"]
@@ -149,7 +149,7 @@ def test_hostile_numbers_and_ids_get_bad_event_and_the_bridge_keeps_storing(make
         body = frame.encode()
         reply = _post(bridge.http_port, body, f"Content-Length: {len(body)}\r\n")
         assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
-    assert bridge.metrics.errors.labels("internal")._value.get() == 0
+    assert counted(bridge, "openpi_rl_bridge_errors_total", code="internal") == 0
     assert _stored(replay) == [("arm-1", "step_reward", 1.0)]
 
 

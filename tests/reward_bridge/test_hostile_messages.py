@@ -4,7 +4,7 @@ an error reply or its answer, and the connection keeps working (guarantee 6)."""
 import json
 import urllib.request
 
-from tests.reward_bridge.conftest import pendant, recv_type
+from tests.reward_bridge.conftest import counted, pendant, recv_type
 
 
 def test_reward_query_with_a_ragged_observation_gets_the_default_reward(make_bridge):
@@ -13,7 +13,7 @@ def test_reward_query_with_a_ragged_observation_gets_the_default_reward(make_bri
     req = urllib.request.Request(f"http://127.0.0.1:{bridge.http_port}/query", body, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:  # was 500 (ValueError in the summary)
         assert r.status == 200 and json.loads(r.read()) == {"reward": 0.25}
-    assert bridge.metrics.errors.labels("internal")._value.get() == 0
+    assert counted(bridge, "openpi_rl_bridge_errors_total", code="internal") == 0
 
 
 def test_answer_with_a_non_string_query_id_is_refused_and_the_pendant_stays(make_bridge):

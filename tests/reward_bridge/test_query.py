@@ -12,7 +12,7 @@ import websockets.sync.client
 
 from openpi_rl.reward_bridge.query import png_data_url, thumbnail
 from openpi_rl.rl.reward import HumanRewardHTTP, HumanRewardWebSocket, RewardError
-from tests.reward_bridge.conftest import pendant, recv_type
+from tests.reward_bridge.conftest import counted, pendant, recv_type
 
 
 def _obs():
@@ -47,7 +47,7 @@ def test_the_operator_answers_the_seed_reward_providers(make_bridge, kind):
         call["thread"].join(10)
     assert call["out"]["r"] == -0.5
     provider.close()
-    assert bridge.metrics.queries.labels("answered")._value.get() == 1
+    assert counted(bridge, "openpi_rl_bridge_queries_total", outcome="answered") == 1
 
 
 def test_an_unanswered_query_gets_the_default_and_is_counted(make_bridge):
@@ -56,7 +56,7 @@ def test_an_unanswered_query_gets_the_default_and_is_counted(make_bridge):
     assert provider.get(_obs(), np.ones((2, 3))) == 0.25
     assert provider.get(_obs(), np.ones((2, 3))) == 0.25  # the connection still serves
     provider.close()
-    assert bridge.metrics.queries.labels("timeout")._value.get() == 2
+    assert counted(bridge, "openpi_rl_bridge_queries_total", outcome="timeout") == 2
 
 
 def test_query_token_when_configured(make_bridge):

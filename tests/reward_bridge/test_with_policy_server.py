@@ -28,7 +28,7 @@ def test_feedback_lands_on_the_served_transitions(tmp_path):
     )
     thread = threading.Thread(target=server.run, name="server", daemon=True)
     thread.start()
-    server._ready.wait(60)
+    server.wait_ready(60)
     bridge = RewardBridge(
         BridgeConfig(
             replay_dir=str(tmp_path / "replay"),

@@ -43,7 +43,7 @@ def server(keys):
     )
     srv = PolicyServer(ac, options)
     threading.Thread(target=srv.run, daemon=True).start()
-    assert srv._ready.wait(60)
+    assert srv.wait_ready(60)
     yield srv
     srv.close(wait_s=10)
 

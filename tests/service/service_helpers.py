@@ -76,7 +76,7 @@ class ServerRig:
         self.admin = AdminEndpoint(self.swapper, "tcp://127.0.0.1:*", TOKEN)
         self.thread = threading.Thread(target=self.server.run, name="server", daemon=True)
         self.thread.start()
-        assert self.server._ready.wait(60)
+        assert self.server.wait_ready(60)
         self.swapper.start()
         self.admin.start()
         self.endpoint = self.server.endpoint

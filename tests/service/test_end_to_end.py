@@ -51,7 +51,7 @@ def test_robots_server_replay_learner_and_back(tmp_path):
     rig.close()
     seconds = wait_for(lambda: not learner.servers.alive(server_endpoint), 3.0)
     assert learner.metrics.registry.get_sample_value(*up) == 0
-    learner.stop()  # run() closes the learner on its own thread
+    learner.close()  # returns once run() has released the learner on its own thread
     thread.join(30)
     assert not thread.is_alive()
 

@@ -149,8 +149,13 @@ class Learner:
             registry=self.metrics.registry,
         )  # fmt: skip
         self._source: ReplaySource | None = None
-        self._stop = threading.Event()
-        self._stop_asked = False  # set by `stop()` (signal handlers); `run` polls it
+        # close() on run's own thread (a signal handler) sets only `_closing`, a plain flag
+        # `run` polls: `Event.set` there deadlocks if the signal landed while run's
+        # `Event.wait` held the event's lock. Other threads also set `_wake` (no wait).
+        self._closing = False
+        self._wake = threading.Event()
+        self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
+        self._run_ended = threading.Event()
         self._closed = False
 
     def _resume(self, opt_state: Any) -> tuple[int, Any]:
@@ -381,8 +386,13 @@ class Learner:
     # -- process
 
     def run(self) -> int:
-        """Poll and update until `close()` or `max_updates` published updates; then close."""
+        """Poll and update until `close()` or `max_updates` published updates; then release
+        (what `close()` does) on its way out."""
         c = self.config
+        if self._closing:
+            return 0
+        self._run_thread = threading.get_ident()
+        self._run_ended.clear()
         log.info(
             "learner.start", version=self.version, endpoint=self.publisher.endpoint,
             replay_dir=str(Path(c.replay_dir).absolute()), devices=self.dp.size,
@@ -395,7 +405,7 @@ class Learner:
         notifier.ready(status=f"version {self.version}")
         failed = None
         try:
-            while not (self._stop_asked or self._stop.is_set()):
+            while not self._closing:
                 failed = self._dead_stage()
                 if failed is not None:
                     log.error("learner.stage_failed", stage=failed, version=self.version)
@@ -406,15 +416,17 @@ class Learner:
                     break
                 self.check_operator()
                 if self._paused():
-                    self._stop.wait(0.1)
+                    self._wake.wait(0.1)
                     continue
                 result = self.step()
                 if result is None:
-                    self._stop.wait(min(c.poll_interval_s, 0.25))
+                    self._wake.wait(min(c.poll_interval_s, 0.25))
                 elif result.published:
                     done += 1
         finally:
-            self.close()
+            self._release()
+            self._run_thread = None
+            self._run_ended.set()
         return 0 if failed is None else 1  # non-zero: the supervisor restarts the learner
 
     def _dead_stage(self) -> str | None:
@@ -438,15 +450,23 @@ class Learner:
             )
         return paused
 
-    def stop(self) -> None:
-        """Ask `run` to return after the current step. Safe from a signal handler: it sets a
-        flag and takes no lock (`Event.set` there deadlocks if the signal landed while `run`'s
-        `Event.wait` held the event's lock: a learner that never stops, killed at the timeout)."""
-        self._stop_asked = True
-
     def close(self) -> None:
-        """Stop `run`, finish pending checkpoint writes, close sockets and the replay. Idempotent."""
-        self._stop.set()
+        """Stop `run` after the current step, finish pending checkpoint writes, close sockets
+        and the replay. Idempotent, from any thread: while `run` runs on another thread, it
+        returns once `run` has released everything. On `run`'s own thread (a signal handler)
+        it only sets a flag and takes no lock: `run` returns after the current step and
+        releases on its way out (a lock taken there could be the one the interrupted `run`
+        holds: a learner that never stops, killed at the timeout)."""
+        self._closing = True
+        running = self._run_thread
+        if running is not None:
+            if running != threading.get_ident():
+                self._wake.set()
+                self._run_ended.wait()
+            return
+        self._release()
+
+    def _release(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -473,5 +493,5 @@ def learn(config: LearnerConfig) -> int:
         )
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: learner.stop())
+            signal.signal(sig, lambda *_: learner.close())
     return learner.run()

@@ -20,8 +20,8 @@ from openpi_rl_client import PolicyClient, protocol
 
 
 class DaemonProcess:
-    """`DaemonProcess(config_path, log_path).start()`; `wait_ready()`; `stop()` returns its exit
-    status (0: every role flushed and exited cleanly)."""
+    """`DaemonProcess(config_path, log_path).start()`; `wait_ready()`; `close()` returns its
+    exit status (0: every role flushed and exited cleanly)."""
 
     def __init__(self, config_path: Path, log_path: Path):
         self.config_path, self.log_path = Path(config_path), Path(log_path)
@@ -30,7 +30,7 @@ class DaemonProcess:
         self._log = None
 
     def start(self) -> DaemonProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in close)
         cmd = [sys.executable, "-m", "openpi_rl.cli", "daemon", "--config", str(self.config_path)]
         env = {**os.environ, "OPENPI_RL_LOG_JSON": "1"}
         env.pop("NOTIFY_SOCKET", None)  # the demo is not a systemd unit
@@ -66,8 +66,8 @@ class DaemonProcess:
                     pass
                 time.sleep(0.2)
 
-    def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, as systemd would; SIGKILL past `timeout_s`. Idempotent."""
+    def close(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, as systemd would; SIGKILL past `timeout_s`. Idempotent; the exit status."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:

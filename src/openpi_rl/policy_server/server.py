@@ -166,6 +166,8 @@ class PolicyServer:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._closed = False
+        self._running = False  # run() started: it releases on its way out
+        self._finish_lock = threading.Lock()
         self._finished = threading.Event()
         self._counter = 0  # sampling calls: the key is derived from (version, counter)
         self._unlogged = 0  # transition ids when no replay is configured
@@ -228,6 +230,10 @@ class PolicyServer:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every batch size is compiled (`run()` warms up); False past `timeout`."""
+        return self._ready.wait(timeout)
+
     def swap(self, snapshot: PolicySnapshot) -> PolicySnapshot:
         """Make `snapshot` live (one reference assignment: `_serve` reads it once per batch, so
         the swap lands between batches); returns the snapshot it replaced."""
@@ -236,7 +242,12 @@ class PolicyServer:
         return old
 
     def run(self) -> None:
-        """Serve until `close()`; warms up in a thread so health answers meanwhile."""
+        """Serve until `close()`; warms up in a thread so health answers meanwhile. Releases
+        the socket and flushes the replay on its way out."""
+        self._running = True
+        if self._stop.is_set():  # closed before it ran
+            self._finish()
+            return
         threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
@@ -307,16 +318,20 @@ class PolicyServer:
         self._stages[name] = alive
 
     def close(self, wait_s: float | None = None) -> None:
-        """Stop serving; the loop flushes the replay and closes the socket. Idempotent. With
-        `wait_s`, return once that is done (or the time is up)."""
+        """Stop serving; the loop flushes the replay and closes the socket. Idempotent, from
+        any thread or a signal handler (it sets a flag `run` polls). With `wait_s`, return once
+        that is done (or the time is up). A server whose `run()` never started is released here."""
         self._stop.set()
-        if wait_s is not None:
+        if not self._running:
+            self._finish()
+        elif wait_s is not None:
             self._finished.wait(wait_s)
 
     def _finish(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._finish_lock:  # run's exit and a close() before run() started
+            if self._closed:
+                return
+            self._closed = True
         self.socket.close(linger=0)
         if self.replay is not None:
             try:

@@ -25,7 +25,7 @@ def serve(config: BridgeConfig) -> int:
         )
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: bridge.request_stop())
+            signal.signal(sig, lambda *_: bridge.close())
     # READY=1 once listening, WATCHDOG=1 only while the event loop answers GET /healthz.
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     watchdog = HealthWatchdog(http_health(lambda: f"http://{host}:{bridge.ws_port}/healthz"))

@@ -113,7 +113,11 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop_asked = False  # close() before the loop existed: it stops once it does
+        self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
+        self._run_ended = threading.Event()
         self._closed = False
+        self._released = False
         self._tasks: set[asyncio.Task] = set()
         self._ws_slots = ConnectionSlots(config.max_connections)  # past the handshake
         self._http_slots = ConnectionSlots(config.max_connections)
@@ -121,15 +125,30 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 30.0) -> RewardBridge:
+        """`run()` on a thread; returns once both ports listen (TimeoutError past `timeout_s`)."""
         self._thread = threading.Thread(target=self.run, name="reward-bridge", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout_s):
+        if not self.wait_ready(timeout_s):
             raise TimeoutError(f"reward bridge not listening after {timeout_s} s")
         return self
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the WebSocket (and HTTP) port listens; False past `timeout`."""
+        return self._ready.wait(timeout)
+
     def run(self) -> int:
-        """Serve until `request_stop()` (0) or until a stage has died (1)."""
-        asyncio.run(self._main())
+        """Serve until `close()` (0) or until a stage has died (1); closes the replay writer on
+        its way out."""
+        if self._released:
+            return 0
+        self._run_thread = threading.get_ident()
+        self._run_ended.clear()
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._release()
+            self._run_thread = None
+            self._run_ended.set()
         return 1 if self._failed else 0
 
     @property
@@ -146,19 +165,27 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         if self._loop is not None and self._stop is not None:
             self._loop.call_later(FAILED_EXIT_DELAY_S, self._stop.set)
 
-    def request_stop(self) -> None:
-        """Ask the loop to stop (safe from a signal handler or another thread)."""
+    def close(self) -> None:
+        """Stop accepting, let commits finish (their acks go out), close the replay writer.
+        Idempotent, from any thread: while `run` runs on another thread, it returns once `run`
+        has returned (at most 30 s). On `run`'s own thread (a signal handler) it only asks the
+        loop to stop, and `run` releases on its way out."""
+        self._stop_asked = True
         if self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
-
-    def close(self) -> None:
-        if self._closed:
+        running = self._run_thread
+        if running == threading.get_ident():
             return
         self._closed = True
-        self.request_stop()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(30)
+        if running is not None:
+            self._run_ended.wait(30)
+        self._release()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._closed = self._released = True
         self.writer.close()
         if self._reader is not None:
             self._db.submit(self._reader.close)  # the connection belongs to that thread
@@ -166,6 +193,8 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if self._stop_asked:  # closed before the loop existed
+            self._stop.set()
         c = self.config
         quiet = logging.getLogger("openpi_rl.reward_bridge.websockets")
         quiet.setLevel(logging.WARNING)  # websockets would log request lines (query tokens)

@@ -143,8 +143,8 @@ class _Child:
 
 
 class Supervisor:
-    """Runs `specs` until `request_stop()` (safe from a signal handler); `run()` returns the
-    exit status."""
+    """Runs `specs` until `close()` (safe from a signal handler); `run()` returns the exit
+    status."""
 
     def __init__(
         self,
@@ -162,23 +162,47 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="openpi-rl-daemon-"))
         self.children = [_Child(s, self._dir) for s in specs]
         self.notifier = Notifier()
-        # A plain flag, not an Event: request_stop runs in signal handlers, where Event.set can
+        # A plain flag, not an Event: close() runs in signal handlers, where Event.set can
         # deadlock on the lock the interrupted main thread holds.
         self._stopping = False
+        self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
+        self._run_ended = threading.Event()
+        self._released = False
         self._reload_requested = False
         self._load = load
         self._exit_code = 0
         self._t0 = time.monotonic()
         self._status = ""
 
-    def request_stop(self) -> None:
+    def close(self) -> None:
+        """Stop every role (SIGTERM, SIGKILL past its stop timeout) and end `run`. Idempotent,
+        from any thread: while `run` runs on another thread, it returns once `run` has returned.
+        On `run`'s own thread (a signal handler) it only sets a flag `run` polls each tick."""
         self._stopping = True
+        running = self._run_thread
+        if running is not None:
+            if running != threading.get_ident():
+                self._run_ended.wait()
+            return
+        self._release()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for c in self.children:
+            c.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def request_reload(self) -> None:
         """SIGHUP: reload on the next tick (a flag: safe from a signal handler)."""
         self._reload_requested = True
 
     def run(self) -> int:
+        if self._released:
+            return self._exit_code
+        self._run_thread = threading.get_ident()
+        self._run_ended.clear()
         log.info("daemon.start", roles=[c.spec.role for c in self.children])
         try:
             while not self._stopping:
@@ -201,9 +225,9 @@ class Supervisor:
                 self._report_status()
             return self._shutdown()
         finally:
-            for c in self.children:
-                c.sock.close()
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._release()
+            self._run_thread = None
+            self._run_ended.set()
 
     # -- one tick
 
@@ -524,7 +548,7 @@ def daemon(path: str | Path) -> int:
         log.info("daemon.metrics", host=d.metrics_host, port=httpd.server_address[1])
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: sup.request_stop())
+            signal.signal(sig, lambda *_: sup.close())
         # Its default action would kill the daemon, and the robots' server with it.
         signal.signal(signal.SIGHUP, lambda *_: sup.request_reload())
     return sup.run()
