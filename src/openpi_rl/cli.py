@@ -195,14 +195,14 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 
 def replay_main(argv: list[str] | None = None) -> int:
-    """`openpi-rl replay stats DIR`."""
+    """`openpi-rl replay stats DIR`, `openpi-rl replay migrate DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "stats":
-        print("usage: openpi-rl replay stats DIR", file=sys.stderr)
+    if not argv or argv[0] not in ("stats", "migrate"):
+        print("usage: openpi-rl replay {stats,migrate} DIR", file=sys.stderr)
         return 2
-    from openpi_rl.replay import stats_main
+    from openpi_rl.replay import migrate_main, stats_main
 
-    return stats_main(argv[1:])
+    return (stats_main if argv[0] == "stats" else migrate_main)(argv[1:])
 
 
 def keys_main(argv: list[str] | None = None) -> int:

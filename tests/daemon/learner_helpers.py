@@ -12,9 +12,8 @@ from flax import nnx
 from openpi_rl.daemon import LearnerConfig
 from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.models.choice import build_actor_critic
-from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.replay import ReplayConfig, ReplayWriter, records
 from openpi_rl.rl import PPOConfig
-from openpi_rl_client import wire
 
 MODEL = GaussianMLPConfig(obs_dim=3, action_dim=2, action_horizon=2, hidden=(16, 16))
 
@@ -55,7 +54,7 @@ class Recorder:
         batched = {k: np.asarray(v)[None] for k, v in obs.items()}
         out = self._act(nnx.state(self.ac), jax.random.fold_in(self.key, self.count), batched)
         actions, logp, value, policy_actions = (np.asarray(x)[0] for x in out)
-        payload = wire.packb({"type": "infer", "episode_id": episode, "observation": obs})
+        payload = records.encode_observation(obs)
         tid = self.writer.append_transition(
             robot, episode, step, version, payload, actions, policy_actions, float(logp),
             float(value), t_mono=float(self.count),

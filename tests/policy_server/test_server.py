@@ -47,11 +47,13 @@ def test_infer_returns_the_declared_chunk_and_every_reply_is_a_stored_transition
         meta = client.metadata()
         assert (meta["action_horizon"], meta["action_dim"]) == (4, 2)
         assert client.health()["status"] == "ready"
-        ids = []
+        ids, sent = [], {}
         for _ in range(20):
-            out = client.infer(_obs(rng), episode_id="e1")
+            obs = _obs(rng)
+            out = client.infer(obs, episode_id="e1", prompt="stack the cups")
             assert out.actions.shape == (4, 2) and out.actions.dtype == np.float32
             ids.append(out.transition_id)
+            sent[out.transition_id] = obs
             client.report(out.transition_id, reward=1.0, done=len(ids) == 20)
     server.close(wait_s=30)  # a graceful stop flushes the replay queue
     reader = ReplayReader(str(tmp_path / "replay"))
@@ -59,8 +61,10 @@ def test_infer_returns_the_declared_chunk_and_every_reply_is_a_stored_transition
     assert sorted(r.id for r in rows) == sorted(ids)
     assert [r.step for r in sorted(rows, key=lambda r: r.id)] == list(range(20))
     assert all(r.reward == 1.0 for r in rows) and sum(r.done for r in rows) == 1
-    stored = wire.unpackb(reader.observation_bytes(rows[0]))  # the request as it came
-    assert stored["observation"]["state"].shape == (6,)
+    for row in rows:  # the replay's record: the model's arrays and the prompt, not the request
+        stored = reader.stored_observation(row)
+        assert stored.arrays.keys() == {"state"} and stored.prompt == "stack the cups"
+        np.testing.assert_array_equal(stored.arrays["state"], sent[row.id]["state"])
 
 
 def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server):

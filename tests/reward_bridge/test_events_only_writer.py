@@ -65,7 +65,9 @@ def test_a_version_1_store_is_migrated(tmp_path):
     with ReplayEventsWriter(ReplayEventsConfig(path=tmp_path)) as w:
         w.submit_reward_event("r0", "success", 1.0, episode_id="e1", status="x").result(10)
     with sqlite3.connect(tmp_path / schema.DB_NAME) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (
+            schema.SCHEMA_VERSION,
+        )
         assert conn.execute("SELECT episode_id, status FROM reward_events").fetchone() == (
             "e1",
             "x",

@@ -29,7 +29,7 @@ from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.models.pi0_fast_openpi import EOS, Pi0FASTOpenPIConfig
 from openpi_rl.replay import ReplayReader
 from openpi_rl.service.config import EX_CONFIG, ServiceFile
-from openpi_rl_client import PolicyClient, wire
+from openpi_rl_client import PolicyClient
 
 TOK = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
 PROMPTS = ("pick up the red block", "put it in the bowl")
@@ -201,7 +201,7 @@ def test_serve_learn_and_hot_swap_openpis_pi0_fast(tmp_path):
         assert len(rows) == 11
         for tid, obs in sent.items():
             row = rows[tid]
-            stored = wire.unpackb(reader.observation_bytes(row))["observation"]
+            stored = reader.observation(row)
             assert stored["tokenized_prompt"].dtype == np.int32
             assert stored["tokenized_prompt_mask"].dtype == np.bool_
             assert stored.keys() == obs.keys()

@@ -41,7 +41,7 @@ from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
 from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
-from openpi_rl.replay import CorruptRecord, MissingRecord, TransitionRow
+from openpi_rl.replay import CorruptRecord, MissingRecord, ReplayFormatError, TransitionRow
 from openpi_rl.rl.ppo import PPOConfig, make_optimizer
 from openpi_rl.sdnotify import Notifier, config_error
 from openpi_rl.weights.notices import AUTO, Publisher, ServerWatch, notice_endpoint
@@ -241,6 +241,12 @@ class Learner:
             try:
                 self._source = ReplaySource(self.config.replay_dir)
             except FileNotFoundError:
+                return None
+            except ReplayFormatError as e:
+                if not e.older:
+                    raise
+                # An older format: the policy server migrates it when it opens it.
+                log.warning("learner.replay_awaits_migration", error=str(e))
                 return None
         return self._source
 

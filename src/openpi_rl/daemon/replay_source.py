@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from openpi_rl.replay import ReplayReader, TransitionRow, schema
-from openpi_rl_client import wire
 
 TERMINAL_KINDS = ("success", "failure")
 TIME_LIMIT_KINDS = ("end_episode",)
@@ -204,14 +203,8 @@ class ReplaySource:
         return out
 
     def observation(self, row: TransitionRow) -> dict[str, np.ndarray]:
-        """The observation dict a transition was served for (the stored bytes are the request)."""
-        msg = wire.unpackb(self.reader.observation_bytes(row))
-        obs = msg.get("observation", msg) if isinstance(msg, dict) else msg
-        if not isinstance(obs, dict):
-            raise ValueError(
-                f"transition {row.id}: observation: expected a dict, got {type(obs).__name__}"
-            )
-        return obs
+        """The model's arrays a transition was served for (the replay decodes its record)."""
+        return self.reader.observation(row)
 
     def mark_consumed(self, ids: Iterable[int]) -> int:
         """Set `consumed = 1` on these transitions (one short write transaction)."""

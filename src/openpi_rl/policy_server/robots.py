@@ -1,8 +1,8 @@
 """What the server remembers of each robot between requests, bounded (guarantee 6).
 
-Per robot id: its running episode and next step (the replay's step counter), the transitions
-served to it that a `report` may still name (the last `report_window`), and, with CURVE, the
-client key it is bound to. A report is applied only to a transition this server issued to the
+Per robot id: the transitions served to it that a `report` may still name (the last
+`report_window`), and, with CURVE, the client key it is bound to. (Its episode and step counter
+are the replay's: `replay.ReplayAdder`.) A report is applied only to a transition this server issued to the
 robot that reports it (`unknown_transition` otherwise), so one robot cannot reward, end or flag
 another's chunks; the robot id, not the connection, owns them, so a robot that reconnects keeps
 its transitions. At most `max_robots` robots are remembered: past it the one heard from least
@@ -18,14 +18,12 @@ from collections import OrderedDict
 
 @dataclasses.dataclass
 class _Robot:
-    episode: str | None = None
-    next_step: int = 0
     issued: OrderedDict[int, None] = dataclasses.field(default_factory=OrderedDict)
     key: bytes | None = None  # the CURVE client key that first used this robot id
 
 
 class RobotLedger:
-    """`served` counts steps and records issued ids; `owns` answers whether a report may
+    """`served` records issued ids; `owns` answers whether a report may
     name a transition; `bind_key` ties a robot id to one client key. Serving thread only."""
 
     def __init__(self, max_robots: int = 4096, report_window: int = 1024):
@@ -49,17 +47,12 @@ class RobotLedger:
             self._robots.move_to_end(robot)
         return r
 
-    def served(self, robot: str, episode: str, tid: int) -> int:
-        """Record transition `tid` served to `robot` in `episode`; returns its step."""
+    def served(self, robot: str, tid: int) -> None:
+        """Record transition `tid` served to `robot`."""
         r = self._get(robot)
-        if r.episode != episode:
-            r.episode, r.next_step = episode, 0
-        step = r.next_step
-        r.next_step += 1
         r.issued[tid] = None
         if len(r.issued) > self.report_window:
             r.issued.popitem(last=False)
-        return step
 
     def owns(self, robot: str, tid: int) -> bool:
         """True if `tid` is among the last `report_window` transitions served to `robot`."""
@@ -74,10 +67,9 @@ class RobotLedger:
             r.key = key
         return r.key == key
 
-    def restore(self, robot: str, episode: str, next_step: int, tids: list[int]) -> None:
-        """Seed a robot's state from the replay at start (a restarted server keeps counting
-        steps and accepts late reports for what it served before)."""
+    def restore(self, robot: str, tids: list[int]) -> None:
+        """Seed a robot's issued ids from the replay at start (a restarted server accepts late
+        reports for what it served before)."""
         r = self._get(robot)
-        r.episode, r.next_step = episode, next_step
         for tid in tids[-self.report_window :]:
             r.issued[tid] = None

@@ -39,7 +39,7 @@ from openpi_rl.policy_server.reports import Reports
 from openpi_rl.policy_server.returns import EpisodeReturns
 from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
-from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
+from openpi_rl.replay import ReplayAdder, ReplayConfig, ReplayReader, ReplayWriter
 from openpi_rl.replay.writer import ReplayClosed, ReplayFull
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
@@ -103,7 +103,6 @@ class ServeOptions:
 class _Pending:
     identity: bytes
     msg: dict
-    payload: memoryview  # the request's frame
     t_recv: float
     resent_from: list[bytes] = dataclasses.field(default_factory=list)  # sockets of resends
 
@@ -138,6 +137,8 @@ class PolicyServer:
         # Per-version episode returns (automatic rollback).
         self.returns = EpisodeReturns(max_robots=options.max_robots)
         self.replay = ReplayWriter(replay_config) if replay_config is not None else None
+        # Served chunks become replay rows there (steps, episodes, observation records).
+        self.adder = ReplayAdder(self.replay, options.max_robots) if self.replay else None
         self._ctx = zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -353,8 +354,8 @@ class PolicyServer:
             t_recv = time.perf_counter()
             if len(frames) < 2:
                 continue  # not a DEALER/REQ envelope: nothing to reply to
-            # The payload stays in the frame's memory (a 300 KB request is not copied): decoded
-            # and, as the transition's observation bytes, written to the replay from there.
+            # The payload stays in the frame's memory (a 300 KB request is not copied): the
+            # decoded arrays share it, and the adder encodes them into the replay's record once.
             identity, payload = frames[0].bytes, frames[-1].buffer
             rid = None
             if not self._limiter.allow(identity):
@@ -373,7 +374,7 @@ class PolicyServer:
                     continue
                 if kind == "infer":
                     self._check_infer(msg)
-                    p = _Pending(identity, msg, payload, t_recv)
+                    p = _Pending(identity, msg, t_recv)
                     self._arrivals.arrived(str(msg.get("robot_id")), t_recv)
                     pending.append(p)
                     if key is not None:
@@ -382,7 +383,7 @@ class PolicyServer:
                         return
                     continue
                 if kind == "report" and self.replay is not None:
-                    self._report(_Pending(identity, msg, payload, t_recv), key)
+                    self._report(_Pending(identity, msg, t_recv), key)
                     continue  # acknowledged once committed (_acknowledge_reports)
                 reply = self._handle(kind, msg)
                 if key is not None and kind == "report":
@@ -556,31 +557,29 @@ class PolicyServer:
     def _transition_ids(self, n: int) -> list[int]:
         """Ids for `n` transitions about to be answered; with a replay, only once its queue
         has room for them (ReplayFull / ReplayClosed otherwise: the batch is not served)."""
-        if self.replay is None:
+        if self.adder is None:
             self._unlogged += n
             return list(range(self._unlogged - n + 1, self._unlogged + 1))
-        self.replay.ensure_room(n)
-        return [self.replay.new_id() for _ in range(n)]
+        return self.adder.reserve(n)
 
     def _log_transition(self, p: _Pending, out: Any, i: int, version: int, tid: int) -> None:
-        if self.replay is None:
-            self.robots.served(str(p.msg["robot_id"]), str(p.msg["episode_id"]), tid)
+        robot = str(p.msg["robot_id"])
+        self.robots.served(robot, tid)
+        if self.adder is None:
             return
-        robot, episode = str(p.msg["robot_id"]), str(p.msg.get("episode_id", ""))
-        step = self.robots.served(robot, episode, tid)
         try:
-            self.replay.append_transition(
+            self.adder.add(
+                tid=tid,
                 robot_id=robot,
-                episode_id=episode,
-                step=step,
-                policy_version=version,
-                obs_bytes=p.payload,  # the request as it came: msgpack holding the observation
+                episode_id=str(p.msg.get("episode_id", "")),
+                observation=p.msg["observation"],  # validated against obs_spec
+                prompt=p.msg.get("prompt"),
                 actions=out.actions[i],
                 policy_actions=out.policy_actions[i],
                 logp=float(out.logp[i]),
                 value=float(out.value[i]),
+                policy_version=version,
                 t_mono=p.t_recv,
-                tid=tid,
             )
         except (ReplayFull, ReplayClosed):
             # Only if the writer failed since ensure_room (it logs why): the reply went out.
@@ -590,11 +589,12 @@ class PolicyServer:
     def _restore_robots(self) -> None:
         """Seed the robot ledger from the replay's newest transitions (a restarted server
         counts steps on and accepts late reports for chunks it served before)."""
-        assert self.replay is not None
+        assert self.replay is not None and self.adder is not None
         with ReplayReader(self.replay.root) as reader:
             recent = reader.recent_by_robot(self.options.report_window, self.options.max_robots)
         for robot, (episode, next_step, tids) in recent.items():
-            self.robots.restore(robot, episode, next_step, tids)
+            self.adder.restore(robot, episode, next_step)
+            self.robots.restore(robot, tids)
 
     def _error(self, code: str, message: str) -> dict:
         self.metrics.errors.labels(code=code).inc()

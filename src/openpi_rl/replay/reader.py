@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi_rl.replay import schema
+from openpi_rl.replay import records, schema
+from openpi_rl.replay.records import StoredObservation
 from openpi_rl.replay.segments import MissingRecord, list_segments, read_payload, segment_path
 
 MAX_OPEN_SEGMENTS = 8
@@ -31,7 +32,7 @@ _COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class TransitionRow:
-    """One served action chunk as stored. Observation bytes: `ReplayReader.observation_bytes`."""
+    """One served action chunk as stored. Its observation: `ReplayReader.observation`."""
 
     id: int
     robot_id: str
@@ -59,15 +60,15 @@ class TransitionRow:
     def from_sql(cls, r: tuple) -> TransitionRow:
         return cls(
             *r[:11],
-            schema.unpack_array(r[11]),  # type: ignore[arg-type]
-            schema.unpack_array(r[12]),
+            records.decode_array(r[11]),  # type: ignore[arg-type]
+            records.decode_array(r[12]),
             r[13],
             r[14],
             r[15],
             bool(r[16]),
             bool(r[17]),
             bool(r[18]),
-            schema.unpack_array(r[19]),
+            records.decode_array(r[19]),
             bool(r[20]),
         )
 
@@ -92,6 +93,8 @@ class ReplayReader:
         self.root = Path(path)
         self._seg_dir = self.root / schema.SEGMENTS_DIR
         self._conn = schema.connect_reader(self.root)
+        # Rows up to this id were written before the record format (format 2: requests).
+        self._legacy_max_id = schema.legacy_max_id(self._conn)
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()  # seg -> fd
 
     def count(self) -> int:
@@ -173,9 +176,23 @@ class ReplayReader:
         rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
+    def observation(self, row: TransitionRow) -> dict[str, np.ndarray]:
+        """The model's arrays the chunk was served for (read-only), as the server validated
+        them. `CorruptRecord` / `MissingRecord` as `observation_bytes`; ValueError if the bytes
+        are not an observation record."""
+        return self.stored_observation(row).arrays
+
+    def stored_observation(self, row: TransitionRow) -> StoredObservation:
+        """The row's observation arrays and the robot's prompt (None when it sent none)."""
+        return records.decode_observation(
+            self.observation_bytes(row),
+            where=f"transition {row.id}",
+            legacy=row.id <= self._legacy_max_id,
+        )
+
     def observation_bytes(self, row: TransitionRow) -> bytes:
-        """The row's observation bytes, verified against its crc32 (`CorruptRecord` if not);
-        `MissingRecord` if retention deleted its segment."""
+        """The row's observation record (`records.py`) as stored, verified against its crc32
+        (`CorruptRecord` if not); `MissingRecord` if retention deleted its segment."""
         fd = self._fds.get(row.seg)
         if fd is None:
             try:

@@ -1,27 +1,48 @@
 """The replay store's SQLite schema, in one place, and the connection settings every opener uses.
 
-`transitions` is the index of served action chunks (observation bytes live in segment files,
-see `segments.py`); `episodes` aggregates them per (robot, episode); `reward_events` holds human
-feedback as it arrived; `meta` holds small key/value facts (the boot epoch).
+`transitions` is the index of served action chunks (observation records live in segment files,
+see `segments.py`; what the bytes hold is `records.py`); `episodes` aggregates them per (robot,
+episode); `reward_events` holds human feedback as it arrived; `meta` holds small key/value facts
+(the boot epoch, the migration's legacy boundary). `schema_version` is the directory's format:
+a writer migrates an older one in place, a reader refuses it (`ReplayFormatError`).
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
-import msgpack
-import numpy as np
+from openpi_rl.replay import records
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 (reward bridge): reward_events gained episode_id, status and client_time.
-MIGRATIONS = {
+# Version 3 (issue 14): the replay's own record format (records.py) instead of the robots'
+# request bytes; the array columns are rewritten, the segment files are not.
+MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
     1: (
         "ALTER TABLE reward_events ADD COLUMN episode_id TEXT",
         "ALTER TABLE reward_events ADD COLUMN status TEXT",
         "ALTER TABLE reward_events ADD COLUMN client_time REAL",
     ),
+    2: (records.migrate_request_payloads,),
 }
+FORMATS = {
+    1: "format 1: observations stored as the robots' msgpack requests",
+    2: "format 2: observations stored as the robots' msgpack requests",
+    3: "format 3: the replay's own observation records",
+}
+
+
+class ReplayFormatError(RuntimeError):
+    """A replay directory in a format this version does not read (the message says what to do);
+    `older`: a writer of this version would migrate it."""
+
+    def __init__(self, message: str, older: bool):
+        super().__init__(message)
+        self.older = older
+
+
 DB_NAME = "replay.sqlite"
 SEGMENTS_DIR = "segments"
 
@@ -116,7 +137,10 @@ def connect_writer(
     row = _version(conn)
     while row is not None and row in MIGRATIONS:
         for stmt in MIGRATIONS[row]:
-            conn.execute(stmt)
+            if callable(stmt):
+                stmt(conn)
+            else:
+                conn.execute(stmt)
         row += 1
         conn.execute("UPDATE schema_version SET version = ?", (row,))
     for stmt in SCHEMA.split(";"):
@@ -127,7 +151,8 @@ def connect_writer(
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
     elif row != SCHEMA_VERSION:
         conn.execute("ROLLBACK")
-        raise RuntimeError(f"{db_path(root)}: schema_version: expected {SCHEMA_VERSION}, got {row}")
+        conn.close()
+        raise format_error(root, row)
     conn.execute("COMMIT")
     return conn
 
@@ -160,28 +185,40 @@ def _version(conn: sqlite3.Connection) -> int | None:
     return row[0] if row else None
 
 
+def format_error(root: Path, version: int) -> ReplayFormatError:
+    """The refusal of a directory in format `version`, saying what to do about it."""
+    what = FORMATS.get(version, f"format {version}")
+    if version > SCHEMA_VERSION:
+        todo = (
+            f"it was written by a newer openpi-rl; this one reads format {SCHEMA_VERSION}: "
+            "upgrade openpi-rl, or give this one another replay_dir"
+        )
+    else:
+        todo = (
+            f"this openpi-rl reads format {SCHEMA_VERSION}: run `openpi-rl replay migrate "
+            f"{root}` (or start `openpi-rl serve` on it once) to migrate it in place, "
+            "or move it aside and start a new replay"
+        )
+    return ReplayFormatError(f"replay directory {root}: {what}; {todo}", version < SCHEMA_VERSION)
+
+
 def connect_reader(root: Path) -> sqlite3.Connection:
-    """A read-only connection; safe to use while a writer (in any process) is running."""
+    """A read-only connection; safe to use while a writer (in any process) is running.
+    `ReplayFormatError` for a directory in another format (a reader cannot migrate it)."""
     path = db_path(root)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no replay database (has a writer ever opened {root}?)")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=5000")
+    version = _version(conn)
+    if version is not None and version != SCHEMA_VERSION:
+        conn.close()
+        raise format_error(root, version)
     return conn
 
 
-def pack_array(a: np.ndarray | None) -> bytes | None:
-    """An array as msgpack `{__ndarray__, data, dtype, shape}`, the wire codec's layout."""
-    if a is None:
-        return None
-    a = np.ascontiguousarray(a)
-    return msgpack.packb(
-        {"__ndarray__": True, "data": a.tobytes(), "dtype": a.dtype.str, "shape": list(a.shape)}
-    )
-
-
-def unpack_array(b: bytes | None) -> np.ndarray | None:
-    if b is None:
-        return None
-    d = msgpack.unpackb(b)
-    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+def legacy_max_id(conn: sqlite3.Connection) -> int:
+    """Transitions with an id up to this hold a format-2 request as observation (records.py)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (records.LEGACY_MAX_ID_KEY,))
+    value = row.fetchone()
+    return int(value[0]) if value else 0

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from openpi_rl.replay import retention, schema
+from openpi_rl.replay import records, retention, schema
 from openpi_rl.replay.checkpoint import WalCheckpointer
 from openpi_rl.replay.committer import COUNTERS, Committer
 from openpi_rl.replay.committer import SEQ_BITS as SEQ_BITS  # re-exported: the writer's API
@@ -207,7 +207,8 @@ class ReplayWriter(Committer):
     ) -> int:
         """Queue one served action chunk; returns its transition id without waiting for disk.
 
-        `obs_bytes` is the msgpack-encoded observation as received (not copied: do not mutate).
+        `obs_bytes` is the observation record (`records.encode_observation`; not copied: do not
+        mutate); `ReplayAdder` makes it from a served request.
         `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
         from `actions`. `tid`: an id taken with `new_id()` (default: a new one). Raises
         `ReplayFull` when the queue stays full, `ReplayClosed` after close.
@@ -223,8 +224,8 @@ class ReplayWriter(Committer):
             float(t_mono),
             time.time(),
             obs_bytes,
-            schema.pack_array(np.asarray(actions)),
-            schema.pack_array(None if policy_actions is None else np.asarray(policy_actions)),
+            records.encode_array(np.asarray(actions)),
+            records.encode_array(None if policy_actions is None else np.asarray(policy_actions)),
             float(logp),
             float(value),
         )
@@ -266,7 +267,7 @@ class ReplayWriter(Committer):
         executed = None if executed_actions is None else np.asarray(executed_actions)
         fut = new_waiter()
         item = (REPORT, float(reward), int(bool(done)), int(bool(truncated)))
-        item += (int(bool(intervened)), schema.pack_array(executed), tid)
+        item += (int(bool(intervened)), records.encode_array(executed), tid)
         self._put((*item, None if robot_id is None else str(robot_id), fut))
         return fut
 
