@@ -71,6 +71,7 @@ class Server:
         self.handler = handler
         self.requests: list[dict] = []
         self.identities: list[bytes] = []
+        self.sent = 0  # replies sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-router", daemon=True)
         self._thread.start()
@@ -95,6 +96,7 @@ class Server:
             for item in [p for p in pending if p[0] <= now]:
                 pending.remove(item)
                 self.sock.send_multipart(item[1])
+                self.sent += 1
 
     def close(self) -> None:
         self._stop.set()
@@ -207,7 +209,10 @@ def test_late_reply_to_abandoned_request_is_not_returned_to_the_next_call(serve)
     with PolicyClient(server.endpoint, timeout_s=0.15, retries=0) as client:
         with pytest.raises(PolicyTimeout):
             client.infer({"state": np.zeros(D, np.float32)})
-        time.sleep(0.4)  # the late reply (transition 100) is sent meanwhile
+        deadline = time.monotonic() + 5
+        while server.sent < 1:  # the late reply (transition 100) is sent meanwhile
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert client.infer({"state": np.zeros(D, np.float32)}).transition_id == 101
 
 

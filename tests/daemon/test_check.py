@@ -13,14 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from openpi_rl.service.check import check_main
+from tests._net import free_port
 
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "openpi-rl.toml.example"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def example_on(tmp_path: Path) -> str:

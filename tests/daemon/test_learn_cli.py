@@ -3,18 +3,11 @@ SIGTERM."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_learn_cli_trains_from_config_file_and_stops_on_sigterm(tmp_path, recorder):
@@ -31,8 +24,8 @@ batch_segments = 8
 min_transitions = 1
 settle_s = 0.0
 poll_interval_s = 0.1
-publish_endpoint = "tcp://127.0.0.1:{_free_port()}"
-metrics_port = {_free_port()}
+publish_endpoint = "tcp://127.0.0.1:*"
+metrics_port = 0
 
 [model]
 kind = "gaussian_mlp"

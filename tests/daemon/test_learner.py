@@ -43,7 +43,9 @@ def test_notice_arrives_and_its_path_restores_into_a_fresh_actor_critic(tmp_path
         assert result.published and result.version == 1
         notice = sub.poll(5.0)
         assert notice == {"version": 1, "path": None}  # a version, never a path
-        assert sub.poll(0.3) is None  # heartbeats name version 1 too: nothing newer
+        beats = sub.heartbeats
+        while sub.heartbeats < beats + 2:  # heartbeats name version 1 too: nothing newer
+            assert sub.poll(0.05) is None
 
         fresh = build_actor_critic(MODEL, (16, 16), seed=123)  # other weights until restored
         obs = {"state": jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)), jnp.float32)}
@@ -79,7 +81,10 @@ def test_a_dead_heartbeat_ends_the_learner_with_exit_1(tmp_path):
     runner = threading.Thread(target=lambda: result.append(learner.run()), daemon=True)
     try:
         runner.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while learner.publisher.state == "starting":  # run() sets "waiting" as it begins
+            assert time.monotonic() < deadline and runner.is_alive(), result
+            time.sleep(0.01)
         assert runner.is_alive()
         learner.publisher._sock.close()  # the heartbeat thread's socket fails: it ends
         runner.join(10.0)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests._net import free_port
+
 MODEL = {"obs_dim": 3, "action_dim": 2, "action_horizon": 2}
 PORTS = (
     "endpoint",
@@ -25,12 +27,6 @@ PORTS = (
     "learn_metrics",
     "daemon_metrics",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_config(tmp_path: Path, ports: dict[str, int]) -> str:

@@ -11,22 +11,14 @@ import time
 import numpy as np
 
 from openpi_rl_client import PolicyClient
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests._net import JsonLog
 
 
 def test_serve_from_a_config_file_then_sigterm_flushes_and_exits_0(tmp_path):
-    port = _free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
         f'replay_dir = "{tmp_path / "replay"}"\nmetrics_port = 0\nopenpi_ws_port = 0\n\n'
-        f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\nmax_batch = 2\n\n'
+        '[serve]\nendpoint = "tcp://127.0.0.1:*"\nmax_batch = 2\n\n'
         '[model]\nkind = "gaussian_mlp"\nobs_dim = 3\naction_dim = 2\n'
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -36,18 +28,16 @@ def test_serve_from_a_config_file_then_sigterm_flushes_and_exits_0(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    log = JsonLog(proc.stderr)
     try:
-        with PolicyClient(
-            f"tcp://127.0.0.1:{port}", robot_id="r", timeout_s=2.0, retries=30
-        ) as client:
+        endpoint = log.wait_for("serving")["endpoint"]  # the port it bound
+        with PolicyClient(endpoint, robot_id="r", timeout_s=2.0, retries=30) as client:
             while client.health()["status"] != "ready":
                 time.sleep(0.05)  # a tight loop would trip the per-robot rate limit
             ids = [client.infer({"state": np.ones(3, np.float32)}).transition_id for _ in range(7)]
         # A second server on the same replay directory is refused with a clear error.
-        port2 = _free_port()
         second = subprocess.run(
-            [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config),
-             "--serve.endpoint", f"tcp://127.0.0.1:{port2}"],
+            [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config)],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert second.returncode == 2, second.stderr[-2000:]

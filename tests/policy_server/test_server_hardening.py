@@ -4,7 +4,6 @@ range-checked and clamped, it is acknowledged only once committed, and a stage t
 health and ends the server (so its supervisor restarts it) instead of refusing every robot."""
 
 import contextlib
-import os
 import threading
 import time
 
@@ -198,10 +197,10 @@ def test_a_dead_replay_writer_fails_health_and_ends_the_server(tmp_path):
         # The store breaks under the server (a disk fault): its database file is garbage.
         db = tmp_path / "replay" / "replay.sqlite"
         with open(db, "r+b") as f:
-            f.write(os.urandom(8192))
+            f.write(rng.bytes(8192))
         for name in ("replay.sqlite-wal", "replay.sqlite-shm"):
             with open(tmp_path / "replay" / name, "r+b") as f:
-                f.write(os.urandom(4096))
+                f.write(rng.bytes(4096))
         deadline = time.monotonic() + 20
         while srv.failure is None and time.monotonic() < deadline:
             with contextlib.suppress(ServerError):

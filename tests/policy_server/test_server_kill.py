@@ -13,38 +13,29 @@ import numpy as np
 
 from openpi_rl.replay import ReplayConfig, ReplayReader, ReplayWriter
 from openpi_rl_client import PolicyClient
+from tests._net import JsonLog
 
 COMMIT_S = 0.05
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kill_9_under_load_loses_at_most_one_commit_interval(tmp_path):
-    port = _free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
         f'replay_dir = "{tmp_path / "replay"}"\ncommit_interval_s = {COMMIT_S}\nmetrics_port = 0\nopenpi_ws_port = 0\n\n'
-        f'[serve]\nendpoint = "tcp://127.0.0.1:{port}"\n\n'
+        '[serve]\nendpoint = "tcp://127.0.0.1:*"\n\n'
         '[model]\nkind = "gaussian_mlp"\nobs_dim = 8\naction_dim = 2\n'
     )
     cmd = [sys.executable, "-m", "openpi_rl.cli", "serve", "--config", str(config)]
     proc = subprocess.Popen(
-        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.DEVNULL
+        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True
     )
+    log = JsonLog(proc.stderr)
     replied: list[tuple[int, float]] = []  # (transition id, monotonic time of the reply)
     stop = threading.Event()
 
     def robot(name: str) -> None:
         obs = {"state": np.ones(8, np.float32)}
-        with PolicyClient(
-            f"tcp://127.0.0.1:{port}", robot_id=name, timeout_s=0.5, retries=0
-        ) as client:
+        with PolicyClient(endpoint, robot_id=name, timeout_s=0.5, retries=0) as client:
             while not stop.is_set():
                 try:
                     replied.append((client.infer(obs).transition_id, time.monotonic()))
@@ -52,6 +43,7 @@ def test_kill_9_under_load_loses_at_most_one_commit_interval(tmp_path):
                     time.sleep(0.01)  # warming up, or the server is gone
 
     try:
+        endpoint = log.wait_for("serving")["endpoint"]  # the port it bound
         threads = [threading.Thread(target=robot, args=(f"r{i}",)) for i in range(3)]
         for t in threads:
             t.start()

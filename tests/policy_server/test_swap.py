@@ -70,6 +70,16 @@ class Rig:
             )
             time.sleep(0.01)
 
+    def went_round(self, timeout_s: float = 5.0) -> None:
+        """Wait until the swapper reads one more learner heartbeat (they come every 0.5 s): its
+        loop came round, so whatever it does with the notices it already holds is done."""
+        sub = self.swapper._sub
+        before = sub.heartbeats
+        deadline = time.monotonic() + timeout_s
+        while sub.heartbeats == before:
+            assert time.monotonic() < deadline, "the swapper read no heartbeat"
+            time.sleep(0.01)
+
     def admin_call(self, command: str, version: int | None = None, token: str = TOKEN) -> dict:
         return admin_request(self.admin.endpoint, token, command, version, timeout_s=30)
 
@@ -170,7 +180,7 @@ def test_versions_swap_between_batches_without_compiling_or_failing(rig):
     for v in range(6, 26):
         rig.publisher.publish(v)
     rig.wait_live(25)
-    time.sleep(0.3)
+    rig.went_round()
     assert rig.swapper.swaps < 5 + 20, rig.swapper.swaps
     assert rig.server.snapshot.version == 25
 
@@ -227,7 +237,11 @@ def test_admin_pin_unpin_rollback_and_pause(rig):
     status = rig.admin_call("pin", 1)["status"]
     assert status["policy_version"] == 1 and status["pinned"] == 1
     rig.publish(3)  # a pinned server ignores newer versions
-    time.sleep(1.0)
+    deadline = time.monotonic() + 10
+    while rig.swapper.newest is None or rig.swapper.newest[0] != 3:  # the notice arrived
+        assert time.monotonic() < deadline, rig.swapper.status()
+        time.sleep(0.01)
+    rig.went_round()  # and the swapper decided on it
     assert rig.server.snapshot.version == 1
     assert rig.admin_call("status")["status"]["versions_behind"] == 2
     rig.admin_call("unpin")
@@ -237,7 +251,7 @@ def test_admin_pin_unpin_rollback_and_pause(rig):
     assert status["policy_version"] == 2 and status["pinned"] == 2 and status["rejected"] == [3]
     assert rig.metric("openpi_rl_server_rollbacks_total", {"trigger": "admin"}) == 1
     rig.admin_call("unpin")
-    time.sleep(0.5)
+    rig.went_round()
     assert rig.server.snapshot.version == 2  # 3 was rolled back from: never followed again
     rig.publish(4)
     rig.wait_live(4)
@@ -365,12 +379,14 @@ def test_notices_naming_a_path_outside_checkpoint_dir_or_an_absurd_version_are_r
         _send_raw(rig, {"type": "version", "version": bad})
     _send_raw(rig, {"type": "version", "version": 5000})  # far past the newest on disk (0)
     _send_raw(rig, b"\xc1 not msgpack")
-    while rig.metric("openpi_rl_server_swap_failures_total", {"reason": "version"}) != 1:
-        assert time.monotonic() < deadline, rig.swapper.status()
+    # Six bad versions and the garbage are dropped as malformed; every notice sent was read
+    # once the garbage, the last one, is counted.
+    while rig.swapper._sub.malformed != 7:
+        assert time.monotonic() < deadline, rig.swapper._sub.malformed
         time.sleep(0.02)
-    time.sleep(0.3)
+    rig.went_round()
+    assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "version"}) == 1
     assert rig.server.snapshot.version == 0
-    assert rig.swapper._sub.malformed >= 6
     with PolicyClient(rig.server.endpoint, robot_id="h") as client:
         assert client.infer({"state": np.zeros(6, np.float32)}).policy_version == 0
     rig.publish(1)  # our own version 1, in checkpoint_dir: followed as ever

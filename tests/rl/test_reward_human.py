@@ -8,7 +8,6 @@ import io
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from openpi_rl.rl.reward import (
     RewardConfig,
     RewardError,
 )
+from tests._net import free_port
 
 
 def _step(seed: int = 0) -> tuple[dict, np.ndarray]:
@@ -35,12 +35,6 @@ def _step(seed: int = 0) -> tuple[dict, np.ndarray]:
     observation = {"state": rng.standard_normal(4).astype(np.float32), "prompt": "pick"}
     actions = rng.uniform(-0.1, 0.1, size=(2, 3)).astype(np.float32)
     return observation, actions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +267,7 @@ def test_websocket_malformed_reply_raises(ws_server, path, match):
 
 
 def test_websocket_unreachable_server_raises_even_with_default():
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     with pytest.raises(RewardError, match="cannot connect"):
         HumanRewardWebSocket(url, timeout_s=1, default_reward=0.0).get(*_step())
 
@@ -371,4 +365,4 @@ def test_http_timeout_raises_or_returns_default(http_url):
 
 def test_http_unreachable_server_raises():
     with pytest.raises(RewardError, match="cannot reach server"):
-        HumanRewardHTTP(f"http://127.0.0.1:{_free_port()}/", timeout_s=1).get(*_step())
+        HumanRewardHTTP(f"http://127.0.0.1:{free_port()}/", timeout_s=1).get(*_step())

@@ -6,7 +6,6 @@ sockets. The learner runs in this process (driven by `step()` or `run()` in a th
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +22,11 @@ from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig
 from openpi_rl.rl import PPOConfig
 from openpi_rl_client import PolicyClient
+from tests._net import free_port
 
 MODEL = GaussianMLPConfig(obs_dim=3, action_dim=2, action_horizon=2, hidden=(16, 16))
 VALUE_HIDDEN = (16, 16)
 TOKEN = "service-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def learner_config(root: Path, publish_port: int, server_port: int, **overrides) -> LearnerConfig:

@@ -32,9 +32,12 @@ def test_robots_server_replay_learner_and_back(tmp_path):
         # pause-learning reaches the learner (its heartbeat says so) and no version follows.
         rig.admin_call("pause-learning")
         wait_for(lambda: rig.swapper.learner_state() == "paused", 5, rig.swapper.learner_state)
-        paused_at = learner.version
-        time.sleep(1.5)  # robots keep feeding the replay meanwhile
+        paused_at, served = learner.version, robots.requests()
+        # Robots keep feeding the replay: four updates' worth of chunks (min_transitions 16)
+        # arrive while the learner, paused at the top of each pass, starts none.
+        wait_for(lambda: robots.requests() >= served + 64, 20, robots.requests)
         assert learner.version == paused_at and rig.live == paused_at
+        assert learner.publisher.state == "paused"
         rig.admin_call("resume-learning")
         wait_for(lambda: robots.newest() > paused_at, 20, lambda: f"at {robots.newest()}")
     finally:

@@ -2,8 +2,6 @@
 rewards (guarantee 5), and operator take-overs inside the PPO ratio (they train the policy by
 behaviour cloning instead). The learner is driven step by step; the server follows it."""
 
-import time
-
 import numpy as np
 import pytest
 from service_helpers import ServerRig, free_port, learner_config, play, wait_for
@@ -63,7 +61,10 @@ def test_huge_rewards_are_clamped_and_nan_refuses_the_update_and_the_live_versio
     result = learner.update_on(batch)
     assert not result.published and result.reason == "nonfinite"
 
-    time.sleep(1.0)  # five learner heartbeats: nothing newer is announced
+    # Two more learner heartbeats read by the swapper, and it came round after each: each
+    # names version 2, nothing newer is announced.
+    beats = rig.swapper._sub.heartbeats
+    wait_for(lambda: rig.swapper._sub.heartbeats >= beats + 2, 5, rig.swapper.status)
     assert learner.version == 2 and rig.live == 2
     assert rig.metric("openpi_rl_server_swaps_total") == 2
     assert rig.server.metrics.registry.get_sample_value(
