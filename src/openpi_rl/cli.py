@@ -197,12 +197,23 @@ def demo_main(argv: list[str] | None = None) -> int:
 def replay_main(argv: list[str] | None = None) -> int:
     """`openpi-rl replay stats DIR`, `openpi-rl replay migrate DIR`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("stats", "migrate"):
-        print("usage: openpi-rl replay {stats,migrate} DIR", file=sys.stderr)
-        return 2
-    from openpi_rl.replay import migrate_main, stats_main
+    if argv and argv[0] in ("stats", "migrate"):
+        from openpi_rl.replay import migrate_main, stats_main
 
-    return (stats_main if argv[0] == "stats" else migrate_main)(argv[1:])
+        return (stats_main if argv[0] == "stats" else migrate_main)(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="openpi-rl replay", description="The disk replay of served chunks and rewards."
+    )
+    parser.add_argument(
+        "command",
+        choices=("stats", "migrate"),
+        metavar="COMMAND",
+        help="stats DIR: rows, episodes and bytes, per robot (JSON); migrate DIR: bring a "
+        "directory an older openpi-rl wrote to the current format. `openpi-rl replay COMMAND "
+        "--help`: its options",
+    )
+    parser.parse_args(argv)  # --help: exit 0; no or another command: a usage error, exit 2
+    return 2
 
 
 def keys_main(argv: list[str] | None = None) -> int:
