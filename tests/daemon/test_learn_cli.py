@@ -5,9 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from tests._net import JsonLog
 
 
 def test_learn_cli_trains_from_config_file_and_stops_on_sigterm(tmp_path, recorder):
@@ -43,18 +44,13 @@ minibatch_size = 16
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "openpi_rl.cli", "learn", "--config", str(config)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    log = JsonLog(proc.stderr)
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "ckpt" / "1").exists():
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no version 1"
-            time.sleep(0.2)
-        time.sleep(0.5)  # now waiting for more data
-        proc.send_signal(signal.SIGTERM)
+        assert log.wait_for("learner.published")["version"] == 1
+        proc.send_signal(signal.SIGTERM)  # it waits for more data now
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stderr.read()
-    assert "learner.published" in log and "learner.stopped" in log
+    log.wait_for("learner.stopped", timeout_s=10)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["0", "1"]
