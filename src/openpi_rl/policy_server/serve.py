@@ -33,10 +33,10 @@ log = structlog.get_logger("openpi_rl.policy_server")
 class ServeConfig:
     model: ModelChoice = GaussianMLPConfig()
     serve: ServeOptions = ServeOptions()
-    replay_dir: str | None = "replay"  # every served chunk lands here; None: none (benchmarks)
+    replay_dir: str | None = "replay"  # every served chunk is stored here; None: not stored
     commit_interval_s: float = 0.05
-    """Replay rows are committed at most this long after their reply: what a `kill -9` of the
-    server can lose."""
+    """Replay rows are committed at most this long after they were served: a `kill -9` of the
+    server loses at most this much."""
     fsync_interval_s: float | None = None
     """None: the replay is committed, never fsynced (a `kill -9` loses nothing committed). A
     number: segments and the WAL are fdatasync'ed that often, against power loss."""
@@ -56,10 +56,12 @@ class ServeConfig:
     openpi_api_key: Annotated[str | None, SECRET] = None  # `Authorization: Api-Key …` when set
     openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
     seed: int = 0
-    """Seed of the initial weights (version 0) when no checkpoint is loaded; the learner's must
-    match."""
+    """Seed of version 0's weights, served until a published version is loaded; the learner's
+    must match."""
     swap: SwapOptions = SwapOptions()  # hot-swap from the learner, heartbeats, admin
-    gil_switch_interval_s: float = 0.0005  # see serve(): other threads' hold on the GIL
+    gil_switch_interval_s: float = 0.0005
+    """How long another thread may hold the GIL before the serving thread gets it back
+    (`sys.setswitchinterval`; Python's default is 5 ms)."""
 
 
 def build_server(config: ServeConfig) -> PolicyServer:

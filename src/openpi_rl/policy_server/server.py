@@ -52,7 +52,8 @@ log = structlog.get_logger("openpi_rl.policy_server")
 class ServeOptions:
     """Serving knobs (the model and replay are configured beside them)."""
 
-    endpoint: str = "tcp://127.0.0.1:5555"  # loopback unless configured (guarantee 7)
+    endpoint: str = "tcp://127.0.0.1:5555"
+    """The ZMQ ROUTER address robots connect to; loopback unless configured (guarantee 7)."""
     max_batch: int = 8
     """Requests served by one model call at most (batches are padded to a few fixed sizes)."""
     max_wait_us: int = 0
@@ -97,6 +98,7 @@ class ServeOptions:
     """ZMQ receive queue per connection: a robot has one request in flight (two while
     resending); past it libzmq drops."""
     sndhwm: int = 64
+    """ZMQ send queue per connection; past it libzmq refuses to queue a reply."""
 
 
 @dataclasses.dataclass
