@@ -7,7 +7,8 @@ replay (read-only, plus the `consumed` flag) and the servers (version notices; t
 """
 
 from openpi_rl.daemon.batch import ChunkBatch, build_batch, chunk_gae
-from openpi_rl.daemon.learner import LEARNER_PPO_DEFAULTS, Learner, LearnerConfig, UpdateResult
+from openpi_rl.daemon.config import LEARNER_PPO_DEFAULTS, LearnerConfig
+from openpi_rl.daemon.learner import Learner, UpdateResult
 from openpi_rl.daemon.replay_source import ReplaySource, Segment, Step, split_episode
 from openpi_rl.daemon.update import DataParallel, learn_step
 

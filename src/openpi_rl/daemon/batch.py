@@ -1,4 +1,5 @@
-"""Segments -> a fixed-shape, time-major training batch, and GAE over action chunks.
+"""Segments -> a fixed-shape, time-major training batch, and GAE over action chunks; which
+segments can share a batch (`usable_segments`).
 
 Every segment is one column of a [T, S] layout (T = segment_length, S = segments per update),
 padded at the end; fixed shapes mean the learn step compiles once. GAE runs over chunks, as
@@ -12,11 +13,14 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+import structlog
 
-from openpi_rl.daemon.replay_source import Segment
-from openpi_rl.replay import TransitionRow
+from openpi_rl.daemon.replay_source import ReplaySource, Segment
+from openpi_rl.replay import CorruptRecord, MissingRecord, TransitionRow
 from openpi_rl.rl.ppo import gae_advantages
 from openpi_rl.rl.rl_api import Array, ObsSpec
+
+log = structlog.get_logger("openpi_rl.learner")  # the learner's events, as before the move
 
 
 class ChunkBatch(NamedTuple):
@@ -132,3 +136,35 @@ def build_batch(
         obs, boot, policy_actions, logp, rewards, dones, ends, valid, intervened, bc_actions,
         bc_mask, versions,
     )  # fmt: skip
+
+
+def usable_segments(
+    source: ReplaySource, segments: list[Segment], obs_spec: ObsSpec
+) -> tuple[list[Segment], list[int], Callable[[TransitionRow], dict[str, np.ndarray]]]:
+    """(segments to train on, ids to skip for good, observation lookup). Segments whose
+    observation keys differ from the first segment's wait for a batch of their own; those
+    with unreadable bytes (retention deleted them) or mixed keys are skipped."""
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def keys_of(row: TransitionRow) -> tuple[str, ...]:
+        if row.id not in cache:
+            cache[row.id] = source.observation(row)
+        return tuple(sorted(k for k in cache[row.id] if k in obs_spec))
+
+    used, skipped, want = [], [], None
+    for seg in segments:
+        rows = [s.row for s in seg.steps] + ([seg.bootstrap] if seg.bootstrap else [])
+        try:
+            keys = {keys_of(r) for r in rows}
+        except (MissingRecord, CorruptRecord, ValueError) as e:
+            log.warning("learner.segment_unreadable", error=str(e), robot_id=seg.robot_id)
+            skipped += seg.ids
+            continue
+        if len(keys) > 1:
+            log.warning("learner.segment_mixed_keys", keys=sorted(keys), robot_id=seg.robot_id)
+            skipped += seg.ids
+            continue
+        want = want or next(iter(keys))
+        if keys == {want}:
+            used.append(seg)
+    return used, skipped, lambda row: cache[row.id]

@@ -17,6 +17,9 @@ start and between updates: a rollback the learner has not applied yet makes it c
 the rollback target's weights and optimiser state (the next version is still newest + 1, so
 the version rolled back from stays behind for good); a persisted pause holds updates even while
 no server answers.
+
+This module owns the `Learner` process (resume, operator state, update, publish, run/close);
+its config is config.py's, the batch it trains on (which segments, how packed) batch.py's.
 """
 
 from __future__ import annotations
@@ -30,63 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import structlog
 from flax import nnx
 from prometheus_client import start_http_server
 
-from openpi_rl.daemon.batch import ChunkBatch, build_batch
+from openpi_rl.daemon.batch import ChunkBatch, build_batch, usable_segments
+from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
-from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
-from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
-from openpi_rl.replay import CorruptRecord, MissingRecord, ReplayFormatError, TransitionRow
-from openpi_rl.rl.ppo import PPOConfig, make_optimizer
+from openpi_rl.models.choice import ModelConfigError, build_actor_critic
+from openpi_rl.replay import ReplayFormatError
+from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.sdnotify import Notifier, config_error
-from openpi_rl.weights.notices import AUTO, Publisher, ServerWatch, notice_endpoint
+from openpi_rl.weights.notices import Publisher, ServerWatch, notice_endpoint
 from openpi_rl.weights.operator_state import OperatorState, load_state, state_path
 from openpi_rl.weights.versions import VersionCheckpoints
 
 log = structlog.get_logger("openpi_rl.learner")
-
-# The library's PPO defaults (made for fine-tuning a large pretrained policy) with operator
-# take-overs cloned at full weight.
-LEARNER_PPO_DEFAULTS = PPOConfig(bc_coef=1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnerConfig:
-    """Everything `openpi-rl learn` needs. `model`, `value_hidden` and `seed` must be the
-    server's (its ServeConfig), so version 0 is the same weights on both sides and a published
-    version restores into the server's ActorCritic."""
-
-    model: ModelChoice = GaussianMLPConfig()
-    value_hidden: tuple[int, ...] = (64, 64)  # the value head's hidden widths (the server's)
-    seed: int = 0  # seed of version 0's weights (the server's)
-    replay_dir: str = "replay"  # the policy server's replay, read only
-    checkpoint_dir: str = "checkpoints"  # published versions; the servers load them from here
-    keep_versions: int = 10  # newest versions kept on disk, plus the pinned and rollback target
-    ppo: PPOConfig = LEARNER_PPO_DEFAULTS
-    segment_length: int = 32  # T: chunks per GAE column; long episodes are cut to this
-    batch_segments: int = 64  # S: columns per update (rounded up to a multiple of the devices)
-    min_transitions: int = 256  # wait until this many chunks can be taken
-    max_policy_lag: int = 2  # drop chunks served by a policy more than this many versions old
-    max_kl: float | None = 0.1  # refuse to publish an update moving the policy further (None: off)
-    settle_s: float = 1.0  # take an open episode's chunks only once this old (late reports)
-    poll_interval_s: float = 0.5  # wait this long (at most 0.25 s) when no update was ready
-    publish_endpoint: str = AUTO
-    """ZMQ PUB for version notices + heartbeat. "auto": an ipc socket in a private directory
-    beside the checkpoints (publish.py); across hosts, tcp:// with a CURVE key."""
-    publish_curve_secret_key_file: str | None = None  # `openpi-rl keys generate`'s .key_secret
-    heartbeat_s: float = 0.5  # the PUB beats this often, so the servers see the learner alive
-    server_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
-    """Policy servers whose `health` the learner watches (their heartbeat to it, and the
-    operator's pause switch)."""
-    server_timeout_s: float = 1.5  # a server silent this long shows down
-    metrics_host: str = "127.0.0.1"  # where Prometheus /metrics listens
-    metrics_port: int | None = 9102  # Prometheus /metrics; None: off
-    max_updates: int | None = None  # stop after this many published updates (None: run on)
 
 
 @dataclasses.dataclass
@@ -285,7 +249,7 @@ class Learner:
         segments = collected.segments[: self.num_segments]
         if sum(len(s) for s in segments) < c.min_transitions:
             return None
-        used, skipped, observation = self._usable(source, segments)
+        used, skipped, observation = usable_segments(source, segments, self.obs_spec)
         if skipped:
             self._count("skipped", source.mark_consumed(skipped))
         if not used:
@@ -295,37 +259,6 @@ class Learner:
             self.num_segments,
         )  # fmt: skip
         return batch, used
-
-    def _usable(
-        self, source: ReplaySource, segments: list[Segment]
-    ) -> tuple[list[Segment], list[int], Any]:
-        """(segments to train on, ids to skip for good, observation lookup). Segments whose
-        observation keys differ from the first segment's wait for a batch of their own; those
-        with unreadable bytes (retention deleted them) or mixed keys are skipped."""
-        cache: dict[int, dict[str, np.ndarray]] = {}
-
-        def keys_of(row: TransitionRow) -> tuple[str, ...]:
-            if row.id not in cache:
-                cache[row.id] = source.observation(row)
-            return tuple(sorted(k for k in cache[row.id] if k in self.obs_spec))
-
-        used, skipped, want = [], [], None
-        for seg in segments:
-            rows = [s.row for s in seg.steps] + ([seg.bootstrap] if seg.bootstrap else [])
-            try:
-                keys = {keys_of(r) for r in rows}
-            except (MissingRecord, CorruptRecord, ValueError) as e:
-                log.warning("learner.segment_unreadable", error=str(e), robot_id=seg.robot_id)
-                skipped += seg.ids
-                continue
-            if len(keys) > 1:
-                log.warning("learner.segment_mixed_keys", keys=sorted(keys), robot_id=seg.robot_id)
-                skipped += seg.ids
-                continue
-            want = want or next(iter(keys))
-            if keys == {want}:
-                used.append(seg)
-        return used, skipped, lambda row: cache[row.id]
 
     def update_on(self, batch: ChunkBatch, transitions: int = 0) -> UpdateResult:
         """One learn step on a built batch; publish the new version unless the guard refuses.

@@ -1,5 +1,7 @@
 """`openpi-rl daemon --config openpi-rl.toml`: the policy server, the reward bridge and the
-learner as separate child processes, supervised the way systemd would.
+learner as separate child processes, supervised the way systemd would. This module owns the
+supervision loop (start order, health, restarts, reload, stop) and its metrics; one child's
+spec, state and process mechanics (spawn, process groups, reaping, niceness) are children.py's.
 
 - Each child is `python -m openpi_rl.cli ROLE --config FILE --section ROLE` (what the systemd
   units run), with stdout/stderr inherited, and its own `NOTIFY_SOCKET` owned by the daemon: a
@@ -35,16 +37,10 @@ learner as separate child processes, supervised the way systemd would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import os
 import select
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,24 +51,34 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from openpi_rl.sdnotify import Notifier
-from openpi_rl.service.config import EX_CONFIG, SHARED, DaemonConfig, ServiceFile
+from openpi_rl.service.children import (
+    PARENT_ENV,
+    Child,
+    ChildSpec,
+    dump_stacks,
+    exited,
+    kill_group,
+    role_inputs,
+    role_specs,
+    spawn,
+    wait_exited,
+)
+from openpi_rl.service.config import EX_CONFIG, DaemonConfig, ServiceFile
 
-PARENT_ENV = "OPENPI_RL_SUPERVISOR_PID"  # set in each child: it dies with this process
+# Moved to children.py; still importable from here (cli.py names PARENT_ENV).
+__all__ = [
+    "PARENT_ENV",
+    "ChildSpec",
+    "Supervisor",
+    "SupervisorMetrics",
+    "daemon",
+    "role_inputs",
+    "role_specs",
+]
 
 log = structlog.get_logger("openpi_rl.daemon")
 
 _TICK_S = 0.1  # loop period: stop, crash and notification latency
-_CLI = (sys.executable, "-m", "openpi_rl.cli")
-
-
-@dataclasses.dataclass(frozen=True)
-class ChildSpec:
-    role: str
-    argv: list[str]
-    watchdog_s: float | None = None  # ready but silent this long: killed (None: no watchdog)
-    after: str | None = None  # start once this role is ready
-    nice: int = 0  # added to the daemon's niceness (the learner yields the CPU to the server)
-    inputs: str = ""  # digest of what the role reads from the file: changed on SIGHUP, restart
 
 
 class SupervisorMetrics:
@@ -104,44 +110,6 @@ class SupervisorMetrics:
         )
 
 
-class _Child:
-    """Runtime state of one role: its process, its notify socket, its restart schedule."""
-
-    def __init__(self, spec: ChildSpec, sock_dir: Path):
-        self.spec = spec
-        self.notify_path = str(sock_dir / f"{spec.role}.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(self.notify_path)
-        self.sock.setblocking(False)
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-        self.ready = False
-        self.last_ping = 0.0
-        self.next_start = 0.0  # monotonic time of the next start
-        self.crashes_in_row = 0
-        self.restarts = 0
-        self.kill_reason: str | None = None  # why the daemon killed it (watchdog, ...)
-        self.stop_deadline: float | None = None  # SIGTERM sent (reload): SIGKILL after this
-        self.config_error: str | None = None  # held down: exited 78, with this reason
-        self.removed = False  # no longer in the roles (reload): not restarted
-        self.status = ""
-
-    def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.notify_path)
-
-    def drain(self) -> list[str]:
-        """Every pending notification line."""
-        lines = []
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except BlockingIOError:
-                return lines
-            lines += data.decode(errors="replace").splitlines()
-
-
 class Supervisor:
     """Runs `specs` until `close()` (safe from a signal handler); `run()` returns the exit
     status."""
@@ -160,7 +128,7 @@ class Supervisor:
         self.env = dict(os.environ if env is None else env)
         self.metrics = metrics or SupervisorMetrics()
         self._dir = Path(tempfile.mkdtemp(prefix="openpi-rl-daemon-"))
-        self.children = [_Child(s, self._dir) for s in specs]
+        self.children = [Child(s, self._dir) for s in specs]
         self.notifier = Notifier()
         # A plain flag, not an Event: close() runs in signal handlers, where Event.set can
         # deadlock on the lock the interrupted main thread holds.
@@ -239,7 +207,7 @@ class Supervisor:
             for line in child.drain():
                 self._on_notify(child, line)
 
-    def _on_notify(self, child: _Child, line: str) -> None:
+    def _on_notify(self, child: Child, line: str) -> None:
         if child.proc is None:
             return  # from a process already reaped
         if line == "READY=1" and not child.ready:
@@ -255,12 +223,12 @@ class Supervisor:
         elif line.startswith("STATUS="):
             child.status = line.removeprefix("STATUS=")
 
-    def _reap(self, child: _Child, now: float) -> None:
-        if self._stopping or child.proc is None or not _exited(child.proc):
+    def _reap(self, child: Child, now: float) -> None:
+        if self._stopping or child.proc is None or not exited(child.proc):
             return  # once stopping, exits are the shutdown's to collect
         for line in child.drain():  # what it said last (STATUS= with its config error)
             self._on_notify(child, line)
-        _kill_group(child.proc)  # its leftovers, while its unreaped pid still holds the group
+        kill_group(child.proc)  # its leftovers, while its unreaped pid still holds the group
         rc, role = child.proc.wait(), child.spec.role
         reason = child.kill_reason or ("signal" if rc < 0 else "exit")
         child.proc, child.ready, child.kill_reason = None, False, None
@@ -304,7 +272,7 @@ class Supervisor:
             restarts=child.restarts, crashes_in_row=child.crashes_in_row,
         )  # fmt: skip
 
-    def _check_health(self, child: _Child, now: float) -> None:
+    def _check_health(self, child: Child, now: float) -> None:
         """Kill a child that is stuck: ready but silent past its watchdog, or never ready."""
         if child.proc is None:
             return
@@ -320,13 +288,13 @@ class Supervisor:
         elif not child.ready and now - child.started_at > self.config.start_timeout_s:
             self._kill(child, "start_timeout")
 
-    def _kill(self, child: _Child, reason: str, **info: object) -> None:
+    def _kill(self, child: Child, reason: str, **info: object) -> None:
         log.error("daemon.child_killed", role=child.spec.role, reason=reason, **info)
         child.kill_reason = reason
-        _dump_stacks(child.proc)
-        _kill_group(child.proc)
+        dump_stacks(child.proc)
+        kill_group(child.proc)
 
-    def _maybe_start(self, child: _Child, now: float) -> None:
+    def _maybe_start(self, child: Child, now: float) -> None:
         if self._stopping or child.proc is not None or now < child.next_start:
             return
         after = next((c for c in self.children if c.spec.role == child.spec.after), None)
@@ -335,20 +303,9 @@ class Supervisor:
             return  # first start waits for the server (it creates the replay)
         self._start(child, now)
 
-    def _start(self, child: _Child, now: float) -> None:
+    def _start(self, child: Child, now: float) -> None:
         child.drain()  # a late datagram from the previous process must not count
-        # The child asks the kernel for SIGTERM when this process dies (cli.py), so a
-        # supervisor killed with -9 outside systemd leaves no role serving unsupervised.
-        env = {**self.env, "NOTIFY_SOCKET": child.notify_path, PARENT_ENV: str(os.getpid())}
-        env.pop("WATCHDOG_PID", None)  # systemd's, for the daemon itself
-        env.pop("WATCHDOG_USEC", None)
-        if child.spec.watchdog_s is not None:
-            env["WATCHDOG_USEC"] = str(int(child.spec.watchdog_s * 1e6))
-        # Its own session and process group: what it starts dies with it (_kill_group), and a
-        # terminal's signals (Ctrl-C, hang-up) reach the daemon only, which stops it in order.
-        child.proc = subprocess.Popen(child.spec.argv, env=env, start_new_session=True)
-        if child.spec.nice:
-            _renice(child.proc.pid, child.spec.nice)
+        child.proc = spawn(child.spec, child.notify_path, self.env)
         child.started_at, child.ready, child.status = now, False, ""
         if child.config_error is not None:
             child.config_error = None
@@ -410,11 +367,11 @@ class Supervisor:
                 child.next_start = now  # the fix may lie outside the file (a key file, a port)
                 retried.append(spec.role)
         for spec in new.values():
-            self.children.append(_Child(spec, self._dir))
+            self.children.append(Child(spec, self._dir))
             changed.append(spec.role)
         log.info("daemon.reloaded", changed=changed, retried=retried)
 
-    def _terminate(self, child: _Child, reason: str, now: float) -> None:
+    def _terminate(self, child: Child, reason: str, now: float) -> None:
         """SIGTERM, as a stop (the child flushes); SIGKILL to its group past stop_timeout_s."""
         log.info("daemon.child_stopping", role=child.spec.role, reason=reason)
         child.kill_reason = reason
@@ -434,10 +391,10 @@ class Supervisor:
         deadline = time.monotonic() + self.config.stop_timeout_s
         clean = True
         for c in running:
-            if not _wait_exited(c.proc, deadline):
+            if not wait_exited(c.proc, deadline):
                 log.error("daemon.child_stop_timeout", role=c.spec.role, pid=c.proc.pid)
-                _dump_stacks(c.proc)
-            _kill_group(c.proc)  # it, if it hung; what it started, in any case
+                dump_stacks(c.proc)
+            kill_group(c.proc)  # it, if it hung; what it started, in any case
             rc = c.proc.wait()
             # As systemd: death by SIGTERM is clean (a child still starting had nothing to flush).
             clean &= rc in (0, -signal.SIGTERM)
@@ -446,82 +403,6 @@ class Supervisor:
         code = self._exit_code or (0 if clean else 1)
         log.info("daemon.stopped", rc=code)
         return code
-
-
-def _exited(proc: subprocess.Popen) -> bool:
-    """Whether `proc` has exited, without reaping it: until it is reaped its pid (and so its
-    process group's id) cannot be reused, so `_kill_group` cannot hit a stranger."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return proc.poll() is not None
-    return info is not None
-
-
-def _wait_exited(proc: subprocess.Popen, deadline: float) -> bool:
-    """Wait (without reaping) until `proc` exits or `deadline` (monotonic) passes."""
-    while not _exited(proc):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-    return True
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL to the child's process group (the child, if alive, and whatever it started)."""
-    if proc.returncode is not None:
-        return  # reaped: its group id may name someone else's group by now
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _dump_stacks(proc: subprocess.Popen, wait_s: float = 1.0) -> None:
-    """SIGUSR1: the child (`openpi-rl` registers faulthandler for it) writes every thread's
-    stack to its stderr, the service log, before it is killed: what it was stuck in."""
-    with contextlib.suppress(OSError):
-        proc.send_signal(signal.SIGUSR1)
-        _wait_exited(proc, time.monotonic() + wait_s)
-
-
-def _renice(pid: int, increment: int) -> None:
-    """Set right after exec, before the child starts threads (they inherit it)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + increment)
-    except OSError as e:
-        log.warning("daemon.renice_failed", pid=pid, increment=increment, error=str(e))
-
-
-def role_specs(service: ServiceFile) -> list[ChildSpec]:
-    """One child per configured role, each reading its section of the same file."""
-    d = service.daemon
-    return [
-        ChildSpec(
-            role,
-            [*_CLI, role, "--config", str(service.path), "--section", role],
-            watchdog_s=d.watchdog_s.get(role),
-            after="serve" if role != "serve" and "serve" in d.roles else None,
-            nice=d.nice.get(role, 0),
-            inputs=role_inputs(service, role),
-        )
-        for role in d.roles
-    ]
-
-
-def role_inputs(service: ServiceFile, role: str) -> str:
-    """A digest of what `role` reads from the file (its table, the shared settings, the log
-    format; the learner also the server's endpoint): equal digests, nothing to restart."""
-    raw = service.raw
-    inputs = {
-        "table": raw.get(role),
-        "shared": {k: raw[k] for k in SHARED if k in raw},
-        "log_json": raw.get("log_json"),
-    }
-    if role == "learn":
-        inputs["serve_endpoint"] = raw.get("serve", {}).get("serve", {}).get("endpoint")
-    text = json.dumps(inputs, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _load_specs(path: str | Path) -> tuple[list[ChildSpec], DaemonConfig]:

@@ -1,0 +1,51 @@
+"""`LearnerConfig`: everything `openpi-rl learn` reads (the `[learn]` table, its flags), and
+the learner's PPO defaults. The learner (learner.py) is built from it; the service's file
+(service/config.py) parses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from openpi_rl.models.choice import ModelChoice
+from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.rl.ppo import PPOConfig
+from openpi_rl.weights.notices import AUTO
+
+# The library's PPO defaults (made for fine-tuning a large pretrained policy) with operator
+# take-overs cloned at full weight.
+LEARNER_PPO_DEFAULTS = PPOConfig(bc_coef=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Everything `openpi-rl learn` needs. `model`, `value_hidden` and `seed` must be the
+    server's (its ServeConfig), so version 0 is the same weights on both sides and a published
+    version restores into the server's ActorCritic."""
+
+    model: ModelChoice = GaussianMLPConfig()
+    value_hidden: tuple[int, ...] = (64, 64)  # the value head's hidden widths (the server's)
+    seed: int = 0  # seed of version 0's weights (the server's)
+    replay_dir: str = "replay"  # the policy server's replay, read only
+    checkpoint_dir: str = "checkpoints"  # published versions; the servers load them from here
+    keep_versions: int = 10  # newest versions kept on disk, plus the pinned and rollback target
+    ppo: PPOConfig = LEARNER_PPO_DEFAULTS
+    segment_length: int = 32  # T: chunks per GAE column; long episodes are cut to this
+    batch_segments: int = 64  # S: columns per update (rounded up to a multiple of the devices)
+    min_transitions: int = 256  # wait until this many chunks can be taken
+    max_policy_lag: int = 2  # drop chunks served by a policy more than this many versions old
+    max_kl: float | None = 0.1  # refuse to publish an update moving the policy further (None: off)
+    settle_s: float = 1.0  # take an open episode's chunks only once this old (late reports)
+    poll_interval_s: float = 0.5  # wait this long (at most 0.25 s) when no update was ready
+    publish_endpoint: str = AUTO
+    """ZMQ PUB for version notices + heartbeat. "auto": an ipc socket in a private directory
+    beside the checkpoints (publish.py); across hosts, tcp:// with a CURVE key."""
+    publish_curve_secret_key_file: str | None = None  # `openpi-rl keys generate`'s .key_secret
+    heartbeat_s: float = 0.5  # the PUB beats this often, so the servers see the learner alive
+    server_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    """Policy servers whose `health` the learner watches (their heartbeat to it, and the
+    operator's pause switch)."""
+    server_timeout_s: float = 1.5  # a server silent this long shows down
+    metrics_host: str = "127.0.0.1"  # where Prometheus /metrics listens
+    metrics_port: int | None = 9102  # Prometheus /metrics; None: off
+    max_updates: int | None = None  # stop after this many published updates (None: run on)
