@@ -16,16 +16,19 @@ handshake, so it never reaches this loop.
 
 Framing: a DEALER client sends [b"", payload]; the ROUTER sees [identity, b"", payload] and
 replies [identity, b"", reply]. A REQ client produces the same frames.
+
+Mixed into `PolicyServer`: `Replies` (replies.py: sending, error replies, the resend window),
+`Transitions` (transitions.py: transition ids, replay rows) and `Stages` (stages.py: a dead
+stage fails health); its knobs are `ServeOptions` (options.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
@@ -35,11 +38,15 @@ from openpi_rl.guards import RateLimiter
 from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.curve import curve_server
 from openpi_rl.policy_server.metrics import ServerMetrics
+from openpi_rl.policy_server.options import ServeOptions
+from openpi_rl.policy_server.replies import Replies, _Pending
 from openpi_rl.policy_server.reports import Reports
 from openpi_rl.policy_server.returns import EpisodeReturns
 from openpi_rl.policy_server.robots import RobotLedger
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
-from openpi_rl.replay import ReplayAdder, ReplayConfig, ReplayReader, ReplayWriter
+from openpi_rl.policy_server.stages import Stages, SwapStage
+from openpi_rl.policy_server.transitions import Transitions
+from openpi_rl.replay import ReplayAdder, ReplayConfig, ReplayWriter
 from openpi_rl.replay.writer import ReplayClosed, ReplayFull
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
@@ -48,82 +55,13 @@ from openpi_rl_client import protocol, wire
 log = structlog.get_logger("openpi_rl.policy_server")
 
 
-@dataclasses.dataclass(frozen=True)
-class ServeOptions:
-    """Serving knobs (the model and replay are configured beside them)."""
-
-    endpoint: str = "tcp://127.0.0.1:5555"
-    """The ZMQ ROUTER address robots connect to; loopback unless configured (guarantee 7)."""
-    max_batch: int = 8
-    """Requests served by one model call at most (batches are padded to a few fixed sizes)."""
-    max_wait_us: int = 0
-    """Continuous batching: a request is served as soon as the model is free, together with
-    every request that arrived while it ran. A wait > 0 holds a lone request this long for
-    company (worth it only when robots are in lockstep and the model's cost barely grows with
-    the batch); 0 keeps a lone robot at the transport's floor."""
-    expected_wait_us: int = 3000
-    """Predictive hold (batching.py): a batch waits for robots whose next request is due within
-    this long and within one model call (a robot arriving later than that is better served on
-    its own). A lone robot never waits. 0: off."""
-    max_message_bytes: int = 16 * 1024 * 1024
-    """A request larger than this is answered `too_large` unread (libzmq drops frames past 4x
-    this, without a reply)."""
-    seed: int = 0
-    """Unused: the sampling key comes from the policy version and a call counter."""
-    warm_key_sets: tuple[tuple[str, ...], ...] = ()
-    """Observation key sets to compile before ready, besides all keys and the required ones
-    (e.g. [["image", "state"]] when robots leave an optional key out)."""
-    dedupe_window: int = 4096  # replies kept to answer a resent request without serving it twice
-    rate_limit_per_s: float = 2000.0
-    """Requests per second per connection (ROUTER identity): a robot at 50 Hz uses 2-3 % of it;
-    a flood past it is answered `overloaded` before decoding. 0: no limit."""
-    rate_limit_burst: int = 2000
-    """Requests a connection may send back to back before `rate_limit_per_s` applies (the
-    token bucket's size)."""
-    handshake_timeout_s: float = 5.0  # drop peers that never finish the ZMQ handshake
-    curve_secret_key_file: str | None = None
-    """CURVE (guarantee 7): the server's `.key_secret` file from `openpi-rl keys generate`;
-    None: plaintext."""
-    curve_allowed_clients_dir: str | None = None
-    """CURVE: the directory of the robots' public `.key` files; a robot whose key is not there
-    is refused at the handshake."""
-    max_robots: int = 4096
-    """Robots remembered (robots.py); the least recently heard from is forgotten first."""
-    report_window: int = 1024
-    """How many of a robot's latest transitions a report may still name."""
-    reward_range: tuple[float, float] = (-1000.0, 1000.0)
-    """A report's reward is clamped into this range (counted): one absurd finite reward
-    (1e308: two of them sum to inf) must not turn the learner's advantages into NaN."""
-    rcvhwm: int = 16
-    """ZMQ receive queue per connection: a robot has one request in flight (two while
-    resending); past it libzmq drops."""
-    sndhwm: int = 64
-    """ZMQ send queue per connection; past it libzmq refuses to queue a reply."""
-
-
-@dataclasses.dataclass
-class _Pending:
-    identity: bytes
-    msg: dict
-    t_recv: float
-    resent_from: list[bytes] = dataclasses.field(default_factory=list)  # sockets of resends
-
-
-class SwapStage(Protocol):
-    """What the server asks of its hot-swap stage (policy_server/swapper.py's `Swapper`)."""
-
-    def died(self) -> bool: ...
-
-    def health(self) -> dict[str, Any]: ...
-
-
-class PolicyServer:
+class PolicyServer(Replies, Transitions, Stages):
     """`PolicyServer(ac, options, replay_config).run()`; `close()` from any thread stops it."""
 
     def __init__(
         self,
         ac: ActorCritic,
-        options: ServeOptions = ServeOptions(),
+        options: ServeOptions = ServeOptions(),  # noqa: B008 (ServeOptions is frozen)
         replay_config: ReplayConfig | None = None,
         version: int = 0,
         metrics: ServerMetrics | None = None,
@@ -293,33 +231,6 @@ class PolicyServer:
             at = max(at, self._arrivals.hold_until(t_first, now, window, present))
         return at
 
-    def _check_stages(self) -> None:
-        """A dead stage (replay writer, swapper) fails health and ends `run()`, so the process
-        exits non-zero and its supervisor restarts it: serving on without it would answer
-        robots with actions that are never stored, or never improve."""
-        self._next_check = time.perf_counter() + 0.1
-        if self.failure is not None:
-            return
-        if self.replay is not None and self.replay.error is not None:
-            self.failure = f"replay writer failed: {self.replay.error!r:.300}"
-        elif self.swapper is not None and self.swapper.died():
-            self.failure = "swapper thread died (see the log)"
-        else:
-            dead = [name for name, alive in self._stages.items() if not alive()]
-            if dead:
-                self.failure = f"{dead[0]} thread died (see the log)"
-        if self.failure is not None:
-            log.error(
-                "stage failed: stopping so the supervisor restarts the server", reason=self.failure
-            )
-            self.metrics.ready.set(0)
-            self._stop.set()
-
-    def watch(self, name: str, alive: Callable[[], bool]) -> None:
-        """Treat `name` (a front end's thread: the openpi WebSocket, admin) as a stage of this
-        server: while `run()` serves, `alive()` turning False fails health and ends it."""
-        self._stages[name] = alive
-
     def close(self, wait_s: float | None = None) -> None:
         """Stop serving; the loop flushes the replay and closes the socket. Idempotent, from
         any thread or a signal handler (it sets a flag `run` polls). With `wait_s`, return once
@@ -403,24 +314,6 @@ class PolicyServer:
                 reply["request_id"] = rid  # the client matches replies to requests by it
             self._send(identity, reply, kind, t_recv)
 
-    def _resent(self, key: tuple[str, str], identity: bytes, kind: str, t_recv: float) -> bool:
-        """Answer a request seen before (same robot and request_id); False if it is new."""
-        seen = self._recent.get(key)
-        if seen is None:
-            return False
-        self.metrics.duplicates.labels(type=kind).inc()
-        if isinstance(seen, _Pending):
-            seen.resent_from.append(identity)  # still queued: its reply goes to every socket
-        else:
-            self._send_bytes(identity, seen, kind, t_recv)
-        return True
-
-    def _remember(self, key: tuple[str, str], entry: bytes | _Pending) -> None:
-        self._recent[key] = entry
-        self._recent.move_to_end(key)
-        while len(self._recent) > self.options.dedupe_window:
-            self._recent.popitem(last=False)
-
     def _check_infer(self, msg: dict) -> None:
         if not self._ready.is_set():
             raise protocol.ProtocolError(protocol.NOT_READY, "warming up: compiling the policy")
@@ -483,22 +376,6 @@ class PolicyServer:
         if key is not None:
             self._remember(key, p)  # a resend meanwhile is answered with this reply
 
-    def _reply(self, p: _Pending, reply: dict, remember: bool = False, kind: str = "infer") -> None:
-        rid = p.msg.get("request_id")
-        if rid is not None:
-            reply["request_id"] = rid
-        packed = self._send(p.identity, reply, kind, p.t_recv)
-        if kind == "infer" and "error" in reply:
-            self._arrivals.dropped(str(p.msg["robot_id"]))
-        for identity in p.resent_from:  # a gone socket's reply is dropped by the ROUTER
-            self._send_bytes(identity, packed, kind, p.t_recv)
-        key = (str(p.msg.get("robot_id")), str(rid))
-        if rid is not None and key in self._recent:
-            if remember:
-                self._remember(key, packed)
-            else:  # an error reply: a resend is served afresh
-                del self._recent[key]
-
     def _serve(self, pending: list[_Pending]) -> None:
         if not self._ready.is_set():
             for p in pending:
@@ -556,67 +433,5 @@ class PolicyServer:
             if self.replay is not None:
                 self.metrics.replay_queue_depth.set(self.replay.queue_depth())
 
-    def _transition_ids(self, n: int) -> list[int]:
-        """Ids for `n` transitions about to be answered; with a replay, only once its queue
-        has room for them (ReplayFull / ReplayClosed otherwise: the batch is not served)."""
-        if self.adder is None:
-            self._unlogged += n
-            return list(range(self._unlogged - n + 1, self._unlogged + 1))
-        return self.adder.reserve(n)
 
-    def _log_transition(self, p: _Pending, out: Any, i: int, version: int, tid: int) -> None:
-        robot = str(p.msg["robot_id"])
-        self.robots.served(robot, tid)
-        if self.adder is None:
-            return
-        try:
-            self.adder.add(
-                tid=tid,
-                robot_id=robot,
-                episode_id=str(p.msg.get("episode_id", "")),
-                observation=p.msg["observation"],  # validated against obs_spec
-                prompt=p.msg.get("prompt"),
-                actions=out.actions[i],
-                policy_actions=out.policy_actions[i],
-                logp=float(out.logp[i]),
-                value=float(out.value[i]),
-                policy_version=version,
-                t_mono=p.t_recv,
-            )
-        except (ReplayFull, ReplayClosed):
-            # Only if the writer failed since ensure_room (it logs why): the reply went out.
-            self.metrics.errors.labels(code="replay_lost").inc()
-            log.error("transition lost: replay writer closed", transition_id=tid)
-
-    def _restore_robots(self) -> None:
-        """Seed the robot ledger from the replay's newest transitions (a restarted server
-        counts steps on and accepts late reports for chunks it served before)."""
-        assert self.replay is not None and self.adder is not None
-        with ReplayReader(self.replay.root) as reader:
-            recent = reader.recent_by_robot(self.options.report_window, self.options.max_robots)
-        for robot, (episode, next_step, tids) in recent.items():
-            self.adder.restore(robot, episode, next_step)
-            self.robots.restore(robot, tids)
-
-    def _error(self, code: str, message: str) -> dict:
-        self.metrics.errors.labels(code=code).inc()
-        return protocol.error_reply(code, message)
-
-    def _send(self, identity: bytes, reply: dict, kind: str, t_recv: float) -> bytes:
-        packed = wire.packb(reply)
-        self._send_bytes(identity, packed, kind, t_recv)
-        return packed
-
-    def _send_bytes(self, identity: bytes, packed: bytes, kind: str, t_recv: float) -> None:
-        try:
-            self.socket.send_multipart([identity, b"", packed], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the robot went away (EHOSTUNREACH) or its queue is full
-            log.warning("reply dropped", error=str(e))
-        children = self._request_metrics.get(kind)
-        if children is None:  # labels() costs a lock and a lookup: once per kind
-            children = self._request_metrics[kind] = (
-                self.metrics.requests.labels(type=kind),
-                self.metrics.request_seconds.labels(type=kind),
-            )
-        children[0].inc()
-        children[1].observe(time.perf_counter() - t_recv)
+__all__ = ["PolicyServer", "ServeOptions", "SwapStage"]

@@ -32,27 +32,29 @@ back from is never followed again). These decisions and the pause-learning switc
 atomically to `<checkpoint_dir>/operator_state.json` and honoured after a restart of the server
 or the learner (weights/operator_state.py). Optionally, a new version whose last K episodes' mean
 return falls below the previous version's by a margin is rolled back automatically.
+
+`SwapStatus` (swap_status.py: learner liveness, `health` and `status`) is mixed into `Swapper`;
+its knobs are `SwapOptions` (options.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING
 
 import jax
 import structlog
 from flax import nnx
 
+from openpi_rl.policy_server.options import SwapOptions
 from openpi_rl.policy_server.restore_worker import RestoreWorker
 from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
-from openpi_rl.secret import SECRET
-from openpi_rl.weights.notices import AUTO, LatestVersion, notice_endpoint
+from openpi_rl.policy_server.swap_status import SwapStatus
+from openpi_rl.weights.notices import LatestVersion, notice_endpoint
 from openpi_rl.weights.operator_state import OperatorState, load_state, save_state
 from openpi_rl.weights.versions import CorruptVersion, restore_version, verify_version
 
@@ -62,34 +64,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger("openpi_rl.policy_server.swapper")
 
 
-@dataclasses.dataclass(frozen=True)
-class SwapOptions:
-    """Hot-swap, heartbeats, admin and automatic rollback (`[swap]` in serve.toml)."""
-
-    # The learner's PUB; "auto": the private ipc socket of checkpoint_dir; None: no swaps.
-    learner_endpoint: str | None = AUTO
-    checkpoint_dir: str | None = "checkpoints"  # versions load from here only; None: no swaps
-    learner_curve_public_key_file: str | None = None  # the learner's CURVE public key (.key)
-    max_version_ahead: int = 100  # refuse a notice this far past the newest version on disk
-    peer_timeout_s: float = 1.5  # a learner silent this long shows dead (it beats every 0.5 s)
-    admin_endpoint: str = "tcp://127.0.0.1:5559"  # ZMQ ROUTER for `openpi-rl admin`
-    admin_token: Annotated[str | None, SECRET] = None  # None: $OPENPI_RL_ADMIN_TOKEN, else off
-    auto_rollback_episodes: int = 0  # K: episodes per version to compare; 0: off
-    auto_rollback_margin: float = 0.1  # roll back when mean return drops by more than this
-    nice: int = 10  # the restore's niceness (Linux; the worker also runs SCHED_IDLE); 0: none
-    restore_in_worker: bool = True  # orbax restores in a worker process; False: in-process
-    restore_timeout_s: float = 120.0  # a worker silent this long is killed and restarted
-
-
 class SwapError(Exception):
     """A version that cannot go live: not on disk, other shapes, non-finite outputs."""
 
 
-class Swapper:
+class Swapper(SwapStatus):
     """`Swapper(server, options).start()`; `close()` stops it. Pin, unpin, rollback and status
     are called by the admin endpoint's thread; one lock serialises every load and swap."""
 
-    def __init__(self, server: PolicyServer, options: SwapOptions = SwapOptions()):
+    def __init__(
+        self,
+        server: PolicyServer,
+        options: SwapOptions = SwapOptions(),  # noqa: B008 (SwapOptions is frozen)
+    ):
         self.server, self.options = server, options
         self.metrics = server.metrics
         # A model shaped like the served one, the target `restore_version` fills.
@@ -260,25 +247,6 @@ class Swapper:
                 f"newest on disk ({newest if on_disk else 'none'})"
             )
         return None
-
-    # -- learner state
-
-    def heartbeat_age(self) -> float:
-        t = self._sub.heartbeat_t if self._sub is not None else None
-        return time.monotonic() - (t if t is not None else self._started_t)
-
-    def learner_alive(self) -> bool:
-        return self._sub is not None and self.heartbeat_age() < self.options.peer_timeout_s
-
-    def learner_state(self) -> str | None:
-        beat = self._sub.last_heartbeat if self._sub is not None else None
-        return None if beat is None else beat.get("state")
-
-    def versions_behind(self) -> int:
-        return 0 if self.newest is None else max(0, self.newest[0] - self.server.snapshot.version)
-
-    def seconds_since_swap(self) -> float:
-        return time.monotonic() - (self._last_swap_t or self._started_t)
 
     # -- swapping
 
@@ -476,51 +444,6 @@ class Swapper:
                 with self._lock:  # stop following; an operator decides
                     self.pinned = self.server.snapshot.version
                     self._persist()
-
-    # -- reports
-
-    def health(self) -> dict[str, Any]:
-        """What `health` replies add: cheap fields only (the serving thread builds it)."""
-        age = self.heartbeat_age()
-        return {
-            "learner": {
-                "alive": self.learner_alive(),
-                "state": self.learner_state(),
-                "version": None if self.newest is None else self.newest[0],
-                "heartbeat_age_s": round(age, 3) if math.isfinite(age) else None,
-            },
-            "versions_behind": self.versions_behind(),
-            "pinned": self.pinned,
-            "learning_paused": self.learning_paused,
-        }
-
-    def status(self) -> dict[str, Any]:
-        """The admin's `status`: health plus swap history, rollback targets and episode returns."""
-        live = self.server.snapshot.version
-        k = max(self.options.auto_rollback_episodes, 1)
-
-        def returns(v: int | None) -> dict | None:
-            if v is None:
-                return None
-            r = self.server.returns.last(v, 256)
-            return {"episodes": len(r), "mean_return": sum(r) / len(r) if r else None}
-
-        return {
-            "policy_version": live,
-            **self.health(),
-            "previous": self.previous,
-            "swaps": self.swaps,
-            "seconds_since_swap": round(self.seconds_since_swap(), 3),
-            "last_swap_s": self.last_swap_s,
-            "rejected": sorted(self.rejected),
-            "failed": {str(v): why for v, why in self.failed.items()},
-            "refused_notices": {str(v): why for v, why in self.refused_notices.items()},
-            "checkpoint_dir": None if self.checkpoint_dir() is None else str(self.checkpoint_dir()),
-            "versions_on_disk": self.versions_on_disk(),
-            "compilations": self.server.snapshot.compilations,
-            "episode_returns": {"live": returns(live), "previous": returns(self.previous)},
-            "auto_rollback_episodes": k if self.options.auto_rollback_episodes else 0,
-        }
 
 
 __all__ = ["SwapError", "SwapOptions", "Swapper"]
