@@ -140,7 +140,7 @@ def test_daemon_supervises_the_three_roles_and_stops_them_cleanly(tmp_path, noti
 
 def test_a_role_with_a_wrong_section_exits_78_naming_the_key(tmp_path):
     """EX_CONFIG from the real role CLI, as the daemon and the units run it: the daemon holds
-    such a child down (tests/daemon/test_supervisor.py), and systemd does not restart it
+    such a child down (tests/service/test_supervisor.py), and systemd does not restart it
     (RestartPreventExitStatus=78)."""
     config = tmp_path / "openpi-rl.toml"
     config.write_text(
