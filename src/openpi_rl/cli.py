@@ -63,6 +63,22 @@ def _file_config(cls: type, argv: list[str], role: str) -> object:
         raise SystemExit(EX_CONFIG) from None
 
 
+def _role_env(argv: list[str]) -> None:
+    """`--config FILE --section ROLE`: set the role's `[gpu]` environment (its memory share,
+    preallocation, devices) now, before the role's modules import JAX. A file that does not
+    load is left to `_file_config`, which names the problem."""
+    if "--config" not in argv or "--section" not in argv:
+        return
+    from openpi_rl.service.config import ServiceFile
+
+    try:
+        path = argv[argv.index("--config") + 1]
+        env = ServiceFile.load(path).role_env(argv[argv.index("--section") + 1])
+    except (IndexError, OSError, ValueError):
+        return
+    os.environ.update(env)
+
+
 def _parse(cls: type, argv: list[str], default: object = None, **kwargs: object) -> object:
     """tyro over `cls` with the secrets kept out of its sight: tyro prints defaults (the config
     file's values) in --help and in its errors, so it gets `masked(default)` (every field marked
@@ -101,9 +117,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def serve_main(argv: list[str] | None = None) -> int:
     """`openpi-rl serve [--config FILE] [flags]`: the policy server."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _role_env(argv)
     from openpi_rl.policy_server.serve import ServeConfig, serve
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(ServeConfig, argv, "serve")
     config = _parse(
         ServeConfig,
@@ -118,9 +135,10 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 def bridge_main(argv: list[str] | None = None) -> int:
     """`openpi-rl bridge [--config FILE] [flags]`: the reward bridge and its pendant page."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _role_env(argv)
     from openpi_rl.reward_bridge import BridgeConfig, serve
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(BridgeConfig, argv, "bridge")
     config = _parse(BridgeConfig, argv, default, prog="openpi-rl bridge")
     configure_logging(json=not sys.stderr.isatty())
@@ -130,9 +148,10 @@ def bridge_main(argv: list[str] | None = None) -> int:
 def learn_main(argv: list[str] | None = None) -> int:
     """`openpi-rl learn [--config FILE] [flags]`: the learner daemon (PPO on the replay,
     versioned checkpoints, ZMQ PUB notices)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _role_env(argv)
     from openpi_rl.daemon.learner import LearnerConfig, learn
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     default = _file_config(LearnerConfig, argv, "learn")
     config = _parse(
         LearnerConfig,

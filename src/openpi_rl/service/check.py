@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import itertools
 import os
 import socket
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from openpi_rl.service.config import EX_CONFIG, ROLES, ServiceFile
+from openpi_rl.service.config import EX_CONFIG, ROLES, GpuConfig, ServiceFile
+from openpi_rl.service.gpu import gpu_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,7 @@ def check(path: str | Path) -> list[Finding]:
     findings += check_ports(_listeners(service, configs))
     findings += check_dirs(_directories(configs))
     findings += check_models(configs)
-    findings += model_memory(configs)
+    findings += model_memory(configs, service.gpu)
     bridge = configs.get("bridge")
     if bridge is not None and not bridge.operators:
         findings.append(Finding("bridge.operators", "empty: no pendant can log in", "warning"))
@@ -207,15 +209,22 @@ def _memory_estimate(model: Any, role_config: Any):
     """The memory estimate of a model built on openpi's PaliGemma, else None: a config with a
     `paligemma` PaliGemmaConfig (`Pi0FASTOpenPIConfig`: its cameras, prompt length, decoding
     steps and dtypes), or one naming a `paligemma_variant`. Serving batch: the role's
-    `serve.max_batch`; PPO minibatch: its `ppo.minibatch_size` (else 1 and 8)."""
+    `serve.max_batch`; PPO minibatch: its `ppo.minibatch_size` (else 1 and 8). What an update
+    trains: the role's `finetune` ("auto": LoRA with a `_lora` variant, else "full"), and its
+    value head (`value_hidden`)."""
     from openpi_rl.models.paligemma import PaliGemmaConfig
     from openpi_rl.models.paligemma.memory import SIGLIP_FOR, memory_estimate
 
     serve = getattr(role_config, "serve", None)
-    batch = {"serve_batch": getattr(serve, "max_batch", 1) or 1}
+    batch: dict[str, Any] = {"serve_batch": getattr(serve, "max_batch", 1) or 1}
     minibatch = getattr(getattr(role_config, "ppo", None), "minibatch_size", None)
     if isinstance(minibatch, int) and minibatch > 0:
         batch["train_batch"] = minibatch
+    batch["finetune"] = _finetune(model, role_config)
+    width = getattr(model, "value_in_dim", None)
+    if isinstance(width, int):
+        widths = (width, *getattr(role_config, "value_hidden", ()), 1)
+        batch["value_head_params"] = sum(a * b + b for a, b in itertools.pairwise(widths))
     paligemma = getattr(type(model), "paligemma", None)
     if isinstance(paligemma, property):
         pg = model.paligemma
@@ -234,10 +243,22 @@ def _memory_estimate(model: Any, role_config: Any):
     return None
 
 
-def model_memory(configs: dict[str, Any]) -> list[Finding]:
+def _finetune(model: Any, role_config: Any) -> str:
+    """What the learner's update trains: its `finetune` ("auto": "lora" with a `_lora`
+    variant, else "full")."""
+    finetune = getattr(role_config, "finetune", "auto")
+    if finetune != "auto":
+        return finetune
+    variant = getattr(model, "gemma_variant", None) or getattr(model, "paligemma_variant", "")
+    return "lora" if str(variant).endswith("_lora") else "full"
+
+
+def model_memory(configs: dict[str, Any], gpu: GpuConfig | None = None) -> list[Finding]:
     """An `info` line per role whose model is built on openpi's PaliGemma: its parameter count
-    and the memory for serving and for a PPO update; see `memory_estimate`."""
+    and the memory for serving and for a PPO update; see `memory_estimate`. With a `[gpu]`
+    table, whether each role's need fits its share of the device (`gpu_memory`)."""
     findings = []
+    needs: dict[str, tuple[int, str, str]] = {}  # bytes, what for, how to need less
     for role in ("serve", "learn"):
         cfg = configs.get(role)
         if cfg is None:
@@ -249,7 +270,35 @@ def model_memory(configs: dict[str, Any]) -> list[Finding]:
             continue
         if estimate is not None:
             findings.append(Finding(f"{role}.model", estimate.summary(), "info"))
-    return findings
+            if role == "serve":
+                needs[role] = (
+                    estimate.serve_bytes,
+                    f"serving batch {estimate.serve_batch}",
+                    "lower serve.serve.max_batch",
+                )
+            else:
+                finetune = _finetune(cfg.model, cfg)
+                needs[role] = (
+                    estimate.train_bytes,
+                    f"a PPO update of minibatch {estimate.train_batch} ({finetune}: trains "
+                    f"{estimate.trainable:,} parameters)",
+                    "lower learn.ppo.minibatch_size"
+                    + (', or finetune = "lora" (a _lora variant)' if finetune == "full" else ""),
+                )
+    if gpu is None or gpu == GpuConfig():
+        return findings
+    float32 = [r for r in needs if getattr(configs[r].model, "dtype", None) == "float32"]
+    if float32:
+        findings.append(
+            Finding(
+                f"{float32[0]}.model.dtype",
+                'float32 compute on a GPU: dtype = "bfloat16" (openpi\'s) halves the '
+                "activations and runs on the tensor cores",
+                "warning",
+            )
+        )
+    roles = [r for r in ("serve", "learn") if r in configs]
+    return findings + [Finding(*f) for f in gpu_memory(gpu, needs, roles)]
 
 
 def model_memory_main(variant: str) -> int:
@@ -269,6 +318,13 @@ def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | 
     import jax
 
     from openpi_rl.models.choice import ModelConfigError, build_actor_critic
+
+    if getattr(model, "checkpoint", None) is not None:
+        try:  # its tree against the model's, from metadata; traced below without its weights
+            model.check_checkpoint()
+        except (OSError, ValueError) as e:
+            return f"{type(model).__name__}.checkpoint: {e}"
+        model = dataclasses.replace(model, checkpoint=None)
 
     def build_and_sample() -> Any:
         ac = build_actor_critic(model, value_hidden, seed)

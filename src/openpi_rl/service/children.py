@@ -1,7 +1,8 @@
 """One supervised role as a child process: what to run (`ChildSpec`, built from the file by
 `role_specs`), its runtime state (`Child`: process, notify socket, restart schedule), and the
 process mechanics the supervisor (supervisor.py) uses: `spawn` (own session and process group,
-NOTIFY_SOCKET, niceness, the parent's pid for `PR_SET_PDEATHSIG`), `exited` / `wait_exited`
+NOTIFY_SOCKET, the role's `[gpu]` environment, niceness, the parent's pid for
+`PR_SET_PDEATHSIG`), `exited` / `wait_exited`
 without reaping, `kill_group`, `dump_stacks`, `renice`.
 """
 
@@ -38,6 +39,8 @@ class ChildSpec:
     after: str | None = None  # start once this role is ready
     nice: int = 0  # added to the daemon's niceness (the learner yields the CPU to the server)
     inputs: str = ""  # digest of what the role reads from the file: changed on SIGHUP, restart
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Set in the child's environment before it starts JAX (the file's `[gpu]`)."""
 
 
 class Child:
@@ -79,11 +82,11 @@ class Child:
 
 
 def spawn(spec: ChildSpec, notify_path: str, env: dict[str, str]) -> subprocess.Popen:
-    """Start the role's process with its own NOTIFY_SOCKET (and WATCHDOG_USEC, if watched),
-    in its own session, at its niceness."""
+    """Start the role's process with its own NOTIFY_SOCKET (and WATCHDOG_USEC, if watched) and
+    its `spec.env`, in its own session, at its niceness."""
     # The child asks the kernel for SIGTERM when this process dies (cli.py), so a
     # supervisor killed with -9 outside systemd leaves no role serving unsupervised.
-    env = {**env, "NOTIFY_SOCKET": notify_path, PARENT_ENV: str(os.getpid())}
+    env = {**env, **spec.env, "NOTIFY_SOCKET": notify_path, PARENT_ENV: str(os.getpid())}
     env.pop("WATCHDOG_PID", None)  # systemd's, for the daemon itself
     env.pop("WATCHDOG_USEC", None)
     if spec.watchdog_s is not None:
@@ -152,6 +155,7 @@ def role_specs(service: ServiceFile) -> list[ChildSpec]:
             after="serve" if role != "serve" and "serve" in d.roles else None,
             nice=d.nice.get(role, 0),
             inputs=role_inputs(service, role),
+            env=service.role_env(role),
         )
         for role in d.roles
     ]
@@ -159,13 +163,16 @@ def role_specs(service: ServiceFile) -> list[ChildSpec]:
 
 def role_inputs(service: ServiceFile, role: str) -> str:
     """A digest of what `role` reads from the file (its table, the shared settings, the log
-    format; the learner also the server's endpoint): equal digests, nothing to restart."""
+    format, its `[gpu]` environment; the learner also the server's endpoint): equal digests,
+    nothing to restart."""
     raw = service.raw
     inputs = {
         "table": raw.get(role),
         "shared": {k: raw[k] for k in SHARED if k in raw},
         "log_json": raw.get("log_json"),
     }
+    if service.role_env(role):
+        inputs["env"] = service.role_env(role)
     if role == "learn":
         inputs["serve_endpoint"] = raw.get("serve", {}).get("serve", {}).get("endpoint")
     text = json.dumps(inputs, sort_keys=True, default=str)

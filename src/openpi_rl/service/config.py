@@ -9,6 +9,7 @@
     [bridge]  ... BridgeConfig's keys
     [learn]   ... LearnerConfig's keys
     [daemon]  ... DaemonConfig's keys (restart back-off, watchdogs, the daemon's metrics)
+    [gpu]     ... GpuConfig's keys (the device's memory, each role's share of it)
 
 A role reads its part with `openpi-rl serve --config openpi-rl.toml --section serve`; the
 daemon starts its children exactly so, and the systemd units do the same. Whatever fields a
@@ -74,6 +75,72 @@ class DaemonConfig:
     """The daemon's own /metrics (child up/ready, restarts by reason); None: off."""
 
 
+# JAX's CUDA backend reads these when it starts (JAX's "GPU memory allocation" page).
+ENV_MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+ENV_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+ENV_ALLOCATOR = "XLA_PYTHON_CLIENT_ALLOCATOR"
+ENV_DEVICES = "CUDA_VISIBLE_DEVICES"
+JAX_MEM_FRACTION = 0.75  # the share of the device a JAX process takes when none is set
+ALLOCATORS = ("bfc", "platform", "cuda_async")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """`[gpu]`: the accelerator's memory and each role's share of it, for a policy server and a
+    learner on one GPU. Each setting is an environment variable of JAX's CUDA backend, set in
+    the role's process before JAX starts: by the daemon for its children, and by `openpi-rl
+    ROLE --config FILE --section ROLE` for itself (what the systemd units run); the file's
+    value replaces one in the environment. No `[gpu]` table: nothing is set (JAX's defaults)."""
+
+    memory_gib: float | None = None
+    """The device's memory in GiB (nvidia-smi's total MiB / 1024: 79.6 on an H100 80GB).
+    `openpi-rl check` compares each role's share of it with what its model needs. None: no
+    comparison."""
+    memory_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Each role's share of the device (`{ serve = 0.25, learn = 0.6 }`), the most its JAX
+    allocator takes: XLA_PYTHON_CLIENT_MEM_FRACTION. A role left out gets JAX's 0.75. The
+    roles on one device must add up to at most 1."""
+    preallocate: bool | None = None
+    """false: a role takes its share as it needs it rather than all at start (two processes
+    on one GPU): XLA_PYTHON_CLIENT_PREALLOCATE. None: JAX's default (true)."""
+    allocator: str | None = None
+    """XLA_PYTHON_CLIENT_ALLOCATOR: "bfc" (JAX's default), "cuda_async", or "platform" (takes
+    exactly what is in use and frees it: no share applies; slow, for finding what runs out).
+    None: JAX's default."""
+    visible_devices: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The GPUs each role sees (`{ serve = "0", learn = "1" }`): CUDA_VISIBLE_DEVICES; "" hides
+    them all (the role computes on the CPU). A role left out sees what the daemon sees."""
+
+    def env(self, role: str) -> dict[str, str]:
+        """The environment variables `role`'s process gets (empty with the defaults)."""
+        env = {}
+        if role in self.memory_fraction:
+            env[ENV_MEM_FRACTION] = f"{self.memory_fraction[role]:g}"
+        if self.preallocate is not None:
+            env[ENV_PREALLOCATE] = "true" if self.preallocate else "false"
+        if self.allocator is not None:
+            env[ENV_ALLOCATOR] = self.allocator
+        if role in self.visible_devices:
+            env[ENV_DEVICES] = self.visible_devices[role]
+        return env
+
+    def validate(self) -> None:
+        """ValueError naming the key (`gpu.memory_fraction.serve: ...`)."""
+        if self.memory_gib is not None and self.memory_gib <= 0:
+            raise ValueError(f"gpu.memory_gib: expected > 0, got {self.memory_gib}")
+        for key in ("memory_fraction", "visible_devices"):
+            bad = sorted(set(getattr(self, key)) - set(ROLES))
+            if bad:
+                raise ValueError(f"gpu.{key}: {bad} not in {list(ROLES)}")
+        for role, fraction in self.memory_fraction.items():
+            if not 0 < fraction <= 1:
+                raise ValueError(f"gpu.memory_fraction.{role}: expected 0 < x <= 1, got {fraction}")
+        if self.allocator is not None and self.allocator not in ALLOCATORS:
+            raise ValueError(
+                f"gpu.allocator: expected one of {list(ALLOCATORS)}, got {self.allocator!r}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceFile:
     """A parsed openpi-rl.toml: shared settings, the daemon's table and each role's raw table."""
@@ -82,6 +149,7 @@ class ServiceFile:
     raw: dict[str, Any]
     daemon: DaemonConfig
     log_json: bool | None  # None: JSON lines unless stderr is a terminal
+    gpu: GpuConfig = GpuConfig()
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceFile:
@@ -89,7 +157,7 @@ class ServiceFile:
         path = Path(path)
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-        known = {*SHARED, *ROLES, "daemon", "log_json"}
+        known = {*SHARED, *ROLES, "daemon", "gpu", "log_json"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -103,7 +171,13 @@ class ServiceFile:
         log_json = raw.get("log_json")
         if log_json is not None and not isinstance(log_json, bool):
             raise ValueError(f"log_json: expected bool, got {log_json!r}")
-        return cls(path.absolute(), raw, daemon, log_json)
+        gpu = config_file.from_dict(GpuConfig, raw.get("gpu", {}), "gpu.")
+        gpu.validate()
+        return cls(path.absolute(), raw, daemon, log_json, gpu)
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """The environment `role`'s process needs before JAX starts (`[gpu]`)."""
+        return self.gpu.env(role)
 
     def role_table(self, role: str) -> dict[str, Any]:
         """The role's table with the daemon's defaults and the shared settings filled in."""

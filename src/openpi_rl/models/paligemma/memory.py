@@ -12,7 +12,8 @@ What is counted (bytes; GiB = 2**30):
   (the largest transient; openpi's prefill computes them at every prefix position).
 - PPO update: the weights in `param_dtype`, one gradient and Adam's two moments (float32) for
   what trains (`frozen_filter`: with a `_lora` variant the decoder's base weights are frozen,
-  LoRA adapters and all of SigLIP train; otherwise everything trains), and an activations
+  LoRA adapters and all of SigLIP train; otherwise everything trains; `finetune="lora"`: the
+  LoRA adapters only, `"full"`: everything; plus a value head's, if given), and an activations
   estimate for a minibatch: with per-layer remat (openpi's `nothing_saveable`), each layer's
   input of both towers is kept for the backward pass (depth x B x T x width in the compute
   dtype), plus the live working set of the one layer recomputed at a time (attention logits
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from openpi_rl.models.paligemma.gemma import is_lora_param
 from openpi_rl.models.paligemma.paligemma import PaliGemmaConfig, frozen_filter
 
 # The SigLIP tower each Gemma variant is paired with (openpi: So400m/14 with gemma_2b; the
@@ -117,12 +119,17 @@ def memory_estimate(
     dtype: str = "bfloat16",
     serve_dtype: str = "bfloat16",
     param_dtype: str = "float32",
+    finetune: str | None = None,
+    value_head_params: int = 0,
 ) -> MemoryEstimate:
     """The memory a variant needs (see the module docstring for what is counted). Defaults
     are openpi's Pi0-FAST: 3 cameras, `max_token_len` 250 prompt tokens (text, state and
     action tokens), 256 decoding steps, bf16 compute, float32 weights for training, bf16 for
     serving; `lora` is the variant's (`gemma_2b_lora`). `variant` may be a PaliGemmaConfig
-    (a model's own, with its overrides): then its dtype and param_dtype are used."""
+    (a model's own, with its overrides): then its dtype and param_dtype are used.
+    `finetune`: what a PPO update trains; None: openpi's trainer's choice (`frozen_filter`),
+    "full": every parameter, "lora": the LoRA adapters only (ValueError for a variant without
+    them). `value_head_params`: a critic's float32 parameters, trained too."""
     if isinstance(variant, PaliGemmaConfig):
         config = variant
         dtype, param_dtype, variant = config.dtype, config.param_dtype, config.gemma_variant
@@ -131,7 +138,16 @@ def memory_estimate(
         config = paligemma_variant_config(variant, dtype=dtype, param_dtype=param_dtype)
         serve_config = paligemma_variant_config(variant, dtype=dtype, param_dtype=serve_dtype)
     model = config.abstract()
-    frozen, trainable = nnx.state(model, frozen_filter(config), nnx.Param)
+    freeze = {
+        None: frozen_filter(config),
+        "full": nnx.Nothing,
+        "lora": nnx.All(nnx.Param, nnx.Not(is_lora_param)),
+    }
+    if finetune not in freeze:
+        raise ValueError(f"finetune: expected 'full' or 'lora', got {finetune!r}")
+    frozen, trainable = nnx.state(model, freeze[finetune], nnx.Param)
+    if finetune == "lora" and not _count(trainable):
+        raise ValueError(f"finetune 'lora': {variant} has no LoRA adapters (a _lora variant has)")
     params = _count(frozen) + _count(trainable)
     g, s = config.gemma, config.siglip
     patches = (s.image_size // s.patch_size) ** 2
@@ -158,10 +174,11 @@ def memory_estimate(
     )
     prompt_logits = 2 * b * prompt_len * g.vocab_size * 4
     activations = saved * item + max(gemma_layer, siglip_layer) + prompt_logits
+    trains = _count(trainable) + value_head_params
     return MemoryEstimate(
         variant=variant,
         params=params,
-        trainable=_count(trainable),
+        trainable=trains,
         prefix_len=prefix,
         serve_batch=serve_batch,
         serve_positions=positions,
@@ -171,8 +188,8 @@ def memory_estimate(
         serve_logits_bytes=_bytes(logits),
         train_batch=train_batch,
         train_param_dtype=param_dtype,
-        train_weights_bytes=_bytes(frozen) + _bytes(trainable),
-        train_grads_bytes=_count(trainable) * 4,
-        train_adam_bytes=2 * _count(trainable) * 4,
+        train_weights_bytes=_bytes(frozen) + _bytes(trainable) + value_head_params * 4,
+        train_grads_bytes=trains * 4,
+        train_adam_bytes=2 * trains * 4,
         train_activations_bytes=int(activations),
     )
