@@ -167,3 +167,10 @@ def test_token_policy_trains_through_the_cli_config_on_stored_tokens(monkeypatch
         assert tokens.dtype == np.int32 and tokens.shape == (t, n, num_ids)
         logp = recompute(params, rollout["obs"].reshape(t * n, -1), tokens.reshape(t * n, -1))
         np.testing.assert_allclose(np.asarray(logp).reshape(t, n), rollout["logp"], atol=1e-4)
+
+
+def test_lora_finetuning_of_a_model_without_lora_weights_is_refused():
+    from openpi_rl.models.choice import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="finetune: 'lora' needs a model with LoRA"):
+        train(PPOTrainConfig(finetune="lora", num_train_steps=1, **SMALL), display=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from openpi_rl.models.choice import ModelChoice
+from openpi_rl.models.finetune import Finetune
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.weights.notices import AUTO
@@ -28,7 +29,17 @@ class LearnerConfig:
     seed: int = 0  # seed of version 0's weights (the server's)
     replay_dir: str = "replay"  # the policy server's replay, read only
     checkpoint_dir: str = "checkpoints"  # published versions; the servers load them from here
-    keep_versions: int = 10  # newest versions kept on disk, plus the pinned and rollback target
+    keep_versions: int = 10
+    """Newest versions kept on disk, plus the pinned version, the rollback target and the base
+    every kept LoRA version refers to."""
+    finetune: Finetune = "auto"
+    """What trains: "full" (every weight), "lora" (LoRA adapters + value head; the base stays
+    frozen, each version after 0 holds only those arrays and names version 0 as its base, so a
+    swap moves megabytes) or "auto" ("lora" when the model has LoRA weights, a *_lora variant)."""
+    critic_warmup_updates: int = 0
+    """Value-only updates first (piRL's critic warm-up): the fresh value head learns the returns
+    before the policy moves. Not published (the policy is unchanged); saved aside, so a restart
+    goes on counting."""
     ppo: PPOConfig = LEARNER_PPO_DEFAULTS
     segment_length: int = 32  # T: chunks per GAE column; long episodes are cut to this
     batch_segments: int = 64  # S: columns per update (rounded up to a multiple of the devices)

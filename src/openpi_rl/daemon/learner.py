@@ -18,6 +18,12 @@ the rollback target's weights and optimiser state (the next version is still new
 the version rolled back from stays behind for good); a persisted pause holds updates even while
 no server answers.
 
+What trains is `finetune`'s choice (models/finetune.py): every weight, or LoRA adapters + the
+value head (the base frozen, optimizer state only for what trains). A LoRA learner's versions
+after its base (version 0) hold only those arrays and name the base (weights/versions.py). The
+first `critic_warmup_updates` updates train the value head alone and publish nothing
+(warmup.py).
+
 This module owns the `Learner` process (resume, operator state, update, publish, run/close);
 its config is config.py's, the batch it trains on (which segments, how packed) batch.py's.
 """
@@ -42,7 +48,9 @@ from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
+from openpi_rl.daemon.warmup import WarmupState
 from openpi_rl.models.choice import ModelConfigError, build_actor_critic
+from openpi_rl.models.finetune import CRITIC, resolve_finetune, trainable
 from openpi_rl.replay import ReplayFormatError
 from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.sdnotify import Notifier, config_error
@@ -61,6 +69,7 @@ class UpdateResult:
     metrics: dict[str, float]
     path: str | None = None
     transitions: int = 0
+    warmup: bool = False  # a critic warm-up update: value head only, saved aside, not published
 
 
 class Learner:
@@ -76,8 +85,14 @@ class Learner:
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
         self.dp = DataParallel(config.ppo, devices)
         self.num_segments = math.ceil(config.batch_segments / self.dp.size) * self.dp.size
-        self.graphdef, params, self.rest = nnx.split(self.ac, nnx.Param, ...)
+        self.finetune = resolve_finetune(self.ac, config.finetune)  # "full" or "lora"
+        self.trainable = trainable(self.finetune)
+        self.graphdef, params, self.rest = nnx.split(self.ac, self.trainable, ...)
         opt_state = make_optimizer(config.ppo).init(params)
+        if config.critic_warmup_updates < 0:
+            raise ModelConfigError(
+                f"critic_warmup_updates: expected an int >= 0, got {config.critic_warmup_updates}"
+            )
         self.counters = dict.fromkeys(
             (
                 "updates",
@@ -88,13 +103,17 @@ class Learner:
                 "transitions_refused",
                 "transitions_skipped",
                 "corrupt_versions",
+                "critic_warmup_updates",
             ),
             0,
         )
         self.checkpoints = VersionCheckpoints(config.checkpoint_dir, config.keep_versions)
         self.rollback_id = 0  # the newest operator rollback applied (kept in each version's meta)
         self.version = 0
+        self.base: int | None = None  # "lora": the full version the next versions apply to
         self.version, opt_state = self._resume(opt_state)
+        self.warmup = WarmupState(config.checkpoint_dir)
+        self.critic_opt_state = self._resume_warmup()
         self._operator_mtime: int | None = None
         self.operator = OperatorState()
         self._set_from(nnx.state(self.ac), opt_state)
@@ -128,7 +147,7 @@ class Learner:
         (logged, counted) and its number not reused. None on disk: version 0 is saved."""
         versions = self.checkpoints.versions()
         if not versions:
-            self.checkpoints.save(0, nnx.state(self.ac), opt_state, self._meta())
+            self._save(0, opt_state, self._meta())
             return 0, opt_state  # what the server serves before any update
         corrupt = 0
         for version in reversed(versions):
@@ -145,6 +164,7 @@ class Learner:
                 )  # fmt: skip
                 continue
             nnx.update(self.ac, weights)
+            self._based_on(version)
             self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
             self.counters["corrupt_versions"] += corrupt
             self.rollback_id = int(meta.get("rollback_id", 0))
@@ -157,9 +177,46 @@ class Learner:
         log.error("learner.no_version_restores", versions=versions, start="seed weights")
         return versions[-1], opt_state
 
+    def _resume_warmup(self) -> Any:
+        """The critic warm-up's optimizer state (None when no warm-up is left); a warm-up
+        saved past the version's counters, on this version's policy, is applied."""
+        left = self.config.critic_warmup_updates - self.counters["critic_warmup_updates"]
+        if left <= 0:
+            return None
+        head = nnx.state(self.ac, CRITIC)
+        opt_state = make_optimizer(self.config.ppo).init(head)
+        done = self.counters["critic_warmup_updates"]
+        found = self.warmup.restore(self.version, done, head, opt_state)
+        if found is not None:
+            head, opt_state, meta = found
+            nnx.update(self.ac, head)
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+            log.info(
+                "learner.critic_warmup_resumed", version=self.version,
+                done=self.counters["critic_warmup_updates"], of=self.config.critic_warmup_updates,
+            )  # fmt: skip
+        return self.dp.put_replicated(opt_state)
+
+    def _based_on(self, version: int) -> None:
+        """The learner now holds `version`'s weights: a LoRA learner's next versions are deltas
+        over that version's base (or over it, a full version)."""
+        if self.finetune == "lora":
+            base = self.checkpoints.base_of(version)
+            self.base = version if base is None else base
+
+    def _save(self, version: int, opt_state: Any, meta: dict[str, Any]) -> Path:
+        """Save `version`: with LoRA and a base on disk, only what trains (a delta)."""
+        if self.finetune == "lora" and self.base is not None and self.base != version:
+            weights = nnx.state(self.ac, self.trainable)
+            return self.checkpoints.save(version, weights, opt_state, meta, base=self.base)
+        path = self.checkpoints.save(version, nnx.state(self.ac), opt_state, meta)
+        if self.finetune == "lora":
+            self.base = version  # full weights on disk: the next versions apply to these
+        return path
+
     def _set_from(self, weights: nnx.State, opt_state: Any) -> None:
         nnx.update(self.ac, weights)
-        _, params, rest = nnx.split(self.ac, nnx.Param, ...)
+        _, params, rest = nnx.split(self.ac, self.trainable, ...)
         self.params, self.rest = self.dp.put_replicated(params), self.dp.put_replicated(rest)
         self.opt_state = self.dp.put_replicated(opt_state)
 
@@ -191,6 +248,7 @@ class Learner:
             )  # fmt: skip
             return
         self._set_from(weights, opt_state)
+        self._based_on(op.rollback_target)
         self.metrics.rollbacks.inc()
         log.warning(
             "learner.rolled_back", target=op.rollback_target, version=self.version,
@@ -262,37 +320,25 @@ class Learner:
 
     def update_on(self, batch: ChunkBatch, transitions: int = 0) -> UpdateResult:
         """One learn step on a built batch; publish the new version unless the guard refuses.
-        transitions: how many chunks the batch holds, counted as trained or refused."""
+        transitions: how many chunks the batch holds, counted as trained or refused.
+        During the critic warm-up, a value-only update (saved aside, not published)."""
+        if self.critic_opt_state is not None:
+            return self._warm_up(batch, transitions)
         key = jax.random.fold_in(self.key, self.version)
         params, opt_state, metrics = self.dp(
             self.graphdef, self.params, self.rest, self.opt_state, key, batch
         )
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        reason = None
-        if m["finite"] < 1.0:
-            reason = "nonfinite"
-        elif self.config.max_kl is not None and m["update_kl"] > self.config.max_kl:
-            reason = "kl"
-        if reason is not None:
-            self._count("refused", transitions)
-            self.counters[f"refused_{reason}"] += 1
-            self.metrics.refused.labels(reason=reason).inc()
-            self.publisher.set_state("refused")
-            log.warning(
-                "learner.update_refused", reason=reason, version=self.version,
-                loss=m["loss"], grad_norm=m["grad_norm"], update_kl=m["update_kl"],
-                max_kl=self.config.max_kl,
-            )  # fmt: skip
-            return UpdateResult(self.version, False, reason, m, transitions=transitions)
+        refused = self._guard(m, transitions)
+        if refused is not None:
+            return refused
 
         self.params, self.opt_state = params, opt_state
         nnx.update(self.ac, params)
         self.version += 1
         self.counters["updates"] += 1
         self._count("trained", transitions)  # before the save: the version's meta includes it
-        path = self.checkpoints.save(
-            self.version, nnx.state(self.ac), self.opt_state, self._meta(m)
-        )
+        path = self._save(self.version, self.opt_state, self._meta(m))
         self.publisher.publish(self.version)
         self.metrics.updates.inc()
         self.metrics.version.set(self.version)
@@ -306,6 +352,56 @@ class Learner:
             update_kl=round(m["update_kl"], 5), explained_variance=round(m["explained_variance"], 3),
         )  # fmt: skip
         return UpdateResult(self.version, True, None, m, str(path), transitions)
+
+    def _guard(self, m: dict[str, float], transitions: int) -> UpdateResult | None:
+        """The refusal (counted, logged) of an update with non-finite numbers or a KL past
+        `max_kl`; None when it may go on."""
+        reason = None
+        if m["finite"] < 1.0:
+            reason = "nonfinite"
+        elif self.config.max_kl is not None and m["update_kl"] > self.config.max_kl:
+            reason = "kl"
+        if reason is None:
+            return None
+        self._count("refused", transitions)
+        self.counters[f"refused_{reason}"] += 1
+        self.metrics.refused.labels(reason=reason).inc()
+        self.publisher.set_state("refused")
+        log.warning(
+            "learner.update_refused", reason=reason, version=self.version,
+            loss=m["loss"], grad_norm=m["grad_norm"], update_kl=m["update_kl"],
+            max_kl=self.config.max_kl,
+        )  # fmt: skip
+        return UpdateResult(self.version, False, reason, m, transitions=transitions)
+
+    def _warm_up(self, batch: ChunkBatch, transitions: int) -> UpdateResult:
+        """One critic warm-up update: only the value head is differentiated and updated (the
+        policy's weights come out bit-identical); saved aside, not published."""
+        done = self.counters["critic_warmup_updates"]
+        key = jax.random.fold_in(self.key, 2**30 + done)
+        graphdef, head, rest = nnx.split(self.ac, CRITIC, ...)
+        head, rest = self.dp.put_replicated(head), self.dp.put_replicated(rest)
+        head, opt_state, metrics = self.dp(graphdef, head, rest, self.critic_opt_state, key, batch)
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        refused = self._guard(m, transitions)
+        if refused is not None:
+            return dataclasses.replace(refused, warmup=True)
+        nnx.update(self.ac, head)
+        self._set_from(nnx.state(self.ac), self.opt_state)
+        self.counters["critic_warmup_updates"] = done = done + 1
+        self._count("trained", transitions)
+        # meta["version"]: the policy it ran on; a restart applies it only on that version.
+        self.warmup.save(done, nnx.state(self.ac, CRITIC), opt_state, self._meta(m))
+        self.critic_opt_state = opt_state
+        if done >= self.config.critic_warmup_updates:
+            self.critic_opt_state = None  # the policy moves from the next update on
+        self.metrics.critic_warmup.inc()
+        log.info(
+            "learner.critic_warmup", update=done, of=self.config.critic_warmup_updates,
+            version=self.version, value_loss=round(m["value_loss"], 4),
+            explained_variance=round(m["explained_variance"], 3),
+        )  # fmt: skip
+        return UpdateResult(self.version, False, None, m, transitions=transitions, warmup=True)
 
     def _count(self, fate: str, n: int) -> None:
         self.counters[f"transitions_{fate}"] += n
@@ -412,6 +508,7 @@ class Learner:
         self.publisher.set_state("stopping")
         self.servers.close()
         self.checkpoints.close()
+        self.warmup.close()
         self.publisher.close()
         if self._source is not None:
             self._source.close()

@@ -24,6 +24,11 @@ class LearnerMetrics:
         self.updates = Counter(
             "openpi_rl_learner_updates_total", "PPO updates published", registry=r
         )
+        self.critic_warmup = Counter(
+            "openpi_rl_learner_critic_warmup_updates_total",
+            "Value-only updates of the critic warm-up (not published: the policy is unchanged)",
+            registry=r,
+        )
         self.refused = Counter(
             "openpi_rl_learner_refused_updates_total",
             "Updates not published (non-finite loss/gradients/weights, or KL past the limit)",

@@ -38,10 +38,13 @@ class RolloutLearner:
         num_envs: int,
         obs_dim: int,
         action_shape: tuple[int, int],
+        trainable: nnx.filterlib.Filter = nnx.Param,
     ):
+        """trainable: what is differentiated and has optimizer state (models/finetune.py's
+        `trainable`: every param, or LoRA + value head); the rest stays frozen."""
         self.ac = ac
         self.config = config
-        self.graphdef, self.params, self.rest = nnx.split(ac, nnx.Param, ...)
+        self.graphdef, self.params, self.rest = nnx.split(ac, trainable, ...)
         self.opt_state = make_optimizer(config).init(self.params)
         self.key = jax.random.key(seed)
         graphdef = self.graphdef

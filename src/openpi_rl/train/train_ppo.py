@@ -19,6 +19,7 @@ import structlog
 from flax import nnx
 
 from openpi_rl.models.choice import ModelChoice
+from openpi_rl.models.finetune import Finetune, resolve_finetune, trainable
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig
@@ -68,6 +69,9 @@ class PPOTrainConfig:
     """Stop once the mean of the last `target_window` returns reaches it."""
     target_window: int = 20  # episodes averaged for target_return
     value_hidden: tuple[int, ...] = (64, 64)  # the critic MLP on value_features
+    finetune: Finetune = "auto"
+    """What trains: "full" (every weight), "lora" (LoRA adapters + value head, base frozen) or
+    "auto" ("lora" when the model has LoRA weights)."""
     seed: int = 0  # seeds the environments, the initial weights and the sampling
     checkpoint_dir: str | None = None  # orbax checkpoints; a run resumes from the newest
     save_interval: int = 10  # updates between checkpoints
@@ -126,7 +130,10 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
         value_hidden=config.value_hidden,
         rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
     )
-    learner = RolloutLearner(ac, ppo, config.seed, t_len, n, env.obs_dim, (h, d))
+    learner = RolloutLearner(
+        ac, ppo, config.seed, t_len, n, env.obs_dim, (h, d),
+        trainable=trainable(resolve_finetune(ac, config.finetune)),
+    )  # fmt: skip
 
     update, env_steps = 0, 0
     episodes: list[tuple[int, float, int]] = []

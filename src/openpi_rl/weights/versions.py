@@ -15,7 +15,20 @@ Each version carries a content hash: once orbax has finished, `save` writes
 `verify_version` recomputes it: a server refuses a version whose files changed after publishing
 (or that has no manifest, or the manifest of another version number), and the learner skips
 such a version when it resumes. Retention (`keep_versions`) keeps the newest versions plus the
-operator's pinned version and rollback target (operator_state.py).
+operator's pinned version and rollback target (operator_state.py), and every base a kept
+version refers to.
+
+Delta versions (a LoRA learner's, `finetune = "lora"`): the base is a full version (the run's
+version 0); every later version's `weights` item holds only the arrays that train (LoRA
+adapters and the value head: the nnx state filtered, same tree paths) and names its base in its
+manifest and meta: `"base": {"version": 0, "sha256": <the base manifest's hash>}`. Restoring a
+delta (`restore_version`, `restore_leaves`, `VersionCheckpoints.restore`) reads the base's
+weights, checks the base against the recorded hash (CorruptVersion when it is missing or
+changed) and puts the delta's arrays over them. A server whose live weights already sit on
+that base reads the delta alone (`restore_leaves(..., base=False)`): a swap moves megabytes.
+
+    <checkpoint_dir>/0/   weights (every array) | opt_state | meta | openpi_rl_manifest.json
+    <checkpoint_dir>/7/   weights (LoRA + value head) | opt_state | meta {base} | manifest {base}
 """
 
 from __future__ import annotations
@@ -65,10 +78,15 @@ def content_hash(path: str | pathlib.Path) -> tuple[str, dict[str, str]]:
     return total.hexdigest(), files
 
 
-def write_manifest(path: str | pathlib.Path, version: int) -> str:
-    """Hash the (complete) version at `path` and write its manifest atomically; returns the hash."""
+def write_manifest(
+    path: str | pathlib.Path, version: int, base: tuple[int, str] | None = None
+) -> str:
+    """Hash the (complete) version at `path` and write its manifest atomically; returns the
+    hash. base: (version, hash) of the full version a delta version applies to."""
     digest, files = content_hash(path)
-    manifest = {"version": int(version), "sha256": digest, "files": files}
+    manifest: dict[str, Any] = {"version": int(version), "sha256": digest, "files": files}
+    if base is not None:
+        manifest["base"] = {"version": int(base[0]), "sha256": base[1]}
     atomic_write(pathlib.Path(path) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return digest
 
@@ -77,15 +95,10 @@ def verify_version(path: str | pathlib.Path, version: int) -> str:
     """Raise CorruptVersion unless the files at `path` are the ones `version` was published
     with; returns the hash."""
     path = pathlib.Path(path)
+    manifest = read_manifest(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        want, files = manifest["sha256"], manifest["files"]
-        recorded = manifest["version"]
-    except FileNotFoundError as e:
-        raise CorruptVersion(
-            f"{path}: no {MANIFEST} (not published by an openpi-rl learner)"
-        ) from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        want, files, recorded = manifest["sha256"], manifest["files"], manifest["version"]
+    except (KeyError, TypeError) as e:
         raise CorruptVersion(f"{path}/{MANIFEST}: unreadable: {e!r}") from e
     if recorded != version:
         raise CorruptVersion(f"{path}: the manifest is version {recorded!r}'s, not {version}'s")
@@ -96,6 +109,58 @@ def verify_version(path: str | pathlib.Path, version: int) -> str:
         )
         raise CorruptVersion(f"{path}: content hash mismatch (changed: {changed[:5]})")
     return got
+
+
+def read_manifest(path: str | pathlib.Path) -> dict[str, Any]:
+    """The manifest of the version at `path`; CorruptVersion when it is missing or unreadable."""
+    path = pathlib.Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise CorruptVersion(
+            f"{path}: no {MANIFEST} (not published by an openpi-rl learner)"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise CorruptVersion(f"{path}/{MANIFEST}: unreadable: {e!r}") from e
+    if not isinstance(manifest, dict):
+        raise CorruptVersion(f"{path}/{MANIFEST}: unreadable: not a JSON object")
+    return manifest
+
+
+def version_base(path: str | pathlib.Path) -> tuple[int, str] | None:
+    """(version, hash) of the full version that the delta version at `path` applies to; None
+    for a full version. CorruptVersion when the manifest is missing or unreadable."""
+    base = read_manifest(path).get("base")
+    if base is None:
+        return None
+    try:
+        return int(base["version"]), str(base["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptVersion(f"{path}/{MANIFEST}: unreadable base {base!r}: {e!r}") from e
+
+
+def verify_base(path: str | pathlib.Path) -> tuple[pathlib.Path, int, str] | None:
+    """For a delta version at `path`: (base path, base version, hash) after checking that the
+    base beside it is there and is the one recorded (CorruptVersion otherwise). None for a
+    full version."""
+    path = pathlib.Path(path)
+    base = version_base(path)
+    if base is None:
+        return None
+    number, want = base
+    base_path = path.parent / str(number)
+    if not base_path.is_dir():
+        raise CorruptVersion(f"{path}: its base, version {number}, is missing ({base_path})")
+    try:
+        got = verify_version(base_path, number)
+    except CorruptVersion as e:
+        raise CorruptVersion(f"{path}: its base, version {number}, does not verify: {e}") from e
+    if got != want:
+        raise CorruptVersion(
+            f"{path}: its base, version {number}, is not the one it was trained on "
+            f"(hash {got[:12]}, recorded {want[:12]})"
+        )
+    return base_path, number, got
 
 
 def _skip_raw_io_metrics() -> None:
@@ -121,9 +186,56 @@ def _abstract(tree: Any) -> Any:
 
 def restore_version(path: str | pathlib.Path, ac_like: ActorCritic) -> nnx.State:
     """The weights of the version at `path` (a published notice's path), as the `nnx.State` of
-    an ActorCritic shaped like `ac_like`; apply with `nnx.update(ac, state)`. Raises if the
-    structure, shapes or dtypes differ (a server built from another model config)."""
-    return restore_weights(path, _abstract(nnx.state(ac_like)))
+    an ActorCritic shaped like `ac_like` (a delta version: over its base's); apply with
+    `nnx.update(ac, state)`. Raises if the structure, shapes or dtypes differ (a server built
+    from another model config), CorruptVersion if a delta's base is missing or changed."""
+    target = _abstract(nnx.state(ac_like))
+    leaves, treedef = jax.tree.flatten(target)
+    for i, x in restore_leaves(path, target).items():
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    """A tree path as names: an nnx.State's `.value` attribute and orbax's `value` key agree."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def restore_leaves(path: str | pathlib.Path, target: Any, *, base: bool = True) -> dict[int, Any]:
+    """The version's weights as {index in `jax.tree.leaves(target)`: array}; `target` is the
+    whole model's state tree (leaves `jax.ShapeDtypeStruct`: jax arrays back; numpy arrays:
+    numpy arrays back). A full version gives every index. A delta version gives the indices it
+    holds, and with `base` every other index from its base (checked: CorruptVersion when the
+    base is missing or changed); without `base`, only its own (for weights already on it)."""
+    path = pathlib.Path(path)
+    based = verify_base(path) if base else None
+    flat = jax.tree_util.tree_flatten_with_path(target)[0]
+    index = {_names(p): (i, x) for i, (p, x) in enumerate(flat)}
+    out: dict[int, Any] = {}
+    if based is not None:
+        out.update(restore_leaves(based[0], target, base=False))
+    if version_base(path) is None:  # full: the whole tree, as before
+        leaves = jax.tree.leaves(restore_weights(path, target))
+        return dict(enumerate(leaves))
+    # The delta's own tree (its paths, from orbax's metadata), leaves taken from `target`.
+    stored = ocp.StandardCheckpointHandler().metadata(path / WEIGHTS)
+    with ocp.StandardCheckpointer() as ckptr:
+        missing: list[str] = []
+
+        def like(p: tuple, _meta: Any) -> Any:
+            found = index.get(_names(p))
+            if found is None:
+                missing.append(".".join(_names(p)))
+                return None
+            return found[1]
+
+        sub = jax.tree_util.tree_map_with_path(like, stored)
+        if missing:
+            raise ValueError(f"{path}: arrays the served model does not have: {missing[:5]}")
+        restored = ckptr.restore(path / WEIGHTS, sub)
+    for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]:
+        out[index[_names(p)][0]] = x
+    return out
 
 
 def restore_weights(path: str | pathlib.Path, target: Any) -> Any:
@@ -147,6 +259,7 @@ class VersionCheckpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
         )
+        self._hashes: dict[int, str] = {}  # content hashes known to be on disk (bases)
 
     def latest_version(self) -> int | None:
         return self.manager.latest_step()
@@ -158,9 +271,20 @@ class VersionCheckpoints:
         return self.directory / str(version)
 
     def save(
-        self, version: int, weights: nnx.State, opt_state: Any, meta: dict[str, Any]
+        self,
+        version: int,
+        weights: nnx.State,
+        opt_state: Any,
+        meta: dict[str, Any],
+        base: int | None = None,
     ) -> pathlib.Path:
-        """Write the version and wait until it is complete; returns its directory."""
+        """Write the version and wait until it is complete; returns its directory. base: the
+        full version a delta's `weights` (only the arrays that changed) apply to; its number and
+        manifest hash are recorded in the delta's meta and manifest."""
+        based = None
+        if base is not None:
+            based = (int(base), self.verified_hash(base))
+            meta = {**meta, "base": {"version": based[0], "sha256": based[1]}}
         self.manager.save(
             version,
             args=ocp.args.Composite(
@@ -173,20 +297,43 @@ class VersionCheckpoints:
             force=True,
         )
         self.manager.wait_until_finished()
-        write_manifest(self.path(version), version)  # after orbax's rename: the files are final
+        # After orbax's rename: the files are final.
+        digest = write_manifest(self.path(version), version, based)
+        self._hashes[version] = digest
         self._prune()
         return self.path(version)
 
+    def verified_hash(self, version: int) -> str:
+        """`version`'s content hash, verified once per process (a base is hashed when a delta
+        first refers to it, not at every save)."""
+        if version not in self._hashes:
+            self._hashes[version] = self.verify(version)
+        return self._hashes[version]
+
+    def base_of(self, version: int) -> int | None:
+        """The base version a delta version applies to; None for a full version."""
+        base = version_base(self.path(version))
+        return None if base is None else base[0]
+
     def _prune(self) -> None:
         """Delete versions past the newest `max_to_keep`, except the pinned version and the
-        rollback target (read from the operator's state file now: a pin may be seconds old)."""
+        rollback target (read from the operator's state file now: a pin may be seconds old)
+        and the base of every version kept."""
         if self.max_to_keep is None:
             return
         versions = self.versions()
         keep = set(versions[-self.max_to_keep :]) | load_state(self.directory).protected()
+        for version in list(keep):
+            try:
+                base = self.base_of(version)
+            except CorruptVersion:
+                continue  # unreadable: it cannot restore anyway
+            if base is not None:
+                keep.add(base)
         for version in versions:
             if version not in keep:
                 self.manager.delete(version)
+                self._hashes.pop(version, None)
                 log.debug("checkpoints.deleted", version=version)
 
     def verify(self, version: int) -> str:
@@ -196,19 +343,24 @@ class VersionCheckpoints:
     def restore(
         self, version: int, weights_like: nnx.State, opt_state_like: Any
     ) -> tuple[nnx.State, Any, dict[str, Any]]:
-        """Raises CorruptVersion when the files are not the ones saved, or orbax's error."""
+        """(weights, optimizer state, meta); a delta version's weights come over its base's.
+        Raises CorruptVersion when the files (or a delta's base) are not the ones saved, or
+        orbax's error."""
         self.verify(version)
         out = self.manager.restore(
             version,
             args=ocp.args.Composite(
                 **{
-                    WEIGHTS: ocp.args.StandardRestore(_abstract(weights_like)),
                     OPT_STATE: ocp.args.StandardRestore(_abstract(opt_state_like)),
                     META: ocp.args.JsonRestore(),
                 }
             ),
         )
-        return out[WEIGHTS], out[OPT_STATE], out[META]
+        target = _abstract(weights_like)
+        leaves, treedef = jax.tree.flatten(target)
+        for i, x in restore_leaves(self.path(version), target).items():
+            leaves[i] = x
+        return jax.tree.unflatten(treedef, leaves), out[OPT_STATE], out[META]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
