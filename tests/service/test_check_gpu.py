@@ -96,7 +96,10 @@ def test_server_and_learner_sharing_an_h100_pass_and_check_prints_what_each_need
     assert "the policy server needs " in serve and "for serving batch 8" in serve
     assert "of its 0.3 x 79.6 GiB = 23.9 GiB" in serve
     # auto with a _lora variant: only the LoRA adapters and the value head train.
-    assert "for a PPO update of minibatch 16 (lora: trains 28,004,545 parameters)" in learn
+    head = 2048 * 64 + 64 + 64 * 64 + 64 + 64 + 1
+    assert (
+        f"for a PPO update of minibatch 16 (lora: trains {27_869_184 + head:,} parameters)" in learn
+    )
     assert "of its 0.65 x 79.6 GiB = 51.7 GiB" in learn
     assert not [ln for ln in lines if ln.startswith(("problem", "warning"))]
 
@@ -223,3 +226,30 @@ sys.exit(main([{role!r}, "--config", {str(path)!r}, "--section", {role!r}]))
         "XLA_PYTHON_CLIENT_ALLOCATOR": None,
         "CUDA_VISIBLE_DEVICES": None,
     }
+
+
+def test_a_changed_share_restarts_only_its_role_on_reload(tmp_path):
+    """SIGHUP restarts a role whose inputs changed: the learner's new share is the learner's."""
+    path = service_file(tmp_path, model="", gpu=H100)
+    before = {s.role: s.inputs for s in role_specs(ServiceFile.load(path))}
+    path.write_text(path.read_text().replace("learn = 0.65", "learn = 0.6"))
+    after = {s.role: s.inputs for s in role_specs(ServiceFile.load(path))}
+    assert before["serve"] == after["serve"] and before["learn"] != after["learn"]
+
+
+def test_full_finetuning_needs_adam_over_every_weight_and_check_says_lora_would_fit(
+    tmp_path, capsys
+):
+    from openpi_rl.daemon.learner import LearnerConfig
+
+    if "finetune" not in LearnerConfig.__dataclass_fields__:
+        pytest.skip("LearnerConfig has no finetune setting yet")
+    path = service_file(tmp_path)
+    path.write_text(path.read_text().replace("[learn]\n", '[learn]\nfinetune = "full"\n'))
+    rc, lines = run_check(path, capsys)
+    assert rc == 1
+    (problem,) = [ln for ln in lines if ln.startswith("problem")]
+    assert " gpu.memory_fraction.learn: the learner needs " in problem
+    head = 2048 * 64 + 64 + 64 * 64 + 64 + 64 + 1  # the value head on gemma's width
+    assert f"(full: trains {2_951_204_592 + head:,} parameters)" in problem
+    assert 'or finetune = "lora" (a _lora variant)' in problem

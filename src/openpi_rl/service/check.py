@@ -10,7 +10,9 @@ problems (each on its own line, naming the key), 78 when the file cannot be read
 
 For a model built on openpi's PaliGemma (`Pi0FASTOpenPIConfig`, or a config naming a
 `paligemma_variant`), an `info` line gives its parameter count and the
-memory it needs for serving and for a PPO update (`models/paligemma/memory.py`).
+memory it needs for serving and for a PPO update (`models/paligemma/memory.py`). With a
+`[gpu]` table, each role's need is set against its share of the device, and shares that add
+up to more than the device or a need past its share are problems (`service/gpu.py`).
 `openpi-rl check --model-memory VARIANT` prints that line for a variant without a config.
 """
 
