@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 
 from openpi_rl.models.normalize import NormStats, load_norm_stats, normalize, unnormalize
-from openpi_rl.models.paligemma.checkpoint import load_openpi_checkpoint
+from openpi_rl.models.paligemma.checkpoint import check_openpi_checkpoint, load_openpi_checkpoint
 from openpi_rl.models.paligemma.paligemma import (
     PALIGEMMA_EOS_TOKEN,
     PaliGemma,
@@ -96,6 +96,11 @@ class Pi0FASTOpenPIConfig:
     """openpi's paligemma_tokenizer.model (or a directory holding it)."""
     fast_tokenizer: str | None = None  # a FAST processor directory
     norm_stats: str | None = None  # openpi's norm_stats.json (or its directory)
+    checkpoint: str | None = None
+    """The weights every role starts from (version 0): an openpi checkpoint directory (its
+    `<step>/`, the `params/` in it, or a released checkpoint's directory). None: random
+    weights from the seed. LoRA adapters a base checkpoint lacks start at b = 0 (the model is
+    the checkpoint's); the value head always starts fresh."""
     use_quantile_norm: bool = True  # openpi normalises Pi0-FAST's data with quantiles
     action_horizon: int = 10  # actions per chunk
     action_dim: int = 3  # numbers per action
@@ -271,6 +276,9 @@ class Pi0FASTOpenPIConfig:
     # -- models
 
     def create(self, rng: Array) -> Pi0FASTOpenPI:
+        """The model: `checkpoint`'s weights when one is set, else random from `rng`."""
+        if self.checkpoint is not None:
+            return self.load(self.checkpoint, rng)
         return Pi0FASTOpenPI(self, rngs=nnx.Rngs(rng))
 
     def load(self, checkpoint_dir: str | pathlib.Path, rng: Array | None = None) -> Pi0FASTOpenPI:
@@ -281,6 +289,12 @@ class Pi0FASTOpenPIConfig:
         rng = jax.random.key(0) if rng is None else rng
         pg = load_openpi_checkpoint(checkpoint_dir, self.paligemma, init_missing_lora=rng)
         return Pi0FASTOpenPI(self, paligemma=pg)
+
+    def check_checkpoint(self) -> None:
+        """`checkpoint` (if set) fits this model, from its metadata only (`openpi-rl check`);
+        raises FileNotFoundError / ValueError naming the directory and what does not fit."""
+        if self.checkpoint is not None:
+            check_openpi_checkpoint(self.checkpoint, self.paligemma)
 
     def fake_obs(self, batch: int = 1) -> dict[str, Array]:
         s = self.image_size

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
+from openpi_rl.policy_server.inputs import InputMap, RobotInputs
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.openpi_ws import OpenPIWebSocketEndpoint
 from openpi_rl.policy_server.server import PolicyServer, ServeOptions
@@ -55,6 +56,15 @@ class ServeConfig:
     openpi_ws_port: int | None = 8000  # openpi-client's WebSocket protocol; None: off
     openpi_api_key: Annotated[str | None, SECRET] = None  # `Authorization: Api-Key …` when set
     openpi_key_map: tuple[tuple[str, str], ...] = ()  # (robot's key, our key) pairs
+    inputs: str = "model"
+    """How robots' observations become the model's (policy_server/inputs.py): "model" (the
+    model's own keys), "libero", "droid", "aloha" (the keys openpi's example clients send), or
+    a name of `input_maps`. Images are resized to the model's, prompts tokenized."""
+    robot_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Robot id -> input map name, for robots that differ from `inputs`."""
+    input_maps: dict[str, InputMap] = dataclasses.field(default_factory=dict)
+    """Input maps of this site's robots, by name (config file only: `[serve.input_maps.arm]`
+    with `images`, `blank_images`, `state`, `default_prompt`, `action_dims`)."""
     seed: int = 0
     """Seed of version 0's weights, served until a published version is loaded; the learner's
     must match."""
@@ -79,7 +89,22 @@ def build_server(config: ServeConfig) -> PolicyServer:
         if config.replay_dir
         else None
     )
-    return PolicyServer(ac, config.serve, replay, metrics=ServerMetrics())
+    return PolicyServer(
+        ac, config.serve, replay, metrics=ServerMetrics(), inputs=robot_inputs(config)
+    )
+
+
+def robot_inputs(config: ServeConfig) -> RobotInputs:
+    """The server's input pipeline: the config's input maps over the model's tokenizer (a
+    model with a fixed prompt tokenizes its state itself)."""
+    model = config.model
+    tokenize = getattr(model, "tokenize", None) if getattr(model, "prompt", None) is None else None
+    try:
+        return RobotInputs(
+            model.obs_spec, tokenize, config.input_maps, config.inputs, config.robot_inputs
+        )
+    except ValueError as e:
+        raise ModelConfigError(str(e)) from e
 
 
 def tune_serving_process(gil_switch_interval_s: float = 0.0005) -> None:

@@ -37,6 +37,7 @@ import zmq
 from openpi_rl.guards import RateLimiter
 from openpi_rl.policy_server.batching import ArrivalForecast
 from openpi_rl.policy_server.curve import curve_server
+from openpi_rl.policy_server.inputs import RobotInputs
 from openpi_rl.policy_server.metrics import ServerMetrics
 from openpi_rl.policy_server.options import ServeOptions
 from openpi_rl.policy_server.replies import Replies, _Pending
@@ -65,10 +66,13 @@ class PolicyServer(Replies, Transitions, Stages):
         replay_config: ReplayConfig | None = None,
         version: int = 0,
         metrics: ServerMetrics | None = None,
+        inputs: RobotInputs | None = None,
     ):
         self.options = options
         self.obs_spec = ac.model.obs_spec
         self.config = getattr(ac.model, "config", None)
+        # Robots' observations -> the model's arrays (input maps, resizing, prompt tokens).
+        self.inputs = inputs if inputs is not None else RobotInputs(self.obs_spec)
         self.snapshot = PolicySnapshot(version, ac, self.obs_spec, padded_sizes(options.max_batch))
         self.metrics = metrics or ServerMetrics()
         self.metrics.policy_version.set(version)
@@ -319,6 +323,9 @@ class PolicyServer(Replies, Transitions, Stages):
             raise protocol.ProtocolError(protocol.NOT_READY, "warming up: compiling the policy")
         obs = msg["observation"]
         try:
+            if not self.inputs.identity:  # replaced: the replay stores what the model reads
+                robot = str(msg.get("robot_id"))
+                obs = msg["observation"] = self.inputs.observation(robot, obs, msg.get("prompt"))
             validate_observation(obs, self.obs_spec, batched=False)
         except ValueError as e:
             raise protocol.ProtocolError(protocol.INVALID_OBSERVATION, str(e)) from None
@@ -413,8 +420,9 @@ class PolicyServer(Replies, Transitions, Stages):
             # The replies first (the critical path), then the bookkeeping: the queue has room
             # for these transitions (checked above; this thread is its only producer).
             for i, p in enumerate(group):
+                robot_actions = self.inputs.actions(str(p.msg["robot_id"]), out.actions[i])
                 reply = {
-                    "actions": np.ascontiguousarray(out.actions[i], np.float32),
+                    "actions": np.ascontiguousarray(robot_actions, np.float32),
                     "policy_version": snapshot.version,
                     "transition_id": tids[i],
                     "server_timing": {"queue_ms": (t0 - p.t_recv) * 1e3, "infer_ms": infer_ms},

@@ -71,6 +71,32 @@ def _fresh_lora(config: PaliGemmaConfig, rng: jax.Array) -> dict[tuple[str, ...]
     return _flatten(jax.jit(init)(rng))
 
 
+def _check_fit(
+    given: Mapping[tuple[str, ...], Any], expected: Mapping[tuple[str, ...], Any]
+) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped key (leaves: anything
+    with a `.shape`, or arrays)."""
+    name = "/".join
+    missing = sorted(name(p) for p in expected.keys() - given.keys())
+    unexpected = sorted(name(p) for p in given.keys() - expected.keys())
+    misshaped = sorted(
+        f"{name(p)}: expected {list(expected[p].shape)}, got {list(np.shape(given[p]))}"
+        for p in expected.keys() & given.keys()
+        if tuple(np.shape(given[p])) != tuple(expected[p].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys)}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped", misshaped),
+            )
+            if keys
+        ]
+        raise ValueError("openpi params do not fit PaliGemma: " + "; ".join(parts))
+
+
 def openpi_to_ours(
     params: Mapping[str, Any],
     config: PaliGemmaConfig,
@@ -93,25 +119,7 @@ def openpi_to_ours(
     ):
         fresh = _fresh_lora(config, init_missing_lora)
         given = {**{p: v for p, v in fresh.items() if p not in given}, **given}
-    name = "/".join
-    missing = sorted(name(p) for p in expected.keys() - given.keys())
-    unexpected = sorted(name(p) for p in given.keys() - expected.keys())
-    misshaped = sorted(
-        f"{name(p)}: expected {list(expected[p].shape)}, got {list(np.shape(given[p]))}"
-        for p in expected.keys() & given.keys()
-        if tuple(np.shape(given[p])) != tuple(expected[p].shape)
-    )
-    if missing or unexpected or misshaped:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys)}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("mis-shaped", misshaped),
-            )
-            if keys
-        ]
-        raise ValueError("openpi params do not fit PaliGemma: " + "; ".join(parts))
+    _check_fit(given, expected)
     pure: dict = {}
     for path in expected:
         node = pure
@@ -218,3 +226,27 @@ def load_openpi_checkpoint(
         nnx.update(model_or_config, state)
         return model_or_config
     return nnx.merge(nnx.graphdef(config.abstract()), state)
+
+
+def check_openpi_checkpoint(checkpoint_dir: str | os.PathLike, config: PaliGemmaConfig) -> None:
+    """The checkpoint's stored tree fits `config` (keys and shapes; LoRA adapters a base
+    checkpoint lacks are fine), read from orbax's metadata only: a 2B checkpoint is checked
+    without reading its 5.6 GB. Raises FileNotFoundError / ValueError naming what is wrong."""
+    import orbax.checkpoint as ocp
+
+    path = openpi_params_dir(checkpoint_dir).absolute()
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"openpi checkpoint {path}: orbax cannot read its metadata: {e}") from e
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise ValueError(f"openpi checkpoint {path}: expected the item `params` (openpi's layout)")
+    given = _openpi_paths(_flatten(tree["params"]))
+    expected = _flatten(nnx.to_pure_dict(nnx.state(config.abstract(), nnx.Param)))
+    given.update({p: v for p, v in expected.items() if is_lora_param(p) and p not in given})
+    try:
+        _check_fit(given, expected)
+    except ValueError as e:
+        raise ValueError(f"openpi checkpoint {path}: {e}") from e
