@@ -70,18 +70,24 @@ def test_a_slow_chunk_stalls_and_the_sequence_stays_continuous():
 
 
 def test_stale_chunk_is_dropped_and_replaced():
-    """A reply older than its whole chunk is useless: dropped, a new one requested."""
-    infer, _ = delayed_chunks(0.0)
-    broker = ActionChunkBroker(infer, inference_delay=2)
-    broker.step({"tick": 0})
-    # White-box: a reply to a request sent at tick 0 lands when the broker is at tick H + 1
-    # with its chunk played out (only possible when chunks vary in length).
-    with broker._cond:
-        broker._tick, broker._index = H + 1, H
-        broker._result = (infer({"tick": 0}), 0, broker._generation)
-    assert broker.step({"tick": H + 1})[0] == H + 1
-    assert broker.dropped_chunks == 1
-    broker.close()
+    """A reply older than its whole chunk is useless: dropped, a new one requested. Only
+    possible when chunks vary in length: here the reply to the request sent at tick H - 2
+    holds 2 actions and lands when the broker is at tick H, its chunk played out."""
+    release = threading.Event()
+
+    def infer(obs):
+        values = obs["tick"] + np.arange(H, dtype=np.float32)
+        if obs["tick"] == H - 2:
+            release.wait(10)
+            values = values[:2]
+        return np.repeat(values[:, None], D, axis=1)
+
+    with ActionChunkBroker(infer, inference_delay=2) as broker:
+        played = [broker.step({"tick": t})[0] for t in range(H)]
+        release.set()
+        assert broker.step({"tick": H})[0] == H
+        assert broker.dropped_chunks == 1
+    assert played == list(range(H))
 
 
 def test_background_error_is_raised_on_the_next_step_and_the_loop_can_go_on():

@@ -10,7 +10,7 @@ def test_logprob_and_entropy_match_the_diagonal_gaussian_formulas():
     model = config.create(jax.random.key(0))
     obs = {"state": jax.random.normal(jax.random.key(1), (5, 3))}
     actions = jax.random.normal(jax.random.key(2), (5, 2, 2))
-    mean = np.asarray(model._mean(obs))
+    mean = np.asarray(model.mean(obs))
     std = np.exp(-0.3)
     expected = (
         -0.5 * ((np.asarray(actions) - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
@@ -28,7 +28,7 @@ def test_samples_have_the_policy_mean_and_std_and_fused_logprob_agrees():
     actions, logp, stored = model.sample_with_logprobs(jax.random.key(3), obs)
     assert stored is actions
     assert actions.shape == (20000, 1, 1)
-    mean = float(model._mean(obs)[0, 0, 0])
+    mean = float(model.mean(obs)[0, 0, 0])
     assert abs(float(actions.mean()) - mean) < 0.02
     assert abs(float(actions.std()) - 0.5) < 0.02
     np.testing.assert_allclose(

@@ -56,13 +56,13 @@ def test_logprob_while_sampling_equals_policy_logprobs(sampling):
     actions, logp, tokens = jax.jit(model.sample_with_logprobs)(jax.random.key(3), obs)
     assert tokens.shape == (6, model.num_tokens + 1) and tokens.dtype == jnp.int32
     np.testing.assert_allclose(model.policy_logprobs(None, obs, tokens), logp, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(model._to_actions(tokens), actions)
+    np.testing.assert_allclose(model.to_actions(tokens), actions)
     assert np.all(np.abs(np.asarray(actions)) <= 1.0)
 
 
 def test_kv_cache_decoding_equals_the_full_forward_pass(model):
     obs = _obs(DUMMY, 4)
-    out = model._decode(jax.random.key(5), obs, keep_logits=True)
+    out = model.decode(jax.random.key(5), obs, keep_logits=True)
     full, _, _ = model.forward(obs, out["ids"])
     steps = int(out["i"])
     np.testing.assert_allclose(out["logits"][:, :steps], full[:, :steps], atol=1e-4, rtol=1e-4)
@@ -76,7 +76,7 @@ def test_a_batch_whose_rows_end_at_different_steps_decodes_as_the_full_forward_p
     model = DUMMY.create(jax.random.key(0))
     model.head.bias[...] = model.head.bias[...].at[model.eoa].set(2.0)  # ends early, or not
     obs, rng = _obs(DUMMY, 6), jax.random.key(7)
-    out = jax.jit(lambda obs: model._decode(rng, obs, keep_logits=True))(obs)
+    out = jax.jit(lambda obs: model.decode(rng, obs, keep_logits=True))(obs)
     ids, steps = np.asarray(out["ids"]), int(out["i"])
     lengths = np.argmax(np.concatenate([ids == model.eoa, np.ones((6, 1), bool)], 1), 1)
     assert len(set(lengths.tolist())) > 2 and steps == lengths.max() + 1
@@ -89,7 +89,7 @@ def test_a_batch_whose_rows_end_at_different_steps_decodes_as_the_full_forward_p
         live = lengths >= i
         np.testing.assert_array_equal(ids[live, i], np.asarray(drawn)[live])
     np.testing.assert_allclose(model.policy_logprobs(None, obs, out["ids"]), out["logp"], atol=1e-4)
-    greedy = model._decode(rng, obs, greedy=True, keep_logits=True)
+    greedy = model.decode(rng, obs, greedy=True, keep_logits=True)
     first = np.asarray(greedy["ids"])[:, 0]
     np.testing.assert_array_equal(first, np.argmax(np.asarray(greedy["logits"])[:, 0], -1))
 
@@ -97,15 +97,15 @@ def test_a_batch_whose_rows_end_at_different_steps_decodes_as_the_full_forward_p
 def test_decoding_stops_at_the_end_token():
     model = DUMMY.create(jax.random.key(0))
     model.head.bias[...] = model.head.bias[...].at[model.eoa].set(100.0)  # wants to end at once
-    out = model._decode(jax.random.key(0), _obs(DUMMY, 3))
+    out = model.decode(jax.random.key(0), _obs(DUMMY, 3))
     assert int(out["i"]) == 1  # one step, not N + 1
     assert np.all(np.asarray(out["ids"]) == model.eoa)
-    np.testing.assert_allclose(model._to_actions(out["ids"]), 0.0)  # all coefficients missing
+    np.testing.assert_allclose(model.to_actions(out["ids"]), 0.0)  # all coefficients missing
 
 
 def test_malformed_tokens_decode_without_an_exception(model):
     garbage = jax.random.randint(jax.random.key(0), (5, model.num_tokens + 1), -1000, 1000)
-    actions = model._to_actions(garbage)
+    actions = model.to_actions(garbage)
     assert actions.shape == (5, 4, 3) and np.all(np.isfinite(np.asarray(actions)))
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 from flax import nnx
 
 from openpi_rl.config_file import from_dict
@@ -216,7 +217,7 @@ def test_gym_task_state_written_into_the_prompt_inside_the_model():
     states = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     obs = {"state": jnp.asarray(states)}
     assert validate_observation(obs, model.obs_spec) == 5
-    tokens, mask = jax.jit(model._prompt)(obs)
+    tokens, mask = jax.jit(model.prompt_tokens)(obs)
     for i, state in enumerate(states):
         one = config.tokenize(config.prompt, state)
         np.testing.assert_array_equal(tokens[i], one["tokenized_prompt"])
@@ -225,11 +226,12 @@ def test_gym_task_state_written_into_the_prompt_inside_the_model():
     assert actions.shape == (5, 1, 1)
     # One FAST id per chunk: the action is its coefficient / scale (raw units, no norm stats).
     fast = config.tokenizer().act_tokens_to_paligemma_tokens(np.asarray(ids)[:, 3])
-    coeffs = [ord(config.tokenizer().fast._bpe.decode([int(f)])) - 32 for f in fast]
+    bpe = tokenizers.Tokenizer.from_file(str(TOK / "fast_tiny" / "tokenizer.json"))
+    coeffs = [ord(bpe.decode([int(f)])) - 32 for f in fast]
     np.testing.assert_allclose(np.asarray(actions)[:, 0, 0], np.array(coeffs) / 10, atol=1e-6)
     np.testing.assert_allclose(model.policy_logprobs(None, obs, ids), logp, atol=1e-4)
     with pytest.raises(ValueError, match="tokenized_prompt"):
-        TINY.create(jax.random.key(0))._prompt({"state": obs["state"]})
+        TINY.create(jax.random.key(0)).prompt_tokens({"state": obs["state"]})
 
 
 def test_unrolled_layers_equal_the_scan():

@@ -19,6 +19,7 @@ from openpi_rl.replay import (
     ReplayWriter,
     stats_main,
 )
+from openpi_rl.replay.segments import SegmentWriter
 from openpi_rl.replay.writer import SEQ_BITS
 
 
@@ -157,9 +158,9 @@ def test_reward_event_wait_is_visible_on_return_and_deduplicated(tmp_path):
 
 def test_full_queue_raises_and_depth_is_reported(tmp_path, monkeypatch):
     gate = threading.Event()
-    write = ReplayWriter._write_segment
+    append = SegmentWriter.append
     monkeypatch.setattr(  # a stalled disk
-        ReplayWriter, "_write_segment", lambda self, item: (gate.wait(), write(self, item))[1]
+        SegmentWriter, "append", lambda self, payload: (gate.wait(), append(self, payload))[1]
     )
     w = ReplayWriter(ReplayConfig(path=tmp_path, max_queue=3, enqueue_timeout_s=0.05))
     accepted = []

@@ -84,6 +84,10 @@ class GaussianMLP(nnx.Module):
         mean = self.mean_net(state)
         return mean.reshape(state.shape[0], self.config.action_horizon, self.config.action_dim)
 
+    def mean(self, obs: Observation) -> Array:
+        """The policy's mean action chunk [B, H, D]: its deterministic (greedy) action."""
+        return self._mean(obs)
+
     def sample_actions(self, rng: Array, obs: Observation) -> Array:
         mean = self._mean(obs)
         return mean + jnp.exp(self.log_std[...]) * jax.random.normal(rng, mean.shape)

@@ -424,6 +424,13 @@ class Pi0FAST(TokenPolicy, nnx.Module):
         out["entropy"] = out["ent"] / jnp.maximum(out["count"], 1)
         return out
 
+    def decode(
+        self, rng: Array, obs: Observation, greedy: bool = False, keep_logits: bool = False
+    ) -> dict[str, Array]:
+        """A chunk's tokens as `sample_actions` draws them (greedy: argmax), with their logp,
+        entropy and steps taken `i`; `keep_logits`: every step's logits (to check decoding)."""
+        return self._decode(rng, obs, greedy=greedy, keep_logits=keep_logits)
+
     def _to_actions(self, ids: Array) -> Array:
         """Tokens [B, N + 1] -> actions [B, H, D]; everything from the first EOA on is padding."""
         body = ids[:, :-1]

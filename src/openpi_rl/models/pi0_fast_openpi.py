@@ -410,6 +410,10 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
         )
         return _align(x, mask)
 
+    def prompt_tokens(self, obs: Observation) -> tuple[Array, Array]:
+        """(tokens, mask) the model reads as `obs`'s prompt: to check what it was told."""
+        return self._prompt(obs)
+
     def _prompt(self, obs: Observation) -> tuple[Array, Array]:
         """(tokens int32 [B, L], mask bool [B, L]): the observation's, or with a fixed
         `prompt` its state written into it on the host (openpi's tokenizer)."""

@@ -23,6 +23,10 @@ class TokenPolicy:
       value features [B, F])`
     """
 
+    def to_actions(self, ids: Array) -> Array:
+        """Token ids [B, T] -> actions [B, H, D], as `sample_actions` decodes what it samples."""
+        return self._to_actions(ids)
+
     def sample_actions(self, rng: Array, obs: Observation) -> Array:
         return self._to_actions(self._decode(rng, obs)["ids"])
 
