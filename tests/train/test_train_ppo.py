@@ -174,3 +174,43 @@ def test_lora_finetuning_of_a_model_without_lora_weights_is_refused():
 
     with pytest.raises(ModelConfigError, match="finetune: 'lora' needs a model with LoRA"):
         train(PPOTrainConfig(finetune="lora", num_train_steps=1, **SMALL), display=False)
+
+
+def test_a_trained_policy_exported_as_an_openpi_checkpoint_is_what_a_service_starts_from(tmp_path):
+    """`openpi-rl train --export-openpi DIR` writes openpi's checkpoint layout; a config naming it
+    as `checkpoint` (here with LoRA adapters added, as a service fine-tunes it) starts from
+    exactly those weights: same logits, and the LoRA adapters change nothing until trained."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from openpi_rl.models.paligemma.checkpoint import restore_openpi_params
+    from openpi_rl.train import train_ppo
+    from openpi_rl.train.learner import RolloutLearner
+
+    kept: list[RolloutLearner] = []
+
+    class KeepingLearner(RolloutLearner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept.append(self)
+
+    model = _token_model("pi0_fast_openpi")
+    out = tmp_path / "pretrained"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_ppo, "RolloutLearner", KeepingLearner)
+        train(PPOTrainConfig(model=model, num_train_steps=1, export_openpi=str(out), **SMALL), display=False)  # fmt: skip
+    assert set(restore_openpi_params(out)) == {"PaliGemma"}  # openpi's layout, item `params`
+    trained = nnx.merge(kept[0].graphdef, kept[0].params, kept[0].rest).model
+    env_model = trained.config
+    lora = dataclasses.replace(env_model, gemma_variant="dummy_lora", checkpoint=str(out))
+    loaded = lora.create(jax.random.key(3))
+    obs = env_model.fake_obs(2)
+    obs["state"] = jax.numpy.asarray(np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4))
+    ids = trained.decode(jax.random.key(0), obs, greedy=True)["ids"]
+    a, _, _ = trained.teacher_forced(obs, ids)
+    b, _, _ = loaded.teacher_forced(obs, ids)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    with pytest.raises(ValueError, match="export_openpi: only pi0_fast_openpi"):
+        train(PPOTrainConfig(num_train_steps=1, export_openpi=str(tmp_path / "x"), **SMALL), display=False)  # fmt: skip

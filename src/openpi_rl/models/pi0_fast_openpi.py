@@ -56,7 +56,11 @@ import numpy as np
 from flax import nnx
 
 from openpi_rl.models.normalize import NormStats, load_norm_stats, normalize, unnormalize
-from openpi_rl.models.paligemma.checkpoint import check_openpi_checkpoint, load_openpi_checkpoint
+from openpi_rl.models.paligemma.checkpoint import (
+    check_openpi_checkpoint,
+    load_openpi_checkpoint,
+    save_openpi_checkpoint,
+)
 from openpi_rl.models.paligemma.paligemma import (
     PALIGEMMA_EOS_TOKEN,
     PaliGemma,
@@ -385,6 +389,11 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
     @property
     def obs_spec(self) -> ObsSpec:
         return self.config.obs_spec
+
+    def save_openpi(self, directory: str | pathlib.Path) -> pathlib.Path:
+        """This model's weights as an openpi checkpoint (`<directory>/params`, the layout of
+        openpi's trainer): what `checkpoint` loads, and openpi itself."""
+        return save_openpi_checkpoint(self.paligemma, directory)
 
     # -- network
 

@@ -76,6 +76,10 @@ class PPOTrainConfig:
     checkpoint_dir: str | None = None  # orbax checkpoints; a run resumes from the newest
     save_interval: int = 10  # updates between checkpoints
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    export_openpi: str | None = None
+    """Write the trained policy here as an openpi checkpoint (`<dir>/params`, openpi's trainer
+    layout) when training ends: a service's `[model] checkpoint` starts from it (pi0_fast_openpi
+    only)."""
 
 
 @dataclasses.dataclass
@@ -119,6 +123,8 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
         reward_default=config.reward_default,
         reward_token=config.reward_token,
     )
+    if config.export_openpi is not None and not hasattr(config.model, "checkpoint"):
+        raise ValueError("export_openpi: only pi0_fast_openpi has openpi's checkpoint layout")
     env = EnvBatch(config.env, config.num_envs, config.seed)
     model_config = config.model.for_env(env.obs_dim, env.action_dim)
     n, t_len = config.num_envs, config.rollout_length
@@ -225,6 +231,10 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
 
     if ckpt is not None:
         ckpt.close()
+    if config.export_openpi is not None:
+        trained = nnx.merge(learner.graphdef, learner.params, learner.rest)
+        path = trained.model.save_openpi(config.export_openpi)
+        log.info("exported", openpi_checkpoint=str(path))
     env.close()
     if provider is not None:
         provider.close()

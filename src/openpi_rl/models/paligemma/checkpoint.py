@@ -148,6 +148,21 @@ def ours_to_openpi(model: PaliGemma) -> dict:
     return {ROOT: jax.tree.map(np.asarray, pure)}
 
 
+def save_openpi_checkpoint(model: PaliGemma, directory: str | os.PathLike) -> Path:
+    """Write `model`'s params as openpi's trainer writes a step's: an orbax PyTree under
+    `<directory>/params` holding the item `params` (`ours_to_openpi`), which openpi's
+    `restore_params` and our `load_openpi_checkpoint` read. `directory` must not hold one yet.
+    Returns the params directory."""
+    import orbax.checkpoint as ocp
+
+    path = Path(directory).absolute() / "params"
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; choose a new directory")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path, {"params": ours_to_openpi(model)})
+    return path
+
+
 # Files orbax writes at the top of a PyTree checkpoint directory (`_METADATA`: the tree; older
 # and non-OCDBT checkpoints have `_CHECKPOINT_METADATA` or `checkpoint`).
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "checkpoint")
