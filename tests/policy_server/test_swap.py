@@ -432,3 +432,95 @@ def test_keep_versions_never_deletes_the_pinned_version_or_the_rollback_target(r
         assert learner_side.versions() == [1, 2, 7, 8]
     finally:
         learner_side.close()
+
+
+@pytest.mark.parametrize("in_worker", [True, False])
+def test_a_lora_delta_swap_reads_and_replaces_only_the_delta(tmp_path, in_worker):
+    """Versions after 0 hold only what trained (here the value head, as a LoRA learner's hold
+    LoRA + value head) and name version 0 as their base. The server started on its seed's
+    weights (not known to be version 0's), so the first delta loads with its base; from then on
+    only the delta's arrays are read and placed, and every other array of the new snapshot is
+    the live one's own object. A delta whose base is not the live one and is gone from disk is
+    refused ("hash"); retention keeps a base that kept versions refer to."""
+    import shutil
+
+    from openpi_rl.models.finetune import CRITIC
+
+    rig = Rig(tmp_path, restore_in_worker=in_worker)
+    n_leaves = len(jax.tree.leaves(rig.server.snapshot.state))
+
+    def head(version: int) -> nnx.State:
+        ac = build_actor_critic(CONFIG, (16,), 0)
+        nnx.update(ac, rig.weights(version))
+        return nnx.state(ac, CRITIC)
+
+    def expected(version: int) -> list[np.ndarray]:
+        ac = build_actor_critic(CONFIG, (16,), 0)
+        nnx.update(ac, rig.weights(0))
+        nnx.update(ac, head(version))
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(ac))]
+
+    def publish_delta(version: int) -> None:
+        rig.checkpoints.save(version, head(version), {"step": np.zeros(())}, {}, base=0)
+        rig.publisher.publish(version)
+
+    def live() -> list:
+        return jax.tree.leaves(rig.server.snapshot.state)
+
+    try:
+        n_head = len(jax.tree.leaves(head(1)))
+        publish_delta(1)
+        rig.wait_live(1)
+        assert rig.swapper.last_restore == {
+            "arrays": n_leaves, "bytes": rig.swapper.last_restore["bytes"], "delta_only": False,
+        }  # fmt: skip
+        assert rig.swapper.base[0] == 0
+        assert all(np.array_equal(a, b) for a, b in zip(live(), expected(1), strict=True))
+        before = live()
+        full_bytes = rig.swapper.last_restore["bytes"]
+
+        publish_delta(2)
+        rig.wait_live(2)
+        restore = rig.swapper.last_restore
+        assert restore["delta_only"] and restore["arrays"] == n_head < n_leaves
+        assert restore["bytes"] < full_bytes
+        after = live()
+        assert all(np.array_equal(a, b) for a, b in zip(after, expected(2), strict=True))
+        shared = [a is b for a, b in zip(before, after, strict=True)]
+        assert shared.count(False) == n_head and shared.count(True) == n_leaves - n_head
+        assert rig.server.snapshot.compilations == rig.compiled
+
+        rig.publish(3)  # a full version: the live arrays' base from now on
+        rig.wait_live(3)
+        assert rig.swapper.base[0] == 3 and not rig.swapper.last_restore["delta_only"]
+        rig.checkpoints.save(4, head(4), {"step": np.zeros(())}, {}, base=0)
+        shutil.rmtree(rig.checkpoints.directory / "0")  # its base is gone
+        rig.publisher.publish(4)
+        deadline = time.monotonic() + 10
+        while 4 not in rig.swapper.failed:
+            assert time.monotonic() < deadline, rig.swapper.status()
+            time.sleep(0.02)
+        assert (
+            "hash" in rig.swapper.failed[4]
+            and "base, version 0, is missing" in (rig.swapper.failed[4])
+        )
+        assert rig.server.snapshot.version == 3
+    finally:
+        rig.close()
+
+
+def test_retention_keeps_the_base_of_every_kept_delta(tmp_path):
+    from openpi_rl.models.finetune import CRITIC
+
+    ac = build_actor_critic(CONFIG, (16,), 0)
+    checkpoints = VersionCheckpoints(tmp_path / "ckpt", max_to_keep=2)
+    try:
+        checkpoints.save(0, nnx.state(ac), {"step": np.zeros(())}, {})
+        for v in range(1, 5):
+            checkpoints.save(v, nnx.state(ac, CRITIC), {"step": np.zeros(())}, {}, base=0)
+        assert checkpoints.versions() == [0, 3, 4]
+        checkpoints.save(5, nnx.state(ac), {"step": np.zeros(())}, {})  # a full version
+        checkpoints.save(6, nnx.state(ac, CRITIC), {"step": np.zeros(())}, {}, base=5)
+        assert checkpoints.versions() == [5, 6]
+    finally:
+        checkpoints.close()

@@ -6,14 +6,19 @@ in Python, asyncio and tensorstore threads for ~37 ms per version and stalls a 1
 thread by up to ~6 ms; everything else a swap does costs ~4 ms. In the worker, the server's
 share of a swap is reading the bytes, `jax.device_put` and one check call.
 
-    swapper thread --(restore, path)--> worker: orbax restore into numpy (nice'd, CPU-only JAX)
-                   <--(ok, [(shape, dtype)])-- then one bytes message per leaf
+    swapper thread --(restore, path, delta_only)--> worker: orbax restore into numpy (nice'd,
+                                                    CPU-only JAX)
+                   <--(ok, [(index, shape, dtype)])-- then one bytes message per leaf
                    <--(error, is_value_error, message)--
 
 The worker is spawned once (`python -m openpi_rl.policy_server.restore_worker FD`) on one end of
 a socket pair and exits when the pair closes (the server went away). A worker that died is
 restarted at the next restore; one that dies or hangs during a restore is killed, restarted,
 and that restore raises `RestoreError`.
+
+A LoRA delta version (weights/versions.py) restores with its base's arrays, or, `delta_only`,
+as its own arrays alone (LoRA + value head: the server's live weights already sit on its base),
+so only those cross the socket.
 """
 
 from __future__ import annotations
@@ -85,15 +90,23 @@ class RestoreWorker:
         return None if self._proc is None else self._proc.pid
 
     def restore(self, path: str | Path) -> list[np.ndarray]:
-        """Raises ValueError when orbax finds the checkpoint's structure differs from
-        `abstract`'s, RestoreError for anything else that went wrong."""
+        """Every leaf of the version at `path` (a delta's over its base's). Raises ValueError
+        when orbax finds the checkpoint's structure differs from `abstract`'s, RestoreError for
+        anything else that went wrong."""
+        changed = self.restore_changed(path)
+        return [changed[i] for i in sorted(changed)]
+
+    def restore_changed(self, path: str | Path, delta_only: bool = False) -> dict[int, np.ndarray]:
+        """{leaf index: array} of the version at `path`: every leaf, or with `delta_only` a
+        delta version's own leaves alone (a full version still gives every leaf). Raises as
+        `restore`; CorruptVersion's message when a delta's base is missing or changed."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 log.warning("restore_worker.restart", exit_code=self._proc and self._proc.poll())
                 self._stop()
                 self._start()
             try:
-                head, leaves = self._exchange(str(path))
+                head, leaves = self._exchange(str(path), delta_only)
             except (OSError, EOFError, TimeoutError) as e:  # died, hung, or a broken pipe
                 log.warning("restore_worker.failed", path=str(path), error=repr(e))
                 self._stop()
@@ -104,17 +117,17 @@ class RestoreWorker:
             raise (ValueError if value_error else RestoreError)(message)
         return leaves
 
-    def _exchange(self, path: str) -> tuple[tuple, list[np.ndarray]]:
+    def _exchange(self, path: str, delta_only: bool) -> tuple[tuple, dict[int, np.ndarray]]:
         conn = self._conn
-        conn.send(("restore", path))
+        conn.send(("restore", path, delta_only))
         if not conn.poll(self.timeout_s):
             raise TimeoutError(f"no answer in {self.timeout_s} s")
         head = conn.recv()
         if head[0] != "ok":
-            return head, []
-        leaves = [
-            np.frombuffer(conn.recv_bytes(), dtype).reshape(shape) for shape, dtype in head[1]
-        ]
+            return head, {}
+        leaves = {
+            i: np.frombuffer(conn.recv_bytes(), dtype).reshape(shape) for i, shape, dtype in head[1]
+        }
         return head, leaves
 
     def close(self) -> None:
@@ -123,12 +136,11 @@ class RestoreWorker:
             self._stop()
 
 
-def _restore_leaves(path: str, target: Any) -> list[np.ndarray]:
-    import jax
+def _restore_leaves(path: str, target: Any, delta_only: bool) -> dict[int, np.ndarray]:
+    from openpi_rl.weights.versions import restore_leaves
 
-    from openpi_rl.weights.versions import restore_weights
-
-    return [np.ascontiguousarray(x) for x in jax.tree.leaves(restore_weights(path, target))]
+    changed = restore_leaves(path, target, base=not delta_only)
+    return {i: np.ascontiguousarray(x) for i, x in sorted(changed.items())}
 
 
 def _serve(conn: Connection) -> None:
@@ -140,16 +152,17 @@ def _serve(conn: Connection) -> None:
     target = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)
     while True:
         try:
-            _, path = conn.recv()
+            _, path, delta_only = conn.recv()
         except EOFError:
             return
         try:
-            leaves = _restore_leaves(path, target)
+            leaves = _restore_leaves(path, target, delta_only)
         except Exception as e:  # answered: the server fails this version and goes on
             conn.send(("error", isinstance(e, ValueError), f"{type(e).__name__}: {e}"))
             continue
-        conn.send(("ok", [(x.shape, x.dtype) for x in leaves]))  # dtype objects: bfloat16 too
-        for x in leaves:
+        # dtype objects: bfloat16 too
+        conn.send(("ok", [(i, x.shape, x.dtype) for i, x in leaves.items()]))
+        for x in leaves.values():
             conn.send_bytes(memoryview(x).cast("B"))
 
 

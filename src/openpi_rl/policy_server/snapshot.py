@@ -103,15 +103,28 @@ class PolicySnapshot:
                 f"version {version}: {len(leaves)} weight arrays, the served model has "
                 f"{len(self._leaves)}"
             )
-        for i, (new, old) in enumerate(zip(leaves, self._leaves, strict=True)):
+        return self.with_changed(version, dict(enumerate(leaves)))
+
+    def with_changed(
+        self, version: int, changed: Mapping[int, jax.Array | np.ndarray]
+    ) -> PolicySnapshot:
+        """The snapshot of `version` whose leaves `changed` ({index in `jax.tree.leaves`
+        order: array}, e.g. a LoRA version's delta) replace this one's; every other leaf is
+        this snapshot's array itself, shared, not copied (a frozen base moves nowhere).
+        ValueError on an index out of range or another shape or dtype."""
+        leaves = list(self._leaves)
+        for i, new in changed.items():
+            if not 0 <= i < len(leaves):
+                raise ValueError(
+                    f"version {version}: leaf {i}: the served model has {len(leaves)} arrays"
+                )
+            old = leaves[i]
             if new.shape != old.shape or new.dtype != old.dtype:
                 raise ValueError(
                     f"version {version}: leaf {i}: expected {old.dtype} {list(old.shape)}, "
                     f"got {new.dtype} {list(new.shape)}"
                 )
-        leaves = [
-            jax.device_put(x, old.sharding) for x, old in zip(leaves, self._leaves, strict=True)
-        ]
+            leaves[i] = jax.device_put(new, old.sharding)
         other = object.__new__(PolicySnapshot)
         other._init(version, self.obs_spec, self.sizes, self.graphdef, self._treedef, leaves)
         other._sample, other._traces, other._layouts = self._sample, self._traces, self._layouts

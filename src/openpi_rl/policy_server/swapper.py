@@ -33,6 +33,12 @@ atomically to `<checkpoint_dir>/operator_state.json` and honoured after a restar
 or the learner (weights/operator_state.py). Optionally, a new version whose last K episodes' mean
 return falls below the previous version's by a margin is rolled back automatically.
 
+A LoRA learner's versions are deltas over a full base version (weights/versions.py). The swapper
+knows which full version the live snapshot's frozen arrays came from (`base`): a delta over that
+base restores only its own arrays (LoRA + value head) and replaces only those leaves, every
+other array of the live snapshot is shared by the new one, not copied. A delta over another (or
+an unknown) base restores with its base's arrays, checked against the hash the delta recorded.
+
 `SwapStatus` (swap_status.py: learner liveness, `health` and `status`) is mixed into `Swapper`;
 its knobs are `SwapOptions` (options.py).
 """
@@ -48,7 +54,6 @@ from typing import TYPE_CHECKING
 
 import jax
 import structlog
-from flax import nnx
 
 from openpi_rl.policy_server.options import SwapOptions
 from openpi_rl.policy_server.restore_worker import RestoreWorker
@@ -56,7 +61,14 @@ from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
 from openpi_rl.policy_server.swap_status import SwapStatus
 from openpi_rl.weights.notices import LatestVersion, notice_endpoint
 from openpi_rl.weights.operator_state import OperatorState, load_state, save_state
-from openpi_rl.weights.versions import CorruptVersion, restore_version, verify_version
+from openpi_rl.weights.versions import (
+    CorruptVersion,
+    abstract_state,
+    restore_leaves,
+    verify_base,
+    verify_version,
+    version_base,
+)
 
 if TYPE_CHECKING:
     from openpi_rl.policy_server.server import PolicyServer
@@ -79,10 +91,14 @@ class Swapper(SwapStatus):
     ):
         self.server, self.options = server, options
         self.metrics = server.metrics
-        # A model shaped like the served one, the target `restore_version` fills.
-        self._like = nnx.merge(server.snapshot.graphdef, server.snapshot.state)
+        # The served state's shapes and dtypes: the target an in-process restore fills.
+        self._target = abstract_state(server.snapshot.state)
         self._worker: RestoreWorker | None = None  # started by start() or the first load
         self.phases: dict[str, float] = {}  # the last swap's phases, seconds (logged)
+        # The full version (number, hash) under the live snapshot's frozen arrays; None: not
+        # known (the seed's weights), so a delta version restores with its base.
+        self.base: tuple[int, str] | None = None
+        self.last_restore: dict[str, int | bool] = {}  # arrays, bytes, delta_only (logged)
         self._sub = None
         if options.learner_endpoint and options.checkpoint_dir is not None:
             self._sub = LatestVersion(
@@ -137,9 +153,11 @@ class Swapper(SwapStatus):
                 return
             try:
                 path = self._path_of(version)
-                verify_version(path, version)
-                state = restore_version(path, self._like)
-                self.server.swap(self.server.snapshot.with_state(version, state))
+                digest = verify_version(path, version)
+                base = version_base(path) or (version, digest)
+                changed = restore_leaves(path, self._target)
+                self.server.swap(self.server.snapshot.with_changed(version, changed))
+                self.base = base
             except Exception as e:
                 log.warning("swap.start_version_unreadable", version=version, error=str(e))
                 continue
@@ -270,8 +288,8 @@ class Swapper(SwapStatus):
         try:
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{path}: no such version directory")
-            verify_version(path, version)  # the files the learner published, and no others
-            snapshot = self._load(version, path)
+            digest = verify_version(path, version)  # the files the learner published, no others
+            snapshot, base = self._load(version, path, digest)
         except CorruptVersion as e:
             self._fail(version, path, "hash", e)
         except SwapError as e:
@@ -281,6 +299,7 @@ class Swapper(SwapStatus):
         except Exception as e:  # missing, partial or unreadable checkpoint
             self._fail(version, path, "restore", e)
         old = self.server.swap(snapshot)
+        self.base = base
         seconds = time.perf_counter() - t0
         self.previous = old.version
         self.swaps += 1
@@ -291,20 +310,32 @@ class Swapper(SwapStatus):
             "swap", version=version, previous=old.version, reason=reason,
             seconds=round(seconds, 4), compilations=snapshot.compilations,
             **{f"{k}_s": round(v, 4) for k, v in self.phases.items()},
+            **{f"restored_{k}": v for k, v in self.last_restore.items()},
         )  # fmt: skip
 
-    def _load(self, version: int, path: str | Path) -> PolicySnapshot:
-        """Restore, place and check `version`; its phases' seconds go to `phases`."""
+    def _load(
+        self, version: int, path: str | Path, digest: str
+    ) -> tuple[PolicySnapshot, tuple[int, str]]:
+        """Restore, place and check `version`: a delta over the live base reads and replaces
+        only its own arrays. Returns the snapshot and the base it sits on; the phases' seconds
+        go to `phases`."""
         t0 = time.perf_counter()
+        base = version_base(path)
+        delta_only = base is not None and base == self.base
+        if base is not None and not delta_only:
+            verify_base(path)  # CorruptVersion (refused as "hash") when missing or changed
         worker = self._restore_worker()
         if worker is not None:
-            leaves = worker.restore(path)
-            t1 = time.perf_counter()
-            snapshot = self.server.snapshot.with_leaves(version, leaves)
+            changed = worker.restore_changed(path, delta_only)
         else:
-            state = restore_version(path, self._like)
-            t1 = time.perf_counter()
-            snapshot = self.server.snapshot.with_state(version, state)
+            changed = restore_leaves(path, self._target, base=not delta_only)
+        t1 = time.perf_counter()
+        snapshot = self.server.snapshot.with_changed(version, changed)
+        self.last_restore = {
+            "arrays": len(changed),
+            "bytes": sum(int(x.nbytes) for x in changed.values()),
+            "delta_only": delta_only,
+        }
         t2 = time.perf_counter()
         # Every padded size was compiled at start-up and versions share the executables: one
         # call checks the weights. Should it have compiled (weights placed differently), every
@@ -318,7 +349,7 @@ class Swapper(SwapStatus):
         self.phases = {"restore": t1 - t0, "place": t2 - t1, "check": t3 - t2}
         if not finite:
             raise SwapError(f"version {version}: non-finite outputs at the check call")
-        return snapshot
+        return snapshot, (base or (version, digest))
 
     def _fail(self, version: int, path: str | Path, reason: str, error: Exception) -> None:
         self.failed[version] = f"{reason}: {error}"

@@ -180,7 +180,8 @@ def _skip_raw_io_metrics() -> None:
 _skip_raw_io_metrics()
 
 
-def _abstract(tree: Any) -> Any:
+def abstract_state(tree: Any) -> Any:
+    """`tree` with `jax.ShapeDtypeStruct` leaves: the target orbax restores jax arrays into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -189,7 +190,7 @@ def restore_version(path: str | pathlib.Path, ac_like: ActorCritic) -> nnx.State
     an ActorCritic shaped like `ac_like` (a delta version: over its base's); apply with
     `nnx.update(ac, state)`. Raises if the structure, shapes or dtypes differ (a server built
     from another model config), CorruptVersion if a delta's base is missing or changed."""
-    target = _abstract(nnx.state(ac_like))
+    target = abstract_state(nnx.state(ac_like))
     leaves, treedef = jax.tree.flatten(target)
     for i, x in restore_leaves(path, target).items():
         leaves[i] = x
@@ -208,6 +209,8 @@ def restore_leaves(path: str | pathlib.Path, target: Any, *, base: bool = True) 
     holds, and with `base` every other index from its base (checked: CorruptVersion when the
     base is missing or changed); without `base`, only its own (for weights already on it)."""
     path = pathlib.Path(path)
+    if not (path / MANIFEST).exists():  # verifying is the caller's: read what orbax wrote
+        return dict(enumerate(jax.tree.leaves(restore_weights(path, target))))
     based = verify_base(path) if base else None
     flat = jax.tree_util.tree_flatten_with_path(target)[0]
     index = {_names(p): (i, x) for i, (p, x) in enumerate(flat)}
@@ -351,12 +354,12 @@ class VersionCheckpoints:
             version,
             args=ocp.args.Composite(
                 **{
-                    OPT_STATE: ocp.args.StandardRestore(_abstract(opt_state_like)),
+                    OPT_STATE: ocp.args.StandardRestore(abstract_state(opt_state_like)),
                     META: ocp.args.JsonRestore(),
                 }
             ),
         )
-        target = _abstract(weights_like)
+        target = abstract_state(weights_like)
         leaves, treedef = jax.tree.flatten(target)
         for i, x in restore_leaves(self.path(version), target).items():
             leaves[i] = x
