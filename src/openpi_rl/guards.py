@@ -8,7 +8,7 @@ import dataclasses
 import ipaddress
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 # ---- limits ------------------------------------------------------------------------------------
@@ -75,6 +75,10 @@ class ConnectionSlots:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def __iter__(self) -> Iterator[Slot]:
+        """The held slots, oldest first (a copy: connections may come and go meanwhile)."""
+        return iter(list(self._slots))
 
     def _pool(self, peer: str, shared: bool = True) -> tuple[bool, Slot | None]:
         """(full, the oldest sheddable slot of the pool a newcomer from `peer` competes in)."""

@@ -83,14 +83,15 @@ def test_a_pause_barely_moves_the_think_time():
     f = ArrivalForecast()
     last = _loop(f, "a", 0.0, 0.001, 0.020, 5)
     f.arrived("a", last + 2.0)  # an episode reset: two seconds off
-    assert f._think["a"] < 0.002
+    assert f.think_time("a") < 0.002
 
 
 def test_the_table_is_bounded():
     f = ArrivalForecast(max_robots=8)
     for i in range(100):
         _loop(f, f"r{i}", i * 1e-3, 1e-4, 1e-4, 2)
-    assert len(f._replied) <= 8 and len(f._think) <= 8
+    assert len(f) <= 8
+    assert sum(f.think_time(f"r{i}") is not None for i in range(100)) <= 8
 
 
 def test_a_lockstep_fleet_stays_in_full_batches(tmp_path):

@@ -121,7 +121,7 @@ def test_an_openpi_client_that_reconnects_does_not_grow_the_servers_memory(
         # Each connection is a robot id of its own ("ws-N"); 40 of them, memory for 8.
         assert server.served == 40
         assert len(server.robots) == 8 and server.robots.evicted == 32
-        assert len(server.returns._open) <= 8 and len(server._arrivals._replied) <= 8
+        assert server.returns.open_episodes <= 8 and len(server.arrivals) <= 8
     finally:
         ws.close()
         server.close(wait_s=30)

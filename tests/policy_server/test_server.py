@@ -158,7 +158,7 @@ def test_a_resent_request_is_answered_once_and_stored_once(tmp_path, pending):
         abandoned.connect(srv.endpoint)
         abandoned.send_multipart([b"", infer])
         deadline = time.monotonic() + 30
-        while ("r1", "s-1") not in srv._recent:
+        while not srv.remembers("r1", "s-1"):
             assert time.monotonic() < deadline, "the first request never reached the server"
             time.sleep(0.005)  # until the server holds it
         second = _raw_request(srv.endpoint, infer, read=True)

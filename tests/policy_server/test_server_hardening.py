@@ -178,7 +178,7 @@ def test_per_robot_state_is_bounded_by_max_robots(tmp_path):
                 ids[i] = [c.infer(_obs(rng)).transition_id for _ in range(2)]
                 c.report(ids[i][-1], reward=1.0, done=True)
         assert len(srv.robots) == 8 and srv.robots.evicted == 32
-        assert len(srv.returns._open) <= 8
+        assert srv.returns.open_episodes <= 8
         c = PolicyClient(srv.endpoint, robot_id="r0", timeout_s=5.0)
         with c, pytest.raises(ServerError, match="unknown_transition"):
             c.report(ids[0][0], reward=1.0)  # forgotten with r0

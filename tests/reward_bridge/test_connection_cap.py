@@ -51,7 +51,7 @@ def test_slots_shed_the_oldest_without_progress_and_refuse_when_all_progress():
     assert shed == ["a1"] and len(slots) == 4
     # 10.0.0.1 holds 2 of its 3; the cap is reached, so it sheds its own oldest idle one.
     assert slots.admit("10.0.0.1", lambda: None) is not None and shed == ["a1", "a2"]
-    for s in list(slots._slots):
+    for s in slots:
         s.sheddable = False
     assert not slots.can_admit("10.0.0.9") and slots.admit("10.0.0.9", lambda: None) is None
     slots.release(b)
@@ -78,7 +78,7 @@ def test_good_post_feedback_succeeds_with_the_cap_full_of_idle_and_slow_connecti
     held = [_open(port, source="127.0.0.2") for _ in range(CAP // 2)]
     slow = b"POST /feedback HTTP/1.1\r\nHost: x\r\n"
     held += [_open(port, slow) for _ in range(CAP - CAP // 2)]
-    _wait_for(lambda: len(bridge._http_slots) == CAP)
+    _wait_for(lambda: len(bridge.http_slots) == CAP)
     body = json.dumps({"robot_id": "arm-1", "kind": "step_reward", "value": 0.5}).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/feedback",
@@ -91,7 +91,7 @@ def test_good_post_feedback_succeeds_with_the_cap_full_of_idle_and_slow_connecti
     # It shed the oldest idle connection, with a 503 that says why; the others still wait.
     shed = _reply(held[0])
     assert shed.startswith(b"HTTP/1.1 503") and b"retry" in shed
-    assert bridge._http_slots.shed_count == 1
+    assert bridge.http_slots.shed_count == 1
     assert counted(bridge, "openpi_rl_bridge_refused_connections_total", port="http") == 1
     for s in held:
         s.close()
@@ -121,12 +121,12 @@ def test_pendant_without_hello_makes_way_for_a_good_pendant(make_bridge):
             held.enter_context(connect(url, sock=_open(bridge.ws_port, source=src)))
             for src in sources
         ]
-        _wait_for(lambda: len(bridge._ws_slots) == CAP)
+        _wait_for(lambda: len(bridge.ws_slots) == CAP)
         with pendant(bridge) as ws:  # logged in although the cap was full
             ws.send(json.dumps({"type": "ping"}))
             assert recv_type(ws, "pong")
             # It took the slot of the oldest silent one; the rest still wait.
-            assert len(bridge._ws_slots) == CAP and bridge._ws_slots.shed_count == 1
+            assert len(bridge.ws_slots) == CAP and bridge.ws_slots.shed_count == 1
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
             silent[0].recv(timeout=10)
         assert closed.value.rcvd.code == 1013  # try again later

@@ -242,7 +242,7 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_share(make_bri
     with contextlib.ExitStack() as held:
         for i in range(4):  # one proxy address, four clients: all in
             held.enter_context(logged_in(f"10.0.0.{i + 1}"))
-        assert len(bridge._ws_slots) == 4
+        assert len(bridge.ws_slots) == 4
     with contextlib.ExitStack() as held:  # an untrusted peer's header names nobody
         for i in range(3):
             held.enter_context(logged_in(f"10.0.1.{i + 1}", source="127.0.0.2"))

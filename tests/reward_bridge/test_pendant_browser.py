@@ -154,6 +154,5 @@ def test_the_page_behind_a_proxy_connects_through_its_own_origin(
     page.goto(f"http://127.0.0.1:{port}/#token={OPERATORS['ana']}")
     page.wait_for_selector("#conn[data-state=connected]", timeout=15_000)
     assert any(line.startswith(b"GET /pendant ") for line in seen), seen
-    slots = bridge._ws_slots
-    assert [s.peer for s in slots._slots] == ["192.0.2.7"]  # the forwarded client's share
+    assert [s.peer for s in bridge.ws_slots] == ["192.0.2.7"]  # the forwarded client's share
     page.close()

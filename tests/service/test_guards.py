@@ -63,8 +63,8 @@ def test_huge_rewards_are_clamped_and_nan_refuses_the_update_and_the_live_versio
 
     # Two more learner heartbeats read by the swapper, and it came round after each: each
     # names version 2, nothing newer is announced.
-    beats = rig.swapper._sub.heartbeats
-    wait_for(lambda: rig.swapper._sub.heartbeats >= beats + 2, 5, rig.swapper.status)
+    beats = rig.swapper.notices.heartbeats
+    wait_for(lambda: rig.swapper.notices.heartbeats >= beats + 2, 5, rig.swapper.status)
     assert learner.version == 2 and rig.live == 2
     assert rig.metric("openpi_rl_server_swaps_total") == 2
     assert rig.server.metrics.registry.get_sample_value(

@@ -17,6 +17,7 @@ from openpi_rl import sdnotify
 from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.policy_server.serve import ServeConfig, build_server
 from openpi_rl.policy_server.server import ServeOptions
+from openpi_rl_client import PolicyClient
 
 
 def listen(address: str) -> socket.socket:
@@ -76,15 +77,19 @@ def test_a_stuck_serving_loop_stops_the_watchdog_pings(notify_socket):
         openpi_ws_port=None,
     )
     server = build_server(config)
-    stuck, release = threading.Event(), threading.Event()
-    handle = server._handle
+    release = threading.Event()
+    metadata = server.metadata
 
-    def maybe_stuck(kind, msg):  # the fault: the loop blocks inside a request (a hung call)
-        if stuck.is_set():
-            release.wait()
-        return handle(kind, msg)
+    def hung_metadata() -> dict:  # the fault: the loop blocks inside a request (a hung call)
+        release.wait()
+        return metadata()
 
-    server._handle = maybe_stuck
+    server.metadata = hung_metadata  # this server's public method, replaced
+
+    def ask_metadata() -> None:
+        with PolicyClient(server.endpoint, robot_id="m", timeout_s=30.0, retries=0) as client:
+            client.metadata()
+
     watchdog = sdnotify.HealthWatchdog(sdnotify.zmq_health(server.inproc_endpoint)).start()
     loop = threading.Thread(target=server.run, daemon=True)
     loop.start()
@@ -97,12 +102,14 @@ def test_a_stuck_serving_loop_stops_the_watchdog_pings(notify_socket):
         lines += drain(notify_socket, 1.0)
         assert lines.count("READY=1") == 1 and lines.count("WATCHDOG=1") >= 2
 
-        stuck.set()
+        asking = threading.Thread(target=ask_metadata, daemon=True)
+        asking.start()
         drain(notify_socket, 0.3)  # a ping in flight when it got stuck
         assert "WATCHDOG=1" not in drain(notify_socket, 1.2)  # twice the watchdog: silent
         release.set()
-        stuck.clear()
         assert "WATCHDOG=1" in drain(notify_socket, 1.0)  # answers again: pings again
+        asking.join(10)
+        assert not asking.is_alive()  # the hung request was answered too
     finally:
         release.set()
         watchdog.close()

@@ -473,11 +473,16 @@ class Learner:
             return "server watch"
         return None
 
+    @property
+    def paused(self) -> bool:
+        """Whether learning is paused now: by a server's operator or the persisted switch."""
+        return self.servers.paused or self.operator.learning_paused
+
     def _paused(self) -> bool:
         """An operator paused learning on a server (`openpi-rl admin pause-learning`): no new
         update starts until it is resumed; the heartbeat's state says so. The persisted switch
         counts too: a pause holds while the server is down or restarting."""
-        paused = self.servers.paused or self.operator.learning_paused
+        paused = self.paused
         if paused != (self.publisher.state == "paused"):
             self.publisher.set_state("paused" if paused else "waiting")
             log.info(

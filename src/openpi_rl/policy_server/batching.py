@@ -55,6 +55,14 @@ class ArrivalForecast:
             self._cohort.pop(old, None)
             self._waiting.discard(old)
 
+    def __len__(self) -> int:
+        """Robots it remembers (at most `max_robots`)."""
+        return len(self._replied)
+
+    def think_time(self, robot: str) -> float | None:
+        """The robot's estimated think time in seconds; None while unknown (or forgotten)."""
+        return self._think.get(robot)
+
     def dropped(self, robot: str) -> None:
         """The robot's request was answered with an error (it was not served)."""
         self._waiting.discard(robot)

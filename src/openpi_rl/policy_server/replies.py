@@ -39,6 +39,11 @@ class Replies:
     _request_metrics: dict[str, tuple[Any, Any]]
     options: Any  # ServeOptions: dedupe_window
 
+    def remembers(self, robot_id: str, request_id: str) -> bool:
+        """Whether the dedupe window holds this request (queued or answered): a resend of it
+        would be answered, not served again."""
+        return (str(robot_id), str(request_id)) in self._recent
+
     def _resent(self, key: tuple[str, str], identity: bytes, kind: str, t_recv: float) -> bool:
         """Answer a request seen before (same robot and request_id); False if it is new."""
         seen = self._recent.get(key)

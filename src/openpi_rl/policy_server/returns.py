@@ -20,6 +20,12 @@ class EpisodeReturns:
         self._max_robots = max_robots  # many robot ids (hostile or not): bounded memory
         self._lock = threading.Lock()
 
+    @property
+    def open_episodes(self) -> int:
+        """Robots with an episode in progress (at most `max_robots`): its memory's size."""
+        with self._lock:
+            return len(self._open)
+
     def served(self, robot: str, episode: str, version: int) -> None:
         with self._lock:
             cur = self._open.get(robot)

@@ -175,6 +175,11 @@ class PolicyServer(Replies, Transitions, Stages):
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def arrivals(self) -> ArrivalForecast:
+        """The robots' forecast arrivals (think times) that the batcher holds batches by."""
+        return self._arrivals
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until every batch size is compiled (`run()` warms up); False past `timeout`."""
         return self._ready.wait(timeout)

@@ -15,6 +15,7 @@ from openpi_rl.policy_server.options import SwapOptions
 from openpi_rl.weights.notices import LatestVersion
 
 if TYPE_CHECKING:
+    from openpi_rl.policy_server.restore_worker import RestoreWorker
     from openpi_rl.policy_server.server import PolicyServer
 
 
@@ -24,6 +25,7 @@ class SwapStatus:
     server: PolicyServer
     options: SwapOptions
     _sub: LatestVersion | None
+    _worker: RestoreWorker | None
     _started_t: float
     _last_swap_t: float | None
     newest: tuple[int, Path] | None
@@ -39,6 +41,18 @@ class SwapStatus:
     def checkpoint_dir(self) -> Path | None: ...  # Swapper's
 
     def versions_on_disk(self) -> list[int]: ...  # Swapper's
+
+    @property
+    def notices(self) -> LatestVersion | None:
+        """The learner's notice channel as read so far (heartbeats, malformed notices); None
+        when no learner is followed."""
+        return self._sub
+
+    @property
+    def restore_worker(self) -> RestoreWorker | None:
+        """The process that restores versions; None while none runs (`restore_in_worker=False`,
+        or not started yet)."""
+        return self._worker
 
     def heartbeat_age(self) -> float:
         t = self._sub.heartbeat_t if self._sub is not None else None

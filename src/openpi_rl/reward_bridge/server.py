@@ -152,6 +152,16 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         return 1 if self._failed else 0
 
     @property
+    def ws_slots(self) -> ConnectionSlots:
+        """Who holds the WebSocket port's connections past the handshake (count, shed_count)."""
+        return self._ws_slots
+
+    @property
+    def http_slots(self) -> ConnectionSlots:
+        """Who holds the HTTP port's connections (count, shed_count)."""
+        return self._http_slots
+
+    @property
     def failed(self) -> dict[str, str]:
         """Stages that died (stage -> why); empty while healthy."""
         return dict(self._failed)

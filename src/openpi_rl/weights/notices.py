@@ -153,6 +153,16 @@ class Publisher:
     def set_state(self, state: str) -> None:
         self.state = state
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The bound PUB socket, which the heartbeat thread also uses (fault injection)."""
+        return self._sock
+
+    def send_raw(self, data: bytes) -> None:
+        """Send `data` as is on the channel, as any peer on it could (subscribers' tests)."""
+        with self._lock:
+            self._sock.send(data)
+
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             self._sock.send(wire.packb(msg), zmq.NOBLOCK)
