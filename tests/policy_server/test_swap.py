@@ -73,7 +73,7 @@ class Rig:
     def went_round(self, timeout_s: float = 5.0) -> None:
         """Wait until the swapper reads one more learner heartbeat (they come every 0.5 s): its
         loop came round, so whatever it does with the notices it already holds is done."""
-        sub = self.swapper._sub
+        sub = self.swapper.notices
         before = sub.heartbeats
         deadline = time.monotonic() + timeout_s
         while sub.heartbeats == before:
@@ -335,7 +335,7 @@ def test_a_restarted_server_starts_at_the_newest_version_on_disk(tmp_path):
         assert server.snapshot.compilations == 2  # sizes 1 and 2, nothing more
         np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], value_at(2), 1e-5)
         swapper.pin(1)  # restored in this process (restore_in_worker=False): no worker
-        assert swapper._worker is None and server.snapshot.version == 1
+        assert swapper.restore_worker is None and server.snapshot.version == 1
         np.testing.assert_allclose(server.snapshot.sample(0, [obs]).value[0], value_at(1), 1e-5)
         assert server.snapshot.compilations == 2
     finally:
@@ -347,13 +347,12 @@ def _send_raw(rig: Rig, msg) -> None:
     """A notice as anyone on the channel could send it (the learner's socket, our bytes)."""
     from openpi_rl_client import wire
 
-    with rig.publisher._lock:
-        rig.publisher._sock.send(wire.packb(msg))
+    rig.publisher.send_raw(wire.packb(msg))
 
 
 def _wait_subscribed(rig: Rig) -> None:
     deadline = time.monotonic() + 10
-    while rig.swapper._sub.heartbeats == 0:  # PUB drops what it sends before the SUB joins
+    while rig.swapper.notices.heartbeats == 0:  # PUB drops what it sends before the SUB joins
         assert time.monotonic() < deadline, "no heartbeat"
         time.sleep(0.02)
 
@@ -381,8 +380,8 @@ def test_notices_naming_a_path_outside_checkpoint_dir_or_an_absurd_version_are_r
     _send_raw(rig, b"\xc1 not msgpack")
     # Six bad versions and the garbage are dropped as malformed; every notice sent was read
     # once the garbage, the last one, is counted.
-    while rig.swapper._sub.malformed != 7:
-        assert time.monotonic() < deadline, rig.swapper._sub.malformed
+    while rig.swapper.notices.malformed != 7:
+        assert time.monotonic() < deadline, rig.swapper.notices.malformed
         time.sleep(0.02)
     rig.went_round()
     assert rig.metric("openpi_rl_server_swap_failures_total", {"reason": "version"}) == 1
