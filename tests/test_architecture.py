@@ -1,7 +1,8 @@
 """The import directions docs/architecture.md allows, and no import cycle between modules.
 
 Every `import`/`from ... import` in src/openpi_rl counts: at module level, inside functions and
-under `TYPE_CHECKING` alike (a lazy import is still a dependency)."""
+under `TYPE_CHECKING` alike (a lazy import is still a dependency). And the tests use public API
+only: no `x._name` in tests/ outside `self`/`cls`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pathlib
 import subprocess
 import sys
 
-SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
+TESTS = pathlib.Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
 PKG = SRC / "openpi_rl"
 
 LEAVES = {"secret", "config_file"}
@@ -145,3 +147,58 @@ print(loaded, sorted(m for m in importers if m.startswith("openpi_rl")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] []", out.stdout
+
+
+# Third-party internals with no public alternative: file (under tests/) -> (names, why).
+PRIVATE_ALLOWED: dict[str, tuple[set[str], str]] = {
+    "fixtures/openpi_pi0_fast/make_pipeline_golden.py": (
+        {"_sample_actions"},
+        "openpi's Policy jits sample_actions with no static argument; the script re-jits it",
+    ),
+    "fixtures/tokenizers/make_fixtures.py": (
+        {"_tokenizer"},
+        "tokenizers' ByteLevelBPETokenizer trains with a custom alphabet only via its Tokenizer",
+    ),
+    "fixtures/tokenizers/make_openpi_golden.py": (
+        {"_paligemma_tokenizer", "_fast_tokenizer", "_act_tokens_to_paligemma_tokens"},
+        "openpi's FASTTokenizer keeps the steps its golden ids come from private",
+    ),
+}
+
+
+def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, code) of each `x._name` (read or write; `getattr(x, "_name")` too) where `x` is
+    not `self`/`cls` and `_name` is not a dunder."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                out.append((node.lineno, node.attr, ast.unparse(node)))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and private(node.args[1].value)
+        ):
+            out.append((node.lineno, node.args[1].value, ast.unparse(node)))
+    return out
+
+
+def test_tests_use_public_api_only():
+    """A test that reads or sets another object's `_name` pins an implementation detail: use
+    (or add) a public accessor. Third-party internals without one are listed above."""
+    found = []
+    for path in sorted(TESTS.rglob("*.py")):
+        rel = path.relative_to(TESTS).as_posix()
+        allowed = PRIVATE_ALLOWED.get(rel, (set(), ""))[0]
+        for line, name, code in _private_uses(ast.parse(path.read_text(), str(path))):
+            if name not in allowed:
+                found.append(f"tests/{rel}:{line}: {code}")
+    assert not found, "private names used in tests:\n" + "\n".join(found)
