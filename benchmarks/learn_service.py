@@ -15,6 +15,18 @@ Both figures are the mean return of the last 20 episodes at the end of the budge
     python benchmarks/learn_service.py --quick     # smoke run: 2k env steps
 
 Last line: {"service_return", "sync_return", "service_over_sync", ...} (goal: ratio >= 0.9).
+
+`--model pi0_fast_openpi` (issue 15): fine-tuning a pretrained openpi Pi0-FAST through the
+service. A weak policy is pretrained briefly with `openpi-rl train` (openpi's Pi0-FAST, dummy
+PaliGemma, the tokenizer fixtures, the state written into the prompt, full weights) and exported
+as an openpi checkpoint (`--export-openpi`); the service starts every role from that checkpoint
+with LoRA adapters added (`gemma_variant = "dummy_lora"`: the learner trains only the adapters
+and the value head, after a critic warm-up), and the robots send the prompt with every
+observation (the server tokenizes it with the state). Figures: the mean return of episodes
+played by version 0 (the pretrained policy as served) against the last 20, and how many stored
+rows carry the prompt (goal: ratio >= 2, every row).
+
+    python benchmarks/learn_service.py --model pi0_fast_openpi --budget 60000
 """
 
 from __future__ import annotations
@@ -22,8 +34,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -31,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_json
 
 from openpi_rl.demo import DemoConfig, run_demo
+from openpi_rl.demo.config import write_demo_config
 from openpi_rl.train.train_ppo import PPOTrainConfig, train
 
 
@@ -43,9 +58,21 @@ class Args:
     window: int = 20  # episodes in the final mean return
     max_minutes: float = 30.0  # the service's wall-clock cap
     quick: bool = False  # smoke run: 2k env steps
+    model: Literal["gaussian_mlp", "pi0_fast_openpi"] = "gaussian_mlp"
+    """gaussian_mlp: the service against `openpi-rl train`; pi0_fast_openpi: a pretrained openpi
+    Pi0-FAST fine-tuned with LoRA through the service."""
+    pretrain_steps: int = 6_000  # pi0_fast_openpi: env steps of the weak pretrained policy
+    lr: float = 1e-3  # pi0_fast_openpi: the learner's PPO step size (LoRA adapters)
+    workdir: str | None = None  # pi0_fast_openpi: keep the checkpoint, replay and logs here
+
+
+TOKENIZERS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tokenizers"
+PROMPT = "balance the pole"
 
 
 def main(args: Args) -> dict:
+    if args.model == "pi0_fast_openpi":
+        return main_openpi(args)
     budget = 2_000 if args.quick else args.budget
 
     t0 = time.perf_counter()
@@ -98,6 +125,105 @@ def main(args: Args) -> dict:
         "sync_wall_s": round(sync_s, 1),
         "robots": args.robots,
         "seed": args.seed,
+    }
+
+
+def main_openpi(args: Args) -> dict:
+    from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
+    from openpi_rl.replay import ReplayReader
+    from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS
+
+    budget = 1_500 if args.quick else args.budget
+    pretrain = 300 if args.quick else args.pretrain_steps
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learn-service-openpi-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = Pi0FASTOpenPIConfig(
+        gemma_variant="dummy",  # width 64, depth 2; the vocabulary is the tokenizer's (980)
+        scan=False,
+        paligemma_tokenizer=str(TOKENIZERS / "paligemma_tiny.model"),
+        fast_tokenizer=str(TOKENIZERS / "fast_tiny"),
+        action_horizon=1,
+        max_token_len=32,
+        max_decoding_steps=6,  # "Action: " (3 ids), one FAST id, "|", EOS
+        prompt=PROMPT,
+    )
+    t0 = time.perf_counter()
+    pre = train(
+        PPOTrainConfig(
+            model=model, ppo=dataclasses.replace(TRAIN_PPO_DEFAULTS, lr=3e-4), env=args.env,
+            seed=args.seed, num_train_steps=10**9, max_env_steps=pretrain,
+            export_openpi=str(workdir / "pretrained"),
+        ),
+        display=False,
+    )  # fmt: skip
+    print(
+        f"pretrained with openpi-rl train: {pre.env_steps:,} env steps in "
+        f"{time.perf_counter() - t0:.0f} s, mean return of the last {args.window}: "
+        f"{pre.mean_return(args.window):.1f}; exported to {workdir / 'pretrained'}",
+        flush=True,
+    )
+    model_toml = f"""[model]                     # the pretrained openpi checkpoint, LoRA adapters added
+kind = "pi0_fast_openpi"
+gemma_variant = "dummy_lora"
+scan = false
+checkpoint = "{workdir / "pretrained"}"
+paligemma_tokenizer = "{model.paligemma_tokenizer}"
+fast_tokenizer = "{model.fast_tokenizer}"
+cameras = []
+state_dim = 4
+action_dim = 1
+action_horizon = 1
+max_token_len = 32
+max_decoding_steps = 6
+constrain_actions = true"""
+    path = write_demo_config(
+        workdir / "service", args.robots, "benchmark", args.seed, model=model_toml,
+        ppo=dataclasses.replace(TRAIN_PPO_DEFAULTS, lr=args.lr),
+        learn={"critic_warmup_updates": 2, "finetune": "lora"},
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    service = run_demo(
+        DemoConfig(
+            minutes=args.max_minutes, robots=args.robots, env=args.env, seed=args.seed,
+            operator=False, max_env_steps=budget, config=str(path), prompt=PROMPT,
+            workdir=str(workdir / "demo"), keep=True,
+        ),
+        display=False,
+    )  # fmt: skip
+    service_s = time.perf_counter() - t0
+    if service.daemon_rc != 0:
+        raise SystemExit(f"openpi-rl daemon exited with {service.daemon_rc}")
+    last = service.episodes[-args.window :]
+    final = sum(e.ret for e in last) / max(1, len(last))
+    first = service.first_version_return
+    with ReplayReader(str(workdir / "service" / "replay")) as reader:
+        rows = list(reader.transitions())
+        prompted = sum(reader.stored_observation(r).prompt == PROMPT for r in rows)
+    ratio = final / first if first else math.nan
+    print(
+        f"service: {service.env_steps:,} env steps, {len(service.episodes):,} episodes, "
+        f"{service.max_version} versions in {service_s:.0f} s; mean return of version 0's "
+        f"episodes {first:.1f} -> last {args.window}: {final:.1f} (x{ratio:.2f}); "
+        f"{prompted:,} of {len(rows):,} stored rows carry the prompt",
+        flush=True,
+    )
+    return {
+        "model": "pi0_fast_openpi dummy_lora (pretrained, LoRA PPO)",
+        "pretrained_env_steps": pre.env_steps,
+        "pretrained_train_return": round(pre.mean_return(args.window), 2),
+        "version0_return": round(first, 2),
+        "final_return": round(final, 2),
+        "final_over_version0": round(ratio, 3),
+        "rows": len(rows),
+        "rows_with_prompt": prompted,
+        "service_env_steps": service.env_steps,
+        "service_versions": service.max_version,
+        "service_p99_ms": round(service.p99_ms, 2),
+        "service_wall_s": round(service_s, 1),
+        "budget": budget,
+        "robots": args.robots,
+        "seed": args.seed,
+        "workdir": str(workdir),
     }
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import re
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from openpi_rl.secret import SECRET
 from openpi_rl.service.config import ServiceFile
@@ -72,17 +73,34 @@ class DemoService:
         )
 
 
+DEMO_MODEL = """[model]                     # MuJoCo InvertedPendulum-v5: 4 observations, 1 action
+kind = "gaussian_mlp"
+obs_dim = 4
+action_dim = 1"""
+
+
 def write_demo_config(
-    workdir: Path, robots: int, token: str, seed: int = 0, pendant_port: int = PENDANT_PORT
+    workdir: Path,
+    robots: int,
+    token: str,
+    seed: int = 0,
+    pendant_port: int = PENDANT_PORT,
+    model: str = DEMO_MODEL,
+    extra: str = "",
+    ppo: Any = None,
+    learn: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `workdir/openpi-rl.toml`: InvertedPendulum-v5's policy (gaussian_mlp, obs 4,
-    action 1), fresh ports, the replay and checkpoints under `workdir`. Returns its path."""
+    """Write `workdir/openpi-rl.toml`: InvertedPendulum-v5's policy (`model`, the [model] table:
+    gaussian_mlp, obs 4, action 1), fresh ports, the replay and checkpoints under `workdir`;
+    `extra` is appended (tables of its own); `ppo` (a PPOConfig) replaces the learner's PPO
+    settings and `learn` the given keys of its table. Returns its path."""
     from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS
 
-    ppo = "\n".join(
-        f"{f.name} = {_toml(getattr(TRAIN_PPO_DEFAULTS, f.name))}"
-        for f in dataclasses.fields(TRAIN_PPO_DEFAULTS)
-        if getattr(TRAIN_PPO_DEFAULTS, f.name) is not None
+    ppo = TRAIN_PPO_DEFAULTS if ppo is None else ppo
+    ppo_lines = "\n".join(
+        f"{f.name} = {_toml(getattr(ppo, f.name))}"
+        for f in dataclasses.fields(ppo)
+        if getattr(ppo, f.name) is not None
     )
     workdir.mkdir(parents=True, exist_ok=True)
     port = {
@@ -99,10 +117,7 @@ value_hidden = [64, 64]
 seed = {seed}
 log_json = true
 
-[model]                     # MuJoCo InvertedPendulum-v5: 4 observations, 1 action
-kind = "gaussian_mlp"
-obs_dim = 4
-action_dim = 1
+{model}
 
 [daemon]
 metrics_port = 0            # not needed by the demo: any free port
@@ -139,8 +154,14 @@ poll_interval_s = 0.05
 heartbeat_s = 0.5
 
 [learn.ppo]                 # openpi-rl train's settings for this task (TRAIN_PPO_DEFAULTS)
-{ppo}
-"""
+{ppo_lines}
+{extra}"""
+    head, table = text.split("\n[learn]\n")
+    for key, value in (learn or {}).items():
+        table, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {_toml(value)}", table, count=1)
+        if n == 0:
+            table = f"{key} = {_toml(value)}\n" + table
+    text = head + "\n[learn]\n" + table
     path = workdir / "openpi-rl.toml"
     path.write_text(text)
     return path

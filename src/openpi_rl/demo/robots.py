@@ -124,11 +124,12 @@ class SimRobot(threading.Thread):
         rescale: bool = False,
         hz: float | None = None,
         timeout_s: float = 5.0,
+        prompt: str | None = None,
     ):
         super().__init__(name=f"robot-{robot_id}", daemon=True)
         self.endpoint, self.robot_id, self.fleet = endpoint, robot_id, fleet
         self.env_id, self.seed, self.rescale, self.hz = env_id, seed, rescale, hz
-        self.timeout_s = timeout_s
+        self.timeout_s, self.prompt = timeout_s, prompt
 
     def run(self) -> None:
         env = EnvBatch(self.env_id, 1, self.seed)
@@ -142,7 +143,8 @@ class SimRobot(threading.Thread):
                 while not fleet.stop.is_set():
                     t0 = time.perf_counter()
                     try:
-                        out = client.infer({"state": env.obs[0]}, episode_id=episode)
+                        obs = {"state": env.obs[0]}
+                        out = client.infer(obs, episode_id=episode, prompt=self.prompt)
                     except Exception as e:  # counted and shown; the robot asks again
                         fleet.error(self.robot_id, e)
                         fleet.stop.wait(0.5)
@@ -185,10 +187,11 @@ def start_robots(
     rescale: bool,
     hz: float | None = None,
     names: tuple[str, ...] = (),
+    prompt: str | None = None,
 ) -> list[SimRobot]:
     names = tuple(names[:n]) + tuple(f"sim-{i}" for i in range(len(names), n))
     robots = [
-        SimRobot(endpoint, name, fleet, env_id, seed + 1000 * i, rescale, hz)
+        SimRobot(endpoint, name, fleet, env_id, seed + 1000 * i, rescale, hz, prompt=prompt)
         for i, name in enumerate(names)
     ]
     for r in robots:

@@ -63,6 +63,9 @@ class DemoConfig:
     """Keep the work directory (replay, checkpoints, service log) and print where it is."""
     ready_timeout_s: float = 300.0
     """Give up when the service is not ready within this long (first start compiles)."""
+    prompt: str | None = None
+    """The task prompt each robot sends with its observations (a model that reads prompts,
+    such as openpi's Pi0-FAST, needs one)."""
 
 
 @dataclasses.dataclass
@@ -134,7 +137,7 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
         rescale = bool(getattr(service.model, "normalized_actions", False))
         robots = start_robots(
             service.endpoint, config.robots, fleet, config.env, config.seed, rescale,
-            config.hz, service.robots,
+            config.hz, service.robots, config.prompt,
         )  # fmt: skip
         seconds = config.minutes * 60.0
         ui = DemoDisplay(
