@@ -35,6 +35,7 @@ ROOTS = [
     ("demo",),
     ("keys",),
     ("keys", "generate"),
+    ("export-openpi",),
 ]
 
 # Flags every page has, whose words are argparse's and tyro's own.

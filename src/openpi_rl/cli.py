@@ -1,5 +1,6 @@
 """`openpi-rl` command line: one subcommand per role (`serve`, `bridge`, `learn`), the supervisor
-of all three (`daemon`), `train` (gym tasks), `check`, `replay`, `admin`, `demo`, `keys`."""
+of all three (`daemon`), `train` (gym tasks), `check`, `replay`, `admin`, `demo`, `keys`,
+`export-openpi` (a version back to openpi's checkpoint layout)."""
 
 from __future__ import annotations
 
@@ -266,6 +267,14 @@ def keys_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_openpi_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl export-openpi OUT --config FILE [--version N]`: a published version as an
+    openpi checkpoint (service/export.py)."""
+    from openpi_rl.service.export import export_main
+
+    return export_main(sys.argv[1:] if argv is None else argv)
+
+
 COMMANDS = {
     "train": train_main,
     "serve": serve_main,
@@ -277,6 +286,7 @@ COMMANDS = {
     "admin": admin_main,
     "demo": demo_main,
     "keys": keys_main,
+    "export-openpi": export_openpi_main,
 }
 
 

@@ -9,19 +9,23 @@ publishes a version that holds only those, and the running server swaps to it.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 from service_helpers import free_port, wait_for
 
 from openpi_rl.daemon import Learner
 from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
+from openpi_rl.policy_server.inputs import RobotInputs
 from openpi_rl.replay import ReplayReader
 from openpi_rl.service.config import ServiceFile
+from openpi_rl.service.export import export_main
 from openpi_rl_client import PolicyClient
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -182,3 +186,17 @@ def test_openpi_client_robot_fine_tunes_a_pretrained_pi0_fast_with_lora(
     # The LoRA version holds only what trains (adapters, value head, their optimizer state).
     v0, v1 = _bytes(tmp_path / "ckpt" / "0"), _bytes(tmp_path / "ckpt" / "1")
     assert v1 < 0.5 * v0, (v0, v1)
+
+    # Version 1 goes back to openpi's layout; a config starting from it acts as the server did.
+    out = tmp_path / "exported"
+    assert export_main([str(out), "--config", str(path), "--version", "1"]) == 0
+    assert (out / "assets" / "norm_stats.json").read_bytes() == (
+        LIBERO / "assets" / "norm_stats.json"
+    ).read_bytes()
+    config = dataclasses.replace(service.role_config("serve").model, checkpoint=str(out))
+    inputs = RobotInputs(config.obs_spec, config.tokenize, default="libero")
+    raw = {k.split("/", 1)[1]: golden[k] for k in golden.files if k.startswith("0/")}
+    obs = {k: np.asarray(v)[None] for k, v in inputs.observation("r", raw, prompts[0]).items()}
+    ids = config.create(jax.random.key(0)).decode(jax.random.key(0), obs, greedy=True)["ids"]
+    np.testing.assert_array_equal(np.asarray(ids[0]), rows[after[0]["tid"]].policy_actions)
+    assert export_main([str(out), "--config", str(path)]) == 2  # OUT exists: refused
