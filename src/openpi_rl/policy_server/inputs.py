@@ -16,7 +16,8 @@ table of the config file) names which robot keys are which camera and the state,
 The prompt and the state are tokenized by the model config's `tokenize` (openpi's
 tokenizer and norm stats: models/pi0_fast_openpi.py); the replay stores these arrays and the
 prompt, and the learner trains on the same tokens. The model's actions come out unnormalized
-(its norm stats); the robot gets the leading `action_dims` numbers of each action. The
+(its norm stats); the robot gets the leading `action_dims` numbers of each action, the first
+`delta_action_dims` of them plus its state (openpi's AbsoluteActions). The
 "model" map passes the model's own keys through (robots that send the model's arrays).
 Malformed input raises ValueError naming the key: the server answers `invalid_observation`.
 """
@@ -52,6 +53,10 @@ class InputMap:
     action_dims: int | None = None
     """The robot gets the first this many numbers of each action (openpi's `LiberoOutputs`: 7);
     None: all of them."""
+    delta_action_dims: int = 0
+    """The first this many numbers of each action are relative to the state, and the robot
+    gets them with its state added (openpi's DeltaActions / AbsoluteActions, which its
+    pi0-FAST LIBERO configs apply to the 6 arm dims)."""
 
 
 # The key layouts of openpi's example clients (openpi `examples/{libero,droid,aloha_real}`), as
@@ -64,6 +69,7 @@ PRESETS: dict[str, InputMap] = {
         blank_images=("right_wrist_0_rgb",),
         state=("observation/state",),
         action_dims=7,
+        delta_action_dims=6,  # pi0_fast_libero's extra_delta_transform
     ),
     "droid": InputMap(
         images={
@@ -207,6 +213,8 @@ class RobotInputs:
         for camera in m.blank_images:
             if camera in self.images and camera not in out:
                 out[camera] = np.zeros((*self.images[camera], 3), np.uint8)
+        if m.delta_action_dims and "state" not in out:
+            raise ValueError("observation['state']: missing; the actions are relative to it")
         if self.tokenize is not None and "tokenized_prompt" not in out:
             text = prompt if prompt is not None else m.default_prompt
             if text is None:
@@ -225,7 +233,16 @@ class RobotInputs:
             out.update(self.tokenize(text, state))
         return out
 
-    def actions(self, robot_id: str, actions: np.ndarray) -> np.ndarray:
-        """The model's chunk [H, D] -> the robot's [H, action_dims]."""
-        dims = self.map_of(robot_id).action_dims
-        return actions if dims is None else actions[..., :dims]
+    def actions(
+        self, robot_id: str, actions: np.ndarray, state: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The model's chunk [H, D] -> the robot's [H, action_dims]: relative dims made
+        absolute with the request's `state` [S] (the model's observation["state"])."""
+        m = self.map_of(robot_id)
+        if m.delta_action_dims:
+            if state is None:
+                raise ValueError("delta_action_dims: the request has no state to add")
+            n = m.delta_action_dims
+            actions = np.array(actions, copy=True)
+            actions[..., :n] += np.asarray(state, actions.dtype)[:n]
+        return actions if m.action_dims is None else actions[..., : m.action_dims]

@@ -425,7 +425,9 @@ class PolicyServer(Replies, Transitions, Stages):
             # The replies first (the critical path), then the bookkeeping: the queue has room
             # for these transitions (checked above; this thread is its only producer).
             for i, p in enumerate(group):
-                robot_actions = self.inputs.actions(str(p.msg["robot_id"]), out.actions[i])
+                robot_actions = self.inputs.actions(
+                    str(p.msg["robot_id"]), out.actions[i], p.msg["observation"].get("state")
+                )
                 reply = {
                     "actions": np.ascontiguousarray(robot_actions, np.float32),
                     "policy_version": snapshot.version,
