@@ -3,8 +3,8 @@ published, as an openpi checkpoint again.
 
 The policy improved on the robot goes back where it came from: `OUT/params` in the layout of
 openpi's trainer (what openpi's `restore_params` and its policy server load, and what a
-service's `[model] checkpoint` starts from), and `OUT/assets/norm_stats.json` (the norm stats
-the service used). A LoRA version is written with its adapters (openpi's `_lora` variant
+service's `[model] checkpoint` starts from), and the norm stats the service used in
+`OUT/assets/[ASSET_ID/]norm_stats.json`. A LoRA version is written with its adapters (openpi's `_lora` variant
 layout); the value head stays behind (openpi has none).
 """
 
@@ -28,9 +28,14 @@ class ExportArgs:
     """The service file of the run: its [model] and its checkpoint_dir."""
     version: int | None = None
     """The version to export; None: the newest."""
+    asset_id: str | None = None
+    """Write the norm stats to OUT/assets/ASSET_ID/ (where openpi's policy loader looks: your
+    openpi config's asset_id, e.g. physical-intelligence/libero); None: OUT/assets/."""
 
 
-def export_openpi(config: Path, out: Path, version: int | None = None) -> tuple[int, Path]:
+def export_openpi(
+    config: Path, out: Path, version: int | None = None, asset_id: str | None = None
+) -> tuple[int, Path]:
     """Write version `version` (None: the newest) of `config`'s run to `out` as an openpi
     checkpoint. Returns (the version, its params directory). Raises ValueError naming what is
     wrong (no versions, a model without openpi's layout, `out` existing)."""
@@ -66,15 +71,16 @@ def export_openpi(config: Path, out: Path, version: int | None = None) -> tuple[
     if model.norm_stats is not None:
         stats = Path(model.norm_stats)
         stats = stats / "norm_stats.json" if stats.is_dir() else stats
-        (out / "assets").mkdir(parents=True, exist_ok=True)
-        shutil.copy(stats, out / "assets" / "norm_stats.json")
+        assets = out / "assets" / (asset_id or "")
+        assets.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stats, assets / "norm_stats.json")
     return version, params
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     args = tyro.cli(ExportArgs, args=argv, prog="openpi-rl export-openpi")
     try:
-        version, params = export_openpi(args.config, args.out, args.version)
+        version, params = export_openpi(args.config, args.out, args.version, args.asset_id)
     except (ValueError, FileNotFoundError) as e:
         print(f"openpi-rl export-openpi: {e}", file=sys.stderr)
         return 2
