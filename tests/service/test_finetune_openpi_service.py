@@ -26,6 +26,7 @@ from openpi_rl.policy_server.inputs import RobotInputs
 from openpi_rl.replay import ReplayReader
 from openpi_rl.service.config import ServiceFile
 from openpi_rl.service.export import export_main
+from openpi_rl.weights.start import build_start
 from openpi_rl_client import PolicyClient
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -200,3 +201,12 @@ def test_openpi_client_robot_fine_tunes_a_pretrained_pi0_fast_with_lora(
     ids = config.create(jax.random.key(0)).decode(jax.random.key(0), obs, greedy=True)["ids"]
     np.testing.assert_array_equal(np.asarray(ids[0]), rows[after[0]["tid"]].policy_actions)
     assert export_main([str(out), "--config", str(path)]) == 2  # OUT exists: refused
+
+    # One of our versions as a new run's checkpoint: version 1 again, its value head included.
+    ours = dataclasses.replace(config, checkpoint=str(tmp_path / "ckpt" / "1"))
+    learn = service.role_config("learn")
+    ac = build_start(ours, learn.value_hidden, learn.seed)
+    ids = ac.model.decode(jax.random.key(0), obs, greedy=True)["ids"]
+    np.testing.assert_array_equal(np.asarray(ids[0]), rows[after[0]["tid"]].policy_actions)
+    fresh = build_start(config, learn.value_hidden, learn.seed)
+    assert float(ac.value(None, obs)[0]) != float(fresh.value(None, obs)[0])  # the trained critic

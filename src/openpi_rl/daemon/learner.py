@@ -48,14 +48,15 @@ from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
-from openpi_rl.daemon.warmup import WarmupState
-from openpi_rl.models.choice import ModelConfigError, build_actor_critic
-from openpi_rl.models.finetune import CRITIC, resolve_finetune, trainable
+from openpi_rl.daemon.warmup import CriticWarmup, WarmupState
+from openpi_rl.models.choice import ModelConfigError
+from openpi_rl.models.finetune import resolve_finetune, trainable
 from openpi_rl.replay import ReplayFormatError
 from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.sdnotify import Notifier, config_error
 from openpi_rl.weights.notices import Publisher, ServerWatch, notice_endpoint
 from openpi_rl.weights.operator_state import OperatorState, load_state, state_path
+from openpi_rl.weights.start import build_start
 from openpi_rl.weights.versions import VersionCheckpoints
 
 log = structlog.get_logger("openpi_rl.learner")
@@ -72,7 +73,7 @@ class UpdateResult:
     warmup: bool = False  # a critic warm-up update: value head only, saved aside, not published
 
 
-class Learner:
+class Learner(CriticWarmup):
     """Built from a LearnerConfig; `run()` blocks until `close()` (from any thread) or
     `max_updates`; `step()` is one poll (tests drive it directly)."""
 
@@ -80,7 +81,7 @@ class Learner:
         self.config = config
         self.metrics = LearnerMetrics()
         self.metrics.watch_replay(config.replay_dir)
-        self.ac = build_actor_critic(config.model, config.value_hidden, config.seed)
+        self.ac = build_start(config.model, config.value_hidden, config.seed)
         self.obs_spec = config.model.obs_spec
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
         self.dp = DataParallel(config.ppo, devices)
@@ -176,26 +177,6 @@ class Learner:
         self.counters["corrupt_versions"] += corrupt
         log.error("learner.no_version_restores", versions=versions, start="seed weights")
         return versions[-1], opt_state
-
-    def _resume_warmup(self) -> Any:
-        """The critic warm-up's optimizer state (None when no warm-up is left); a warm-up
-        saved past the version's counters, on this version's policy, is applied."""
-        left = self.config.critic_warmup_updates - self.counters["critic_warmup_updates"]
-        if left <= 0:
-            return None
-        head = nnx.state(self.ac, CRITIC)
-        opt_state = make_optimizer(self.config.ppo).init(head)
-        done = self.counters["critic_warmup_updates"]
-        found = self.warmup.restore(self.version, done, head, opt_state)
-        if found is not None:
-            head, opt_state, meta = found
-            nnx.update(self.ac, head)
-            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
-            log.info(
-                "learner.critic_warmup_resumed", version=self.version,
-                done=self.counters["critic_warmup_updates"], of=self.config.critic_warmup_updates,
-            )  # fmt: skip
-        return self.dp.put_replicated(opt_state)
 
     def _based_on(self, version: int) -> None:
         """The learner now holds `version`'s weights: a LoRA learner's next versions are deltas
@@ -322,8 +303,10 @@ class Learner:
         """One learn step on a built batch; publish the new version unless the guard refuses.
         transitions: how many chunks the batch holds, counted as trained or refused.
         During the critic warm-up, a value-only update (saved aside, not published)."""
-        if self.critic_opt_state is not None:
-            return self._warm_up(batch, transitions)
+        if self.critic_opt_state is not None:  # value head only, not published (warmup.py)
+            m, refused = self._warm_up(batch, transitions)
+            warm = UpdateResult(self.version, False, None, m, transitions=transitions, warmup=True)
+            return refused or warm
         key = jax.random.fold_in(self.key, self.version)
         params, opt_state, metrics = self.dp(
             self.graphdef, self.params, self.rest, self.opt_state, key, batch
@@ -373,35 +356,6 @@ class Learner:
             max_kl=self.config.max_kl,
         )  # fmt: skip
         return UpdateResult(self.version, False, reason, m, transitions=transitions)
-
-    def _warm_up(self, batch: ChunkBatch, transitions: int) -> UpdateResult:
-        """One critic warm-up update: only the value head is differentiated and updated (the
-        policy's weights come out bit-identical); saved aside, not published."""
-        done = self.counters["critic_warmup_updates"]
-        key = jax.random.fold_in(self.key, 2**30 + done)
-        graphdef, head, rest = nnx.split(self.ac, CRITIC, ...)
-        head, rest = self.dp.put_replicated(head), self.dp.put_replicated(rest)
-        head, opt_state, metrics = self.dp(graphdef, head, rest, self.critic_opt_state, key, batch)
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        refused = self._guard(m, transitions)
-        if refused is not None:
-            return dataclasses.replace(refused, warmup=True)
-        nnx.update(self.ac, head)
-        self._set_from(nnx.state(self.ac), self.opt_state)
-        self.counters["critic_warmup_updates"] = done = done + 1
-        self._count("trained", transitions)
-        # meta["version"]: the policy it ran on; a restart applies it only on that version.
-        self.warmup.save(done, nnx.state(self.ac, CRITIC), opt_state, self._meta(m))
-        self.critic_opt_state = opt_state
-        if done >= self.config.critic_warmup_updates:
-            self.critic_opt_state = None  # the policy moves from the next update on
-        self.metrics.critic_warmup.inc()
-        log.info(
-            "learner.critic_warmup", update=done, of=self.config.critic_warmup_updates,
-            version=self.version, value_loss=round(m["value_loss"], 4),
-            explained_variance=round(m["explained_variance"], 3),
-        )  # fmt: skip
-        return UpdateResult(self.version, False, None, m, transitions=transitions, warmup=True)
 
     def _count(self, fate: str, n: int) -> None:
         self.counters[f"transitions_{fate}"] += n

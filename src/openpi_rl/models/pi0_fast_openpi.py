@@ -102,8 +102,9 @@ class Pi0FASTOpenPIConfig:
     norm_stats: str | None = None  # openpi's norm_stats.json (or its directory)
     checkpoint: str | None = None
     """The weights every role starts from (version 0): an openpi checkpoint directory (its
-    `<step>/`, the `params/` in it, or a released checkpoint's directory). None: random
-    weights from the seed. LoRA adapters a base checkpoint lacks start at b = 0 (the model is
+    `<step>/`, the `params/` in it, or a released checkpoint's directory), or a version an
+    openpi-rl learner published (`<checkpoint_dir>/<N>`: weights/start.py restores it, value
+    head included). None: random weights from the seed. LoRA adapters a base checkpoint lacks start at b = 0 (the model is
     the checkpoint's); the value head always starts fresh."""
     use_quantile_norm: bool = True  # openpi normalises Pi0-FAST's data with quantiles
     action_horizon: int = 10  # actions per chunk

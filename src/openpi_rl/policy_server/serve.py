@@ -15,7 +15,7 @@ from typing import Annotated
 import structlog
 from prometheus_client import start_http_server
 
-from openpi_rl.models.choice import ModelChoice, ModelConfigError, build_actor_critic
+from openpi_rl.models.choice import ModelChoice, ModelConfigError
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 from openpi_rl.policy_server.admin import TOKEN_ENV, AdminEndpoint
 from openpi_rl.policy_server.inputs import InputMap, RobotInputs
@@ -26,6 +26,7 @@ from openpi_rl.policy_server.swapper import SwapOptions, Swapper
 from openpi_rl.replay import ReplayConfig, ReplayFormatError, ReplayLocked
 from openpi_rl.sdnotify import HealthWatchdog, config_error, zmq_health
 from openpi_rl.secret import SECRET
+from openpi_rl.weights.start import build_start
 
 log = structlog.get_logger("openpi_rl.policy_server")
 
@@ -76,7 +77,7 @@ class ServeConfig:
 
 def build_server(config: ServeConfig) -> PolicyServer:
     """The server of `config`; raises ModelConfigError when its model does not build."""
-    ac = build_actor_critic(config.model, config.value_hidden, config.seed)  # the learner's v0
+    ac = build_start(config.model, config.value_hidden, config.seed)  # the learner's v0
     replay = (
         ReplayConfig(
             path=config.replay_dir,

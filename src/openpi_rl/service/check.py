@@ -322,9 +322,15 @@ def _model_error(model: Any, value_hidden: tuple[int, ...], seed: int) -> str | 
     from openpi_rl.models.choice import ModelConfigError, build_actor_critic
 
     if getattr(model, "checkpoint", None) is not None:
+        from openpi_rl.weights.start import is_version_dir
+        from openpi_rl.weights.versions import CorruptVersion, read_manifest
+
         try:  # its tree against the model's, from metadata; traced below without its weights
-            model.check_checkpoint()
-        except (OSError, ValueError) as e:
+            if is_version_dir(model.checkpoint):  # one of ours: restored (and verified) at start
+                read_manifest(model.checkpoint)
+            else:
+                model.check_checkpoint()
+        except (OSError, ValueError, CorruptVersion) as e:
             return f"{type(model).__name__}.checkpoint: {e}"
         model = dataclasses.replace(model, checkpoint=None)
 

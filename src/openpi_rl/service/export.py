@@ -41,8 +41,8 @@ def export_openpi(
     wrong (no versions, a model without openpi's layout, `out` existing)."""
     from flax import nnx
 
-    from openpi_rl.models.choice import build_actor_critic
     from openpi_rl.service.config import ServiceFile
+    from openpi_rl.weights.start import build_start
     from openpi_rl.weights.versions import VersionCheckpoints, restore_version
 
     learn = ServiceFile.load(config).role_config("learn")
@@ -65,7 +65,7 @@ def export_openpi(
         checkpoints.verify(version)
     finally:
         checkpoints.close()
-    ac = build_actor_critic(model, learn.value_hidden, learn.seed)
+    ac = build_start(model, learn.value_hidden, learn.seed)
     nnx.update(ac, restore_version(path, ac))
     params = ac.model.save_openpi(out)
     if model.norm_stats is not None:

@@ -13,7 +13,6 @@ import time
 from collections import deque
 from typing import Annotated, Literal
 
-import jax
 import numpy as np
 import structlog
 from flax import nnx
@@ -21,7 +20,6 @@ from flax import nnx
 from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.finetune import Finetune, resolve_finetune, trainable
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
-from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig
 from openpi_rl.rl.reward import RewardConfig
 from openpi_rl.secret import SECRET
@@ -30,6 +28,7 @@ from openpi_rl.train.display import TrainDisplay
 from openpi_rl.train.envs import EnvBatch
 from openpi_rl.train.learner import RolloutLearner
 from openpi_rl.train.rewards import build_reward
+from openpi_rl.weights.start import build_start
 
 log = structlog.get_logger("openpi_rl.train")
 
@@ -129,13 +128,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     model_config = config.model.for_env(env.obs_dim, env.action_dim)
     n, t_len = config.num_envs, config.rollout_length
     h, d = model_config.action_horizon, model_config.action_dim
-    key = jax.random.key(config.seed)
-    ac = ActorCritic(
-        model_config.create(jax.random.fold_in(key, 0)),
-        value_in_dim=model_config.value_in_dim,
-        value_hidden=config.value_hidden,
-        rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
-    )
+    ac = build_start(model_config, config.value_hidden, config.seed)  # a checkpoint's, or seeded
     learner = RolloutLearner(
         ac, ppo, config.seed, t_len, n, env.obs_dim, (h, d),
         trainable=trainable(resolve_finetune(ac, config.finetune)),
