@@ -83,7 +83,11 @@ def test_input_maps_name_their_errors():
     config = libero_model()
     with pytest.raises(ValueError, match="unknown input map 'franka'"):
         RobotInputs(config.obs_spec, config.tokenize, default="franka")
-    with pytest.raises(ValueError, match=r"input_maps.arm: camera\(s\) \['top'\]"):
+    with pytest.raises(
+        ValueError, match=r"input map 'droid': camera\(s\) \['base_1_rgb', 'wrist_0_rgb'\]"
+    ):
+        RobotInputs(config.obs_spec, config.tokenize, default="droid")  # LIBERO's cameras
+    with pytest.raises(ValueError, match=r"input map 'arm': camera\(s\) \['top'\]"):
         RobotInputs(config.obs_spec, config.tokenize, {"arm": InputMap(images={"top": "x"})})
     inputs = RobotInputs(config.obs_spec, config.tokenize, default="libero")
     image = np.zeros((8, 8, 3), np.uint8)

@@ -60,7 +60,10 @@ class InputMap:
 
 
 # The key layouts of openpi's example clients (openpi `examples/{libero,droid,aloha_real}`), as
-# openpi's `LiberoInputs`, `DroidInputs` and `AlohaInputs` read them. ALOHA's joint-space
+# openpi's `LiberoInputs`, `DroidInputs` and `AlohaInputs` read them for Pi0-FAST. The model's
+# `cameras` name the same images in the order openpi feeds them: LIBERO and ALOHA
+# ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"), DROID ("base_0_rgb", "base_1_rgb",
+# "wrist_0_rgb"). ALOHA's joint-space
 # conversion (`adapt_to_pi`) is not applied: a checkpoint trained with it needs it robot-side.
 PRESETS: dict[str, InputMap] = {
     "model": InputMap(),
@@ -71,12 +74,13 @@ PRESETS: dict[str, InputMap] = {
         action_dims=7,
         delta_action_dims=6,  # pi0_fast_libero's extra_delta_transform
     ),
+    # openpi's DroidInputs for Pi0-FAST: the blank image sits between the two cameras.
     "droid": InputMap(
         images={
             "base_0_rgb": "observation/exterior_image_1_left",
-            "left_wrist_0_rgb": "observation/wrist_image_left",
+            "wrist_0_rgb": "observation/wrist_image_left",
         },
-        blank_images=("right_wrist_0_rgb",),
+        blank_images=("base_1_rgb",),
         state=("observation/joint_position", "observation/gripper_position"),
         action_dims=8,
     ),
@@ -164,12 +168,13 @@ class RobotInputs:
         self.images = {
             k: s.shape[:2] for k, s in obs_spec.items() if s.dtype == "uint8" and len(s.shape) == 3
         }
-        for name, m in self.maps.items():
+        for name in {default, *self.robots.values(), *(maps or {})}:
+            m = self.maps[name]
             unknown = sorted((set(m.images) | set(m.blank_images)) - set(self.images))
-            if unknown and name not in PRESETS:
+            if unknown:
                 raise ValueError(
-                    f"input_maps.{name}: camera(s) {unknown} not in the model's cameras "
-                    f"{sorted(self.images)}"
+                    f"input map {name!r}: camera(s) {unknown} not in the model's cameras "
+                    f"{sorted(self.images)} (set [model] cameras to the images it feeds)"
                 )
 
     def map_of(self, robot_id: str) -> InputMap:
