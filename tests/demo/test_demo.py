@@ -57,3 +57,48 @@ def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
     # The daemon's children stopped cleanly.
     log = (tmp_path / "service.log").read_text()
     assert '"event": "daemon.stopped"' in log and '"rc": 0' in log
+
+
+def test_a_terminated_demo_stops_its_service(tmp_path):
+    """SIGTERM to `openpi-rl demo` (a benchmark stopped, a CI job cancelled) stops the daemon it
+    started, which runs in its own session: no server, bridge or learner is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "openpi-rl.toml"
+    args = ["demo", "--minutes", "5", "--robots", "1", "--workdir", str(tmp_path), "--no-operator"]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "openpi_rl.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for line in demo.stderr:  # the service is up: its roles are running
+            if "service ready" in line:
+                break
+        else:
+            raise AssertionError(f"demo ended before the service was ready: {demo.wait()}")
+        assert _processes_using(config), "the service's processes run"
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(90)
+    finally:
+        demo.kill()
+    assert _processes_using(config) == []
+
+
+def _processes_using(config) -> list[int]:
+    """Pids whose command line names `config` (the daemon and its roles)."""
+    import os
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(config).encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids

@@ -15,9 +15,12 @@ import dataclasses
 import math
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -98,6 +101,20 @@ class DemoResult:
         return self.last20_return / first if first and not math.isnan(first) else math.nan
 
 
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM stops the demo as Ctrl-C does (KeyboardInterrupt), so `run_demo`'s `finally`
+    stops the daemon: it runs in its own session and would outlive a killed demo. Returns what
+    puts the previous handler back (nothing to do off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
     """Start the daemon, run robots (and the operator) against it, stop it; the figures."""
     t_start = time.monotonic()
@@ -116,6 +133,7 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
     operator = None
     robots = []
     rc = None
+    restore = _stop_on_sigterm()
     try:
         print(f"openpi-rl demo: starting the service ({path})", file=sys.stderr, flush=True)
         daemon.start()
@@ -171,6 +189,7 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
         if operator is not None:
             operator.close()
         rc = daemon.close()
+        restore()
     rows = None
     try:
         from openpi_rl.replay import ReplayReader
