@@ -13,13 +13,20 @@ that trains (Adam's moments of the policy's weights start at that update, not N 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jax
 import structlog
 from flax import nnx
 
+from openpi_rl.models.finetune import CRITIC
+from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.weights.versions import VersionCheckpoints
+
+if TYPE_CHECKING:
+    from openpi_rl.daemon.batch import ChunkBatch
 
 log = structlog.get_logger("openpi_rl.learner")
 
@@ -58,4 +65,59 @@ class WarmupState:
         self.checkpoints.close()
 
 
-__all__ = ["WARMUP_DIR", "WarmupState"]
+class CriticWarmup:
+    """The Learner's warm-up steps (mixed into `Learner`: its ac, counters, data-parallel step,
+    guard and metrics). `critic_opt_state` is None once no warm-up is left."""
+
+    def _resume_warmup(self) -> Any:
+        """The critic warm-up's optimizer state (None when no warm-up is left); a warm-up
+        saved past the version's counters, on this version's policy, is applied."""
+        left = self.config.critic_warmup_updates - self.counters["critic_warmup_updates"]
+        if left <= 0:
+            return None
+        head = nnx.state(self.ac, CRITIC)
+        opt_state = make_optimizer(self.config.ppo).init(head)
+        done = self.counters["critic_warmup_updates"]
+        found = self.warmup.restore(self.version, done, head, opt_state)
+        if found is not None:
+            head, opt_state, meta = found
+            nnx.update(self.ac, head)
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+            log.info(
+                "learner.critic_warmup_resumed", version=self.version,
+                done=self.counters["critic_warmup_updates"], of=self.config.critic_warmup_updates,
+            )  # fmt: skip
+        return self.dp.put_replicated(opt_state)
+
+    def _warm_up(self, batch: ChunkBatch, transitions: int) -> tuple[dict[str, float], Any]:
+        """One critic warm-up update: only the value head is differentiated and updated (the
+        policy's weights come out bit-identical); saved aside, not published. Returns its
+        metrics and the guard's refusal (an UpdateResult) or None."""
+        done = self.counters["critic_warmup_updates"]
+        key = jax.random.fold_in(self.key, 2**30 + done)
+        graphdef, head, rest = nnx.split(self.ac, CRITIC, ...)
+        head, rest = self.dp.put_replicated(head), self.dp.put_replicated(rest)
+        head, opt_state, metrics = self.dp(graphdef, head, rest, self.critic_opt_state, key, batch)
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        refused = self._guard(m, transitions)
+        if refused is not None:
+            return m, dataclasses.replace(refused, warmup=True)
+        nnx.update(self.ac, head)
+        self._set_from(nnx.state(self.ac), self.opt_state)
+        self.counters["critic_warmup_updates"] = done = done + 1
+        self._count("trained", transitions)
+        # meta["version"]: the policy it ran on; a restart applies it only on that version.
+        self.warmup.save(done, nnx.state(self.ac, CRITIC), opt_state, self._meta(m))
+        self.critic_opt_state = opt_state
+        if done >= self.config.critic_warmup_updates:
+            self.critic_opt_state = None  # the policy moves from the next update on
+        self.metrics.critic_warmup.inc()
+        log.info(
+            "learner.critic_warmup", update=done, of=self.config.critic_warmup_updates,
+            version=self.version, value_loss=round(m["value_loss"], 4),
+            explained_variance=round(m["explained_variance"], 3),
+        )  # fmt: skip
+        return m, None
+
+
+__all__ = ["WARMUP_DIR", "CriticWarmup", "WarmupState"]
