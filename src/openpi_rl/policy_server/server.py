@@ -44,7 +44,12 @@ from openpi_rl.policy_server.replies import Replies, _Pending
 from openpi_rl.policy_server.reports import Reports
 from openpi_rl.policy_server.returns import EpisodeReturns
 from openpi_rl.policy_server.robots import RobotLedger
-from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation, padded_sizes
+from openpi_rl.policy_server.snapshot import (
+    PolicySnapshot,
+    example_observation,
+    key_sets,
+    padded_sizes,
+)
 from openpi_rl.policy_server.stages import Stages, SwapStage
 from openpi_rl.policy_server.transitions import Transitions
 from openpi_rl.replay import ReplayAdder, ReplayConfig, ReplayWriter
@@ -131,7 +136,7 @@ class PolicyServer(Replies, Transitions, Stages):
         self._request_metrics: dict[str, tuple[Any, Any]] = {}  # kind -> (counter, histogram)
         self._call_s = 0.0  # running mean of one model call: the predictive hold's ceiling
         self.served = 0
-        self.key_sets = self._key_sets(ac.model)
+        self.key_sets = key_sets(self.obs_spec, ac.model, options.warm_key_sets)
         self._warmed_sorted = {tuple(sorted(k)) for k in self.key_sets}  # as _serve groups them
         example = example_observation(self.obs_spec)
         self.action_shape = tuple(self.snapshot.sample(0, [example]).actions.shape[1:])
@@ -154,22 +159,6 @@ class PolicyServer(Replies, Transitions, Stages):
         only the first time: versions share the jitted sampler). True if outputs are finite."""
         example = example_observation(self.obs_spec)
         return snapshot.warm_up(example, [k for k in self.key_sets if k != tuple(example)])
-
-    def _key_sets(self, model: object) -> tuple[tuple[str, ...], ...]:
-        """Observation key sets compiled before ready: all keys, the required ones, those the
-        model config names as what robots send (`serving_key_sets`), and `warm_key_sets`. A
-        request with another set compiles on the serving path once (logged)."""
-        spec = self.obs_spec
-        sets = [tuple(spec), tuple(k for k, s in spec.items() if not s.optional)]
-        sets += getattr(getattr(model, "config", None), "serving_key_sets", ())
-        sets += self.options.warm_key_sets
-        out: dict[tuple[str, ...], None] = {}
-        for keys in sets:
-            unknown = set(keys) - set(spec)
-            if unknown:
-                raise ValueError(f"warm_key_sets: {sorted(unknown)} not in the model's obs_spec")
-            out[tuple(k for k in spec if k in keys)] = None  # spec order, no duplicates
-        return tuple(out)
 
     @property
     def ready(self) -> bool:

@@ -230,3 +230,22 @@ def example_observation(obs_spec: ObsSpec) -> dict[str, np.ndarray]:
 
 
 __all__ = ["PolicySnapshot", "Sampled", "example_observation", "padded_sizes"]
+
+
+def key_sets(
+    obs_spec: ObsSpec, model: object, extra: Sequence[Sequence[str]] = ()
+) -> tuple[tuple[str, ...], ...]:
+    """Observation key sets a server compiles before ready: all keys, the required ones, those
+    the model config names as what robots send (`serving_key_sets`), and `extra` (the
+    server's `warm_key_sets`). A request with another set compiles on the serving path once
+    (logged). Each set in spec order, no duplicates; an unknown key is a ValueError."""
+    sets = [tuple(obs_spec), tuple(k for k, s in obs_spec.items() if not s.optional)]
+    sets += getattr(getattr(model, "config", None), "serving_key_sets", ())
+    sets += [tuple(k) for k in extra]
+    out: dict[tuple[str, ...], None] = {}
+    for keys in sets:
+        unknown = set(keys) - set(obs_spec)
+        if unknown:
+            raise ValueError(f"warm_key_sets: {sorted(unknown)} not in the model's obs_spec")
+        out[tuple(k for k in obs_spec if k in keys)] = None
+    return tuple(out)
