@@ -144,3 +144,21 @@ def test_paligemma_decode_quick_reports_prefill_and_decode_rate():
     assert figures["openpi"] is False and figures["steps"] == 8
     assert figures["tiny"]["params"] > 0 and figures["tiny"]["ours"]["prefill_ms"] > 0
     assert "decode_tok_per_s" in figures["tiny"]["ours"]  # None when noise beat the timing
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: two servers compile Pi0-FAST; the delta swap itself is
+# covered by tests/policy_server/test_swap.py
+def test_hot_swap_lora_quick_reports_bytes_and_swap_times_side_by_side():
+    """Full versions against LoRA delta versions of one model (tiny_lora here; the README's
+    figures are mid_lora's): every version served, a delta smaller than a full version, and
+    LoRA swaps that read only the delta."""
+    figures = _last_json(
+        "hot_swap.py", "--model-variant", "tiny_lora", "--versions", "3", "--block", "3",
+        "--publish-hz", "1", "--hz", "2",
+    )  # fmt: skip
+    full, lora = figures["full"], figures["lora"]
+    for mode in (full, lora):
+        assert mode["failed"] == 0 and mode["final_version"] == 3 and mode["swaps"] >= 1
+    assert lora["bytes_per_version"] < full["bytes_per_version"] / 2
+    assert lora["bytes_read_per_swap"] < full["bytes_read_per_swap"] / 2
+    assert 0 < figures["lora_over_full"]["bytes_per_version"] < 0.5
