@@ -214,3 +214,35 @@ def test_a_trained_policy_exported_as_an_openpi_checkpoint_is_what_a_service_sta
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     with pytest.raises(ValueError, match="export_openpi: only pi0_fast_openpi"):
         train(PPOTrainConfig(num_train_steps=1, export_openpi=str(tmp_path / "x"), **SMALL), display=False)  # fmt: skip
+
+
+def test_critic_warmup_updates_move_only_the_value_head():
+    """Update 0 of a run with critic_warmup_updates=1 leaves the policy's weights bit-identical
+    and moves the value head; update 1 moves the policy."""
+    import jax
+    from flax import nnx
+
+    from openpi_rl.models.choice import build_actor_critic
+    from openpi_rl.models.finetune import CRITIC
+    from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+    from openpi_rl.train.learner import RolloutLearner
+    from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS
+
+    model = GaussianMLPConfig(obs_dim=4, action_dim=1, action_horizon=1, hidden=(16,))
+    ac = build_actor_critic(model, (16,), 0)
+    learner = RolloutLearner(ac, TRAIN_PPO_DEFAULTS, 0, 8, 2, 4, (1, 1), critic_warmup_updates=1)
+
+    def arrays(*filters):
+        return [np.array(x) for x in jax.tree.leaves(nnx.state(ac, *filters))]
+
+    policy = nnx.All(nnx.Param, nnx.Not(CRITIC))
+    rng = np.random.default_rng(0)
+    rollout = learner.new_rollout()
+    for k in ("obs", "final_obs", "last_obs", "actions", "rewards"):
+        rollout[k] = rng.standard_normal(rollout[k].shape).astype(np.float32)
+    before, head = arrays(policy), arrays(CRITIC)
+    learner.learn(0, rollout)
+    assert all(np.array_equal(a, b) for a, b in zip(before, arrays(policy), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(head, arrays(CRITIC), strict=True))
+    learner.learn(1, rollout)
+    assert not all(np.array_equal(a, b) for a, b in zip(before, arrays(policy), strict=True))

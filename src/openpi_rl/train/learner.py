@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from openpi_rl.models.finetune import CRITIC
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.ppo import PPOConfig, flatten_rollout, gae_advantages, make_optimizer, ppo_update
 
@@ -39,11 +40,15 @@ class RolloutLearner:
         obs_dim: int,
         action_shape: tuple[int, int],
         trainable: nnx.filterlib.Filter = nnx.Param,
+        critic_warmup_updates: int = 0,
     ):
         """trainable: what is differentiated and has optimizer state (models/finetune.py's
-        `trainable`: every param, or LoRA + value head); the rest stays frozen."""
+        `trainable`: every param, or LoRA + value head); the rest stays frozen.
+        critic_warmup_updates: updates 0 .. N-1 train the value head alone."""
         self.ac = ac
         self.config = config
+        self.trainable, self.critic_warmup_updates = trainable, critic_warmup_updates
+        self._critic_opt_state: Any = None  # Adam's state of the head during the warm-up
         self.graphdef, self.params, self.rest = nnx.split(ac, trainable, ...)
         self.opt_state = make_optimizer(config).init(self.params)
         self.key = jax.random.key(seed)
@@ -80,6 +85,7 @@ class RolloutLearner:
             return ppo_update(graphdef, params, rest, opt_state, key, batch, config)
 
         self._act = jax.jit(act)
+        self._learn_fn = jax.jit(learn)  # the warm-up's: other trees, compiled at first use
         self._action_shape = action_shape
         out = jax.eval_shape(
             act,
@@ -98,7 +104,7 @@ class RolloutLearner:
         self._sizes = (num_steps, num_envs, obs_dim, policy.shape[1:], policy.dtype)
         spec = self.new_rollout()
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), spec)
-        lowered = jax.jit(learn).lower(self.params, self.rest, self.opt_state, self.key, abstract)
+        lowered = self._learn_fn.lower(self.params, self.rest, self.opt_state, self.key, abstract)
         # XLA compiles without the GIL: the first rollout runs meanwhile on the other core.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._learn = self._pool.submit(lowered.compile)
@@ -136,11 +142,28 @@ class RolloutLearner:
 
     def learn(self, update: int, rollout: dict[str, np.ndarray]) -> dict[str, float]:
         key = jax.random.fold_in(self.key, 2**30 + update)
+        if update < self.critic_warmup_updates:
+            return self._warm_up(key, rollout)
         learn = self._learn.result()
         self.params, self.opt_state, metrics = learn(
             self.params, self.rest, self.opt_state, key, rollout
         )
         nnx.update(self.ac, self.params)
+        self.refresh()
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def _warm_up(self, key: jax.Array, rollout: dict[str, np.ndarray]) -> dict[str, float]:
+        """A critic warm-up update: only the value head is differentiated and updated, the
+        policy's weights stay bit-identical. The head's Adam state lives for the warm-up only
+        (a run resumed during it starts that afresh); the policy's starts after it."""
+        _, head, rest = nnx.split(self.ac, CRITIC, ...)
+        if self._critic_opt_state is None:
+            self._critic_opt_state = make_optimizer(self.config).init(head)
+        head, self._critic_opt_state, metrics = self._learn_fn(
+            head, rest, self._critic_opt_state, key, rollout
+        )
+        nnx.update(self.ac, head)
+        _, self.params, self.rest = nnx.split(self.ac, self.trainable, ...)
         self.refresh()
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 

@@ -71,6 +71,7 @@ class PPOTrainConfig:
     finetune: Finetune = "auto"
     """What trains: "full" (every weight), "lora" (LoRA adapters + value head, base frozen) or
     "auto" ("lora" when the model has LoRA weights)."""
+    critic_warmup_updates: int = 0  # the first updates train the value head alone (piRL)
     seed: int = 0  # seeds the environments, the initial weights and the sampling
     checkpoint_dir: str | None = None  # orbax checkpoints; a run resumes from the newest
     save_interval: int = 10  # updates between checkpoints
@@ -132,6 +133,7 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
     learner = RolloutLearner(
         ac, ppo, config.seed, t_len, n, env.obs_dim, (h, d),
         trainable=trainable(resolve_finetune(ac, config.finetune)),
+        critic_warmup_updates=config.critic_warmup_updates,
     )  # fmt: skip
 
     update, env_steps = 0, 0
