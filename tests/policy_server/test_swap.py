@@ -523,3 +523,40 @@ def test_retention_keeps_the_base_of_every_kept_delta(tmp_path):
         assert checkpoints.versions() == [5, 6]
     finally:
         checkpoints.close()
+
+
+def test_a_restarted_server_starts_on_a_delta_with_its_base_and_then_reads_deltas_alone(tmp_path):
+    """The newest version on disk is a LoRA delta: the server starts on base + delta (before
+    warm-up) and knows its base, so the next delta (pinned here) reads only its own arrays."""
+    from openpi_rl.models.finetune import CRITIC
+
+    ac = build_actor_critic(CONFIG, (16,), 0)
+    checkpoints = VersionCheckpoints(tmp_path / "ckpt")
+    checkpoints.save(0, nnx.state(ac), {"step": np.zeros(())}, {})
+    for v in (1, 2):
+        head = jax.tree.map(lambda x, v=v: x + v, nnx.state(ac, CRITIC))
+        checkpoints.save(v, head, {"step": np.zeros(())}, {}, base=0)
+    checkpoints.close()
+    server = PolicyServer(ac, ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=1))
+    options = SwapOptions(
+        learner_endpoint=None, checkpoint_dir=str(tmp_path / "ckpt"), restore_in_worker=False
+    )
+    swapper = Swapper(server, options)
+    n_head = len(jax.tree.leaves(nnx.state(ac, CRITIC)))
+    try:
+        assert server.snapshot.version == 2 and swapper.base[0] == 0
+        server.warm_up()
+        swapper.pin(1)
+        assert server.snapshot.version == 1
+        assert swapper.last_restore["delta_only"] and swapper.last_restore["arrays"] == n_head
+        expected = build_actor_critic(CONFIG, (16,), 0)
+        nnx.update(expected, jax.tree.map(lambda x: x + 1, nnx.state(expected, CRITIC)))
+        for got, want in zip(
+            jax.tree.leaves(server.snapshot.state),
+            jax.tree.leaves(nnx.state(expected)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        swapper.close()
+        server.close()  # never ran: released here
