@@ -221,7 +221,7 @@ def restore_leaves(path: str | pathlib.Path, target: Any, *, base: bool = True) 
         leaves = jax.tree.leaves(restore_weights(path, target))
         return dict(enumerate(leaves))
     # The delta's own tree (its paths, from orbax's metadata), leaves taken from `target`.
-    stored = ocp.StandardCheckpointHandler().metadata(path / WEIGHTS)
+    stored = _stored_tree(path / WEIGHTS)
     with ocp.StandardCheckpointer() as ckptr:
         missing: list[str] = []
 
@@ -239,6 +239,23 @@ def restore_leaves(path: str | pathlib.Path, target: Any, *, base: bool = True) 
     for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]:
         out[index[_names(p)][0]] = x
     return out
+
+
+_TREES: dict[bytes, Any] = {}
+
+
+def _stored_tree(weights: pathlib.Path) -> Any:
+    """orbax's tree metadata of a saved `weights` item. Reading it costs ~75 ms (tensorstore
+    opens every array's metadata) where restoring a LoRA delta costs ~20 ms, and every delta of
+    a run has the same tree: kept by the bytes of orbax's `_METADATA` file (the newest only)."""
+    try:
+        key = (weights / "_METADATA").read_bytes()
+    except OSError:
+        return ocp.StandardCheckpointHandler().metadata(weights)
+    if key not in _TREES:
+        _TREES.clear()
+        _TREES[key] = ocp.StandardCheckpointHandler().metadata(weights)
+    return _TREES[key]
 
 
 def restore_weights(path: str | pathlib.Path, target: Any) -> Any:
