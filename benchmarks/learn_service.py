@@ -63,7 +63,7 @@ class Args:
     """gaussian_mlp: the service against `openpi-rl train`; pi0_fast_openpi: a pretrained openpi
     Pi0-FAST fine-tuned with LoRA through the service."""
     pretrain_steps: int = 1_500  # pi0_fast_openpi: env steps of the weak pretrained policy
-    lr: float = 3e-4  # pi0_fast_openpi: the learner's PPO step size (LoRA adapters)
+    lr: float = 5e-4  # pi0_fast_openpi: the learner's PPO step size (LoRA adapters)
     warmup: int = 5  # pi0_fast_openpi: value-only updates before the policy moves
     openpi_window: int = 200  # pi0_fast_openpi: episodes in the final mean return
     workdir: str | None = None  # pi0_fast_openpi: keep the checkpoint, replay and logs here
