@@ -3,7 +3,7 @@
 The server hands it what it served: robot, episode, the validated observation and prompt, the
 policy's outputs and version. The adder owns the row's bookkeeping: each robot's step counter
 within its running episode (a new `episode_id` starts again at step 0), the observation record
-(`records.encode_observation`, encoded once), and the ids a reply names before its row is queued
+(`records.encode_observation`, encoded once, on the writer's thread), and the ids a reply names before its row is queued
 (`reserve`). At most `max_robots` robots are remembered, the one heard from least recently
 forgotten first (its next chunk then counts from step 0 of whatever episode it names).
 Serving thread only.
@@ -11,6 +11,7 @@ Serving thread only.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import numpy as np
@@ -58,7 +59,8 @@ class ReplayAdder:
             episode_id=episode_id,
             step=step,
             policy_version=policy_version,
-            obs_bytes=records.encode_observation(observation, prompt),
+            # encoded by the writer's thread: the serving thread goes back to its socket
+            obs_bytes=functools.partial(records.encode_observation, observation, prompt),
             actions=actions,
             policy_actions=policy_actions,
             logp=logp,

@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ class ReplayWriter(Committer):
         episode_id: str,
         step: int,
         policy_version: int,
-        obs_bytes: bytes,
+        obs_bytes: bytes | Callable[[], bytes],
         actions: np.ndarray,
         policy_actions: np.ndarray | None,
         logp: float,
@@ -208,7 +209,9 @@ class ReplayWriter(Committer):
         """Queue one served action chunk; returns its transition id without waiting for disk.
 
         `obs_bytes` is the observation record (`records.encode_observation`; not copied: do not
-        mutate); `ReplayAdder` makes it from a served request.
+        mutate), or a function that makes it: `ReplayAdder` passes one, so the encoding (and
+        the arrays') happens on the writer's thread, not on the server's between a reply and
+        the next request. The arrays passed must not change after the call.
         `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
         from `actions`. `tid`: an id taken with `new_id()` (default: a new one). Raises
         `ReplayFull` when the queue stays full, `ReplayClosed` after close.
@@ -224,8 +227,8 @@ class ReplayWriter(Committer):
             float(t_mono),
             time.time(),
             obs_bytes,
-            records.encode_array(np.asarray(actions)),
-            records.encode_array(None if policy_actions is None else np.asarray(policy_actions)),
+            np.asarray(actions),
+            None if policy_actions is None else np.asarray(policy_actions),
             float(logp),
             float(value),
         )
@@ -339,6 +342,9 @@ class ReplayWriter(Committer):
         if item[0] != APPEND:
             return item
         (_, tid, robot, ep, step, ver, t_mono, t_wall, obs, act, pact, logp, value) = item
+        if callable(obs):  # encoded here, off the serving thread (ReplayAdder)
+            obs = obs()
+        act, pact = records.encode_array(act), records.encode_array(pact)
         seg = self._segment_for(len(obs))
         off, length, crc = seg.append(obs)
         if self.config.fsync_interval_s is not None:
