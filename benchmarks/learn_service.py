@@ -69,7 +69,6 @@ class Args:
     workdir: str | None = None  # pi0_fast_openpi: keep the checkpoint, replay and logs here
 
 
-TOKENIZERS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tokenizers"
 PROMPT = "balance the pole"
 
 
@@ -132,7 +131,8 @@ def main(args: Args) -> dict:
 
 
 def main_openpi(args: Args) -> dict:
-    from openpi_rl.models.pi0_fast_openpi import Pi0FASTOpenPIConfig
+    from learn_inverted_pendulum import token_model
+
     from openpi_rl.replay import ReplayReader
     from openpi_rl.train.train_ppo import TRAIN_PPO_DEFAULTS
 
@@ -140,16 +140,10 @@ def main_openpi(args: Args) -> dict:
     pretrain = 300 if args.quick else args.pretrain_steps
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learn-service-openpi-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model = Pi0FASTOpenPIConfig(
-        gemma_variant="dummy",  # width 64, depth 2; the vocabulary is the tokenizer's (980)
-        scan=False,
-        paligemma_tokenizer=str(TOKENIZERS / "paligemma_tiny.model"),
-        fast_tokenizer=str(TOKENIZERS / "fast_tiny"),
-        action_horizon=1,
-        max_token_len=32,
-        max_decoding_steps=6,  # "Action: " (3 ids), one FAST id, "|", EOS
-        prompt=PROMPT,
-    )
+    # learn_inverted_pendulum.py's openpi Pi0-FAST: dummy PaliGemma, the tokenizer fixtures, one
+    # action per chunk, the state written into the fixed prompt "balance the pole".
+    model = token_model("pi0_fast_openpi")
+    assert model.prompt == PROMPT
     t0 = time.perf_counter()
     pre = train(
         PPOTrainConfig(
