@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import websockets.sync.client
 
-from openpi_rl.replay import ReplayConfig, ReplayWriter
+from openpi_rl.replay import ReplayConfig, ReplayWriter, records
 from openpi_rl.reward_bridge import BridgeConfig, RewardBridge
 
 OPERATORS = {"ana": "tok-ana-0123456789", "bob": "tok-bob-9876543210"}
@@ -27,6 +27,47 @@ def add_transitions(writer: ReplayWriter, robot: str, episode: str, n: int, gap_
             time.sleep(gap_s)
     writer.flush()
     return ids
+
+
+def scene(h: int, w: int, shift: int = 0) -> np.ndarray:
+    """A camera picture, uint8 [h, w, 3]: colour gradients and a red block `shift` pixels
+    along (so two frames of one robot differ where the block moved)."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), np.full_like(x, 96)], -1)
+    img = img.astype(np.uint8)
+    left = (w // 4 + shift) % w
+    img[h // 4 : h // 2, left : left + w // 5] = (230, 40, 40)
+    return img
+
+
+def add_observation(
+    writer: ReplayWriter,
+    robot: str,
+    episode: str,
+    step: int,
+    observation: dict,
+    version: int = 3,
+    reward: float | None = None,
+    done: bool = False,
+) -> int:
+    """Append one transition holding `observation` (a real observation record), optionally
+    reported with `reward` (and `done`); committed on return. Its id."""
+    tid = writer.append_transition(
+        robot,
+        episode,
+        step,
+        version,
+        records.encode_observation(observation),
+        np.zeros((2, 2), np.float32),
+        None,
+        -0.1,
+        0.0,
+        0.0,
+    )
+    if reward is not None:
+        writer.report(tid, reward, done=done, truncated=False).result(10)
+    writer.flush()
+    return tid
 
 
 def counted(bridge: RewardBridge, name: str, **labels: str) -> float:

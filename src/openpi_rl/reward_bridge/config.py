@@ -50,6 +50,17 @@ class BridgeConfig:
     status_interval_s: float = 0.5
     """How often the bridge reads the replay for the pendants' live status (pushed when it
     changed, and at least every 5 s)."""
+    frame_interval_s: float | None = 0.5
+    """A robot's newest camera frame (each image of its latest stored observation, as a JPEG
+    thumbnail) goes to the pendants showing that robot at most once per this many seconds, and
+    only when it has a newer transition; None: no frames."""
+    frame_max_side: int = 160
+    """The thumbnails' longer side, in pixels (never enlarged)."""
+    returns_interval_s: float = 2.0
+    """How often the bridge re-reads the mean return per policy version for the pendants'
+    chart (pushed when it changed)."""
+    returns_episodes: int = 10_000
+    """The chart covers this many most recently ended episodes."""
     ack_timeout_s: float = 10.0
     """An event not committed by then gets a `not_stored` error (resend with the same key)."""
     auth_timeout_s: float = 10.0
@@ -88,3 +99,18 @@ class BridgeConfig:
     handshake_timeout_s: float = 5.0
     """A WebSocket handshake or an HTTP request (headers and body) not done by then is dropped
     (slow-loris)."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("frame_interval_s", self.frame_interval_s is None or self.frame_interval_s > 0),
+            ("frame_max_side", self.frame_max_side >= 8),
+            ("returns_interval_s", self.returns_interval_s > 0),
+            ("returns_episodes", self.returns_episodes >= 1),
+        )
+        for name, ok in checks:
+            if not ok:
+                want = {"frame_max_side": "at least 8", "returns_episodes": "at least 1"}
+                raise ValueError(
+                    f"{name}: expected {want.get(name, 'a positive number')},"
+                    f" got {getattr(self, name)!r}"
+                )

@@ -61,6 +61,17 @@ class BridgeMetrics:
             ["outcome"],
             registry=r,
         )
+        self.frames = Counter(
+            "openpi_rl_bridge_frames_total",
+            "Camera frames made for the pendants, by outcome (images, no_image, unreadable).",
+            ["outcome"],
+            registry=r,
+        )
+        self.frames_dropped = Counter(
+            "openpi_rl_bridge_frames_dropped_total",
+            "Frames not sent to a pendant that had messages waiting (the next frame replaces it).",
+            registry=r,
+        )
         self.replay_queue_depth = Gauge(
             "openpi_rl_bridge_replay_queue_depth", "Events waiting for their commit.", registry=r
         )

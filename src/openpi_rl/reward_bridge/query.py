@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from openpi_rl.reward_bridge.events import BadRequest, parse_number, show
+from openpi_rl.reward_bridge.frames import as_image
 from openpi_rl.reward_bridge.metrics import BridgeMetrics
 from openpi_rl.rl.reward import summarize_step
 
@@ -116,7 +117,7 @@ def thumbnail(observation: dict[str, Any], max_side: int = 128) -> str | None:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             continue
-        img = _as_image(arr)
+        img = as_image(arr)
         if img is not None:
             step = max(1, math.ceil(max(img.shape[:2]) / max_side))
             return png_data_url(np.ascontiguousarray(img[::step, ::step]))
@@ -129,21 +130,6 @@ def _leaves(tree: Any):
             yield from _leaves(v)
     elif isinstance(tree, list) and tree and isinstance(tree[0], list):
         yield tree
-
-
-def _as_image(arr: np.ndarray) -> np.ndarray | None:
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # CHW
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or min(arr.shape[:2]) < 8:
-        return None
-    if not np.isfinite(arr).all():
-        return None
-    lo, hi = arr.min(), arr.max()
-    if lo >= -1.0 and hi <= 1.0 and not (arr == arr.round()).all():
-        arr = (arr + 1.0) / 2.0 * 255.0 if lo < 0 else arr * 255.0
-    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def png_data_url(img: np.ndarray) -> str:

@@ -109,6 +109,10 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         self._status: dict[str, dict[str, Any]] = {}
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bridge-status")
         self._reader = None
+        self._replay = None  # a ReplayReader for frames' observations (the reader's thread)
+        self._frames: dict[str, dict[str, Any]] = {}  # robot -> its newest frame (status.py)
+        self._frame_made: dict[str, float] = {}
+        self._returns: list[dict[str, Any]] = []  # the chart: mean return per version
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -197,8 +201,9 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
             return
         self._closed = self._released = True
         self.writer.close()
-        if self._reader is not None:
-            self._db.submit(self._reader.close)  # the connection belongs to that thread
+        for reader in (self._reader, self._replay):
+            if reader is not None:
+                self._db.submit(reader.close)  # the connection belongs to that thread
         self._db.shutdown(wait=True)
 
     async def _main(self) -> None:

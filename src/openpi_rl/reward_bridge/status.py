@@ -1,9 +1,16 @@
 """Live status for the pendants: every `status_interval_s` the bridge reads each robot's
 latest transition and recent rewards from the replay (on its own reader thread) and pushes
-`status` to the pendants when it changed (and at least every 5 s).
+`status` to the pendants when it changed (and at least every 5 s). On the same tick:
+
+- `returns` (the chart): mean return per policy version (`replay.returns`), re-read every
+  `returns_interval_s` and pushed to every pendant when it changed;
+- `frame`: for each robot some pendant shows, its latest transition's camera images as JPEG
+  thumbnails (`frames.py`), made at most once per `frame_interval_s` and only for a newer
+  transition, cached, and sent to the pendants showing that robot (a pendant with messages
+  still waiting skips a frame rather than queue it).
 
 `LiveStatus` is mixed into `RewardBridge` (`server.py`), which owns the reader thread and
-closes it.
+closes its readers.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from openpi_rl.replay import schema
+from openpi_rl.replay import CorruptRecord, MissingRecord, ReplayReader, schema
+from openpi_rl.replay.returns import mean_return_per_version
+from openpi_rl.reward_bridge.frames import frame_message
 
 if TYPE_CHECKING:
     import sqlite3
@@ -42,6 +51,11 @@ class LiveStatus:
     _status: dict[str, dict[str, Any]]
     _db: concurrent.futures.ThreadPoolExecutor  # the reader's one thread
     _reader: sqlite3.Connection | None
+    _replay: ReplayReader | None  # observations for frames, on the reader's thread too
+    _pendants: dict[Any, str | None]  # connection -> robot shown
+    _frames: dict[str, dict[str, Any]]  # robot -> its newest frame message (cache)
+    _frame_made: dict[str, float]  # robot -> when its last frame was made (monotonic)
+    _returns: list[dict[str, Any]]
 
     def _welcome(self, operator: str) -> dict[str, Any]:
         return {
@@ -50,6 +64,7 @@ class LiveStatus:
             "kinds": list(self.rules),
             "status": self._status,
             "queries": self.queries.pending(),
+            "returns": self._returns,
         }
 
     def _status_message(self) -> dict[str, Any]:
@@ -59,7 +74,7 @@ class LiveStatus:
         """Every `status_interval_s`, read each robot's latest transition and recent rewards
         from the replay (the server is another process: the database is the shared truth)."""
         loop = asyncio.get_running_loop()
-        last_sent, sent_at = None, 0.0
+        last_sent, sent_at, returns_at = None, 0.0, -float("inf")
         while True:
             try:
                 status = await loop.run_in_executor(self._db, self._read_status)
@@ -71,8 +86,76 @@ class LiveStatus:
             if status != last_sent or now - sent_at > 5.0:
                 self._broadcast(self._status_message())
                 last_sent, sent_at = status, now
+            if now - returns_at >= self.config.returns_interval_s:
+                returns_at = now
+                await self._push_returns(loop)
+            if self.config.frame_interval_s is not None:
+                await self._push_frames(loop)
             self.metrics.replay_queue_depth.set(self.writer.queue_depth())
             await asyncio.sleep(self.config.status_interval_s)
+
+    async def _push_returns(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            returns = await loop.run_in_executor(self._db, self._read_returns)
+        except Exception:  # as for the status: keep the last chart
+            log.exception("bridge.returns_failed")
+            return
+        if returns != self._returns:
+            self._returns = returns
+            self._broadcast({"type": "returns", "versions": returns})
+
+    def _read_returns(self) -> list[dict[str, Any]]:
+        if self._reader is None:
+            self._reader = schema.connect_reader(Path(self.config.replay_dir))
+        return [
+            r._asdict() for r in mean_return_per_version(self._reader, self.config.returns_episodes)
+        ]
+
+    async def _push_frames(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A new frame for each watched robot whose latest transition changed, at most once per
+        `frame_interval_s` per robot; the cache forgets robots nobody watches."""
+        watched = {robot for robot in self._pendants.values() if robot is not None}
+        for robot in set(self._frames) - watched:
+            del self._frames[robot]
+        for robot in set(self._frame_made) - watched:
+            del self._frame_made[robot]
+        interval = self.config.frame_interval_s or 0.0
+        for robot in sorted(watched):
+            tid = (self._status.get(robot) or {}).get("transition_id")
+            cached = self._frames.get(robot)
+            if tid is None or (cached is not None and cached["transition_id"] == tid):
+                continue
+            now = time.monotonic()
+            if now - self._frame_made.get(robot, -float("inf")) < interval:
+                continue
+            self._frame_made[robot] = now
+            try:
+                frame = await loop.run_in_executor(self._db, self._read_frame, robot, tid)
+            except Exception:  # a bug or a broken store: say so on the page, keep polling
+                log.exception("bridge.frame_failed", robot_id=robot, transition_id=tid)
+                self.metrics.frames.labels("unreadable").inc()
+                note = f"transition {tid}: its observation could not be read (see the bridge log)"
+                frame = frame_message(robot, tid, None, self.config.frame_max_side, note)
+            self._frames[robot] = frame
+            self._send_watching(robot, frame)
+
+    def _read_frame(self, robot: str, tid: int) -> dict[str, Any]:
+        """The frame message of transition `tid` (the robot's newest), on the reader's thread."""
+        if self._replay is None:
+            self._replay = ReplayReader(self.config.replay_dir)
+        side = self.config.frame_max_side
+        rows = self._replay.transitions(since_id=tid - 1, limit=1)  # the row with id tid
+        if not rows or rows[0].id != tid or rows[0].robot_id != robot:
+            self.metrics.frames.labels("unreadable").inc()
+            return frame_message(robot, tid, None, side, f"transition {tid} is gone (retention)")
+        try:
+            arrays = self._replay.observation(rows[0])
+        except (MissingRecord, CorruptRecord, ValueError) as e:
+            self.metrics.frames.labels("unreadable").inc()
+            return frame_message(robot, tid, None, side, str(e))
+        frame = frame_message(robot, tid, arrays, side)
+        self.metrics.frames.labels("images" if frame["cameras"] else "no_image").inc()
+        return frame
 
     def _read_status(self) -> dict[str, dict[str, Any]]:
         if self._reader is None:

@@ -6,7 +6,9 @@ Pendant protocol (JSON text frames): first `{"type": "hello", "token"}` (a wrong
 token closes with 4401; a frame past `max_message_bytes` before it closes with 1009); then
 events (see `events.py`), `{"type": "subscribe", "robot_id"}`,
 `{"type": "answer", "query_id", "reward"}`. The bridge pushes `status` (per robot: latest
-transition's episode, step, policy version; recent rewards), `query` and `query_done`; a
+transition's episode, step, policy version; recent rewards), `returns` (mean return per policy
+version, also in the welcome), `frame` (the subscribed robot's camera images, JPEG data URLs;
+`status.py`), `query` and `query_done`; a
 pendant that stops reading them is closed (1008) once `MAX_PENDING_SENDS` wait for it.
 
 `/query`: the token (when one is needed) in the handshake's `Authorization: Bearer TOKEN`, or
@@ -54,6 +56,7 @@ UNAUTHORIZED = 4401  # WebSocket close code: wrong or missing token
 TRY_AGAIN_LATER = 1013  # RFC 6455 registry: the server is full
 POLICY_VIOLATION = 1008  # a pendant that does not read what it is sent
 MAX_PENDING_SENDS = 64  # messages waiting for one pendant's socket before it is closed
+MAX_WAITING_FRAMES = 2  # a pendant with this many messages waiting skips a camera frame
 INTERNAL_MESSAGE = "internal error (logged by the bridge)"  # never the exception's text
 
 
@@ -69,6 +72,7 @@ class WebSocketPort:
     _ws_slots: ConnectionSlots  # past the handshake
     _proxies: Networks
     _outbox: dict[ServerConnection, int]  # connection -> messages waiting for its socket
+    _frames: dict[str, dict[str, Any]]  # robot -> its newest camera frame (status.py)
 
     def _ws_client(self, connection: ServerConnection, headers: Headers) -> str:
         """The client's address (a trusted proxy's forwarded one): its per-address share."""
@@ -204,6 +208,9 @@ class WebSocketPort:
                 robot = msg.get("robot_id")
                 self._pendants[ws] = None if robot is None else check_id(robot, "robot_id")
                 await self._send(ws, self._status_message())
+                frame = self._frames.get(robot) if isinstance(robot, str) else None
+                if frame is not None:  # else the status poller makes one on its next tick
+                    await self._send(ws, frame)
             elif kind == "answer":
                 self.queries.answer(msg, operator)
             elif kind == "ping":
@@ -263,6 +270,20 @@ class WebSocketPort:
     def _broadcast(self, message: dict[str, Any]) -> None:
         text = json.dumps(message)
         for ws in list(self._pendants):
+            self._spawn(self._send_text(ws, text))
+
+    def _send_watching(self, robot: str, message: dict[str, Any]) -> None:
+        """Send to the pendants showing `robot`, except one with `MAX_WAITING_FRAMES` messages
+        still waiting: a frame is dropped, not queued (the next one replaces it), so a pendant
+        on a slow network sees fewer frames instead of old ones."""
+        text = None
+        for ws, shown in list(self._pendants.items()):
+            if shown != robot:
+                continue
+            if self._outbox.get(ws, 0) >= MAX_WAITING_FRAMES:
+                self.metrics.frames_dropped.inc()
+                continue
+            text = text or json.dumps(message)
             self._spawn(self._send_text(ws, text))
 
     async def _send(self, ws: ServerConnection, message: dict[str, Any]) -> None:

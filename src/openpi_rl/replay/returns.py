@@ -1,0 +1,50 @@
+"""Mean episode return per policy version, read from the store: what the pendant's chart shows.
+
+An episode's return is what the learner learns from: the environment rewards reported for its
+transitions (`episodes.ep_return`) plus the operators' feedback events credited to them
+(`reward_events.transition_id`). Only ended episodes count, and an episode counts for a version
+only if that version served every chunk of it (as the policy server's `EpisodeReturns`, which
+automatic rollback compares versions by): an episode that straddles a hot-swap is left out.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+_PER_VERSION = """
+WITH recent AS (
+    SELECT robot_id, episode_id, ep_return FROM episodes WHERE ended = 1
+    ORDER BY last_transition DESC LIMIT ?
+), per_episode AS (
+    SELECT min(t.policy_version) AS lo, max(t.policy_version) AS hi,
+           r.ep_return + coalesce(sum(e.value), 0) AS ret
+    FROM recent r
+    JOIN transitions t ON t.robot_id = r.robot_id AND t.episode_id = r.episode_id
+    LEFT JOIN reward_events e ON e.transition_id = t.id
+    GROUP BY r.robot_id, r.episode_id
+)
+SELECT lo, count(*), avg(ret) FROM per_episode WHERE lo = hi GROUP BY lo ORDER BY lo
+"""
+
+
+class VersionReturn(NamedTuple):
+    """One policy version's ended episodes (among the recent ones) and their mean return."""
+
+    version: int
+    episodes: int
+    mean_return: float
+
+
+def mean_return_per_version(
+    conn: sqlite3.Connection, last_episodes: int = 10_000
+) -> list[VersionReturn]:
+    """Mean return per policy version over the `last_episodes` ended episodes (newest by their
+    last transition), versions ascending; a version with no such episode is absent.
+
+    `conn`: a connection to the store's database (`schema.connect_reader`). The cost grows
+    with those episodes' transitions, not with the store's size."""
+    if last_episodes < 1:
+        raise ValueError(f"last_episodes: expected a positive count, got {last_episodes}")
+    rows = conn.execute(_PER_VERSION, (last_episodes,)).fetchall()
+    return [VersionReturn(int(v), int(n), float(m)) for v, n, m in rows]
