@@ -20,7 +20,9 @@ demo: $(STAMP)
 # Tests drive Debian's chromium (the pendant page; no browser download), prometheus (scraping
 # the services) and systemd (systemd-analyze verify on the units): whichever is missing is
 # installed here, in one apt-get.
-DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze
+# Mesa's EGL renders MuJoCo's episode videos without a display (openpi-rl eval, the demo).
+DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze \
+	libegl-mesa0=/usr/share/glvnd/egl_vendor.d libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri
 
 test: $(STAMP) lint debs
 	$(PY) -m pytest -q -m "not slow" --durations=15

@@ -18,7 +18,7 @@ PKG = SRC / "openpi_rl"
 LEAVES = {"secret", "config_file"}
 BASE = {"rl", "replay", "client"} | LEAVES
 SEAMS = {"models", "weights", "guards", "sdnotify", "logs"}
-ROLES = {"policy_server", "reward_bridge", "daemon", "train"}
+ROLES = {"policy_server", "reward_bridge", "daemon", "train", "eval"}
 ALLOWED: dict[str, set[str]] = {
     "secret": set(),
     "config_file": {"secret"},

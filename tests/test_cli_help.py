@@ -36,6 +36,7 @@ ROOTS = [
     ("keys",),
     ("keys", "generate"),
     ("export-openpi",),
+    ("eval",),
 ]
 
 # Flags every page has, whose words are argparse's and tyro's own.

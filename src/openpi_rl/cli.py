@@ -1,6 +1,6 @@
 """`openpi-rl` command line: one subcommand per role (`serve`, `bridge`, `learn`), the supervisor
 of all three (`daemon`), `train` (gym tasks), `check`, `replay`, `admin`, `demo`, `keys`,
-`export-openpi` (a version back to openpi's checkpoint layout)."""
+`export-openpi` (a version back to openpi's checkpoint layout), `eval` (episodes of a version)."""
 
 from __future__ import annotations
 
@@ -275,6 +275,45 @@ def export_openpi_main(argv: list[str] | None = None) -> int:
     return export_main(sys.argv[1:] if argv is None else argv)
 
 
+def eval_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl eval [--config openpi-rl.toml] [--checkpoint-dir DIR] [--version N]
+    [--compare M] [--greedy|--sampled] [--video-dir OUT]`: episodes of a version on a gymnasium
+    task, success rate and return with intervals, videos (eval/)."""
+    from openpi_rl.eval import EvalConfig
+    from openpi_rl.eval import eval_main as run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = EvalConfig()
+    if "--config" in argv:  # the service's model, value head and versions
+        from openpi_rl.service.config import ServiceFile
+
+        i = argv.index("--config")
+        path = argv[i + 1] if i + 1 < len(argv) else ""
+        del argv[i : i + 2]
+        try:
+            learn = ServiceFile.load(path).role_config("learn")
+        except (OSError, ValueError) as e:
+            print(f"openpi-rl eval: {path}: {e}", file=sys.stderr)
+            return 2
+        default = EvalConfig(
+            checkpoint_dir=learn.checkpoint_dir, model=learn.model, value_hidden=learn.value_hidden
+        )
+    short = {"--greedy": ["--policy", "greedy"], "--sampled": ["--policy", "sampled"]}
+    argv = [x for a in argv for x in short.get(a, [a])]
+    config = _parse(
+        EvalConfig,
+        _seed_style_args(argv),
+        default,
+        prog="openpi-rl eval",
+        description="Evaluate a published version on a gymnasium task: success rate and return "
+        "with confidence intervals, episode videos, two versions side by side. --config "
+        "openpi-rl.toml: the service's model and checkpoint_dir.",
+        config=(tyro.conf.CascadeSubcommandArgs,),
+    )
+    configure_logging()
+    return run(config)
+
+
 COMMANDS = {
     "train": train_main,
     "serve": serve_main,
@@ -287,6 +326,7 @@ COMMANDS = {
     "demo": demo_main,
     "keys": keys_main,
     "export-openpi": export_openpi_main,
+    "eval": eval_main,
 }
 
 
