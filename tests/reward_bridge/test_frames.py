@@ -1,10 +1,7 @@
 """The pendant's camera frames and returns chart: the bridge reads the watched robot's newest
 stored observation, sends each camera as a JPEG thumbnail (rate-limited, to the pendants
-showing that robot only), and pushes the mean return per policy version.
-
-JPEG loss bound used here and in the browser test: against the stored picture, mean absolute
-difference <= 3 grey levels (of 255) and 99th percentile <= 32 (4:2:0 chroma blurs the red
-block's edges); a picture whose block moved by 30 pixels is off by a mean of more than 8."""
+showing that robot only), and pushes the mean return per policy version. The JPEG loss
+bound: `conftest.jpeg_close`."""
 
 import base64
 import io
@@ -18,18 +15,20 @@ from PIL import Image
 
 from openpi_rl.reward_bridge import BridgeConfig
 from openpi_rl.reward_bridge.frames import camera_images, frame_message, jpeg_thumbnail
-from tests.reward_bridge.conftest import OPERATORS, add_observation, pendant, recv_type, scene
+from tests.reward_bridge.conftest import (
+    OPERATORS,
+    add_observation,
+    jpeg_close,
+    pendant,
+    recv_type,
+    scene,
+)
 
 
 def decode(data_url: str) -> np.ndarray:
     head, _, b64 = data_url.partition(",")
     assert head == "data:image/jpeg;base64"
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def jpeg_close(got: np.ndarray, want: np.ndarray) -> bool:
-    err = np.abs(got.astype(int) - want.astype(int))
-    return got.shape == want.shape and err.mean() <= 3 and np.percentile(err, 99) <= 32
 
 
 def test_cameras_of_every_stored_layout_and_nothing_else():

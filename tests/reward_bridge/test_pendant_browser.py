@@ -1,22 +1,27 @@
 """The pendant page in a real browser (Debian's chromium, headless, driven by playwright): it
 loads, connects (on its own origin, so behind a proxy too), and a click on "success" becomes a
-committed event on the episode's last transition, acknowledged on the page. Its screenshot is
-docs/pendant.png."""
+committed event on the episode's last transition, acknowledged on the page; it shows the
+watched robot's camera frames and the chart of mean return per policy version, live. The
+README's picture, docs/pendant.png, is made by scripts/pendant_screenshot.py."""
 
 import asyncio
 import contextlib
-import os
-import shutil
 import sqlite3
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.reward_bridge.conftest import OPERATORS, add_transitions
+from tests.reward_bridge.conftest import (
+    OPERATORS,
+    add_observation,
+    add_transitions,
+    jpeg_close,
+    scene,
+)
 
 CHROMIUM = "/usr/bin/chromium"
-DOCS = Path(__file__).parents[2] / "docs"
 pytestmark = pytest.mark.browser
 
 
@@ -61,9 +66,76 @@ def test_click_success_commits_on_the_last_transition_and_shows_the_ack(
     shot = tmp_path / "pendant.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("UPDATE_DOCS") or not (DOCS / "pendant.png").exists():
-        DOCS.mkdir(exist_ok=True)  # the README's picture: UPDATE_DOCS=1 to refresh it
-        shutil.copy(shot, DOCS / "pendant.png")
+    page.close()
+
+
+PIXELS_JS = """async (sel) => {
+  const img = document.querySelector(sel);
+  await img.decode();
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  return [c.width, c.height, Array.from(ctx.getImageData(0, 0, c.width, c.height).data)];
+}"""
+
+
+def shown_pixels(page, camera: str, transition_id: int) -> np.ndarray:
+    """The pixels chromium decoded for the page's <img> of `camera`, once it shows that
+    transition's frame: uint8 [H, W, 3]."""
+    sel = f'#frames img[data-camera="{camera}"][data-transition="{transition_id}"]'
+    page.wait_for_selector(sel, state="attached", timeout=15_000)
+    w, h, rgba = page.evaluate(PIXELS_JS, sel)
+    return np.asarray(rgba, np.uint8).reshape(h, w, 4)[..., :3]
+
+
+def test_the_page_shows_the_robot_s_last_image_and_a_point_per_version(
+    browser, make_bridge, replay
+):
+    """The frame in the page matches the robot's last stored image within JPEG loss
+    (`jpeg_close`), and the chart has one point per version with ended episodes; both update
+    live as the robot goes on."""
+    for version in (1, 2, 3):  # two ended episodes per version
+        for ep in range(2):
+            obs = {"top": scene(96, 128, shift=10 * version + ep)}
+            add_observation(
+                replay, "arm-1", f"ep-{version}-{ep}", 0, obs, version, 5.0 * version + ep, True
+            )
+    top, wrist = scene(96, 128, shift=50), scene(64, 64, shift=5)
+    tid = add_observation(replay, "arm-1", "ep-live", 0, {"top": top, "wrist": wrist}, 3)
+    bridge = make_bridge(frame_interval_s=0.1, returns_interval_s=0.1)
+    page = browser.new_page(viewport={"width": 412, "height": 915})
+    page.goto(f"http://127.0.0.1:{bridge.ws_port}/#token={OPERATORS['ana']}")
+    page.wait_for_selector("#conn[data-state=connected]", timeout=15_000)
+    page.select_option("#robot", "arm-1")
+    shown = shown_pixels(page, "top", tid)
+    assert jpeg_close(shown, top) and not jpeg_close(shown, scene(96, 128, shift=80))
+    assert jpeg_close(shown_pixels(page, "wrist", tid), wrist)
+    assert page.text_content("#frame-note").startswith("step 0 · ")  # and how old it is
+    page.wait_for_function("document.querySelectorAll('#chart circle.pt').length === 3")
+    means = page.eval_on_selector_all("#chart circle.pt", "cs => cs.map(c => +c.dataset.mean)")
+    assert means == [5.5, 10.5, 15.5]
+
+    # The robot goes on: a version-4 episode ends and a new picture is stored.
+    later = scene(96, 128, shift=80)
+    obs = {"top": later, "wrist": wrist}
+    tid2 = add_observation(replay, "arm-1", "ep-4", 0, obs, 4, 30.0, True)
+    assert jpeg_close(shown_pixels(page, "top", tid2), later)
+    page.wait_for_function("document.querySelectorAll('#chart circle.pt').length === 4")
+    page.close()
+
+
+def test_a_robot_without_a_camera_says_so(browser, make_bridge, replay):
+    tid = add_observation(replay, "arm-1", "ep-1", 0, {"state": np.ones(4, np.float32)})
+    bridge = make_bridge(frame_interval_s=0.1)
+    page = browser.new_page(viewport={"width": 412, "height": 915})
+    page.goto(f"http://127.0.0.1:{bridge.ws_port}/#token={OPERATORS['ana']}")
+    page.wait_for_function(
+        "document.getElementById('frame-note').textContent.includes('no camera image')"
+    )
+    assert f"transition {tid}" in page.text_content("#frame-note")
+    assert page.query_selector_all("#frames img") == []
+    assert page.text_content("#chart-note") == "no ended episode yet"
     page.close()
 
 

@@ -54,8 +54,9 @@ class BridgeConfig:
     """A robot's newest camera frame (each image of its latest stored observation, as a JPEG
     thumbnail) goes to the pendants showing that robot at most once per this many seconds, and
     only when it has a newer transition; None: no frames."""
-    frame_max_side: int = 160
-    """The thumbnails' longer side, in pixels (never enlarged)."""
+    frame_max_side: int = 224
+    """The thumbnails' longer side, in pixels (never enlarged; openpi's 224 x 224 cameras go
+    as they are, 3-12 KB each as JPEG)."""
     returns_interval_s: float = 2.0
     """How often the bridge re-reads the mean return per policy version for the pendants'
     chart (pushed when it changed)."""

@@ -148,12 +148,13 @@ class LiveStatus:
         if not rows or rows[0].id != tid or rows[0].robot_id != robot:
             self.metrics.frames.labels("unreadable").inc()
             return frame_message(robot, tid, None, side, f"transition {tid} is gone (retention)")
+        when = {"step": rows[0].step, "t_wall": rows[0].t_wall}
         try:
             arrays = self._replay.observation(rows[0])
         except (MissingRecord, CorruptRecord, ValueError) as e:
             self.metrics.frames.labels("unreadable").inc()
-            return frame_message(robot, tid, None, side, str(e))
-        frame = frame_message(robot, tid, arrays, side)
+            return frame_message(robot, tid, None, side, str(e), **when)
+        frame = frame_message(robot, tid, arrays, side, **when)
         self.metrics.frames.labels("images" if frame["cameras"] else "no_image").inc()
         return frame
 
