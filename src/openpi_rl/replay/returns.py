@@ -3,8 +3,10 @@
 An episode's return is what the learner learns from: the environment rewards reported for its
 transitions (`episodes.ep_return`) plus the operators' feedback events credited to them
 (`reward_events.transition_id`). Only ended episodes count, and an episode counts for a version
-only if that version served every chunk of it (as the policy server's `EpisodeReturns`, which
-automatic rollback compares versions by): an episode that straddles a hot-swap is left out.
+only if that version served its first and its last chunk: an episode that straddles a hot-swap
+is left out, as the policy server's `EpisodeReturns` (which automatic rollback compares versions
+by) leaves it out. Reading only those two chunks keeps the query's cost to a few row lookups per
+episode (one in which a rollback went back to its first version mid-way still counts).
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from typing import NamedTuple
 
 _PER_VERSION = """
 WITH recent AS (
-    SELECT robot_id, episode_id, ep_return FROM episodes WHERE ended = 1
-    ORDER BY last_transition DESC LIMIT ?
+    SELECT robot_id, episode_id, first_transition, last_transition, ep_return FROM episodes
+    WHERE ended = 1 ORDER BY last_transition DESC LIMIT ?
+), events AS (
+    SELECT t.robot_id, t.episode_id, sum(e.value) AS value
+    FROM reward_events e JOIN transitions t ON t.id = e.transition_id
+    WHERE e.transition_id >= (SELECT min(first_transition) FROM recent)
+    GROUP BY t.robot_id, t.episode_id
 ), per_episode AS (
-    SELECT min(t.policy_version) AS lo, max(t.policy_version) AS hi,
-           r.ep_return + coalesce(sum(e.value), 0) AS ret
+    SELECT f.policy_version AS lo, l.policy_version AS hi,
+           r.ep_return + coalesce(ev.value, 0) AS ret
     FROM recent r
-    JOIN transitions t ON t.robot_id = r.robot_id AND t.episode_id = r.episode_id
-    LEFT JOIN reward_events e ON e.transition_id = t.id
-    GROUP BY r.robot_id, r.episode_id
+    JOIN transitions f ON f.id = r.first_transition
+    JOIN transitions l ON l.id = r.last_transition
+    LEFT JOIN events ev ON ev.robot_id = r.robot_id AND ev.episode_id = r.episode_id
 )
 SELECT lo, count(*), avg(ret) FROM per_episode WHERE lo = hi GROUP BY lo ORDER BY lo
 """
@@ -43,7 +50,7 @@ def mean_return_per_version(
     last transition), versions ascending; a version with no such episode is absent.
 
     `conn`: a connection to the store's database (`schema.connect_reader`). The cost grows
-    with those episodes' transitions, not with the store's size."""
+    with the number of episodes and the events on them, not with their transitions."""
     if last_episodes < 1:
         raise ValueError(f"last_episodes: expected a positive count, got {last_episodes}")
     rows = conn.execute(_PER_VERSION, (last_episodes,)).fetchall()
