@@ -214,23 +214,33 @@ def demo_main(argv: list[str] | None = None) -> int:
     return run(config)
 
 
-def replay_main(argv: list[str] | None = None) -> int:
-    """`openpi-rl replay stats DIR`, `openpi-rl replay migrate DIR`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("stats", "migrate"):
-        from openpi_rl.replay import migrate_main, stats_main
+REPLAY_COMMANDS = {
+    "stats": "stats_main",
+    "migrate": "migrate_main",
+    "export-lerobot": "export_lerobot_main",
+    "import-lerobot": "import_lerobot_main",
+}
 
-        return (stats_main if argv[0] == "stats" else migrate_main)(argv[1:])
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """`openpi-rl replay stats DIR`, `migrate DIR`, `export-lerobot DIR OUT`,
+    `import-lerobot DATASET DIR`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in REPLAY_COMMANDS:
+        from openpi_rl.replay import cli as replay_cli
+
+        return getattr(replay_cli, REPLAY_COMMANDS[argv[0]])(argv[1:])
     parser = argparse.ArgumentParser(
         prog="openpi-rl replay", description="The disk replay of served chunks and rewards."
     )
     parser.add_argument(
         "command",
-        choices=("stats", "migrate"),
+        choices=tuple(REPLAY_COMMANDS),
         metavar="COMMAND",
         help="stats DIR: rows, episodes and bytes, per robot (JSON); migrate DIR: bring a "
-        "directory an older openpi-rl wrote to the current format. `openpi-rl replay COMMAND "
-        "--help`: its options",
+        "directory an older openpi-rl wrote to the current format; export-lerobot DIR OUT: "
+        "episodes as a LeRobot dataset; import-lerobot DATASET DIR: a LeRobot dataset as "
+        "demonstrations. `openpi-rl replay COMMAND --help`: its options",
     )
     parser.parse_args(argv)  # --help: exit 0; no or another command: a usage error, exit 2
     return 2
@@ -296,8 +306,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             print(f"openpi-rl eval: {path}: {e}", file=sys.stderr)
             return 2
         default = EvalConfig(
-            checkpoint_dir=learn.checkpoint_dir, model=learn.model, value_hidden=learn.value_hidden
-        )
+            checkpoint_dir=learn.checkpoint_dir, model=learn.model,
+            value_hidden=learn.value_hidden, model_seed=learn.seed,
+        )  # fmt: skip
     short = {"--greedy": ["--policy", "greedy"], "--sampled": ["--policy", "sampled"]}
     argv = [x for a in argv for x in short.get(a, [a])]
     config = _parse(

@@ -106,3 +106,29 @@ def test_a_missing_version_is_named_with_the_ones_there(checkpoint_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "no published version 7" in err and f"[0, {UPDATES}]" in err
+
+
+def test_version_0_deleted_by_retention_is_rebuilt_from_the_seed(checkpoint_dir, tmp_path):
+    """The learner keeps its newest versions only; version 0 is the seeded start every role
+    builds, so it is evaluated from the seed, identical to the saved one."""
+    import shutil
+
+    import jax
+
+    from openpi_rl.eval import load_version
+
+    pruned = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint_dir / str(UPDATES), pruned / str(UPDATES))
+    model = GaussianMLPConfig(obs_dim=4, action_dim=1)
+    saved = load_version(checkpoint_dir, 0, model, (64, 64), seed=0)
+    rebuilt = load_version(pruned, 0, model, (64, 64), seed=0)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(saved)), jax.tree.leaves(nnx.state(rebuilt)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    report = evaluate(EvalConfig(checkpoint_dir=str(pruned), version=0, episodes=1))
+    assert (
+        report.results[0].source == "seed" and report.as_dict()["versions"][0]["source"] == "seed"
+    )
+    with pytest.raises(ValueError, match=rf"no published version 1 \(versions: \[{UPDATES}\]"):
+        load_version(pruned, 1, model, (64, 64))

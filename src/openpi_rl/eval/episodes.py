@@ -59,12 +59,20 @@ def versions_in(checkpoint_dir: str | Path) -> list[int]:
 
 
 def load_version(
-    checkpoint_dir: str | Path, version: int, model_config: Any, value_hidden: tuple[int, ...]
+    checkpoint_dir: str | Path,
+    version: int,
+    model_config: Any,
+    value_hidden: tuple[int, ...],
+    seed: int = 0,
 ) -> nnx.Module:
     """The actor-critic of `version`: built from `model_config` (already sized for the env) and
-    restored from `<checkpoint_dir>/<version>` after checking its manifest. ValueError naming
-    the versions there when it is not one of them."""
+    restored from `<checkpoint_dir>/<version>` after checking its manifest. Version 0 that
+    retention has deleted is rebuilt from the run's `seed`: it is the start every role builds
+    (`build_start`), the weights the learner saved as version 0. ValueError naming the versions
+    there for any other version that is not on disk."""
     available = versions_in(checkpoint_dir)
+    if version == 0 and 0 not in available:
+        return build_start(model_config, value_hidden, seed)
     if version not in available:
         raise ValueError(
             f"{checkpoint_dir}: no published version {version} (versions: {available or 'none'};"
@@ -72,8 +80,9 @@ def load_version(
         )
     path = Path(checkpoint_dir) / str(version)
     verify_version(path, version)
-    ac = build_start(dataclasses.replace(model_config, checkpoint=None)
-                     if hasattr(model_config, "checkpoint") else model_config, value_hidden, 0)  # fmt: skip
+    if hasattr(model_config, "checkpoint"):  # restored over: no need to read the start's
+        model_config = dataclasses.replace(model_config, checkpoint=None)
+    ac = build_start(model_config, value_hidden, seed)
     nnx.update(ac, restore_version(path, ac))
     return ac
 

@@ -49,10 +49,17 @@ def learning_curve_png(
     means = np.array([s[0] for s in stats])
     low = np.array([s[1] for s in stats])
     high = np.array([s[2] for s in stats])
-    err = np.nan_to_num(np.stack([means - low, high - means]), nan=0.0)
-    right.errorbar(numbers, means, yerr=err, fmt="o-", color="C0", capsize=3)
-    right.set(xlabel="policy version (started the episode)", ylabel="mean return (95 % CI)",
-              title="mean return per version")  # fmt: skip
+    # A version that started two episodes has a t interval wider than any return: clip the bars
+    # to the returns seen, and use the same y range as the left panel.
+    lo, hi = float(ret_a.min()), float(ret_a.max())
+    low = np.clip(np.where(np.isnan(low), means, low), lo, hi)  # one episode: no bar
+    high = np.clip(np.where(np.isnan(high), means, high), lo, hi)
+    err = np.maximum(np.stack([means - low, high - means]), 0.0)
+    right.errorbar(numbers, means, yerr=err, fmt="o-", ms=3, color="C0", ecolor="C0", elinewidth=0.8,
+                   capsize=2)  # fmt: skip
+    right.set(xlabel="policy version (started the episode)",
+              ylabel="mean return (95 % t interval, clipped)", title="mean return per version",
+              ylim=left.get_ylim())  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -33,8 +33,8 @@ from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`openpi-rl eval` flags. With `--config openpi-rl.toml` the model, value head and
-    checkpoint_dir default to the service's."""
+    """`openpi-rl eval` flags. With `--config openpi-rl.toml` the model, value head, model seed
+    and checkpoint_dir default to the service's."""
 
     checkpoint_dir: str = "checkpoints"
     """Where the versions are (`<dir>/<N>/`, as the learner publishes them)."""
@@ -60,6 +60,8 @@ class EvalConfig:
     model: ModelChoice = GaussianMLPConfig()
     """The run's model (gaussian_mlp takes its sizes from the env)."""
     value_hidden: tuple[int, ...] = (64, 64)  # the run's value head
+    model_seed: int = 0
+    """The run's seed: version 0, once retention has deleted it, is rebuilt from it."""
 
 
 @dataclasses.dataclass
@@ -68,6 +70,7 @@ class VersionEval:
     episodes: list[EpisodeResult]
     summary: Summary
     videos: list[Path]
+    source: str = "disk"  # "seed": version 0 rebuilt from the run's seed (deleted by retention)
 
 
 @dataclasses.dataclass
@@ -88,6 +91,7 @@ class EvalReport:
             "versions": [
                 {
                     "version": r.version,
+                    "source": r.source,
                     **r.summary.as_dict(),
                     "videos": [str(p) for p in r.videos],
                     "episode_results": [dataclasses.asdict(e) for e in r.episodes],
@@ -124,12 +128,19 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
     rescale = bool(getattr(model, "normalized_actions", False))
     greedy = config.policy == "greedy"
     policies = [
-        make_policy(load_version(config.checkpoint_dir, v, model, config.value_hidden), greedy)
+        make_policy(
+            load_version(config.checkpoint_dir, v, model, config.value_hidden, config.model_seed),
+            greedy,
+        )
         for v in versions
     ]
+    on_disk = set(versions_in(config.checkpoint_dir))
     fps = float(env.metadata.get("render_fps") or 30)
     rule = success_rule(config.env)
-    results = [VersionEval(v, [], summarize([], [], None), []) for v in versions]
+    results = [
+        VersionEval(v, [], summarize([], [], None), [], "disk" if v in on_disk else "seed")
+        for v in versions
+    ]
     comparisons: list[Path] = []
     video_dir = Path(config.video_dir) if config.video_dir is not None else None
     progress = _progress(console, len(versions) * config.episodes)
@@ -217,7 +228,7 @@ def report_table(report: EvalReport) -> Table:
     for r in report.results:
         s = r.summary
         table.add_row(
-            str(r.version), str(s.episodes),
+            f"{r.version}{' (seed)' if r.source == 'seed' else ''}", str(s.episodes),
             _interval(s.success_rate, s.success_low, s.success_high, "{:.2f}"),
             _interval(s.mean_return, s.return_low, s.return_high, "{:.1f}"),
             f"{s.mean_length:.1f}",
