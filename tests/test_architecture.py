@@ -17,7 +17,7 @@ PKG = SRC / "openpi_rl"
 
 LEAVES = {"secret", "config_file"}
 BASE = {"rl", "replay", "client"} | LEAVES
-SEAMS = {"models", "weights", "guards", "sdnotify", "logs"}
+SEAMS = {"models", "weights", "guards", "sdnotify", "logs", "curves"}
 ROLES = {"policy_server", "reward_bridge", "daemon", "train", "eval"}
 ALLOWED: dict[str, set[str]] = {
     "secret": set(),
@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "guards": LEAVES,
     "sdnotify": LEAVES | {"client"},
     "logs": LEAVES,
+    "curves": LEAVES,
     **{role: SEAMS | BASE for role in ROLES},
     "service": ROLES | SEAMS | BASE,
     "demo": {"service"} | ROLES | SEAMS | BASE,

@@ -15,6 +15,12 @@ SMALL = dict(num_envs=2, rollout_length=32)
 TOKENIZERS = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Runs without a checkpoint directory write their curves to ./runs: keep them in tmp."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _token_model(kind: str):
     """The embedded look-alike, or openpi's Pi0-FAST (dummy sizes, the tokenizer fixtures,
     the gym state written into a fixed prompt), two actions per chunk."""

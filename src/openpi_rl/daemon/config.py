@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from openpi_rl.curves import CurvesConfig
 from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.finetune import Finetune
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
@@ -60,3 +61,6 @@ class LearnerConfig:
     metrics_host: str = "127.0.0.1"  # where Prometheus /metrics listens
     metrics_port: int | None = 9102  # Prometheus /metrics; None: off
     max_updates: int | None = None  # stop after this many published updates (None: run on)
+    curves: CurvesConfig = CurvesConfig()
+    """Learning curves (daemon/curves.py): TensorBoard files in <checkpoint_dir>/tensorboard by
+    default; W&B with `wandb = true`."""

@@ -43,8 +43,10 @@ import structlog
 from flax import nnx
 from prometheus_client import start_http_server
 
+from openpi_rl.curves import CurvesConfigError
 from openpi_rl.daemon.batch import ChunkBatch, build_batch, usable_segments
 from openpi_rl.daemon.config import LearnerConfig
+from openpi_rl.daemon.curves import LearnerCurves
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
@@ -141,6 +143,7 @@ class Learner(CriticWarmup):
         self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
         self._run_ended = threading.Event()
         self._closed = False
+        self.curves = LearnerCurves(config)  # last: nothing after it can fail and leak its writer
 
     def _resume(self, opt_state: Any) -> tuple[int, Any]:
         """(version number, optimiser state) to go on from; updates `self.ac` and counters.
@@ -267,11 +270,23 @@ class Learner(CriticWarmup):
         batch, segments = taken
         self.publisher.set_state("training")
         ids = [i for s in segments for i in s.ids]
+        trained_on = self.version
         result = self.update_on(batch, transitions=len(ids))
         self._source.mark_consumed(ids)
-        self.metrics.update_seconds.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.update_seconds.observe(seconds)
+        self.curves.record(
+            self.learn_steps, result.metrics, result.version, segments, batch, trained_on, seconds
+        )
         self.publisher.set_state("waiting")
         return result
+
+    @property
+    def learn_steps(self) -> int:
+        """Learn steps made so far: published, refused and critic warm-up updates (the
+        learning curves' x axis)."""
+        c = self.counters
+        return c["updates"] + c["critic_warmup_updates"] + c["refused_nonfinite"] + c["refused_kl"]
 
     def take(self) -> tuple[ChunkBatch, list[Segment]] | None:
         """The next training batch and the segments in it (oldest first), once at least
@@ -471,6 +486,7 @@ class Learner(CriticWarmup):
         self.publisher.close()
         if self._source is not None:
             self._source.close()
+        self.curves.close()
         log.info("learner.stopped", version=self.version, **self.counters)
 
 
@@ -480,8 +496,8 @@ def learn(config: LearnerConfig) -> int:
     build exits EX_CONFIG (78)."""
     try:
         learner = Learner(config)
-    except ModelConfigError as e:  # e.g. a tokenizer file missing: held down, not restarted
-        return config_error("learn", str(e))
+    except (ModelConfigError, CurvesConfigError) as e:  # e.g. a tokenizer file missing, or
+        return config_error("learn", str(e))  # wandb not installed: held down, not restarted
     if config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=learner.metrics.registry

@@ -41,13 +41,14 @@ _ROW_COLUMNS = ", ".join(f"t.{f.name}" for f in dataclasses.fields(TransitionRow
 _EVENTS = f"""
     SELECT transition_id AS tid, sum(value) AS reward,
            max(kind IN ({", ".join(repr(k) for k in TERMINAL_KINDS)})) AS terminal,
-           max(kind IN ({", ".join(repr(k) for k in TIME_LIMIT_KINDS)})) AS time_limit
+           max(kind IN ({", ".join(repr(k) for k in TIME_LIMIT_KINDS)})) AS time_limit,
+           max(kind = 'success') AS success
     FROM reward_events WHERE transition_id IS NOT NULL GROUP BY transition_id
 """
 # Unconsumed transitions with their event rewards and flags, grouped by episode, serving order.
 _PENDING = f"""
     SELECT {_ROW_COLUMNS}, coalesce(e.reward, 0), coalesce(e.terminal, 0),
-           coalesce(e.time_limit, 0), coalesce(ep.ended, 0)
+           coalesce(e.time_limit, 0), coalesce(e.success, 0), coalesce(ep.ended, 0)
     FROM transitions t
     LEFT JOIN ({_EVENTS}) e ON e.tid = t.id
     LEFT JOIN episodes ep ON ep.robot_id = t.robot_id AND ep.episode_id = t.episode_id
@@ -65,6 +66,7 @@ class Step:
     done: bool  # terminal: no bootstrap
     time_limit: bool  # truncated / end_episode (and not done): bootstrap
     verdict: bool = False  # an operator event (success, failure, end episode) ended it here
+    success: bool = False  # the operator's verdict was success (learning curves' success rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +174,8 @@ class ReplaySource:
         # fetchall: the read snapshot is held for the query only, not while rows become objects
         # (a held snapshot keeps the writer from truncating the WAL).
         for r in self._ro.execute(_PENDING).fetchall():
-            row = TransitionRow.from_sql(r[:-4])
-            ev_reward, terminal, time_limit, ended = r[-4:]
+            row = TransitionRow.from_sql(r[:-5])
+            ev_reward, terminal, time_limit, success, ended = r[-5:]
             done = bool(row.done or terminal)
             reward = float(row.reward + ev_reward)
             if not -self.reward_limit <= reward <= self.reward_limit:  # NaN and inf too
@@ -184,6 +186,7 @@ class ReplaySource:
                 done,
                 bool(row.truncated or time_limit) and not done,
                 bool(terminal or time_limit),
+                bool(success),
             )
             steps, _ = episodes.setdefault((row.robot_id, row.episode_id), ([], bool(ended)))
             steps.append(step)

@@ -24,6 +24,16 @@ class ChunkStep:
     truncated: np.ndarray  # [N] bool, time limit
     final_obs: np.ndarray  # [N, obs_dim] last observation of an episode that ended (else obs)
     finished: list[tuple[int, float, int]]  # (env index, episode return, episode length)
+    success: np.ndarray  # [N] bool: the episode that ended here succeeded (see `succeeded`)
+
+
+def succeeded(info: dict, terminated: bool, truncated: bool) -> bool:
+    """Whether an episode that ended succeeded: the env's `info["is_success"]` when it reports
+    one (gymnasium-robotics, SB3's success rate), else whether it ran to its time limit without
+    terminating (the control tasks: the pendulum stayed up)."""
+    if "is_success" in info:
+        return bool(info["is_success"])
+    return bool(truncated and not terminated)
 
 
 def flat_obs_dim(space: gym.Space) -> int:
@@ -63,12 +73,12 @@ class EnvBatch:
             chunks = self.low + (np.clip(chunks, -1.0, 1.0) + 1.0) * 0.5 * (self.high - self.low)
         n = len(self.envs)
         rewards = np.zeros(n, np.float32)
-        term, trunc = np.zeros(n, bool), np.zeros(n, bool)
+        term, trunc, success = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         final = self.obs.copy()
         finished, env_steps = [], 0
         for i, env in enumerate(self.envs):
             for action in np.clip(chunks[i], self.low, self.high):
-                obs, r, term[i], trunc[i], _ = env.step(action)
+                obs, r, term[i], trunc[i], info = env.step(action)
                 rewards[i] += r
                 env_steps += 1
                 self._lengths[i] += 1
@@ -78,10 +88,12 @@ class EnvBatch:
             final[i] = self._flat(obs)
             if term[i] or trunc[i]:
                 finished.append((i, float(self._returns[i]), int(self._lengths[i])))
+                success[i] = succeeded(info, term[i], trunc[i])
                 self._returns[i], self._lengths[i] = 0.0, 0
                 obs, _ = env.reset()
             self.obs[i] = self._flat(obs)
-        return ChunkStep(self.obs.copy(), rewards, term, trunc, final, finished), env_steps
+        step = ChunkStep(self.obs.copy(), rewards, term, trunc, final, finished, success)
+        return step, env_steps
 
     def close(self) -> None:
         for env in self.envs:

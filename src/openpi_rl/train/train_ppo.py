@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 from flax import nnx
 
+from openpi_rl.curves import PPO_NAMES, CurveLogger, CurvesConfig, config_dict, mean
 from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.finetune import Finetune, resolve_finetune, trainable
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
@@ -80,6 +81,9 @@ class PPOTrainConfig:
     """Write the trained policy here as an openpi checkpoint (`<dir>/params`, openpi's trainer
     layout) when training ends: a service's `[model] checkpoint` starts from it (pi0_fast_openpi
     only)."""
+    curves: CurvesConfig = CurvesConfig()
+    """Learning curves: TensorBoard files in <dir>/tensorboard (default dir: checkpoint_dir, or
+    runs/<env>__<seed>__<unix time>); W&B with `--curves.wandb`."""
 
 
 @dataclasses.dataclass
@@ -168,11 +172,16 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             and float(np.mean(window)) >= config.target_return
         )
 
-    with TrainDisplay(total, start=update) if display else _NoDisplay() as ui:
+    run_name = f"{config.env.replace('/', '_')}__{config.seed}__{int(time.time())}"
+    curves = CurveLogger(
+        config.curves, config.checkpoint_dir or f"runs/{run_name}", config_dict(config), run_name
+    )
+    with TrainDisplay(total, start=update) if display else _NoDisplay() as ui, curves:
         while update < total and steps_to_target is None:
             if config.max_env_steps is not None and env_steps >= config.max_env_steps:
                 break
             t0, steps0 = time.perf_counter(), env_steps
+            ended: list[tuple[float, int, bool]] = []  # (return, length, success) this rollout
             for t in range(t_len):
                 buf["obs"][t] = env.obs
                 t_act = time.perf_counter()
@@ -191,8 +200,9 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
                 )  # fmt: skip
                 buf["terminated"][t], buf["truncated"][t] = out.terminated, out.truncated
                 buf["final_obs"][t] = out.final_obs
-                for _, ret, length in out.finished:
+                for i, ret, length in out.finished:
                     episodes.append((env_steps, ret, length))
+                    ended.append((ret, length, bool(out.success[i])))
                     window.append(ret)
                     if steps_to_target is None and reached():
                         steps_to_target = env_steps
@@ -203,9 +213,11 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
             buf["last_obs"][:] = env.obs
             t_learn = time.perf_counter()
             metrics = learner.learn(update, buf)
+            learn_s = time.perf_counter() - t_learn
             if update > 0:  # the first update waits for compilation
-                timings["learn_s"] += time.perf_counter() - t_learn
+                timings["learn_s"] += learn_s
                 timings["learn_samples"] += t_len * n * ppo.train_iters
+            _write_curves(curves, update, env_steps, env_steps - steps0, t0, learn_s, ended, metrics, ppo.lr)  # fmt: skip
             update += 1
             ui.add(
                 {
@@ -235,6 +247,40 @@ def train(config: PPOTrainConfig, display: bool = True) -> TrainResult:
         provider.close()
     wall = time.perf_counter() - t_start
     return TrainResult(update, env_steps, episodes, steps_to_target, wall, metrics, timings)
+
+
+def _write_curves(
+    curves: CurveLogger,
+    version: int,
+    env_steps: int,
+    rollout_steps: int,
+    t0: float,
+    learn_s: float,
+    ended: list[tuple[float, int, bool]],
+    metrics: dict[str, float],
+    lr: float,
+) -> None:
+    """One update's scalars at x = env steps (CleanRL's global_step), and the episodes that
+    the policy of `version` (updates before this rollout) played at x = version."""
+    returns = [r for r, _, _ in ended]
+    lengths = [float(length) for _, length, _ in ended]
+    success = [float(s) for _, _, s in ended]
+    values: dict[str, float | None] = {
+        PPO_NAMES[k]: v for k, v in metrics.items() if k in PPO_NAMES
+    }
+    values.update({
+        "charts/episodic_return": mean(returns), "charts/episodic_length": mean(lengths),
+        "charts/success_rate": mean(success), "charts/learning_rate": lr,
+        "charts/data_age_versions": 0.0,  # synchronous PPO: every rollout is on-policy
+        "charts/SPS": rollout_steps / (time.perf_counter() - t0), "time/update_seconds": learn_s,
+    })  # fmt: skip
+    curves.scalars(env_steps, values)
+    if ended:
+        per_version = {
+            "version/episodic_return": mean(returns), "version/episodic_length": mean(lengths),
+            "version/success_rate": mean(success), "version/episodes": len(ended),
+        }  # fmt: skip
+        curves.scalars(version, per_version, axis="policy_version")
 
 
 class _NoDisplay:
