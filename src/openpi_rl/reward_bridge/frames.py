@@ -22,13 +22,16 @@ def as_image(arr: np.ndarray) -> np.ndarray | None:
 
     arr: [H, W, 1|3|4], [1|3, H, W] (CHW) or [H, W]; H, W >= 8; uint8 values (any dtype holding
     whole numbers, clipped to [0, 255]), or floats in [0, 1] or [-1, 1]. NaN/inf: None."""
-    arr = np.asarray(arr, dtype=np.float64)
+    arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
         arr = arr.transpose(1, 2, 0)  # CHW
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or min(arr.shape[:2]) < 8:
         return None
+    if arr.dtype == np.uint8:  # a camera's own layout: no float copy
+        return np.ascontiguousarray(arr)
+    arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         return None
     lo, hi = arr.min(), arr.max()
