@@ -58,6 +58,17 @@ def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
     log = (tmp_path / "service.log").read_text()
     assert '"event": "daemon.stopped"' in log and '"rc": 0' in log
 
+    # It ends with its learning curve (a PNG) and a video of the newest version (decodable).
+    from PIL import Image
+
+    from openpi_rl.eval import read_frames
+
+    curve = re.search(r"learning curve: (\S+)", out.stdout)[1]
+    with Image.open(curve) as image:
+        assert image.format == "PNG"
+    video = re.search(r"video: (\S+/v(\d+)_ep000\.mp4)", out.stdout)
+    assert int(video[2]) >= served and len(read_frames(video[1])) >= 2
+
 
 def test_a_terminated_demo_stops_its_service(tmp_path):
     """SIGTERM to `openpi-rl demo` (a benchmark stopped, a CI job cancelled) stops the daemon it

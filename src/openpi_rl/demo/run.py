@@ -69,6 +69,9 @@ class DemoConfig:
     prompt: str | None = None
     """The task prompt each robot sends with its observations (a model that reads prompts,
     such as openpi's Pi0-FAST, needs one)."""
+    report: bool = True
+    """End by writing learning_curve.png and a video of one episode of the newest version into
+    the work directory (kept, even when the rest of a temporary one is removed)."""
 
 
 @dataclasses.dataclass
@@ -86,6 +89,8 @@ class DemoResult:
     wall_s: float
     workdir: Path
     daemon_problems: list[str] = dataclasses.field(default_factory=list)  # when daemon_rc != 0
+    report: list[Path] = dataclasses.field(default_factory=list)  # the PNG and the video
+    report_error: str | None = None  # why they are missing
 
     @property
     def first_version_return(self) -> float:
@@ -214,8 +219,18 @@ def run_demo(config: DemoConfig, display: bool = True) -> DemoResult:
         wall_s=time.monotonic() - t_start,
         workdir=workdir,
     )
+    if config.report and result.episodes:
+        from openpi_rl.demo.report import write_report
+
+        try:
+            result.report = write_report(result.episodes, path, workdir, config.env, config.seed)
+        except (OSError, RuntimeError, ValueError) as e:
+            result.report_error = str(e)
     if config.workdir is None and not config.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+        kept = {p.relative_to(workdir).parts[0] for p in result.report}
+        for p in workdir.iterdir() if kept else [workdir]:
+            if p.name not in kept:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     return result
 
 
@@ -250,6 +265,10 @@ def demo_main(config: DemoConfig) -> int:
     print(summary(result), flush=True)
     if config.keep or config.workdir is not None:
         print(f"replay, checkpoints and service log: {result.workdir}", flush=True)
+    for p in result.report:
+        print(f"{'learning curve' if p.suffix == '.png' else 'video'}: {p}", flush=True)
+    if result.report_error is not None:
+        print(f"openpi-rl demo: no learning curve or video: {result.report_error}", file=sys.stderr)
     if result.daemon_rc != 0:
         print(f"openpi-rl demo: the daemon exited {result.daemon_rc}", file=sys.stderr)
         for line in result.daemon_problems:
