@@ -21,8 +21,10 @@ demo: $(STAMP)
 # the services) and systemd (systemd-analyze verify on the units): whichever is missing is
 # installed here, in one apt-get.
 # Mesa's EGL renders MuJoCo's episode videos without a display (openpi-rl eval, the demo).
+# FFmpeg's libraries decode videos for LeRobot's loader (torchcodec; tests/replay/test_lerobot.py).
 DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze \
-	libegl-mesa0=/usr/share/glvnd/egl_vendor.d libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri
+	libegl-mesa0=/usr/share/glvnd/egl_vendor.d libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri \
+	ffmpeg=/usr/bin/ffmpeg
 
 test: $(STAMP) lint debs
 	$(PY) -m pytest -q -m "not slow" --durations=15

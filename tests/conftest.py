@@ -31,3 +31,32 @@ def openpi_client_python() -> str:
             check=True,
         )
     return str(python)
+
+
+LEROBOT_VENV = ROOT / ".venv-lerobot"
+# lerobot 0.4.4 (dataset format v3.0; its newest release for Python 3.11) pins torch<2.11, whose
+# x86-64 wheels are CUDA builds pip would download (GBs). So its own dependencies are installed
+# here without that pin: the torch 2.14.1 + torchvision 0.29.1 pair (machine's disk: ~1 min),
+# torchcodec for its video decoding (Debian's FFmpeg libraries, `make debs`), and the libraries
+# its dataset code imports. The environment takes ~6 GB and ~70 s to build.
+LEROBOT_REQUIREMENTS = (
+    ("torch==2.14.1", "torchvision==0.29.1"),
+    ("--no-deps", "lerobot==0.4.4"),
+    ("torchcodec==0.14.0", "datasets>=4,<5", "huggingface-hub>=0.34.2,<0.36", "accelerate>=1.10,<2",
+     "av>=15,<16", "draccus==0.10.0", "jsonlines", "packaging<26", "termcolor", "deepdiff<9",
+     "einops", "pandas"),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def lerobot_python() -> str:
+    """Python of a separate virtualenv with the registry's LeRobot package (it needs torch)."""
+    python, stamp = LEROBOT_VENV / "bin" / "python", LEROBOT_VENV / ".installed"
+    if not stamp.exists():  # a build cut short is redone
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(LEROBOT_VENV)], check=True)
+        for group in LEROBOT_REQUIREMENTS:
+            pip = [str(python), "-m", "pip", "install", "--quiet", *group]
+            subprocess.run(pip, check=True)
+        subprocess.run([str(python), "-c", "import lerobot.datasets.lerobot_dataset"], check=True)
+        stamp.touch()
+    return str(python)

@@ -49,3 +49,107 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
     out = {"path": str(args.path), "format": schema.SCHEMA_VERSION, "legacy_max_id": legacy}
     print(json.dumps(out))
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportLeRobotArgs:
+    replay: Annotated[Path, tyro.conf.Positional]
+    """Replay directory to read (a live one too: reading does not disturb the server)."""
+    out: Annotated[Path, tyro.conf.Positional]
+    """New directory for the LeRobot dataset (must not exist)."""
+    robot: str | None = None
+    """Only this robot's episodes."""
+    min_version: int | None = None
+    """Only chunks served by this policy version or newer."""
+    max_version: int | None = None
+    """Only chunks served by this policy version or older."""
+    success_only: bool = False
+    """Only episodes with a success press (or event) credited to them."""
+    takeovers_only: bool = False
+    """Only episodes in which an operator took over at least one chunk."""
+    fps: int | None = None
+    """Frames (served chunks) per second; default: estimated from the stored serving times."""
+    vcodec: str = "libsvtav1"
+    """Camera videos' codec (LeRobot's default; h264 when PyAV's FFmpeg lacks it)."""
+    crf: int = 30
+    """Camera videos' quality (lower: closer to the images, larger files)."""
+    robot_type: str | None = None
+    """`robot_type` in meta/info.json (e.g. aloha), for loaders that look at it."""
+
+
+def _progress(description: str, total: int):
+    """A rich progress bar on stderr (stdout keeps the JSON result)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    return bar, bar.add_task(description, total=total)
+
+
+def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
+    """`openpi-rl replay export-lerobot REPLAY OUT`: episodes as a LeRobot v3.0 dataset."""
+    from openpi_rl.replay.lerobot_export import ExportFilter, export_lerobot
+
+    args = tyro.cli(ExportLeRobotArgs, args=argv, prog="openpi-rl replay export-lerobot")
+    flt = ExportFilter(
+        args.robot, args.min_version, args.max_version, args.success_only, args.takeovers_only
+    )
+    if not schema.db_path(args.replay).exists():
+        raise SystemExit(f"{args.replay}: no replay database ({schema.DB_NAME})")
+    with ReplayReader(args.replay) as reader:
+        bar, task = _progress("export", reader.count())
+        try:
+            with bar:
+                result = export_lerobot(
+                    reader, args.out, flt, args.fps, args.vcodec, args.crf, args.robot_type,
+                    progress=lambda n: bar.advance(task, n),
+                )  # fmt: skip
+        except (ValueError, FileExistsError) as e:
+            raise SystemExit(f"export-lerobot: {e}") from None
+    out = {"path": str(result.path), "episodes": result.episodes, "frames": result.frames}
+    print(json.dumps({**out, "fps": result.fps}))
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportLeRobotArgs:
+    dataset: Annotated[Path, tyro.conf.Positional]
+    """LeRobot dataset directory (format v3.0)."""
+    replay: Annotated[Path, tyro.conf.Positional]
+    """Replay directory to append to (created if missing; stop the server that writes it, or
+    import into a new one and point the learner's replay_dir at it)."""
+    policy_version: int | None = None
+    """Version stamped on the rows; default: the newest in REPLAY (0 if empty), so the learner's
+    policy-lag filter keeps them."""
+    keep_versions: bool = False
+    """Keep the dataset's policy_version column instead (an archive's round trip)."""
+    robot_id: str | None = None
+    """The rows' robot; default: the dataset's per-episode robot_id, else `lerobot`."""
+    episode_prefix: str = "demo-"
+    """Prefix of the imported episode ids (keeps them apart from the robots' own)."""
+
+
+def import_lerobot_main(argv: Sequence[str] | None = None) -> int:
+    """`openpi-rl replay import-lerobot DATASET REPLAY`: frames as demonstration rows (BC)."""
+    from openpi_rl.replay.lerobot_import import import_lerobot, read_info
+    from openpi_rl.replay.writer import ReplayLocked
+
+    args = tyro.cli(ImportLeRobotArgs, args=argv, prog="openpi-rl replay import-lerobot")
+    try:
+        bar, task = _progress("import", int(read_info(args.dataset).get("total_frames", 0)))
+        with bar:
+            result = import_lerobot(
+                args.dataset, args.replay, args.policy_version, args.keep_versions,
+                args.robot_id, args.episode_prefix, progress=lambda n: bar.advance(task, n),
+            )  # fmt: skip
+    except (ValueError, FileNotFoundError, ReplayLocked) as e:
+        raise SystemExit(f"import-lerobot: {e}") from None
+    out = {"path": str(result.path), "episodes": result.episodes, "rows": result.rows}
+    print(json.dumps({**out, "policy_version": result.policy_version}))
+    return 0

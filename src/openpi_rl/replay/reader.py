@@ -130,6 +130,10 @@ class ReplayReader:
             args.append(limit)
         return [TransitionRow.from_sql(r) for r in self._conn.execute(sql, args).fetchall()]
 
+    def newest_policy_version(self) -> int | None:
+        """The highest policy version of a stored chunk (None: none stored)."""
+        return self._conn.execute("SELECT max(policy_version) FROM transitions").fetchone()[0]
+
     def recent_by_robot(
         self, per_robot: int, max_robots: int, scan: int = 65_536
     ) -> dict[str, tuple[str, int, list[int]]]:
