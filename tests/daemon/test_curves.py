@@ -58,3 +58,15 @@ def test_learner_writes_per_update_and_per_version_curves(tmp_path, recorder):
     assert values("version/episodic_return") == pytest.approx([(0.4 + 2.2 + 1.0) / 3, 3.0])
     assert values("version/episodic_length") == pytest.approx([4.0, 3.0])
     assert values("version/success_rate") == pytest.approx([1 / 3, 0.0])
+
+
+def test_curves_are_set_in_the_service_file(tmp_path):
+    from openpi_rl.service.config import ServiceFile
+
+    path = tmp_path / "openpi-rl.toml"
+    path.write_text('checkpoint_dir = "ckpt"\n[learn.curves]\ntensorboard = false\nwandb = true\n')
+    curves = ServiceFile.load(path).role_config("learn").curves
+    assert (curves.tensorboard, curves.wandb, curves.wandb_mode) == (False, True, "offline")
+    path.write_text('[learn.curves]\nwandb_mode = "sometimes"\n')
+    with pytest.raises(ValueError, match=r"learn\.curves\.wandb_mode: 'sometimes' is not one of"):
+        ServiceFile.load(path).role_config("learn")

@@ -57,6 +57,8 @@ def test_short_run_collects_episodes_and_reports_finite_metrics():
         "grad_norm",
     ):
         assert np.isfinite(result.metrics[key]), key
+    # No checkpoint directory: the curves go where CleanRL puts them, ./runs/<run name>.
+    assert list(Path("runs").glob("InvertedPendulum-v5__0__*/tensorboard/events.out.tfevents.*"))
 
 
 def test_external_reward_replaces_the_env_reward(tmp_path, monkeypatch):
