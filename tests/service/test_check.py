@@ -168,3 +168,17 @@ def test_memory_estimate_of_a_models_own_config_follows_its_sizes():
     b = memory_estimate("gemma_2b_lora", num_images=1, prompt_len=48, decode_steps=32)
     assert a.params == b.params and a.trainable == b.trainable
     assert a.serve_positions == 256 + 48 + 32 and a.serve_dtype == "bfloat16"
+
+
+def test_curves_need_a_writable_dir_and_wandb_installed(tmp_path, monkeypatch):
+    from openpi_rl.service.check import check
+
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "openpi-rl.toml"
+    curves = f'\n[learn.curves]\nwandb = true\ndir = "{tmp_path}/a-file/run"\n'
+    config.write_text(example_on(tmp_path) + curves)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    found = {f.where: f.message for f in check(config) if f.severity == "problem"}
+    assert "openpi-rl[wandb]" in found.pop("learn.curves.wandb")
+    assert "is not a directory" in found.pop("learn.curves.dir")
+    assert not found

@@ -61,6 +61,7 @@ def check(path: str | Path) -> list[Finding]:
     findings += check_dirs(_directories(configs))
     findings += check_models(configs)
     findings += model_memory(configs, service.gpu)
+    findings += check_curves(configs)
     bridge = configs.get("bridge")
     if bridge is not None and not bridge.operators:
         findings.append(Finding("bridge.operators", "empty: no pendant can log in", "warning"))
@@ -151,6 +152,9 @@ def _directories(configs: dict[str, Any]) -> list[tuple[str, Path]]:
             value = getattr(cfg, key, None)
             if value:
                 out.append((f"{role}.{key}", Path(value)))
+        curves_dir = getattr(getattr(cfg, "curves", None), "dir", None)
+        if curves_dir:
+            out.append((f"{role}.curves.dir", Path(curves_dir)))
     return out
 
 
@@ -177,6 +181,23 @@ def check_dirs(dirs: list[tuple[str, Path]]) -> list[Finding]:
             what = "not writable" if existing == path else f"cannot be created in {existing}"
             findings.append(Finding(key, f"{path}: {what} ({e.strerror})"))
     return findings
+
+
+def check_curves(configs: dict[str, Any]) -> list[Finding]:
+    """W&B curves need the wandb package (the `wandb` extra), or the learner exits 78."""
+    curves = getattr(configs.get("learn"), "curves", None)
+    if curves is None or not curves.wandb:
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return [
+            Finding(
+                "learn.curves.wandb",
+                "true, but the wandb package is not installed (pip install 'openpi-rl[wandb]')",
+            )
+        ]
+    return []
 
 
 # -- models
