@@ -9,7 +9,7 @@ screen) opens it, an operator press is acknowledged, and the full page is saved.
     MUJOCO_GL=egl .venv/bin/python scripts/pendant_screenshot.py  # --out docs/pendant.png
 
 Needs an offscreen OpenGL for MuJoCo's camera (`MUJOCO_GL=egl`, the default here, or
-`osmesa`) and /usr/bin/chromium (`make chromium`). About 20 s on 2 cores.
+`osmesa`) and /usr/bin/chromium (`make chromium`). About 10 s on 2 cores.
 """
 
 from __future__ import annotations
