@@ -1,13 +1,16 @@
 """The learner's learning curves: per-update and per-version scalars, read back with
 TensorBoard's own reader from a learner trained on a real replay."""
 
+import sys
+
 import numpy as np
 import pytest
 from learner_helpers import learner_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from openpi_rl.curves import LEARNER_SCALARS, VERSION_SCALARS
+from openpi_rl.curves import LEARNER_SCALARS, VERSION_SCALARS, CurvesConfig
 from openpi_rl.daemon import Learner
+from openpi_rl.daemon.learner import learn
 
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
@@ -70,3 +73,10 @@ def test_curves_are_set_in_the_service_file(tmp_path):
     path.write_text('[learn.curves]\nwandb_mode = "sometimes"\n')
     with pytest.raises(ValueError, match=r"learn\.curves\.wandb_mode: 'sometimes' is not one of"):
         ServiceFile.load(path).role_config("learn")
+
+
+def test_learner_with_wandb_on_but_not_installed_exits_ex_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    config = learner_config(tmp_path, curves=CurvesConfig(wandb=True))
+    assert learn(config) == 78  # EX_CONFIG: held down, not restarted
+    assert "pip install 'openpi-rl[wandb]'" in capsys.readouterr().err

@@ -25,7 +25,8 @@ first `critic_warmup_updates` updates train the value head alone and publish not
 (warmup.py).
 
 This module owns the `Learner` process (resume, operator state, update, publish, run/close);
-its config is config.py's, the batch it trains on (which segments, how packed) batch.py's.
+its config is config.py's, the batch it trains on (which segments, how packed) batch.py's, the
+learning curves each learn step writes (TensorBoard, W&B) curves.py's.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class Learner(CriticWarmup):
         self.key = jax.random.key(config.seed)
         self.check_operator()
         self.metrics.version.set(self.version)
+        # Before the sockets: W&B turned on without wandb installed stops here (EX_CONFIG).
+        self.curves = LearnerCurves(config)
 
         endpoint = notice_endpoint(config.publish_endpoint, self.checkpoints.directory)
         self.publisher = Publisher(
@@ -143,7 +146,6 @@ class Learner(CriticWarmup):
         self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
         self._run_ended = threading.Event()
         self._closed = False
-        self.curves = LearnerCurves(config)  # last: nothing after it can fail and leak its writer
 
     def _resume(self, opt_state: Any) -> tuple[int, Any]:
         """(version number, optimiser state) to go on from; updates `self.ac` and counters.
