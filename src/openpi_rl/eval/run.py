@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,7 +239,8 @@ def report_table(report: EvalReport) -> Table:
 
 def eval_main(config: EvalConfig) -> int:
     """Evaluate, print the table (and the files written), write the JSON summary."""
-    console = Console()
+    # Piped (a log, a CI job): rich would fit the table into 80 columns and wrap the intervals.
+    console = Console(width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True)
     try:
         report = evaluate(config, console=err)
