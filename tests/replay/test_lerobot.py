@@ -32,9 +32,9 @@ MEAN_ABS_BOUND, MAX_ABS_BOUND = 3.0, 48
 LEROBOT_CHECK = Path(__file__).with_name("lerobot_check.py")
 
 
-def camera(t: int, seed: int) -> np.ndarray:
+def camera(t: int, seed: int, h: int = H, w: int = W) -> np.ndarray:
     """A smooth frame as a camera sees one: gradients and a bright disc moving with t."""
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy = 8 + 3 * t + seed, 10 + 2 * t
     disc = 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 30.0)
     img = np.stack([xx * 3 + disc, yy * 4 + 40, 200 - xx * 2 + disc / 2], -1)
@@ -61,6 +61,7 @@ def make_replay(root: Path) -> dict[tuple[str, str], list[dict]]:
                 obs = {
                     "state": rng.standard_normal(3).astype(np.float32),
                     "image": camera(t, e),
+                    "wrist": camera(t + 5, e, H + 16, W + 16),  # a second camera, its own size
                     "prompt_mask": np.array([True, True, t % 2 == 0, False]),
                 }
                 prompt = "balance the pole" if robot == "r0" else None
@@ -112,6 +113,7 @@ def test_export_writes_the_v3_layout_with_every_number(replay, exported):
     feats = info["features"]
     assert feats["observation.images.image"]["shape"] == [H, W, 3]
     assert feats["observation.images.image"]["dtype"] == "video"
+    assert feats["observation.images.wrist"]["shape"] == [H + 16, W + 16, 3]
     assert feats["observation.state"] == {"dtype": "float32", "shape": [3], "names": None}
     assert feats["action"]["shape"] == [2, 2]
     for p in ("meta/stats.json", "meta/tasks.parquet", "meta/episodes/chunk-000/file-000.parquet"):
@@ -158,10 +160,11 @@ def test_round_trip_keeps_every_number_and_every_frame_within_codec_loss(
                 assert (row.reward, row.value) == (f["reward"], f["value"])
                 assert (row.done, row.truncated) == (f["done"], f["truncated"])
                 assert row.intervened  # imported: demonstrations, trained by BC
-                img = obs.arrays["image"]
-                assert img.shape == f["obs"]["image"].shape and img.dtype == np.uint8
-                errs.append(np.abs(img.astype(int) - f["obs"]["image"].astype(int)))
-    err = np.stack(errs)
+                for cam in ("image", "wrist"):
+                    img = obs.arrays[cam]
+                    assert img.shape == f["obs"][cam].shape and img.dtype == np.uint8
+                    errs.append(np.abs(img.astype(int) - f["obs"][cam].astype(int)).ravel())
+    err = np.concatenate(errs)
     assert err.mean() < MEAN_ABS_BOUND and err.max() <= MAX_ABS_BOUND, (err.mean(), err.max())
 
 
@@ -272,6 +275,7 @@ def test_lerobot_loads_the_export(replay, exported, lerobot_python, tmp_path):
     report = json.loads(done.stdout.splitlines()[-1])
     assert (report["frames"], report["episodes"], report["fps"]) == (20, 4, 10)
     assert report["shapes"]["observation.images.image"] == [3, H, W]  # LeRobot: channels first
+    assert report["shapes"]["observation.images.wrist"] == [3, H + 16, W + 16]
     assert report["shapes"]["observation.state"] == [3]
     assert report["shapes"]["action"] == [2, 2]
     got = report["numbers"]
@@ -282,6 +286,10 @@ def test_lerobot_loads_the_export(replay, exported, lerobot_python, tmp_path):
         np.float32(got["next.reward"]), np.float32([f["reward"] for f in frames])
     )
     assert report["tasks"] == [f["prompt"] or "" for f in frames]
-    images = np.load(npz)["observation.images.image"].astype(int)
-    err = np.abs(images - np.stack([f["obs"]["image"] for f in frames]).astype(int))
+    decoded = np.load(npz)
+    err = np.concatenate([
+        np.abs(decoded[f"observation.images.{cam}"].astype(int)
+               - np.stack([f["obs"][cam] for f in frames]).astype(int)).ravel()
+        for cam in ("image", "wrist")
+    ])  # fmt: skip
     assert err.mean() < MEAN_ABS_BOUND and err.max() <= MAX_ABS_BOUND, (err.mean(), err.max())

@@ -77,8 +77,8 @@ class ExportLeRobotArgs:
     """`robot_type` in meta/info.json (e.g. aloha), for loaders that look at it."""
 
 
-def _progress(description: str, total: int):
-    """A rich progress bar on stderr (stdout keeps the JSON result)."""
+def _progress(description: str):
+    """A rich progress bar on stderr (stdout keeps the JSON result) and its advance(n, total)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -89,7 +89,8 @@ def _progress(description: str, total: int):
         console=Console(stderr=True),
         transient=True,
     )
-    return bar, bar.add_task(description, total=total)
+    task = bar.add_task(description, total=None)
+    return bar, lambda n, total: bar.update(task, advance=n, total=total)
 
 
 def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
@@ -103,12 +104,12 @@ def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
     if not schema.db_path(args.replay).exists():
         raise SystemExit(f"{args.replay}: no replay database ({schema.DB_NAME})")
     with ReplayReader(args.replay) as reader:
-        bar, task = _progress("export", reader.count())
+        bar, advance = _progress("export")
         try:
             with bar:
                 result = export_lerobot(
                     reader, args.out, flt, args.fps, args.vcodec, args.crf, args.robot_type,
-                    progress=lambda n: bar.advance(task, n),
+                    progress=advance,
                 )  # fmt: skip
         except (ValueError, FileExistsError) as e:
             raise SystemExit(f"export-lerobot: {e}") from None
@@ -137,16 +138,16 @@ class ImportLeRobotArgs:
 
 def import_lerobot_main(argv: Sequence[str] | None = None) -> int:
     """`openpi-rl replay import-lerobot DATASET REPLAY`: frames as demonstration rows (BC)."""
-    from openpi_rl.replay.lerobot_import import import_lerobot, read_info
+    from openpi_rl.replay.lerobot_import import import_lerobot
     from openpi_rl.replay.writer import ReplayLocked
 
     args = tyro.cli(ImportLeRobotArgs, args=argv, prog="openpi-rl replay import-lerobot")
     try:
-        bar, task = _progress("import", int(read_info(args.dataset).get("total_frames", 0)))
+        bar, advance = _progress("import")
         with bar:
             result = import_lerobot(
                 args.dataset, args.replay, args.policy_version, args.keep_versions,
-                args.robot_id, args.episode_prefix, progress=lambda n: bar.advance(task, n),
+                args.robot_id, args.episode_prefix, progress=advance,
             )  # fmt: skip
     except (ValueError, FileNotFoundError, ReplayLocked) as e:
         raise SystemExit(f"import-lerobot: {e}") from None

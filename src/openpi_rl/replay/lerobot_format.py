@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -160,26 +160,45 @@ def read_tasks(root: Path) -> list[str]:
     return out
 
 
-def feature_stats(values: np.ndarray, image: bool) -> dict[str, list]:
-    """`meta/stats.json` entry. values: [N, *shape]; images [N, H, W, 3] uint8 give per-channel
-    stats of pixels in [0, 1], shaped (3, 1, 1) as LeRobot's."""
-    x = values.astype(np.float64)
-    if image:
-        x = (x / 255.0).reshape(-1, 3)
-        stats = {
-            "min": x.min(0),
-            "max": x.max(0),
-            "mean": x.mean(0),
-            "std": x.std(0),
+class RunningStats:
+    """One feature's `meta/stats.json` entry, accumulated over batches of frames: min, max,
+    mean, std (population), count (frames). Images (uint8 [H, W, 3]) give per-channel stats of
+    pixels in [0, 1], shaped (3, 1, 1) as LeRobot's; other features are per element, shaped as
+    the feature."""
+
+    def __init__(self, image: bool):
+        self.image = image
+        self.count = 0  # frames
+        self.rows = 0  # samples per element: frames, or pixels for images
+        self.shape: tuple[int, ...] = (3, 1, 1) if image else (1,)
+        self.lo = self.hi = self.total = self.squares = np.zeros(0)
+
+    def add(self, values: np.ndarray) -> None:
+        """values: [N, *shape] for N frames."""
+        x = values.astype(np.float64)
+        if self.image:
+            x = (x / 255.0).reshape(-1, 3)
+        else:
+            self.shape = values.shape[1:] or (1,)
+            x = x.reshape(len(x), -1)
+        if self.rows == 0:
+            self.lo, self.hi = x.min(0), x.max(0)
+            self.total, self.squares = x.sum(0), (x * x).sum(0)
+        else:
+            self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
+            self.total, self.squares = self.total + x.sum(0), self.squares + (x * x).sum(0)
+        self.count += len(values)
+        self.rows += len(x)
+
+    def result(self) -> dict[str, list]:
+        mean = self.total / max(self.rows, 1)
+        std = np.sqrt(np.maximum(self.squares / max(self.rows, 1) - mean * mean, 0.0))
+        out = {
+            k: np.asarray(v).reshape(self.shape).tolist()
+            for k, v in (("min", self.lo), ("max", self.hi), ("mean", mean), ("std", std))
         }
-        out = {k: v.reshape(3, 1, 1).tolist() for k, v in stats.items()}
-    else:
-        x = x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
-        shape = values.shape[1:] or (1,)
-        stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
-        out = {k: v.reshape(shape).tolist() for k, v in stats.items()}
-    out["count"] = [len(values)]
-    return out
+        out["count"] = [self.count]
+        return out
 
 
 def video_codec(preferred: str) -> str:
@@ -193,44 +212,55 @@ def video_codec(preferred: str) -> str:
     raise ValueError(f"vcodec: PyAV's FFmpeg encodes neither {preferred!r} nor 'h264'")
 
 
-def encode_video(
-    path: Path, frames: Iterable[np.ndarray], fps: int, codec: str, crf: int, gop: int = 2
-) -> dict:
-    """Encode RGB frames [H, W, 3] uint8 (even H and W: yuv420p) into an mp4, frame i at time
-    i / fps (pts i, time base 1 / fps): LeRobot finds frames by timestamp. Keyframes every
-    `gop` frames (LeRobot's g=2), so random access decodes little. Returns the feature's
-    `info` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole config on stderr otherwise
-    opts = {"g": str(gop), "crf": str(crf)}
-    if codec == "libsvtav1":
-        opts["preset"] = "8"
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream(codec, rate=fps, options=opts)
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        for i, img in enumerate(frames):
-            if i == 0:
-                h, w = img.shape[:2]
-                if h % 2 or w % 2:
-                    raise ValueError(f"{path.parent.name}: expected even height and width "
-                                     f"(yuv420p video), got {h}x{w}")  # fmt: skip
-                stream.height, stream.width = h, w
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-        codec_name = stream.codec_context.codec.canonical_name
-    return {
-        "video.height": h,
-        "video.width": w,
-        "video.codec": codec_name,
-        "video.pix_fmt": "yuv420p",
-        "video.is_depth_map": False,
-        "video.fps": fps,
-        "video.channels": 3,
-        "has_audio": False,
-    }
+class VideoEncoder:
+    """One camera's mp4, written frame by frame across episodes: RGB frames [H, W, 3] uint8
+    (even H and W: yuv420p), frame i at time i / fps (pts i, time base 1 / fps), as LeRobot
+    finds frames by timestamp. Keyframes every `gop` frames (LeRobot's g=2), so random access
+    decodes little. `close()` returns the feature's `info` block."""
+
+    def __init__(self, path: Path, fps: int, codec: str, crf: int, gop: int = 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole config on stderr else
+        opts = {"g": str(gop), "crf": str(crf)}
+        if codec == "libsvtav1":
+            opts["preset"] = "8"
+        self.path, self.fps, self.frames = path, fps, 0
+        self._out = av.open(str(path), "w", format="mp4")
+        self._stream = self._out.add_stream(codec, rate=fps, options=opts)
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.time_base = Fraction(1, fps)
+
+    def add(self, img: np.ndarray) -> None:
+        if self.frames == 0:
+            h, w = img.shape[:2]
+            if h % 2 or w % 2:
+                raise ValueError(
+                    f"{self.path.parent.parent.name}: expected even height and width (yuv420p "
+                    f"video), got {h}x{w}"
+                )
+            self._stream.height, self._stream.width = h, w
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        frame.pts = self.frames
+        self._out.mux(self._stream.encode(frame))
+        self.frames += 1
+
+    def close(self) -> dict:
+        self._out.mux(self._stream.encode())
+        info = {
+            "video.height": self._stream.height,
+            "video.width": self._stream.width,
+            "video.codec": self._stream.codec_context.codec.canonical_name,
+            "video.pix_fmt": "yuv420p",
+            "video.is_depth_map": False,
+            "video.fps": self.fps,
+            "video.channels": 3,
+            "has_audio": False,
+        }
+        self._out.close()
+        return info
+
+    def abort(self) -> None:
+        self._out.close()
 
 
 def decode_video(path: Path, fps: int) -> Iterator[tuple[int, np.ndarray]]:

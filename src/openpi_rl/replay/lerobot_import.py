@@ -59,6 +59,28 @@ def read_info(root: Path) -> dict:
     return info
 
 
+class _VideoReader:
+    """One camera file's frames by number, decoded forward: episodes are read in file order,
+    so each file is decoded once and only one frame per camera is held."""
+
+    def __init__(self, path: Path, fps: int):
+        self.path, self.fps = path, fps
+        self._frames = fmt.decode_video(path, fps)
+        self._last: tuple[int, np.ndarray | None] = (-1, None)
+
+    def frame(self, i: int) -> np.ndarray:
+        if i < self._last[0]:  # an episode out of file order: decode again from the start
+            self._frames, self._last = fmt.decode_video(self.path, self.fps), (-1, None)
+        while self._last[0] < i:
+            got = next(self._frames, None)
+            if got is None:
+                break
+            self._last = got
+        if self._last[0] != i or self._last[1] is None:
+            raise ValueError(f"{self.path}: no video frame {i} (at {i / self.fps:.4f} s)")
+        return self._last[1]
+
+
 def _target_layout(replay: Path) -> tuple[int, np.ndarray | None]:
     """(newest policy version stored, 0 if none; a stored row's policy_actions, or None)."""
     if not (replay / "replay.sqlite").exists():
@@ -76,7 +98,7 @@ def import_lerobot(
     keep_versions: bool = False,
     robot_id: str | None = None,
     episode_prefix: str = "demo-",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ImportResult:
     """Append every frame of `dataset` to the replay directory `replay` (created if missing; no
     server may be writing it) as a demonstration row.
@@ -86,7 +108,7 @@ def import_lerobot(
     keep_versions: keep the dataset's `policy_version` column instead. robot_id: the rows'
     robot (None: the dataset's per-episode `robot_id`, else "lerobot"). Episode ids are
     `episode_prefix` + the dataset's `source_episode_id` (else its episode index).
-    progress(n): called after each n frames are queued.
+    progress(frames, total): called after each episode's frames are queued.
     """
     dataset, replay = Path(dataset), Path(replay)
     info = read_info(dataset)
@@ -143,18 +165,17 @@ def import_lerobot(
     if stored_pa is not None and stored_pa.shape != served.shape[1:]:
         pa_zeros = np.zeros_like(stored_pa)  # a token model's rows: out of the ratio anyway
 
-    decoded: dict[Path, dict[int, np.ndarray]] = {}
+    cameras: dict[str, _VideoReader] = {}
 
-    def frames_of(ep: dict, feature: str) -> dict[int, np.ndarray]:
+    def camera_frame(ep: dict, feature: str, i: int) -> np.ndarray:
         path = dataset / fmt.VIDEO_PATH.format(
             video_key=feature,
             chunk_index=ep[f"videos/{feature}/chunk_index"],
             file_index=ep[f"videos/{feature}/file_index"],
         )
-        if path not in decoded:
-            decoded.clear()  # episodes come in file order: keep one file's frames at a time
-            decoded[path] = dict(fmt.decode_video(path, fps))
-        return decoded[path]
+        if feature not in cameras or cameras[feature].path != path:
+            cameras[feature] = _VideoReader(path, fps)
+        return cameras[feature].frame(i)
 
     # A bulk load: wait for the writer's queue rather than refuse (the server's 0.1 s).
     writer = ReplayWriter(ReplayConfig(path=replay, enqueue_timeout_s=60.0))
@@ -169,11 +190,8 @@ def import_lerobot(
                 obs = {k: arrays[f][r] for f, k in obs_features.items() if f not in videos}
                 for f in videos:
                     start = round(float(ep[f"videos/{f}/from_timestamp"]) * fps)
-                    frames = frames_of(ep, f)
-                    fi = start + int(frame_index[r]) if frame_index is not None else start + i - lo
-                    if fi not in frames:
-                        raise ValueError(f"{f}: episode {ep['episode_index']}: no video frame {fi}")
-                    obs[obs_features[f]] = frames[fi]
+                    fi = int(frame_index[r]) if frame_index is not None else i - lo
+                    obs[obs_features[f]] = camera_frame(ep, f, start + fi)
                 text = tasks[int(task_index[r])]
                 tid = writer.append_transition(
                     robot, episode, int(step[r]) if step is not None else i - lo,
@@ -191,7 +209,7 @@ def import_lerobot(
                 )
                 rows_written += 1
             if progress is not None:
-                progress(hi - lo)
+                progress(hi - lo, n)
     finally:
         writer.close()
     return ImportResult(len(episodes), rows_written, version, replay)
