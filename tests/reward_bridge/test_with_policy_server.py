@@ -72,7 +72,9 @@ def test_the_pendant_sees_the_camera_the_robot_sent(tmp_path):
     layout: uint8 [H, W, 3]), is the frame the bridge sends to a pendant showing that robot."""
     from openpi_rl.models.pi0_fast import Pi0FASTConfig
 
-    config = Pi0FASTConfig(variant="dummy", image_keys=("cam",), image_size=32, state_dim=4)
+    config = Pi0FASTConfig(  # no prompt: one key set to compile (cam, state)
+        variant="dummy", image_keys=("cam",), image_size=32, state_dim=4, prompt_len=0
+    )
     ac = ActorCritic(config.create(jax.random.key(0)), value_in_dim=config.value_in_dim)
     server = PolicyServer(
         ac,
