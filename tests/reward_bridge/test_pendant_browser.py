@@ -183,11 +183,13 @@ def forwarder():
         port: list[int] = []
 
         async def pipe(reader, writer):
-            with contextlib.suppress(ConnectionError):
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            writer.close()
+            try:
+                with contextlib.suppress(ConnectionError):
+                    while data := await reader.read(65536):
+                        writer.write(data)
+                        await writer.drain()
+            finally:  # cancelled when the forwarder stops, too: the bridge then sees EOF
+                writer.close()
 
         async def on_client(reader, writer):
             head = await reader.readuntil(b"\r\n")
