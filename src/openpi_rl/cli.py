@@ -295,19 +295,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     default = EvalConfig()
     if "--config" in argv:  # the service's model, value head and versions
-        from openpi_rl.service.config import ServiceFile
+        from openpi_rl.service.config import ServiceFile, connect_address
 
         i = argv.index("--config")
         path = argv[i + 1] if i + 1 < len(argv) else ""
         del argv[i : i + 2]
         try:
-            learn = ServiceFile.load(path).role_config("learn")
+            service = ServiceFile.load(path)
+            learn, serve = service.role_config("learn"), service.role_config("serve")
         except (OSError, ValueError) as e:
             print(f"openpi-rl eval: {path}: {e}", file=sys.stderr)
             return 2
         default = EvalConfig(
             checkpoint_dir=learn.checkpoint_dir, model=learn.model,
             value_hidden=learn.value_hidden, model_seed=learn.seed,
+            admin_endpoint=connect_address(serve.swap.admin_endpoint),
+            admin_token=serve.swap.admin_token, replay_dir=learn.replay_dir,
         )  # fmt: skip
     short = {"--greedy": ["--policy", "greedy"], "--sampled": ["--policy", "sampled"]}
     argv = [x for a in argv for x in short.get(a, [a])]

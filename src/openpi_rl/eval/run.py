@@ -9,7 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import gymnasium as gym
 import jax
@@ -30,6 +30,9 @@ from openpi_rl.eval.stats import Summary, summarize
 from openpi_rl.eval.video import VideoWriter, headless_gl, side_by_side
 from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
+from openpi_rl.secret import SECRET
+
+ADMIN_TOKEN_ENV = "OPENPI_RL_ADMIN_TOKEN"  # policy_server/admin.py's TOKEN_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,14 @@ class EvalConfig:
     value_hidden: tuple[int, ...] = (64, 64)  # the run's value head
     model_seed: int = 0
     """The run's seed: version 0, once retention has deleted it, is rebuilt from it."""
+    robots: bool = False
+    """Evaluate on the robots instead of --env: pin the version on the policy server (admin),
+    judge the episodes the robots finish with it (replay); the pin is put back afterwards."""
+    admin_endpoint: str = "tcp://127.0.0.1:5559"  # the policy server's admin endpoint (--robots)
+    admin_token: Annotated[str | None, SECRET] = None
+    """The admin token (--robots); None: $OPENPI_RL_ADMIN_TOKEN."""
+    replay_dir: str = "replay"  # the policy server's replay (--robots)
+    robots_timeout_s: float = 600.0  # give up when fewer episodes ended on the robots by then
 
 
 @dataclasses.dataclass
@@ -117,6 +128,8 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
     if config.episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {config.episodes}")
     versions = resolve_versions(config)
+    if config.robots:
+        return evaluate_robots(config, versions, console)
     record = config.video_dir is not None and config.video_episodes != 0
     if record:
         headless_gl()
@@ -185,6 +198,63 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
     return EvalReport(config, results, comparisons)
 
 
+def evaluate_robots(
+    config: EvalConfig, versions: list[int], console: Console | None = None
+) -> EvalReport:
+    """Each version in turn pinned on the policy server until `config.episodes` of the robots'
+    episodes ended with it (robots.py); videos from the stored camera images."""
+    import os
+
+    from openpi_rl.eval.robots import episode_frames, pinned_episodes
+    from openpi_rl.replay import ReplayReader
+
+    token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise ValueError(f"--robots: no admin token (--admin-token or ${ADMIN_TOKEN_ENV})")
+    survival = success_rule(config.env) == "survived"
+    video_dir = Path(config.video_dir) if config.video_dir is not None else None
+    results, comparisons = [], []
+    progress = _progress(console, len(versions) * config.episodes)
+    with progress:
+        task = progress.add_task("episodes", total=len(versions) * config.episodes)
+        for v in versions:
+            eps = pinned_episodes(
+                config.admin_endpoint, token, config.replay_dir, v, config.episodes, survival,
+                config.robots_timeout_s, lambda _: progress.advance(task),
+            )  # fmt: skip
+            videos: list[Path] = []
+            k = len(eps) if config.video_episodes is None else config.video_episodes
+            if video_dir is not None:
+                with ReplayReader(config.replay_dir) as reader:
+                    for i, ep in enumerate(eps[:k]):
+                        frames, fps = episode_frames(reader, ep)
+                        if not frames:
+                            break  # the robots' observations hold no images
+                        path = video_dir / f"v{v}_ep{i:03d}.mp4"
+                        with VideoWriter(path, fps) as writer:
+                            for frame in frames:
+                                writer.write(frame)
+                        videos.append(path)
+            results.append(VersionEval(v, [e.result for e in eps], summarize([], [], None), videos))
+    if video_dir is not None and len(results) == 2:
+        a, b = results
+        for i, (pa, pb) in enumerate(zip(a.videos, b.videos, strict=False)):
+            out = video_dir / f"v{a.version}_vs_v{b.version}_ep{i:03d}.mp4"
+            side_by_side(pa, pb, out, (f"v{a.version}", f"v{b.version}"), 10.0)
+            comparisons.append(out)
+    for r in results:
+        _summarize(r, config.confidence)
+    return EvalReport(config, results, comparisons)
+
+
+def _summarize(r: VersionEval, confidence: float) -> None:
+    successes = [e.success for e in r.episodes]
+    r.summary = summarize(
+        [e.ret for e in r.episodes], [e.length for e in r.episodes],
+        None if any(s is None for s in successes) else successes, confidence,
+    )  # fmt: skip
+
+
 def _progress(console: Console | None, total: int) -> Any:
     if console is None:
         return _NoProgress()
@@ -220,9 +290,12 @@ def report_table(report: EvalReport) -> Table:
     """One row per version: episodes, success rate and mean return with their intervals."""
     c = report.config
     pct = f"{c.confidence:.0%}"
-    table = Table(
-        title=f"openpi-rl eval: {c.env}, {c.policy}, seeds {c.seed}..{c.seed + c.episodes - 1}"
+    where = (
+        f"robots through {c.admin_endpoint} (lengths in chunks)"
+        if c.robots
+        else f"{c.env}, {c.policy}, seeds {c.seed}..{c.seed + c.episodes - 1}"
     )
+    table = Table(title=f"openpi-rl eval: {where}")
     for name in ("version", "episodes", f"success rate [{pct} Wilson]",
                  f"mean return [{pct} t]", "mean length"):  # fmt: skip
         table.add_column(name, justify="right")
