@@ -5,15 +5,19 @@ served, and the daemon stops cleanly (exit 0)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
-from openpi_rl.replay import ReplayReader
+from openpi_rl.replay import ReplayReader, export_lerobot
+
+LEROBOT_CHECK = Path(__file__).parents[1] / "replay" / "lerobot_check.py"
 
 
-def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
+def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path, lerobot_python):
     out = subprocess.run(
         [
             sys.executable, "-m", "openpi_rl.cli", "demo", "--minutes", "1", "--until-version",
@@ -68,6 +72,21 @@ def test_demo_learns_through_the_service_and_the_operator_is_heard(tmp_path):
         assert image.format == "PNG"
     video = re.search(r"video: (\S+/v(\d+)_ep000\.mp4)", out.stdout)
     assert int(video[2]) >= served and len(read_frames(video[1])) >= 2
+
+    # Its replay, exported as a LeRobot dataset, opens in the registry's LeRobot loader with the
+    # frame count, fps and shapes declared (tests/replay/test_lerobot.py has the details).
+    with ReplayReader(tmp_path / "replay") as reader:
+        exported = export_lerobot(reader, tmp_path / "lerobot", fps=50)
+    assert exported.frames == len(rows)
+    check = [lerobot_python, str(LEROBOT_CHECK), str(tmp_path / "lerobot"), str(tmp_path / "f.npz")]
+    check.append("100")  # frames read through the loader, evenly spaced (all are counted)
+    done = subprocess.run(check, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert (loaded["frames"], loaded["fps"]) == (len(rows), 50)
+    assert loaded["episodes"] == len({(r.robot_id, r.episode_id) for r in rows})
+    assert loaded["shapes"]["observation.state"] == [4]  # InvertedPendulum's observation
+    assert loaded["shapes"]["action"] == list(rows[0].actions.shape)
 
 
 def test_a_terminated_demo_stops_its_service(tmp_path):

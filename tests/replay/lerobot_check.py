@@ -3,7 +3,8 @@ directory with the registry's `LeRobotDataset`, read every frame, check each fea
 against `meta/info.json`, save the camera frames as LeRobot decoded them (uint8 HWC) to OUT.npz,
 and print, as the last line, one JSON object with what it read.
 
-usage: python lerobot_check.py DATASET_DIR OUT.npz
+usage: python lerobot_check.py DATASET_DIR OUT.npz [MAX_FRAMES]
+(MAX_FRAMES: read that many frames, evenly spaced from the first to the last, instead of all)
 """
 
 import json
@@ -15,11 +16,14 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 root, out = Path(sys.argv[1]), sys.argv[2]
 ds = LeRobotDataset("local/openpi-rl-export", root=root)
+picked = range(len(ds))
+if len(sys.argv) > 3 and int(sys.argv[3]) < len(ds):
+    picked = sorted({round(i) for i in np.linspace(0, len(ds) - 1, int(sys.argv[3]))})
 shapes: dict[str, list[int]] = {}
 numbers: dict[str, list] = {"observation.state": [], "action": [], "next.reward": []}
 cameras: dict[str, list[np.ndarray]] = {k: [] for k in ds.meta.video_keys}
 tasks = []
-for idx in range(len(ds)):
+for idx in picked:
     item = ds[idx]
     assert int(item["index"]) == idx, (int(item["index"]), idx)
     for key, spec in ds.meta.features.items():
@@ -38,6 +42,7 @@ print(
     json.dumps(
         {
             "frames": len(ds),
+            "read": len(picked),
             "episodes": ds.meta.total_episodes,
             "fps": ds.fps,
             "shapes": shapes,
