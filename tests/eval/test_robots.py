@@ -98,3 +98,62 @@ def test_robots_eval_needs_the_admin_token(tmp_path, monkeypatch):
     checkpoints.close()
     with pytest.raises(ValueError, match="no admin token"):
         evaluate(EvalConfig(checkpoint_dir=str(tmp_path / "ckpt"), robots=True))
+
+
+def test_robot_episodes_from_a_replay_with_cameras_verdicts_and_versions(tmp_path):
+    """Which stored episodes count for a version, their success (the operator's verdict first,
+    else the time limit on a survival task) and return (rewards + feedback values), and their
+    video: one frame per chunk, the two cameras side by side, decoded back from the mp4."""
+    from openpi_rl.eval import VideoWriter, read_frames
+    from openpi_rl.eval.robots import episode_frames, finished_episodes
+    from openpi_rl.replay import ReplayConfig, ReplayWriter, records
+
+    h, w = 32, 48
+    # (robot, episode, versions per chunk, ends with, operator's verdict)
+    episodes = [
+        ("r0", "a", (1, 1, 1), "truncated", None),
+        ("r0", "b", (1, 1, 1, 1), "done", "success"),
+        ("r1", "c", (0, 0, 0), "done", None),
+        ("r1", "d", (1, 2), "done", None),  # straddles a swap: counts for no version
+    ]
+    writer = ReplayWriter(ReplayConfig(path=tmp_path / "replay", commit_interval_s=0.01))
+    try:
+        for robot, episode, versions, end, verdict in episodes:
+            for t, version in enumerate(versions):
+                obs = {
+                    "state": np.zeros(3, np.float32),
+                    "image": np.full((h, w, 3), 40 * t, np.uint8),
+                    "wrist": np.full((h, w, 3), 200, np.uint8),
+                }
+                actions = np.zeros((2, 2), np.float32)
+                tid = writer.append_transition(
+                    robot, episode, t, version, records.encode_observation(obs, None), actions,
+                    actions, 0.0, 0.0, t_mono=0.1 * t,
+                )  # fmt: skip
+                last = t == len(versions) - 1
+                writer.report(tid, 1.0, done=last and end == "done",
+                              truncated=last and end == "truncated")  # fmt: skip
+                if last and verdict is not None:
+                    writer.add_reward_event(robot, verdict, 0.5, transition_id=tid, wait=True)
+    finally:
+        writer.close()
+    with ReplayReader(tmp_path / "replay") as reader:
+        v1 = finished_episodes(reader, 1, since_id=0, survival=True)
+        v0 = finished_episodes(reader, 0, since_id=0, survival=True)
+        assert [e.episode_id for e in v1] == ["a", "b"] and [e.episode_id for e in v0] == ["c"]
+        a, b = (e.result for e in v1)
+        assert (a.success, a.ret, a.length, a.truncated) == (True, 3.0, 3, True)  # time limit
+        assert (b.success, b.ret, b.length, b.terminated) == (True, 4.5, 4, True)  # the verdict
+        assert v0[0].result.success is False  # fell, no verdict
+        assert (
+            finished_episodes(reader, 1, since_id=v1[0].last_transition, survival=True)[0] == v1[1]
+        )
+        frames, fps = episode_frames(reader, v1[1])
+    assert len(frames) == 4 and frames[0].shape == (h, 2 * w, 3) and fps == pytest.approx(10.0)
+    with VideoWriter(tmp_path / "b.mp4", fps) as video:
+        for frame in frames:
+            video.write(frame)
+    decoded = read_frames(tmp_path / "b.mp4")
+    assert len(decoded) == 4
+    assert np.abs(decoded[3][:, :w].astype(int) - 120).mean() < 4  # "image" at chunk 3
+    assert np.abs(decoded[3][:, w:].astype(int) - 200).mean() < 4  # "wrist"
