@@ -293,3 +293,52 @@ def test_lerobot_loads_the_export(replay, exported, lerobot_python, tmp_path):
         for cam in ("image", "wrist")
     ])  # fmt: skip
     assert err.mean() < MEAN_ABS_BOUND and err.max() <= MAX_ABS_BOUND, (err.mean(), err.max())
+
+
+@pytest.mark.slow  # Pi0-FAST's compile: ~10 s alone, ~45 s on a loaded 2-core machine
+def test_demonstrations_join_a_token_policys_replay(tmp_path):
+    """Imported into a replay whose rows hold a token policy's action tokens, demonstrations
+    (actions only) get placeholder tokens of that shape (out of the ratio), so both train in
+    one batch: the update is finite and its BC term sees them."""
+    from openpi_rl.models.choice import build_actor_critic
+    from openpi_rl.models.pi0_fast import Pi0FASTConfig
+    from tests.daemon.learner_helpers import Recorder
+
+    model = Pi0FASTConfig(
+        variant="dummy", action_horizon=2, action_dim=2, state_dim=3, image_keys=(), prompt_len=4
+    )
+    config = learner_config(
+        tmp_path, model=model, ppo=PPOConfig(lr=1e-4, train_iters=1, minibatch_size=16, bc_coef=1.0),
+        max_kl=None,
+    )  # fmt: skip
+    rec = Recorder(Path(config.replay_dir), ac=build_actor_critic(model, (16, 16), 0))
+    obs = {k: np.asarray(v)[0] for k, v in model.fake_obs(1).items()}
+    for t in range(4):
+        tid, _ = rec.serve("r", "e0", t, obs)
+        rec.writer.report(tid, 0.1, done=t == 3, truncated=False)
+    rec.close()
+    with ReplayReader(Path(config.replay_dir)) as reader:
+        tokens = reader.transitions()[0].policy_actions
+    assert tokens.shape != (2, 2)  # the token policy stores tokens, not actions
+    src = tmp_path / "teleop"
+    w = ReplayWriter(ReplayConfig(path=src, commit_interval_s=0.01))
+    demo = np.full((2, 2), 0.5, np.float32)
+    for t in range(4):
+        tid = w.append_transition("arm", "d0", t, 0, records.encode_observation(obs), demo, None,
+                                  0.0, 0.0, t_mono=float(t))  # fmt: skip
+        w.report(tid, 0.0, done=t == 3, truncated=False, executed_actions=demo, intervened=True)
+    w.close()
+    with ReplayReader(src) as reader:
+        export_lerobot(reader, tmp_path / "ds", fps=10)
+    import_lerobot(tmp_path / "ds", Path(config.replay_dir))
+    with ReplayReader(Path(config.replay_dir)) as reader:
+        demos = reader.transitions(robot_id="arm")
+    assert len(demos) == 4 and all(r.intervened for r in demos)
+    assert all(r.policy_actions.shape == tokens.shape for r in demos)
+    learner = Learner(config)
+    try:
+        result = learner.step()
+        assert result is not None and result.published and result.metrics["finite"] == 1.0
+        assert result.metrics["bc_loss"] > 0
+    finally:
+        learner.close()
