@@ -433,8 +433,8 @@ def test_keep_versions_never_deletes_the_pinned_version_or_the_rollback_target(r
         learner_side.close()
 
 
-@pytest.mark.parametrize("in_worker", [True, False])
-def test_a_lora_delta_swap_reads_and_replaces_only_the_delta(tmp_path, in_worker):
+@pytest.mark.parametrize("in_worker, check_delta_call", [(True, False), (False, True)])
+def test_a_lora_delta_swap_reads_and_replaces_only_the_delta(tmp_path, in_worker, check_delta_call):
     """Versions after 0 hold only what trained (here the value head, as a LoRA learner's hold
     LoRA + value head) and name version 0 as their base. The server started on its seed's
     weights (not known to be version 0's), so the first delta loads with its base; from then on
@@ -445,7 +445,7 @@ def test_a_lora_delta_swap_reads_and_replaces_only_the_delta(tmp_path, in_worker
 
     from openpi_rl.models.finetune import CRITIC
 
-    rig = Rig(tmp_path, restore_in_worker=in_worker)
+    rig = Rig(tmp_path, restore_in_worker=in_worker, check_delta_call=check_delta_call)
     n_leaves = len(jax.tree.leaves(rig.server.snapshot.state))
 
     def head(version: int) -> nnx.State:
@@ -489,23 +489,35 @@ def test_a_lora_delta_swap_reads_and_replaces_only_the_delta(tmp_path, in_worker
         assert shared.count(False) == n_head and shared.count(True) == n_leaves - n_head
         assert rig.server.snapshot.compilations == rig.compiled
 
-        rig.publish(3)  # a full version: the live arrays' base from now on
-        rig.wait_live(3)
-        assert rig.swapper.base[0] == 3 and not rig.swapper.last_restore["delta_only"]
-        rig.checkpoints.save(4, head(4), {"step": np.zeros(())}, {}, base=0)
+        # A delta is checked on its own arrays (the rest is the live, checked version): one
+        # holding NaN is refused and the live version serves on.
+        nan_head = jax.tree.map(lambda x: np.full(x.shape, np.nan, np.float32), head(3))
+        rig.checkpoints.save(3, nan_head, {"step": np.zeros(())}, {}, base=0)
+        rig.publisher.publish(3)
+        wait_failed(rig, 3)
+        assert rig.swapper.failed[3].startswith("nonfinite") and rig.server.snapshot.version == 2
+
+        rig.publish(4)  # a full version: the live arrays' base from now on
+        rig.wait_live(4)
+        assert rig.swapper.base[0] == 4 and not rig.swapper.last_restore["delta_only"]
+        rig.checkpoints.save(5, head(5), {"step": np.zeros(())}, {}, base=0)
         shutil.rmtree(rig.checkpoints.directory / "0")  # its base is gone
-        rig.publisher.publish(4)
-        deadline = time.monotonic() + 10
-        while 4 not in rig.swapper.failed:
-            assert time.monotonic() < deadline, rig.swapper.status()
-            time.sleep(0.02)
+        rig.publisher.publish(5)
+        wait_failed(rig, 5)
         assert (
-            "hash" in rig.swapper.failed[4]
-            and "base, version 0, is missing" in (rig.swapper.failed[4])
+            "hash" in rig.swapper.failed[5]
+            and "base, version 0, is missing" in (rig.swapper.failed[5])
         )
-        assert rig.server.snapshot.version == 3
+        assert rig.server.snapshot.version == 4
     finally:
         rig.close()
+
+
+def wait_failed(rig: Rig, version: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while version not in rig.swapper.failed:
+        assert time.monotonic() < deadline, rig.swapper.status()
+        time.sleep(0.02)
 
 
 def test_retention_keeps_the_base_of_every_kept_delta(tmp_path):

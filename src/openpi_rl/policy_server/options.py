@@ -82,6 +82,10 @@ class SwapOptions:
     nice: int = 10  # the restore's niceness (Linux; the worker also runs SCHED_IDLE); 0: none
     restore_in_worker: bool = True  # orbax restores in a worker process; False: in-process
     restore_timeout_s: float = 120.0  # a worker silent this long is killed and restarted
+    check_delta_call: bool = False
+    """A delta version (LoRA over the live base) is checked on its own arrays (finite) by
+    default; True: also by a model call, as a full version is (a decode's worth of device time
+    per swap, which on a LoRA run is most of the swap)."""
 
 
 __all__ = ["ServeOptions", "SwapOptions"]

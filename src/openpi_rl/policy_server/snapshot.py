@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,12 +224,22 @@ def _finite(out: Sampled) -> bool:
     return bool(all(np.isfinite(x).all() for x in (out.actions, out.logp, out.value)))
 
 
+def all_finite(arrays: Iterable[jax.Array | np.ndarray]) -> bool:
+    """True when no array holds NaN or inf (numpy or host jax arrays; bf16 included; key
+    arrays, which have no numbers, are skipped)."""
+    return all(
+        bool(np.isfinite(np.asarray(x)).all())
+        for x in arrays
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    )
+
+
 def example_observation(obs_spec: ObsSpec) -> dict[str, np.ndarray]:
     """A zero observation (unbatched) of every key in the spec."""
     return {k: np.zeros(s.shape, np.dtype(s.dtype)) for k, s in obs_spec.items()}
 
 
-__all__ = ["PolicySnapshot", "Sampled", "example_observation", "padded_sizes"]
+__all__ = ["PolicySnapshot", "Sampled", "all_finite", "example_observation", "padded_sizes"]
 
 
 def key_sets(

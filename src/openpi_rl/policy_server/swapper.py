@@ -5,7 +5,7 @@ between batches, never stalling a request.
       -> swapper thread: check the notice -> verify the content hash -> restore (in the
          restore worker process) -> snapshot.with_leaves
          (device_put; same jitted sampler: no compile) -> one check call (outputs must be
-         finite) -> server.swap
+         finite; a LoRA delta: its own arrays must be) -> server.swap
 
 The orbax restore runs in a low-priority worker process (restore_worker.py): in the server's
 process its threads held the GIL long enough to show in the robots' p99 (measured there).
@@ -38,6 +38,10 @@ knows which full version the live snapshot's frozen arrays came from (`base`): a
 base restores only its own arrays (LoRA + value head) and replaces only those leaves, every
 other array of the live snapshot is shared by the new one, not copied. A delta over another (or
 an unknown) base restores with its base's arrays, checked against the hash the delta recorded.
+A delta over the live base is checked on its own arrays (finite), not by a model call: the
+rest of its weights are the live version's, checked when they went live, and the call (a
+decode's worth of device time, shared with the robots) was most of a LoRA swap's seconds
+(`swap.check_delta_call` brings it back).
 
 `SwapStatus` (swap_status.py: learner liveness, `health` and `status`) is mixed into `Swapper`;
 its knobs are `SwapOptions` (options.py).
@@ -57,7 +61,7 @@ import structlog
 
 from openpi_rl.policy_server.options import SwapOptions
 from openpi_rl.policy_server.restore_worker import RestoreWorker
-from openpi_rl.policy_server.snapshot import PolicySnapshot, example_observation
+from openpi_rl.policy_server.snapshot import PolicySnapshot, all_finite, example_observation
 from openpi_rl.policy_server.swap_status import SwapStatus
 from openpi_rl.weights.notices import LatestVersion, notice_endpoint
 from openpi_rl.weights.operator_state import OperatorState, load_state, save_state
@@ -337,18 +341,23 @@ class Swapper(SwapStatus):
             "delta_only": delta_only,
         }
         t2 = time.perf_counter()
-        # Every padded size was compiled at start-up and versions share the executables: one
-        # call checks the weights. Should it have compiled (weights placed differently), every
-        # size is compiled here, off the serving path, as at start-up.
-        compiled = snapshot.compilations
-        finite = snapshot.check(example_observation(self.server.obs_spec))
-        if snapshot.compilations != compiled:
-            log.warning("swap.compiled", version=version)
-            finite = self.server.warm(snapshot) and finite
+        if delta_only and not self.options.check_delta_call:
+            # Only these arrays changed, placed as the live ones they replace (the same
+            # executables apply); the rest is the live version's, already checked.
+            finite = all_finite(changed.values())
+        else:
+            # Every padded size was compiled at start-up and versions share the executables:
+            # one call checks the weights. Should it have compiled (weights placed
+            # differently), every size is compiled here, off the serving path, as at start-up.
+            compiled = snapshot.compilations
+            finite = snapshot.check(example_observation(self.server.obs_spec))
+            if snapshot.compilations != compiled:
+                log.warning("swap.compiled", version=version)
+                finite = self.server.warm(snapshot) and finite
         t3 = time.perf_counter()
         self.phases = {"restore": t1 - t0, "place": t2 - t1, "check": t3 - t2}
         if not finite:
-            raise SwapError(f"version {version}: non-finite outputs at the check call")
+            raise SwapError(f"version {version}: non-finite weights or outputs at the check")
         return snapshot, (base or (version, digest))
 
     def _fail(self, version: int, path: str | Path, reason: str, error: Exception) -> None:
