@@ -80,6 +80,10 @@ class Args:
     default to 1, 1.0, 10, 0.25 and 5 then)."""
     gemma_width: int | None = None  # overrides the variant's width (with --model-variant)
     gemma_mlp_dim: int | None = None  # overrides the variant's mlp_dim (with --model-variant)
+    gemma_vocab: int | None = None
+    """The embedding's rows (with --model-variant; 257152: PaliGemma's). The tokenizer fixture
+    writes ids below 980 and decoding is constrained to the action grammar, so the extra rows
+    are weights to store and move, as a real checkpoint's are, never tokens."""
     timeout_s: float = 1.0  # a robot's request timeout
 
 
@@ -97,7 +101,11 @@ def _pi0_fields(args: Args) -> dict:
     constrained so random weights still write chunks openpi's extract_actions reads)."""
     overrides = [
         (name, value)
-        for name, value in (("width", args.gemma_width), ("mlp_dim", args.gemma_mlp_dim))
+        for name, value in (
+            ("width", args.gemma_width),
+            ("mlp_dim", args.gemma_mlp_dim),
+            ("vocab_size", args.gemma_vocab),
+        )
         if value is not None
     ]
     return {

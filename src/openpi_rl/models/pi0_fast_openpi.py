@@ -461,6 +461,8 @@ class Pi0FASTOpenPI(TokenPolicy, nnx.Module):
         c = self.config
         logits = logits.astype(jnp.float32)
         if allowed is not None:
+            if pad := logits.shape[-1] - allowed.shape[-1]:  # embedding rows past the tokenizer's
+                allowed = jnp.pad(allowed, [(0, 0)] * (allowed.ndim - 1) + [(0, pad)])
             logits = jnp.where(allowed, logits, _NEG)
         if c.temperature > 0:
             logits = logits / c.temperature

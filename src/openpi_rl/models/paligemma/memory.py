@@ -8,8 +8,9 @@ What is counted (bytes; GiB = 2**30):
 - params: every parameter of the module (`nnx.Param` leaves of `PaliGemmaConfig.abstract()`).
 - serving: the weights in the serving dtype (openpi's policy loader restores them as bf16),
   the KV cache of a batch over `prefix + decode_steps` positions (the prefill's cache, from
-  `jax.eval_shape` of `PaliGemma.prefill`), and the prefill's float32 logits over the prefix
-  (the largest transient; openpi's prefill computes them at every prefix position).
+  `jax.eval_shape` of `PaliGemma.prefill`), and the prefill's logits at the last prefix
+  position (openpi's prefill computes them at every prefix position, 0.5 GiB per row with
+  PaliGemma's vocabulary; decoding reads only the last).
 - PPO update: the weights in `param_dtype`, one gradient and Adam's two moments (float32) for
   what trains (`frozen_filter`: with a `_lora` variant the decoder's base weights are frozen,
   LoRA adapters and all of SigLIP train; otherwise everything trains; `finetune="lora"`: the
