@@ -53,9 +53,9 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ExportLeRobotArgs:
-    replay: Annotated[Path, tyro.conf.Positional]
+    replay: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
     """Replay directory to read (a live one too: reading does not disturb the server)."""
-    out: Annotated[Path, tyro.conf.Positional]
+    out: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """New directory for the LeRobot dataset (must not exist)."""
     robot: str | None = None
     """Only this robot's episodes."""
@@ -120,9 +120,9 @@ def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ImportLeRobotArgs:
-    dataset: Annotated[Path, tyro.conf.Positional]
+    dataset: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="DATASET")]
     """LeRobot dataset directory (format v3.0)."""
-    replay: Annotated[Path, tyro.conf.Positional]
+    replay: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
     """Replay directory to append to (created if missing; stop the server that writes it, or
     import into a new one and point the learner's replay_dir at it)."""
     policy_version: int | None = None
