@@ -23,14 +23,14 @@ demo: $(STAMP)
 # Mesa's EGL renders MuJoCo's episode videos without a display (openpi-rl eval, the demo).
 # FFmpeg's libraries decode videos for LeRobot's loader (torchcodec; tests/replay/test_lerobot.py).
 DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze \
-	libegl-mesa0=/usr/share/glvnd/egl_vendor.d libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri \
+	libegl-mesa0=/usr/share/glvnd/egl_vendor.d/50_mesa.json libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri \
 	ffmpeg=/usr/bin/ffmpeg
 
 test: $(STAMP) lint debs
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
 debs:
-	@missing="$$(for d in $(DEBS); do test -x "$${d#*=}" || printf '%s ' "$${d%%=*}"; done)"; \
+	@missing="$$(for d in $(DEBS); do test -e "$${d#*=}" || printf '%s ' "$${d%%=*}"; done)"; \
 	test -z "$$missing" || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
