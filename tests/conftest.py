@@ -44,7 +44,7 @@ LEROBOT_REQUIREMENTS = (
     ("--no-deps", "lerobot==0.4.4"),
     ("torchcodec==0.14.0", "datasets>=4,<5", "huggingface-hub>=0.34.2,<0.36", "accelerate>=1.10,<2",
      "av>=15,<16", "draccus==0.10.0", "jsonlines", "packaging<26", "termcolor", "deepdiff<9",
-     "einops", "pandas"),
+     "einops", "pandas", "numpy<2.4"),  # numpy 2.4: LeRobot's own writer fails on (1,) features
 )  # fmt: skip
 
 

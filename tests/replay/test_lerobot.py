@@ -30,6 +30,7 @@ H, W = 32, 48  # camera image (even: yuv420p)
 # Codec loss allowed on a camera frame (libsvtav1, crf 30, yuv420p) of smooth content.
 MEAN_ABS_BOUND, MAX_ABS_BOUND = 3.0, 48
 LEROBOT_CHECK = Path(__file__).with_name("lerobot_check.py")
+LEROBOT_MAKE = Path(__file__).with_name("lerobot_make.py")
 
 
 def camera(t: int, seed: int, h: int = H, w: int = W) -> np.ndarray:
@@ -135,6 +136,17 @@ def test_export_writes_the_v3_layout_with_every_number(replay, exported):
             f["done"], f["truncated"], f["success"])  # fmt: skip
     tasks = pq.read_table(exported / "meta/tasks.parquet").column("__index_level_0__").to_pylist()
     assert sorted(tasks) == ["", "balance the pole"]
+    stats = json.loads((exported / "meta/stats.json").read_text())["observation.state"]
+    states = np.stack([f["obs"]["state"] for f in frames]).astype(np.float64)
+    for name, want in (
+        ("min", states.min(0)),
+        ("max", states.max(0)),
+        ("mean", states.mean(0)),
+        ("std", states.std(0)),
+        ("q50", np.quantile(states, 0.5, axis=0)),
+    ):
+        np.testing.assert_allclose(stats[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert stats["count"] == [len(frames)]
 
 
 def test_round_trip_keeps_every_number_and_every_frame_within_codec_loss(
@@ -295,7 +307,35 @@ def test_lerobot_loads_the_export(replay, exported, lerobot_python, tmp_path):
     assert err.mean() < MEAN_ABS_BOUND and err.max() <= MAX_ABS_BOUND, (err.mean(), err.max())
 
 
-@pytest.mark.slow  # Pi0-FAST's compile: ~10 s alone, ~45 s on a loaded 2-core machine
+def test_a_dataset_lerobot_wrote_imports_as_demonstrations(lerobot_python, tmp_path):
+    """A dataset written by the registry's LeRobot itself (`LeRobotDataset.create`, its own
+    parquet and AV1 video, single-step actions, no openpi-rl columns) imports: every number as
+    written, actions as chunks [1, D], tasks as prompts, frames within the codec's loss."""
+    ds, npz = tmp_path / "teleop", tmp_path / "made.npz"
+    done = subprocess.run(
+        [lerobot_python, str(LEROBOT_MAKE), str(ds), str(npz)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    made = np.load(npz)
+    result = import_lerobot(ds, tmp_path / "replay")
+    assert (result.episodes, result.rows, result.policy_version) == (2, 9, 0)
+    with ReplayReader(tmp_path / "replay") as reader:
+        rows = reader.transitions()
+        stored = [reader.stored_observation(r) for r in rows]
+    assert [(r.robot_id, r.episode_id, r.step) for r in rows] == [
+        ("lerobot", f"demo-{e}", t) for e, n in ((0, 5), (1, 4)) for t in range(n)
+    ]
+    np.testing.assert_array_equal([o.arrays["state"] for o in stored], made["state"])
+    np.testing.assert_array_equal([r.executed_actions for r in rows], made["action"][:, None])
+    assert [r.reward for r in rows] == made["reward"].ravel().tolist()
+    assert [r.done for r in rows] == made["done"].ravel().tolist()
+    assert all(r.intervened for r in rows)
+    assert [o.prompt for o in stored] == ["pick the cube"] * 5 + ["place the cube"] * 4
+    err = np.abs(np.stack([o.arrays["cam"] for o in stored]).astype(int) - made["cam"].astype(int))
+    assert err.mean() < MEAN_ABS_BOUND and err.max() <= MAX_ABS_BOUND, (err.mean(), err.max())
+
+
 def test_demonstrations_join_a_token_policys_replay(tmp_path):
     """Imported into a replay whose rows hold a token policy's action tokens, demonstrations
     (actions only) get placeholder tokens of that shape (out of the ratio), so both train in

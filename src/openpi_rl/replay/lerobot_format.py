@@ -160,11 +160,16 @@ def read_tasks(root: Path) -> list[str]:
     return out
 
 
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # LeRobot's q01 ... q99 (its QUANTILES normalisation)
+IMAGE_SAMPLE_PIXELS = 4096  # per frame batch: images' quantiles come from a sample, as LeRobot's
+
+
 class RunningStats:
     """One feature's `meta/stats.json` entry, accumulated over batches of frames: min, max,
-    mean, std (population), count (frames). Images (uint8 [H, W, 3]) give per-channel stats of
-    pixels in [0, 1], shaped (3, 1, 1) as LeRobot's; other features are per element, shaped as
-    the feature."""
+    mean, std (population), count (frames) and the quantiles q01 ... q99. Images (uint8
+    [H, W, 3]) give per-channel stats of pixels in [0, 1], shaped (3, 1, 1) as LeRobot's (their
+    quantiles from an evenly spaced sample of pixels); other features are per element, shaped
+    as the feature."""
 
     def __init__(self, image: bool):
         self.image = image
@@ -172,6 +177,7 @@ class RunningStats:
         self.rows = 0  # samples per element: frames, or pixels for images
         self.shape: tuple[int, ...] = (3, 1, 1) if image else (1,)
         self.lo = self.hi = self.total = self.squares = np.zeros(0)
+        self.sample: list[np.ndarray] = []
 
     def add(self, values: np.ndarray) -> None:
         """values: [N, *shape] for N frames."""
@@ -189,6 +195,8 @@ class RunningStats:
             self.total, self.squares = self.total + x.sum(0), self.squares + (x * x).sum(0)
         self.count += len(values)
         self.rows += len(x)
+        step = max(1, len(x) // IMAGE_SAMPLE_PIXELS) if self.image else 1
+        self.sample.append(x[::step].astype(np.float32))
 
     def result(self) -> dict[str, list]:
         mean = self.total / max(self.rows, 1)
@@ -198,6 +206,9 @@ class RunningStats:
             for k, v in (("min", self.lo), ("max", self.hi), ("mean", mean), ("std", std))
         }
         out["count"] = [self.count]
+        qs = np.quantile(np.concatenate(self.sample), QUANTILES, axis=0)
+        for q, v in zip(QUANTILES, qs, strict=True):
+            out[f"q{round(q * 100):02d}"] = v.astype(np.float64).reshape(self.shape).tolist()
         return out
 
 
