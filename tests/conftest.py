@@ -38,7 +38,7 @@ LEROBOT_VENV = ROOT / ".venv-lerobot"
 # x86-64 wheels are CUDA builds pip would download (GBs). So its own dependencies are installed
 # here without that pin: the torch 2.14.1 + torchvision 0.29.1 pair (machine's disk: ~1 min),
 # torchcodec for its video decoding (Debian's FFmpeg libraries, `make debs`), and the libraries
-# its dataset code imports. The environment takes ~6 GB and ~70 s to build.
+# its dataset code imports. It takes ~6 GB; ~70 s to build on an idle 2-core machine (3 min loaded).
 LEROBOT_REQUIREMENTS = (
     ("torch==2.14.1", "torchvision==0.29.1"),
     ("--no-deps", "lerobot==0.4.4"),
