@@ -199,11 +199,15 @@ def import_lerobot(
                     records.encode_observation(obs, text or None), served[r], pa_zeros, 0.0,
                     float(value[r]) if value is not None else 0.0, t_mono=time.monotonic(),
                 )  # fmt: skip
+                ends = bool(done[r]) if done is not None else False
+                # A recorded episode is over: its last frame ends it (a time limit, bootstrapped)
+                # unless it is terminal, so the learner never waits on it as an open episode.
+                cut = bool(truncated[r]) if truncated is not None else False
                 writer.report(
                     tid,
                     float((reward if reward is not None else zeros)[r]),
-                    done=bool(done[r]) if done is not None else False,
-                    truncated=bool(truncated[r]) if truncated is not None else i == hi - 1,
+                    done=ends,
+                    truncated=cut or (i == hi - 1 and not ends),
                     executed_actions=action[r],
                     intervened=True,
                 )
