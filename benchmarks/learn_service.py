@@ -21,7 +21,8 @@ service. A weak policy is pretrained briefly with `openpi-rl train` (openpi's Pi
 PaliGemma, the tokenizer fixtures, the state written into the prompt, full weights) and exported
 as an openpi checkpoint (`--export-openpi`); the service starts every role from that checkpoint
 with LoRA adapters added (`gemma_variant = "dummy_lora"`: the learner trains only the adapters
-and the value head, after `--warmup` value-only updates), and the robots send the prompt with every
+and the value head, after `--warmup` value-only updates; an update's epochs stop once its KL
+passes 1.5 x `--target-kl`, SB3's rule), and the robots send the prompt with every
 observation (the server tokenizes it with the state). Figures: the mean return of episodes
 played by version 0 (the pretrained policy as served) against the last 200 (episodes are short:
 the last 20 are also printed), and how many stored rows carry the prompt (goal: ratio >= 2,
@@ -65,6 +66,7 @@ class Args:
     pretrain_steps: int = 1_500  # pi0_fast_openpi: env steps of the weak pretrained policy
     lr: float = 5e-4  # pi0_fast_openpi: the learner's PPO step size (LoRA adapters)
     warmup: int = 5  # pi0_fast_openpi: value-only updates before the policy moves
+    target_kl: float | None = 0.02  # pi0_fast_openpi: an update's epochs stop past 1.5x this
     openpi_window: int = 200  # pi0_fast_openpi: episodes in the final mean return
     workdir: str | None = None  # pi0_fast_openpi: keep the checkpoint, replay and logs here
 
@@ -175,7 +177,7 @@ max_decoding_steps = 6
 constrain_actions = true"""
     path = write_demo_config(
         workdir / "service", args.robots, "benchmark", args.seed, model=model_toml,
-        ppo=dataclasses.replace(TRAIN_PPO_DEFAULTS, lr=args.lr),
+        ppo=dataclasses.replace(TRAIN_PPO_DEFAULTS, lr=args.lr, target_kl=args.target_kl),
         learn={"critic_warmup_updates": args.warmup, "finetune": "lora"},
     )  # fmt: skip
     t0 = time.perf_counter()
