@@ -162,6 +162,33 @@ def test_update_past_the_kl_limit_is_refused_and_its_data_consumed(tmp_path, rec
         learner.close()
 
 
+def test_a_batch_target_kl_stops_before_its_first_step_publishes_no_version(tmp_path, recorder):
+    """`ppo.target_kl` stops an update before its first step when the batch's behaviour is
+    already that far from the policy: the weights did not change, so no version is published
+    (it would only age the data in flight) and the data is counted stale, consumed."""
+    ppo = PPOConfig(lr=1e-3, train_iters=2, minibatch_size=16, target_kl=1e-4)
+    learner = Learner(learner_config(tmp_path, ppo=ppo))
+    try:
+        recorder.episode("r", "a", 16, np.random.default_rng(0))  # served by version 0 itself
+        recorder.writer.flush()
+        first = learner.step()
+        assert first.published and first.metrics["update_fraction"] > 0
+
+        other = build_actor_critic(MODEL, (16, 16), seed=123)  # another policy serves
+        nnx.update(other, jax.tree.map(lambda x: 10 * x, nnx.state(other, nnx.Param)))
+        recorder.ac = other
+        recorder.episode("r", "b", 16, np.random.default_rng(1), version=1)
+        recorder.writer.flush()
+        result = learner.step()
+        assert not result.published and result.reason == "unchanged" and result.version == 1
+        assert learner.counters["unchanged_updates"] == 1
+        assert learner.counters["transitions_stale"] == 16
+        assert learner.checkpoints.versions() == [0, 1] and learner.publisher.sent["version"] == 1
+        assert learner.step() is None  # consumed
+    finally:
+        learner.close()
+
+
 def test_intervened_samples_are_out_of_the_ratio():
     """A take-over's stored log-prob is not the policy's: with policy_mask 0 it changes nothing
     in the clipped surrogate, KL or clip fraction, however far off it is."""

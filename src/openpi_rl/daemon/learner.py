@@ -69,7 +69,7 @@ log = structlog.get_logger("openpi_rl.learner")
 class UpdateResult:
     version: int  # the learner's version after the update (unchanged when refused)
     published: bool
-    reason: str | None  # why it was refused: "nonfinite" or "kl"
+    reason: str | None  # why not published: "nonfinite" or "kl" (refused), "unchanged"
     metrics: dict[str, float]
     path: str | None = None
     transitions: int = 0
@@ -108,6 +108,7 @@ class Learner(CriticWarmup):
                 "transitions_skipped",
                 "corrupt_versions",
                 "critic_warmup_updates",
+                "unchanged_updates",
             ),
             0,
         )
@@ -285,10 +286,13 @@ class Learner(CriticWarmup):
 
     @property
     def learn_steps(self) -> int:
-        """Learn steps made so far: published, refused and critic warm-up updates (the
+        """Learn steps made so far: published, refused, unchanged and critic warm-up updates (the
         learning curves' x axis)."""
         c = self.counters
-        return c["updates"] + c["critic_warmup_updates"] + c["refused_nonfinite"] + c["refused_kl"]
+        return (
+            c["updates"] + c["critic_warmup_updates"] + c["refused_nonfinite"] + c["refused_kl"]
+            + c["unchanged_updates"]
+        )  # fmt: skip
 
     def take(self) -> tuple[ChunkBatch, list[Segment]] | None:
         """The next training batch and the segments in it (oldest first), once at least
@@ -332,6 +336,8 @@ class Learner(CriticWarmup):
         refused = self._guard(m, transitions)
         if refused is not None:
             return refused
+        if m.get("update_fraction", 1.0) == 0.0:
+            return self._unchanged(transitions)
 
         self.params, self.opt_state = params, opt_state
         nnx.update(self.ac, params)
@@ -373,6 +379,18 @@ class Learner(CriticWarmup):
             max_kl=self.config.max_kl,
         )  # fmt: skip
         return UpdateResult(self.version, False, reason, m, transitions=transitions)
+
+    def _unchanged(self, transitions: int) -> UpdateResult:
+        """`ppo.target_kl` stopped the update before its first step: the batch's behaviour was
+        already that far from the policy (stale data). The weights are the live version's, so
+        nothing is published: a version changing nothing would only age the data in flight."""
+        self._count("stale", transitions)
+        self.counters["unchanged_updates"] += 1
+        log.info(
+            "learner.unchanged", version=self.version, transitions=transitions,
+            target_kl=self.config.ppo.target_kl,
+        )  # fmt: skip
+        return UpdateResult(self.version, False, "unchanged", {}, transitions=transitions)
 
     def _count(self, fate: str, n: int) -> None:
         self.counters[f"transitions_{fate}"] += n
