@@ -309,7 +309,7 @@ def test_full_size_prefill_and_decode_trace_without_allocating():
     images = jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((b, p), jnp.int32)
     logits, step_logits, cache = jax.eval_shape(run, state, images, tokens)
-    assert logits.shape == (b, s, 257_152) and logits.dtype == jnp.float32
+    assert logits.shape == (b, 1, 257_152) and logits.dtype == jnp.float32
     assert step_logits.shape == (b, 1, 257_152)
     assert cache.k.shape == (18, b, s + steps, 1, 256) and cache.k.dtype == jnp.bfloat16
 
