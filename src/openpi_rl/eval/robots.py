@@ -22,32 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
 
 from openpi_rl.eval.episodes import EpisodeResult
 from openpi_rl.replay import ReplayReader
-from openpi_rl_client import wire
+from openpi_rl_client.admin import admin_request
 
 
 def admin_call(
     endpoint: str, token: str, command: str, version: int | None = None, timeout_s: float = 60.0
 ) -> dict[str, Any]:
-    """One request to the policy server's admin endpoint (its protocol: policy_server/admin.py;
-    a role does not import another, so the dozen lines of the client live here too). Returns
-    the reply's status; RuntimeError with the server's error, TimeoutError when none comes."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        msg: dict[str, Any] = {"token": token, "command": command}
-        if version is not None:
-            msg["version"] = version
-        sock.send_multipart([b"", wire.packb(msg)])
-        if not sock.poll(int(timeout_s * 1000)):
-            raise TimeoutError(f"admin {endpoint}: no reply to {command!r} within {timeout_s} s")
-        reply = wire.unpackb(sock.recv_multipart()[-1])
-    finally:
-        sock.close(linger=0)
+    """One request to the policy server's admin endpoint. Returns the reply's status;
+    RuntimeError with the server's error, TimeoutError when none comes."""
+    reply = admin_request(endpoint, token, command, version, timeout_s)
     if "error" in reply:
         err = reply["error"]
         raise RuntimeError(f"admin {endpoint}: {command} refused: {err.get('code')}: "

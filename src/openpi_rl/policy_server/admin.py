@@ -32,6 +32,7 @@ import zmq
 
 from openpi_rl.guards import RateLimiter
 from openpi_rl_client import protocol, wire
+from openpi_rl_client.admin import admin_request
 
 if TYPE_CHECKING:
     from openpi_rl.policy_server.swapper import Swapper
@@ -156,30 +157,6 @@ class AdminEndpoint:
         elif command in ("pause-learning", "resume-learning"):
             s.set_learning_paused(command == "pause-learning")
         return s.status()
-
-
-def admin_request(
-    endpoint: str,
-    token: str,
-    command: str,
-    version: int | None = None,
-    timeout_s: float = 30.0,
-) -> dict[str, Any]:
-    """Send one admin command and return the reply (raises TimeoutError when none comes)."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        msg: dict[str, Any] = {"token": token, "command": command}
-        if version is not None:
-            msg["version"] = version
-        sock.send_multipart([b"", wire.packb(msg)])
-        if not sock.poll(int(timeout_s * 1000)):
-            raise TimeoutError(f"{endpoint}: no admin reply within {timeout_s} s")
-        return wire.unpackb(sock.recv_multipart()[-1])
-    finally:
-        sock.close(linger=0)
 
 
 def admin_main(argv: list[str] | None = None) -> int:
