@@ -22,9 +22,11 @@ demo: $(STAMP)
 # installed here, in one apt-get.
 # Mesa's EGL renders MuJoCo's episode videos without a display (openpi-rl eval, the demo).
 # FFmpeg's libraries decode videos for LeRobot's loader (torchcodec; tests/replay/test_lerobot.py).
+# PostgreSQL's server: the replay's PostgreSQL backend is tested on a throw-away cluster
+# (replay/pg_cluster.py; the package's own cluster is not used).
 DEBS := chromium=/usr/bin/chromium prometheus=/usr/bin/prometheus systemd=/usr/bin/systemd-analyze \
 	libegl-mesa0=/usr/share/glvnd/egl_vendor.d/50_mesa.json libgl1-mesa-dri=/usr/share/bug/libgl1-mesa-dri \
-	ffmpeg=/usr/bin/ffmpeg
+	ffmpeg=/usr/bin/ffmpeg postgresql=/usr/share/doc/postgresql
 
 test: $(STAMP) lint debs
 	$(PY) -m pytest -q -m "not slow" --durations=15

@@ -60,3 +60,31 @@ def lerobot_python() -> str:
         subprocess.run([str(python), "-c", "import lerobot.datasets.lerobot_dataset"], check=True)
         stamp.touch()
     return str(python)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throw-away PostgreSQL server for the session (Debian's `postgresql`, which `make test`
+    installs; as root it runs as `nobody`), on a Unix socket in a temporary directory."""
+    from openpi_rl.replay.pg_cluster import ClusterUnavailable, LocalCluster
+
+    try:
+        cluster = LocalCluster().start()
+    except ClusterUnavailable as e:
+        pytest.skip(str(e))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A fresh, empty database on the session's cluster."""
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def replay_location(request, tmp_path) -> str:
+    """A new replay's location on each backend: a directory, or a PostgreSQL database URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "replay")
+    return request.getfixturevalue("pg_url")

@@ -19,8 +19,8 @@ from openpi_rl.replay.writer import ReplayConfig, ReplayWriter
 
 @dataclasses.dataclass(frozen=True)
 class StatsArgs:
-    path: Annotated[Path, tyro.conf.Positional]
-    """Replay directory (holds replay.sqlite and segments/)."""
+    path: Annotated[str, tyro.conf.Positional]
+    """Replay directory (holds replay.sqlite and segments/), or its postgresql:// URL."""
 
 
 def stats_main(argv: Sequence[str] | None = None) -> int:

@@ -97,12 +97,20 @@ class Committer:
     starts `self._threads` (the commit stage, `_run`, among them)."""
 
     def __init__(
-        self, config: CommitSettings, root: Path, conn: sqlite3.Connection, counters: tuple
+        self,
+        config: CommitSettings,
+        root: Path | str,
+        conn: Any,
+        counters: tuple,
+        where: str | None = None,
     ):
+        """root: the replay's location (a directory, or a PostgreSQL URL); `where` names it in
+        logs and errors (default: root; a URL with its password masked)."""
         self.config = config
         self.root = root
+        self.where = str(root) if where is None else where
         self._conn = conn
-        self.boot_epoch = next_boot_epoch(conn)
+        self.boot_epoch = self._next_boot_epoch()
         self._id_base = self.boot_epoch << SEQ_BITS
         self._seq = 0
         self._id_lock = threading.Lock()
@@ -203,7 +211,7 @@ class Committer:
         if self._conn is not None:
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
-            log.info("replay.close", path=str(self.root), **self._counters)
+            log.info("replay.close", path=self.where, **self._counters)
 
     def __enter__(self) -> Self:
         return self
@@ -228,7 +236,7 @@ class Committer:
             with self._put_lock:
                 if self._closed:
                     cause = f": writer failed: {self._error!r}" if self._error else ""
-                    raise ReplayClosed(f"replay writer for {self.root} is closed{cause}")
+                    raise ReplayClosed(f"replay writer for {self.where} is closed{cause}")
                 if self._q.qsize() + room <= self.config.max_queue:
                     if item is not None:  # cannot fail: only this lock's holder adds
                         self._q.put_nowait(item)
@@ -266,6 +274,9 @@ class Committer:
             except queue.Empty:
                 break
 
+    def _next_boot_epoch(self) -> int:
+        return next_boot_epoch(self._conn)
+
     def _stage(self, item: tuple, batch: Batch) -> None:
         batch.add(item)
 
@@ -299,7 +310,7 @@ class Committer:
                     self._commit(batch)
                     batch, deadline = Batch(), None
         except BaseException as exc:
-            log.exception("replay.writer_failed", path=str(self.root))
+            log.exception("replay.writer_failed", path=self.where)
             failed = self._fail(exc)
             fail_waiters([(BARRIER, w) for w in batch.waiters], failed)
             self._fail_rest(failed, stop)
@@ -319,7 +330,7 @@ class Committer:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise
                 self._counters["commit_retries"] += 1
-                log.warning("replay.commit_busy_retry", path=str(self.root), error=str(e))
+                log.warning("replay.commit_busy_retry", path=self.where, error=str(e))
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
             except ITEM_ERRORS as e:
@@ -350,6 +361,11 @@ class Committer:
         if sync_due:
             conn.execute("PRAGMA synchronous=NORMAL")
             self._last_sync = now
+        self._committed(batch, results, found)
+
+    def _committed(self, batch: Batch, results: list, found: list) -> None:
+        """After `batch` committed: count it and set its waiters (each event's and report's
+        result, or the `ItemRefused` it got)."""
         self._count_committed(batch)
         self._counters["commits"] += 1
         stored = [r for r in results if not isinstance(r, ItemRefused)]

@@ -14,19 +14,24 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
-from openpi_rl.replay import retention, schema
+from openpi_rl.replay import postgres, retention, schema
 from openpi_rl.replay.committer import COUNTERS, Committer
+
+if TYPE_CHECKING:
+    from openpi_rl.replay.pg_writer import PgEventsWriter
 
 log = structlog.get_logger("openpi_rl.replay")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplayEventsConfig:
-    path: Path
-    """Directory of the store (created if missing; its segment files are not touched)."""
+    path: Path | str
+    """Directory of the store (created if missing; its segment files are not touched), or a
+    `postgresql://` URL."""
     commit_interval_s: float = 0.05
     """Events are committed in batches at most this long after they were handed to the writer
     (at once when a caller waits on one)."""
@@ -40,7 +45,12 @@ class ReplayEventsConfig:
     """How long one commit waits for another process's write lock; past it the commit is
     rolled back and retried (counted as `commit_retries`), never dropped."""
 
-    def create(self) -> ReplayEventsWriter:
+    def create(self) -> ReplayEventsWriter | PgEventsWriter:
+        """The writer for this location: SQLite for a directory, PostgreSQL for a URL."""
+        if postgres.is_url(self.path):
+            from openpi_rl.replay.pg_writer import PgEventsWriter
+
+            return PgEventsWriter(self)
         return ReplayEventsWriter(self)
 
 

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from openpi_rl.replay import records
+
 log = structlog.get_logger("openpi_rl.replay")
 
 # Item kinds. APPEND: a caller's transition (observation bytes not yet written); ROW: the same
@@ -88,6 +90,9 @@ class Batch:
     reports: list[tuple] = dataclasses.field(default_factory=list)
     events: list[tuple] = dataclasses.field(default_factory=list)
     waiters: list[concurrent.futures.Future] = dataclasses.field(default_factory=list)
+    # (transition id, observation record) for a store that keeps them in the database
+    # (PostgreSQL); SQLite rows point into segment files instead.
+    observations: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
     obs_bytes: int = 0
     refused_rows: int = 0  # rows `write_isolated` refused, and their observation bytes
     refused_bytes: int = 0
@@ -118,6 +123,17 @@ class Batch:
             self.waiters.append(item[1])
 
 
+def encode_append(item: tuple) -> tuple[tuple, bytes, tuple]:
+    """An APPEND item as a row's columns before the observation's place (id .. t_wall), the
+    observation record's bytes, and the columns after it (actions .. value). A callable
+    observation is called here, on the writer's thread (`ReplayAdder` passes one)."""
+    (_, tid, robot, ep, step, ver, t_mono, t_wall, obs, act, pact, logp, value) = item
+    if callable(obs):
+        obs = obs()
+    tail = (records.encode_array(act), records.encode_array(pact), logp, value)
+    return (tid, robot, ep, step, ver, t_mono, t_wall), obs, tail
+
+
 class ItemRefused(Exception):
     """The store refused one item (the rest of its batch committed): a value SQLite cannot
     hold, a constraint. Counted as `items_refused`; the item's waiter gets this error."""
@@ -144,6 +160,8 @@ def write_batch(
     (the robot's own: a report from another robot matches nothing), in order. Any error
     propagates: the caller rolls back and retries item by item (`write_isolated`)."""
     conn.executemany(_INSERT_ROW, batch.rows)
+    if batch.observations:
+        conn.executemany(_INSERT_OBSERVATION, batch.observations)
     conn.executemany(_UPSERT_EPISODE, [(r, e, *agg) for (r, e), agg in batch.episodes.items()])
     found = [apply_report(conn, *r[:-1]) for r in batch.reports]
     _count_missing(found, counters)
@@ -151,7 +169,10 @@ def write_batch(
 
 
 def write_isolated(
-    conn: sqlite3.Connection, batch: Batch, counters: dict[str, int]
+    conn: sqlite3.Connection,
+    batch: Batch,
+    counters: dict[str, int],
+    item_errors: tuple[type[BaseException], ...] = ITEM_ERRORS,
 ) -> tuple[list[RewardEventResult | ItemRefused], list[bool | ItemRefused]]:
     """`write_batch` one item at a time, each in its own savepoint: an item the store refuses
     is rolled back alone, counted in `counters["items_refused"]` and returned as `ItemRefused`
@@ -161,7 +182,7 @@ def write_isolated(
         conn.execute("SAVEPOINT item")
         try:
             out = fn()
-        except ITEM_ERRORS as e:
+        except item_errors as e:
             conn.execute("ROLLBACK TO item")
             conn.execute("RELEASE item")
             counters["items_refused"] += 1
@@ -170,8 +191,12 @@ def write_isolated(
         conn.execute("RELEASE item")
         return out
 
+    observations = dict(batch.observations)
+
     def row(r: tuple) -> None:
         conn.execute(_INSERT_ROW, r)
+        if r[0] in observations:
+            conn.execute(_INSERT_OBSERVATION, (r[0], observations[r[0]]))
         conn.execute(_UPSERT_EPISODE, (r[1], r[2], r[0], r[0], 1))
 
     batch.refused_rows = batch.refused_bytes = 0
@@ -192,12 +217,13 @@ _INSERT_ROW = (
     " t_wall, seg, off, len, crc, actions, policy_actions, logp, value)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_OBSERVATION = "INSERT INTO observations (id, bytes) VALUES (?, ?)"
 _UPSERT_EPISODE = (
     "INSERT INTO episodes (robot_id, episode_id, first_transition, last_transition,"
     " steps) VALUES (?, ?, ?, ?, ?) ON CONFLICT (robot_id, episode_id) DO UPDATE SET"
-    " first_transition = min(first_transition, excluded.first_transition),"
-    " last_transition = max(last_transition, excluded.last_transition),"
-    " steps = steps + excluded.steps"
+    " first_transition = least(episodes.first_transition, excluded.first_transition),"
+    " last_transition = greatest(episodes.last_transition, excluded.last_transition),"
+    " steps = episodes.steps + excluded.steps"
 )
 
 
@@ -214,16 +240,16 @@ def apply_report(
     """Sum a report into its transition (and its episode's return); False if no transition
     has that id (and, when `robot_id` is given, that robot)."""
     cur = conn.execute(
-        "UPDATE transitions SET reward = reward + ?, done = max(done, ?),"
-        " truncated = max(truncated, ?), intervened = max(intervened, ?),"
+        "UPDATE transitions SET reward = reward + ?, done = greatest(done, ?),"
+        " truncated = greatest(truncated, ?), intervened = greatest(intervened, ?),"
         " executed_actions = coalesce(?, executed_actions)"
-        " WHERE id = ? AND (? IS NULL OR robot_id = ?)",
+        " WHERE id = ? AND (CAST(? AS TEXT) IS NULL OR robot_id = ?)",
         (reward, done, truncated, intervened, executed, tid, robot_id, robot_id),
     )
     if cur.rowcount == 0:
         return False
     conn.execute(
-        "UPDATE episodes SET ep_return = ep_return + ?, ended = max(ended, ?, ?)"
+        "UPDATE episodes SET ep_return = ep_return + ?, ended = greatest(ended, ?, ?)"
         " WHERE (robot_id, episode_id) ="
         " (SELECT robot_id, episode_id FROM transitions WHERE id = ?)",
         (reward, done, truncated, tid),

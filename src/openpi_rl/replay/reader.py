@@ -5,6 +5,10 @@ Every query runs to its end before its rows are turned into objects (`fetchall`)
 holds a WAL snapshot for the query's time only: a snapshot held longer keeps the writer from
 truncating the WAL. Segment files are kept open in a small LRU, and one that retention deleted
 is closed, so a long-lived reader (the learner) does not keep deleted files' bytes on disk.
+
+The location is a directory or a `postgresql://` URL (`postgres.py`): the queries are the same,
+only where observation records are read from (segment files, or the `observations` table) and
+how bytes on disk are counted differ.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from openpi_rl.replay import records, schema
+from openpi_rl.replay import postgres, records, schema
 from openpi_rl.replay.records import StoredObservation
-from openpi_rl.replay.segments import MissingRecord, list_segments, read_payload, segment_path
+from openpi_rl.replay.segments import (
+    CorruptRecord,
+    MissingRecord,
+    crc32,
+    list_segments,
+    read_payload,
+    segment_path,
+)
 
 MAX_OPEN_SEGMENTS = 8
 _COLUMNS = (
@@ -90,9 +101,15 @@ class ReplayStats:
 
 class ReplayReader:
     def __init__(self, path: str | Path):
-        self.root = Path(path)
-        self._seg_dir = self.root / schema.SEGMENTS_DIR
-        self._conn = schema.connect_reader(self.root)
+        """`path`: the replay directory, or its PostgreSQL URL."""
+        self.postgres = postgres.is_url(path)
+        self.root: str | Path = str(path) if self.postgres else Path(path)
+        self._seg_dir = Path("/nonexistent") if self.postgres else Path(path) / schema.SEGMENTS_DIR
+        self._conn: Any = (
+            postgres.connect_reader(str(path))
+            if self.postgres
+            else schema.connect_reader(Path(path))
+        )
         # Rows up to this id were written before the record format (format 2: requests).
         self._legacy_max_id = schema.legacy_max_id(self._conn)
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()  # seg -> fd
@@ -117,7 +134,7 @@ class ReplayReader:
         ):
             if val is not None:
                 where.append(f"{col} = ?")
-                args.append(val)
+                args.append(val if col == "policy_version" else str(val))
         if since_id is not None:
             where.append("id > ?")
             args.append(since_id)
@@ -162,7 +179,7 @@ class ReplayReader:
         )
         args: tuple = ()
         if robot_id is not None:
-            sql, args = sql + " WHERE robot_id = ?", (robot_id,)
+            sql, args = sql + " WHERE robot_id = ?", (str(robot_id),)
         cols = ("robot_id", "episode_id", "first_transition", "last_transition", "steps")
         cols += ("ep_return", "ended")
         return [dict(zip(cols, r, strict=True)) for r in self._conn.execute(sql, args).fetchall()]
@@ -176,7 +193,7 @@ class ReplayReader:
         args: list = [since_id or 0]
         if robot_id is not None:
             sql += " AND robot_id = ?"
-            args.append(robot_id)
+            args.append(str(robot_id))
         rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
@@ -196,7 +213,20 @@ class ReplayReader:
 
     def observation_bytes(self, row: TransitionRow) -> bytes:
         """The row's observation record (`records.py`) as stored, verified against its crc32
-        (`CorruptRecord` if not); `MissingRecord` if retention deleted its segment."""
+        (`CorruptRecord` if not); `MissingRecord` if retention deleted its segment (or row)."""
+        if self.postgres:
+            found = self._conn.execute(
+                "SELECT bytes FROM observations WHERE id = ?", (row.id,)
+            ).fetchone()
+            if found is None:
+                raise MissingRecord(f"transition {row.id}: no observation stored")
+            payload = bytes(found[0])
+            if len(payload) != row.len or crc32(payload) != row.crc:
+                raise CorruptRecord(
+                    f"transition {row.id}: observation of {len(payload)} bytes does not match "
+                    f"its row ({row.len} bytes, crc32 {row.crc})"
+                )
+            return payload
         fd = self._fds.get(row.seg)
         if fd is None:
             try:
@@ -223,18 +253,23 @@ class ReplayReader:
         oldest = q("SELECT t_wall FROM transitions ORDER BY id LIMIT 1").fetchone()
         newest = q("SELECT t_wall FROM transitions ORDER BY id DESC LIMIT 1").fetchone()
         epoch = q("SELECT value FROM meta WHERE key = 'boot_epoch'").fetchone()
-        per_robot = dict(q("SELECT robot_id, count(*) FROM transitions GROUP BY robot_id"))
-        db = schema.db_path(self.root)
-        bytes_db = sum(
-            p.stat().st_size
-            for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
-            if p.exists()
+        per_robot = dict(
+            q("SELECT robot_id, count(*) FROM transitions GROUP BY robot_id").fetchall()
         )
-        segs = list_segments(self._seg_dir)
-        bytes_segments = 0
-        for s in segs:
-            with contextlib.suppress(FileNotFoundError):  # retention may delete it meanwhile
-                bytes_segments += segment_path(self._seg_dir, s).stat().st_size
+        if self.postgres:  # everything is in the database's tables, observations included
+            bytes_db, bytes_segments, segs = postgres.relation_bytes(self._conn), 0, []
+        else:
+            db = schema.db_path(Path(self.root))
+            bytes_db = sum(
+                p.stat().st_size
+                for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
+                if p.exists()
+            )
+            segs = list_segments(self._seg_dir)
+            bytes_segments = 0
+            for s in segs:
+                with contextlib.suppress(FileNotFoundError):  # retention may delete it meanwhile
+                    bytes_segments += segment_path(self._seg_dir, s).stat().st_size
         return ReplayStats(
             rows=rows,
             episodes=q("SELECT count(*) FROM episodes").fetchone()[0],
@@ -250,7 +285,15 @@ class ReplayReader:
         )
 
     def integrity_check(self) -> str:
-        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+        """ "ok", or what is wrong: SQLite's own check of its file; in PostgreSQL (whose pages
+        the server checks) that every transition has its observation."""
+        if not self.postgres:
+            return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+        missing = self._conn.execute(
+            "SELECT count(*) FROM transitions t WHERE NOT EXISTS"
+            " (SELECT 1 FROM observations o WHERE o.id = t.id)"
+        ).fetchone()[0]
+        return "ok" if missing == 0 else f"{missing} transitions without an observation"
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -125,6 +125,7 @@ def connect_writer(
     no-op (see `enable_incremental_vacuum`). journal_size_limit: a WAL that restarts is cut back
     to this many bytes instead of keeping its peak size."""
     conn = sqlite3.connect(db_path(root), isolation_level=None, check_same_thread=False)
+    add_functions(conn)
     # Only takes effect before the first table exists, i.e. when this call creates the file.
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
@@ -155,6 +156,13 @@ def connect_writer(
         raise format_error(root, row)
     conn.execute("COMMIT")
     return conn
+
+
+def add_functions(conn: sqlite3.Connection) -> None:
+    """PostgreSQL's scalar `greatest` / `least` (SQLite spells them max / min with several
+    arguments), so the replay's SQL is written once for both backends (`postgres.py`)."""
+    conn.create_function("greatest", -1, max, deterministic=True)
+    conn.create_function("least", -1, min, deterministic=True)
 
 
 def incremental_vacuum(conn: sqlite3.Connection) -> bool:
@@ -209,6 +217,7 @@ def connect_reader(root: Path) -> sqlite3.Connection:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no replay database (has a writer ever opened {root}?)")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    add_functions(conn)
     conn.execute("PRAGMA busy_timeout=5000")
     version = _version(conn)
     if version is not None and version != SCHEMA_VERSION:

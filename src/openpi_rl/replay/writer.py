@@ -21,34 +21,31 @@ directory's owner lock. Reward events from another process (the reward bridge) g
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import fcntl
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import structlog
 
-from openpi_rl.replay import records, retention, schema
+from openpi_rl.replay import postgres, retention, schema
 from openpi_rl.replay.checkpoint import WalCheckpointer
-from openpi_rl.replay.committer import COUNTERS, Committer
+from openpi_rl.replay.committer import COUNTERS
 from openpi_rl.replay.committer import SEQ_BITS as SEQ_BITS  # re-exported: the writer's API
 from openpi_rl.replay.committer import ReplayClosed as ReplayClosed
 from openpi_rl.replay.committer import ReplayFull as ReplayFull
 from openpi_rl.replay.pipeline import (
     APPEND,
     CHUNK,
-    REPORT,
     ROW,
     STOP,
     Batch,
+    encode_append,
     fail_waiters,
-    new_waiter,
     take,
 )
 from openpi_rl.replay.pipeline import Credit as Credit  # re-exported: the writer's API
@@ -61,6 +58,10 @@ from openpi_rl.replay.segments import (
     list_segments,
     segment_path,
 )
+from openpi_rl.replay.transitions import TransitionsCommitter
+
+if TYPE_CHECKING:
+    from openpi_rl.replay.pg_writer import PgReplayWriter
 
 log = structlog.get_logger("openpi_rl.replay")
 
@@ -71,8 +72,9 @@ class ReplayLocked(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
-    path: Path
-    """Directory of the store (created if missing): `replay.sqlite` + `segments/`."""
+    path: Path | str
+    """Where the store is: a directory (created if missing: `replay.sqlite` + `segments/`), or
+    a `postgresql://` URL (`pg_writer.py`; many servers may share one database)."""
     commit_interval_s: float = 0.05
     """Rows are committed in batches at most this long after they were handed to the writer."""
     fsync_interval_s: float | None = None
@@ -98,15 +100,22 @@ class ReplayConfig:
     """How long one commit waits for another process's write lock; past it the commit is
     rolled back and retried (counted as `commit_retries`), never dropped."""
 
-    def create(self) -> ReplayWriter:
+    def create(self) -> ReplayWriter | PgReplayWriter:
+        """The writer for this location: SQLite for a directory, PostgreSQL for a URL."""
+        if postgres.is_url(self.path):
+            from openpi_rl.replay.pg_writer import PgReplayWriter
+
+            return PgReplayWriter(self)
         return ReplayWriter(self)
 
 
-class ReplayWriter(Committer):
+class ReplayWriter(TransitionsCommitter):
     """Single writer of a replay directory's transitions. Thread-safe to call; `close()`
     flushes."""
 
     def __init__(self, config: ReplayConfig):
+        if postgres.is_url(config.path):
+            raise ValueError("a PostgreSQL replay's writer is made by ReplayConfig.create()")
         root = Path(config.path)
         self._seg_dir = root / schema.SEGMENTS_DIR
         self._seg_dir.mkdir(parents=True, exist_ok=True)
@@ -190,90 +199,6 @@ class ReplayWriter(Committer):
             rows_deleted=self.recovery.rows_deleted,
         )
 
-    # ---- caller side -------------------------------------------------------------------------
-
-    def append_transition(
-        self,
-        robot_id: str,
-        episode_id: str,
-        step: int,
-        policy_version: int,
-        obs_bytes: bytes | Callable[[], bytes],
-        actions: np.ndarray,
-        policy_actions: np.ndarray | None,
-        logp: float,
-        value: float,
-        t_mono: float,
-        tid: int | None = None,
-    ) -> int:
-        """Queue one served action chunk; returns its transition id without waiting for disk.
-
-        `obs_bytes` is the observation record (`records.encode_observation`; not copied: do not
-        mutate), or a function that makes it: `ReplayAdder` passes one, so the encoding (and
-        the arrays') happens on the writer's thread, not on the server's between a reply and
-        the next request. The arrays passed must not change after the call.
-        `policy_actions` are the policy's own outputs (e.g. its action tokens) when they differ
-        from `actions`. `tid`: an id taken with `new_id()` (default: a new one). Raises
-        `ReplayFull` when the queue stays full, `ReplayClosed` after close.
-        """
-        tid = self._new_id() if tid is None else tid
-        item = (
-            APPEND,
-            tid,
-            str(robot_id),
-            str(episode_id),
-            int(step),
-            int(policy_version),
-            float(t_mono),
-            time.time(),
-            obs_bytes,
-            np.asarray(actions),
-            None if policy_actions is None else np.asarray(policy_actions),
-            float(logp),
-            float(value),
-        )
-        self._put(item)
-        return tid
-
-    def new_id(self) -> int:
-        """A transition id to pass to `append_transition(tid=...)`: a server that sends its
-        reply (which names the id) before it queues the transition takes the id first."""
-        return self._new_id()
-
-    def ensure_room(self, n: int) -> None:
-        """Return once the queue has room for `n` more items; ReplayFull past
-        `enqueue_timeout_s`, ReplayClosed after close. With one producing thread, the next `n`
-        appends then never meet a full queue: checked before a reply, queued after it."""
-        self._put(None, room=n)
-
-    def report(
-        self,
-        transition_id: int,
-        reward: float,
-        done: bool,
-        truncated: bool,
-        executed_actions: np.ndarray | None = None,
-        intervened: bool = False,
-        robot_id: str | None = None,
-    ) -> concurrent.futures.Future:
-        """Queue an environment report for a transition: rewards are summed into it; done,
-        truncated and intervened are set (never cleared); executed actions (teleop) replace.
-        With `robot_id`, it applies only if the transition is that robot's. The future gives
-        True once committed, False if no such transition (of that robot) is stored, or
-        `ItemRefused`; acknowledge the robot after it. ValueError for an id or reward the store
-        cannot hold (checked here, before anything is queued)."""
-        tid = int(transition_id)
-        if not 0 < tid < 2**63:
-            raise ValueError(f"transition_id: expected an int in (0, 2**63), got {tid}")
-        if not np.isfinite(reward):
-            raise ValueError(f"reward: expected a finite float, got {reward}")
-        executed = None if executed_actions is None else np.asarray(executed_actions)
-        fut = new_waiter()
-        item = (REPORT, float(reward), int(bool(done)), int(bool(truncated)))
-        item += (int(bool(intervened)), records.encode_array(executed), tid)
-        self._put((*item, None if robot_id is None else str(robot_id), fut))
-        return fut
-
     def queue_depth(self) -> int:
         """Items handed to the writer and not yet taken into a commit."""
         return super().queue_depth() + sum(map(len, list(self._staged.queue)))
@@ -341,16 +266,12 @@ class ReplayWriter(Committer):
         """An append's observation bytes into the segment; returns the row that points at them."""
         if item[0] != APPEND:
             return item
-        (_, tid, robot, ep, step, ver, t_mono, t_wall, obs, act, pact, logp, value) = item
-        if callable(obs):  # encoded here, off the serving thread (ReplayAdder)
-            obs = obs()
-        act, pact = records.encode_array(act), records.encode_array(pact)
+        head, obs, tail = encode_append(item)
         seg = self._segment_for(len(obs))
         off, length, crc = seg.append(obs)
         if self.config.fsync_interval_s is not None:
             seg.start_writeback()
-        row = (tid, robot, ep, step, ver, t_mono, t_wall, seg.seg, off, length, crc)
-        return (ROW, seg, (*row, act, pact, logp, value))
+        return (ROW, seg, (*head, seg.seg, off, length, crc, *tail))
 
     def _segment_for(self, payload_len: int) -> SegmentWriter:
         seg = self._seg

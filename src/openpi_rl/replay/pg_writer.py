@@ -1,0 +1,302 @@
+"""The replay's writers on PostgreSQL: `PgReplayWriter` (a policy server's) and `PgEventsWriter`
+(a reward bridge's), chosen by `ReplayConfig.create()` / `ReplayEventsConfig.create()` when the
+location is a `postgresql://` URL.
+
+They keep the SQLite writers' caller side and guarantees (`committer.py`, `transitions.py`): the
+reply never waits for the database; an item is stored once its batch commits; an event passed
+with `wait=True` is acknowledged only after that. What differs:
+- Observation records go into the `observations` table in the same transaction as their rows
+  (no segment files, so no segment stage, recovery or owner lock). Any number of writers share
+  the database: each has its own boot epoch, so ids never collide.
+- The database may go away (restarted, unreachable). The commit stage then keeps its batch,
+  reconnects with backoff (counted: `db_reconnects`) and commits it again; meanwhile the bounded
+  queue fills and callers get `ReplayFull` (the server answers robots `overloaded`), so memory
+  stays bounded and nothing handed over is dropped. Whether a batch whose COMMIT was cut off
+  landed is read from this writer's marker in `commits`, written in every batch's transaction:
+  a report adds to a reward, so committing such a batch twice would count it twice.
+- Retention (`retention_max_rows`, `retention_max_bytes` = stored observation bytes) runs at
+  most once a second, by one writer at a time (an advisory lock), deleting the oldest rows by
+  wall time (ids order by writer, not by time); PostgreSQL's autovacuum reuses the space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from openpi_rl.replay import postgres
+from openpi_rl.replay.committer import COUNTERS, Committer
+from openpi_rl.replay.pipeline import (
+    APPEND,
+    ROW,
+    Batch,
+    ItemRefused,
+    RewardEventResult,
+    encode_append,
+    write_batch,
+    write_isolated,
+)
+from openpi_rl.replay.segments import crc32
+from openpi_rl.replay.transitions import TransitionsCommitter
+
+log = structlog.get_logger("openpi_rl.replay")
+
+PG_COUNTERS = ("db_reconnects", "db_errors")
+RECONNECT_MAX_PAUSE_S = 2.0
+RETENTION_EVERY_S = 1.0
+
+
+def item_errors() -> tuple[type[BaseException], ...]:
+    """psycopg's errors that belong to one item (a value PostgreSQL cannot hold, a constraint);
+    the rest of a batch commits without it (`write_isolated`)."""
+    import psycopg
+
+    return (
+        psycopg.errors.IntegrityError,
+        psycopg.errors.DataError,
+        OverflowError,
+        ValueError,
+        TypeError,
+    )
+
+
+class PgCommits:
+    """The commit stage on PostgreSQL, for a `Committer` subclass: reconnects, commit markers."""
+
+    _conn: Any
+    _counters: dict[str, int]
+    root: Any
+    boot_epoch: int
+
+    def _open(self, url: str, timeout_s: float) -> postgres.Connection:
+        self._url = url
+        self._connect_timeout_s = timeout_s
+        self._batch_seq = 0
+        self._item_errors = item_errors()
+        return postgres.connect_writer(url, timeout_s)
+
+    def _next_boot_epoch(self) -> int:
+        return postgres.next_boot_epoch(self._conn)
+
+    def _commit(self, batch: Batch) -> None:
+        import psycopg
+
+        self._batch_seq += 1
+        seq = self._batch_seq
+        pause = 0.05
+        isolate = False
+        uncertain = False  # a connection was lost while this batch was being written
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = postgres.connect(self._url, self._connect_timeout_s)
+                    self._counters["db_reconnects"] += 1
+                    log.info("replay.db_reconnected", url=postgres.describe(self._url))
+                if uncertain and self._landed(seq):
+                    self._committed(batch, *self._results(batch))
+                else:
+                    self._write(batch, seq, isolate)
+                break
+            except psycopg.OperationalError as e:  # the server went away, or the network
+                uncertain = True
+                self._counters["db_errors"] += 1
+                log.warning(
+                    "replay.db_unavailable", url=postgres.describe(self._url),
+                    error=f"{e!r:.300}", retry_in_s=pause, queued=self.queue_depth(),
+                )  # fmt: skip
+                self._drop()
+                time.sleep(pause)
+                pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as e:
+                self._counters["commit_retries"] += 1
+                log.warning("replay.commit_conflict_retry", error=f"{e!r:.200}")
+                time.sleep(0.01)
+            except self._item_errors as e:
+                if isolate:
+                    raise
+                log.warning("replay.commit_isolating_items", error=f"{e!r:.300}")
+                isolate = True
+        try:  # upkeep after the commit: a failure here must not commit the batch again
+            self._after_commit(seq)
+        except psycopg.Error as e:
+            self._counters["db_errors"] += 1
+            log.warning("replay.upkeep_failed", error=f"{e!r:.300}")
+            if isinstance(e, psycopg.OperationalError):
+                self._drop()
+
+    def _write(self, batch: Batch, seq: int, isolate: bool) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            if isolate:
+                results, found = write_isolated(conn, batch, self._counters, self._item_errors)
+            else:
+                results, found = write_batch(conn, batch, self._counters)
+            conn.execute(
+                "INSERT INTO commits (writer, batch, t_wall) VALUES (?, ?, ?)"
+                " ON CONFLICT (writer, batch) DO NOTHING",
+                (self.boot_epoch, seq, time.time()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._committed(batch, results, found)
+
+    def _landed(self, seq: int) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM commits WHERE writer = ? AND batch = ?", (self.boot_epoch, seq)
+        ).fetchone()
+        if row is not None:
+            log.info("replay.commit_found_after_reconnect", batch=seq)
+        return row is not None
+
+    def _results(self, batch: Batch) -> tuple[list, list]:
+        """A batch that committed before its connection was lost: its events as stored and
+        whether each report found its transition, read back."""
+        q = self._conn.execute
+        results: list[RewardEventResult | ItemRefused] = []
+        for ev in batch.events:
+            eid, key = ev[0], ev[6]
+            row = q(
+                "SELECT id, transition_id, episode_id, status FROM reward_events WHERE id = ?"
+                " OR (CAST(? AS TEXT) IS NOT NULL AND idempotency_key = ?)",
+                (eid, key, key),
+            ).fetchone()
+            results.append(RewardEventResult(*row, duplicate=row[0] != eid))
+        found = []
+        for r in batch.reports:
+            tid, robot = r[5], r[6]
+            hit = q(
+                "SELECT 1 FROM transitions WHERE id = ? AND (CAST(? AS TEXT) IS NULL OR robot_id = ?)",
+                (tid, robot, robot),
+            ).fetchone()
+            found.append(hit is not None)
+        return results, found
+
+    def _after_commit(self, seq: int) -> None:
+        # One marker is enough to look for (one batch is in flight at a time): drop the older.
+        if seq % 64 == 0:
+            self._conn.execute(
+                "DELETE FROM commits WHERE writer = ? AND batch < ?", (self.boot_epoch, seq)
+            )
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # already broken
+                self._conn.close()
+            self._conn = None
+
+    def _sync_files(self) -> None:
+        """Durability is the server's (`synchronous_commit`): nothing to sync here."""
+
+
+class PgReplayWriter(PgCommits, TransitionsCommitter):
+    """A policy server's writer of transitions, reports and events into a PostgreSQL replay.
+    Thread-safe to call; `close()` flushes. Built by `ReplayConfig.create()`."""
+
+    def __init__(self, config: Any):
+        url = str(config.path)
+        conn = self._open(url, config.busy_timeout_s)
+        counters = (
+            *("transitions_committed", "bytes_committed", "reports_missing", *COUNTERS),
+            *("retention_rows_deleted", *PG_COUNTERS),
+        )
+        super().__init__(config, url, conn, counters, where=postgres.describe(url))
+        self.recovery = None  # nothing to recover: rows and bytes commit together
+        self._last_retention = 0.0
+        self._threads = [threading.Thread(target=self._run, name="replay-writer", daemon=True)]
+        self._threads[0].start()
+        log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch)
+
+    def _stage(self, item: tuple, batch: Batch) -> None:
+        if item[0] != APPEND:
+            return batch.add(item)
+        head, obs, tail = encode_append(item)
+        batch.add((ROW, None, (*head, 0, 0, len(obs), crc32(obs), *tail)))
+        batch.observations.append((head[0], obs))
+
+    def _count_committed(self, batch: Batch) -> None:
+        committed = len(batch.rows) - batch.refused_rows
+        self._counters["transitions_committed"] += committed
+        self._counters["bytes_committed"] += batch.obs_bytes - batch.refused_bytes
+
+    def _after_commit(self, seq: int) -> None:
+        super()._after_commit(seq)
+        c = self.config
+        now = time.monotonic()
+        if c.retention_max_rows is None and c.retention_max_bytes is None:
+            return
+        if now - self._last_retention < RETENTION_EVERY_S:
+            return
+        self._last_retention = now
+        deleted = apply_retention(self._conn, c.retention_max_rows, c.retention_max_bytes)
+        self._counters["retention_rows_deleted"] += deleted
+
+
+class PgEventsWriter(PgCommits, Committer):
+    """A reward bridge's writer of events into a PostgreSQL replay. Built by
+    `ReplayEventsConfig.create()`."""
+
+    def __init__(self, config: Any):
+        url = str(config.path)
+        conn = self._open(url, config.busy_timeout_s)
+        super().__init__(config, url, conn, (*COUNTERS, *PG_COUNTERS), postgres.describe(url))
+        self._threads = [threading.Thread(target=self._run, name="replay-writer", daemon=True)]
+        self._threads[0].start()
+        log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch, events_only=True)
+
+
+LOW_WATER = 0.9
+
+
+def apply_retention(conn: postgres.Connection, max_rows: int | None, max_bytes: int | None) -> int:
+    """Delete the oldest transitions (by wall time; their observations go with them) past
+    `max_rows` rows or `max_bytes` stored observation bytes, down to `LOW_WATER` of the cap, and
+    the episodes left without a transition. One writer at a time (advisory lock; the others skip
+    this round). Returns the rows deleted."""
+    conn.execute("BEGIN")
+    try:
+        got = conn.execute("SELECT pg_try_advisory_xact_lock(?)", (postgres.LOCK_RETENTION,))
+        if not got.fetchone()[0]:
+            conn.execute("COMMIT")
+            return 0
+        rows, stored = conn.execute(
+            "SELECT count(*), coalesce(sum(len), 0) FROM transitions"
+        ).fetchone()
+        cut = 0
+        if max_rows is not None and rows > max_rows:
+            cut = rows - int(max_rows * LOW_WATER)
+        if max_bytes is not None and stored > max_bytes:
+            keep = int(max_bytes * LOW_WATER)
+            # Rows newest first with the bytes up to each: those past `keep` go.
+            past = conn.execute(
+                "SELECT count(*) FROM (SELECT sum(len) OVER (ORDER BY t_wall DESC, id DESC) AS c"
+                " FROM transitions) s WHERE c > ?",
+                (keep,),
+            ).fetchone()[0]
+            cut = max(cut, past)
+        deleted = 0
+        if cut > 0:
+            deleted = conn.execute(
+                "DELETE FROM transitions WHERE id IN"
+                " (SELECT id FROM transitions ORDER BY t_wall, id LIMIT ?)",
+                (cut,),
+            ).rowcount
+            conn.execute(
+                "DELETE FROM episodes e WHERE NOT EXISTS (SELECT 1 FROM transitions t"
+                " WHERE t.robot_id = e.robot_id AND t.episode_id = e.episode_id)"
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if deleted:
+        log.info("replay.retention", rows_deleted=deleted, rows_before=rows, bytes_before=stored)
+    return deleted
