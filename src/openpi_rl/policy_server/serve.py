@@ -35,7 +35,9 @@ log = structlog.get_logger("openpi_rl.policy_server")
 class ServeConfig:
     model: ModelChoice = GaussianMLPConfig()
     serve: ServeOptions = ServeOptions()
-    replay_dir: str | None = "replay"  # every served chunk is stored here; None: not stored
+    replay_dir: str | None = "replay"
+    """Every served chunk is stored here: a directory (SQLite + segment files), or a
+    postgresql:// URL many servers share; None: not stored."""
     commit_interval_s: float = 0.05
     """Replay rows are committed at most this long after they were served: a `kill -9` of the
     server loses at most this much."""

@@ -52,7 +52,7 @@ from openpi_rl.policy_server.snapshot import (
 )
 from openpi_rl.policy_server.stages import Stages, SwapStage
 from openpi_rl.policy_server.transitions import Transitions
-from openpi_rl.replay import ReplayAdder, ReplayConfig, ReplayWriter
+from openpi_rl.replay import ReplayAdder, ReplayConfig
 from openpi_rl.replay.writer import ReplayClosed, ReplayFull
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.rl.rl_api import validate_observation
@@ -85,7 +85,7 @@ class PolicyServer(Replies, Transitions, Stages):
         self.swapper: SwapStage | None = None  # set by Swapper(self, ...): hot-swap and admin
         # Per-version episode returns (automatic rollback).
         self.returns = EpisodeReturns(max_robots=options.max_robots)
-        self.replay = ReplayWriter(replay_config) if replay_config is not None else None
+        self.replay = replay_config.create() if replay_config is not None else None
         # Served chunks become replay rows there (steps, episodes, observation records).
         self.adder = ReplayAdder(self.replay, options.max_robots) if self.replay else None
         self._ctx = zmq.Context.instance()

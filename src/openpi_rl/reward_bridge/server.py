@@ -35,7 +35,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -83,7 +82,7 @@ class RewardBridge(WebSocketPort, HttpPort, LiveStatus):
         self.metrics = metrics or BridgeMetrics()
         self._proxies = parse_networks(config.trusted_proxies)
         self.writer = ReplayEventsConfig(
-            path=Path(config.replay_dir), fsync_interval_s=config.fsync_interval_s
+            path=config.replay_dir, fsync_interval_s=config.fsync_interval_s
         ).create()
         self._tokens = [(tok.encode(), name) for name, tok in config.operators.items()]
         if not self._tokens:
