@@ -1,4 +1,5 @@
-"""Run one learn step on 1 and on 4 forced CPU devices; print the differences as one JSON line.
+"""Run one learn step on 1 and on 4 forced CPU devices (weights replicated, and sharded
+FSDP-style); print the differences as one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python _sharded_update.py
 (the flag must be set before jax is imported, hence a subprocess of the test).
@@ -18,6 +19,7 @@ from openpi_rl.rl.ppo import make_optimizer
 
 MODEL = GaussianMLPConfig(obs_dim=3, action_dim=2, action_horizon=2, hidden=(16, 16))
 T, S = 8, 8
+CONFIG = PPOConfig(lr=1e-3, train_iters=3, minibatch_size=16, bc_coef=1.0)
 
 
 def batch(ac) -> ChunkBatch:
@@ -38,28 +40,40 @@ def batch(ac) -> ChunkBatch:
 
 
 def main() -> None:
-    config = PPOConfig(lr=1e-3, train_iters=3, minibatch_size=16, bc_coef=1.0)
+    config = CONFIG
     out, info = {}, {}
-    for n in (1, 4):
+    for name, n, fsdp in (("1", 1, None), ("4", 4, None), ("4fsdp", 4, 0)):
         ac = build_actor_critic(MODEL, (16, 16), 0)
         graphdef, params, rest = nnx.split(ac, nnx.Param, ...)
-        dp = DataParallel(config, jax.devices()[:n])
-        opt = dp.put_replicated(make_optimizer(config).init(params))
-        params, rest = dp.put_replicated(params), dp.put_replicated(rest)
+        dp = DataParallel(config, jax.devices()[:n], fsdp_min_size=fsdp)
+        opt = dp.put_state(make_optimizer(config).init(params))
+        params, rest = dp.put_state(params), dp.put_replicated(rest)
         b = batch(ac)
-        new, _, metrics = dp(graphdef, params, rest, opt, jax.random.key(1), b)
+        new, new_opt, metrics = dp(graphdef, params, rest, opt, jax.random.key(1), b)
         leaves = jax.tree.leaves(new)
-        info[n] = {
+        info[name] = {
             "batch_devices": len(dp.put_batch(b).obs["state"].sharding.device_set),
             "params_replicated": all(x.sharding.is_fully_replicated for x in leaves),
+            "sharded_leaves": sum(not x.sharding.is_fully_replicated for x in leaves),
+            "sharded_opt_leaves": sum(
+                not x.sharding.is_fully_replicated for x in jax.tree.leaves(new_opt)
+            ),
         }
-        out[n] = ([np.asarray(x) for x in leaves], {k: float(v) for k, v in metrics.items()})
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(out[1][0], out[4][0], strict=True))
+        out[name] = ([np.asarray(x) for x in leaves], {k: float(v) for k, v in metrics.items()})
+    diff = max(
+        float(np.abs(a - b).max())
+        for other in ("4", "4fsdp")
+        for a, b in zip(out["1"][0], out[other][0], strict=True)
+    )
     moved = max(
         float(np.abs(a - np.asarray(b)).max())
-        for a, b in zip(out[1][0], jax.tree.leaves(nnx.split(ac, nnx.Param, ...)[1]), strict=True)
+        for a, b in zip(out["1"][0], jax.tree.leaves(nnx.split(ac, nnx.Param, ...)[1]), strict=True)
     )
-    mdiff = {k: abs(out[1][1][k] - out[4][1][k]) for k in out[1][1]}
+    mdiff = {
+        f"{k}@{other}": abs(out["1"][1][k] - out[other][1][k])
+        for other in ("4", "4fsdp")
+        for k in out["1"][1]
+    }
     print(
         json.dumps(
             {
@@ -68,7 +82,7 @@ def main() -> None:
                 "param_max_abs_diff": diff,
                 "param_max_update": moved,
                 "metric_abs_diff": mdiff,
-                "metrics": out[4][1],
+                "metrics": out["4fsdp"][1],
             }
         )
     )

@@ -182,3 +182,33 @@ def test_curves_need_a_writable_dir_and_wandb_installed(tmp_path, monkeypatch):
     assert "openpi-rl[wandb]" in found.pop("learn.curves.wandb")
     assert "is not a directory" in found.pop("learn.curves.dir")
     assert not found
+
+
+def test_learn_distributed_is_checked(tmp_path, monkeypatch):
+    from openpi_rl.service.check import check
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "openpi-rl.toml"
+
+    def problems(table: str) -> dict[str, str]:
+        config.write_text(example_on(tmp_path) + "\n[learn.distributed]\n" + table)
+        return {f.where: f.message for f in check(config) if f.severity == "problem"}
+
+    key = "learn.distributed."
+    found = problems('num_processes = 2\nprocess_id = 2\ncoordinator_address = "nohost"\n')
+    assert found.keys() == {key + "process_id", key + "coordinator_address"}, found
+    assert "[0, 2)" in found[key + "process_id"]
+    assert "host:port" in found[key + "coordinator_address"]
+    assert "needs a coordinator" in problems("num_processes = 2\n")[key + "coordinator_address"]
+    config.write_text(
+        example_on(tmp_path).replace("[learn.ppo]", "[learn.ppo]\nminibatch_size = 16")
+        + "\n[learn.distributed]\nlocal_device_count = 3\n"
+    )
+    found = {f.where: f.message for f in check(config) if f.severity == "problem"}
+    assert "multiple of the 3 devices" in found.pop("learn.ppo.minibatch_size"), found
+    assert not found
+    # Well formed but several processes: the learner service itself runs as one.
+    found = problems('coordinator_address = "10.0.0.1:1234"\nnum_processes = 2\n')
+    assert list(found) == [key + "num_processes"], found
+    assert problems("local_device_count = 2\nfsdp_min_size = 0\n") == {}

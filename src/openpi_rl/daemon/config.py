@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from openpi_rl.curves import CurvesConfig
+from openpi_rl.daemon.distributed import DistributedConfig
 from openpi_rl.models.choice import ModelChoice
 from openpi_rl.models.finetune import Finetune
 from openpi_rl.models.gaussian_mlp import GaussianMLPConfig
@@ -64,3 +65,6 @@ class LearnerConfig:
     curves: CurvesConfig = CurvesConfig()
     """Learning curves (daemon/curves.py): TensorBoard files in <checkpoint_dir>/tensorboard by
     default; W&B with `wandb = true`."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Devices and processes (`[learn.distributed]`, distributed.py): CPU devices per process,
+    the FSDP size threshold; the coordinator and process count of a multi-process update."""

@@ -1,7 +1,7 @@
 """`Learner`: PPO on the replay's data, one checkpointed and published version per update.
 
     replay (read-only + `consumed` flag) -> segments -> ChunkBatch -> learn step (values, GAE
-    over chunks, fused PPO + BC, on all local devices) -> guard -> orbax version -> PUB notice
+    over chunks, fused PPO + BC, on all devices) -> guard -> orbax version -> PUB notice
 
 Guarantees it keeps: the PPO ratio uses the behaviour log-prob stored at serving time; data
 more than `max_policy_lag` versions old is dropped and counted (4); an update with non-finite
@@ -48,6 +48,7 @@ from openpi_rl.curves import CurvesConfigError
 from openpi_rl.daemon.batch import ChunkBatch, build_batch, usable_segments
 from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.curves import LearnerCurves
+from openpi_rl.daemon.distributed import DistributedConfigError, initialize, resolve
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
@@ -87,7 +88,9 @@ class Learner(CriticWarmup):
         self.ac = build_start(config.model, config.value_hidden, config.seed)
         self.obs_spec = config.model.obs_spec
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
-        self.dp = DataParallel(config.ppo, devices)
+        if jax.process_count() > 1:
+            raise DistributedConfigError(_ONE_PROCESS)
+        self.dp = DataParallel(config.ppo, devices, config.distributed.fsdp_min_size)
         self.num_segments = math.ceil(config.batch_segments / self.dp.size) * self.dp.size
         self.finetune = resolve_finetune(self.ac, config.finetune)  # "full" or "lora"
         self.trainable = trainable(self.finetune)
@@ -204,8 +207,8 @@ class Learner(CriticWarmup):
     def _set_from(self, weights: nnx.State, opt_state: Any) -> None:
         nnx.update(self.ac, weights)
         _, params, rest = nnx.split(self.ac, self.trainable, ...)
-        self.params, self.rest = self.dp.put_replicated(params), self.dp.put_replicated(rest)
-        self.opt_state = self.dp.put_replicated(opt_state)
+        self.params, self.rest = self.dp.put_state(params), self.dp.put_replicated(rest)
+        self.opt_state = self.dp.put_state(opt_state)
 
     def check_operator(self) -> None:
         """Re-read the operator's state file when it changed (a stat per call); apply a
@@ -510,14 +513,26 @@ class Learner(CriticWarmup):
         log.info("learner.stopped", version=self.version, **self.counters)
 
 
+# What a multi-process learner still needs (README "Learner across processes"): process 0
+# alone reading the replay and broadcasting each batch, publishing, writing manifests and
+# pruning; the others following its loop (pause, rollback, stop).
+_ONE_PROCESS = (
+    "learn.distributed.num_processes: the learner service runs as one process (its devices "
+    "all used); the sharded update itself runs across processes (daemon/update.py DataParallel)"
+)
+
+
 def learn(config: LearnerConfig) -> int:
     """`openpi-rl learn`: run a Learner until SIGTERM / Ctrl-C (finish the current update,
     close, exit 0), with Prometheus /metrics on `metrics_port`. A model config that does not
-    build exits EX_CONFIG (78)."""
+    build exits EX_CONFIG (78), as does a `[learn.distributed]` asking for several processes."""
     try:
+        if resolve(config.distributed).num_processes > 1:
+            raise DistributedConfigError(_ONE_PROCESS)
+        initialize(config.distributed)  # before the first device use: CPU device count
         learner = Learner(config)
-    except (ModelConfigError, CurvesConfigError) as e:  # e.g. a tokenizer file missing, or
-        return config_error("learn", str(e))  # wandb not installed: held down, not restarted
+    except (ModelConfigError, CurvesConfigError, DistributedConfigError) as e:  # e.g. a
+        return config_error("learn", str(e))  # tokenizer file missing, or wandb not installed
     if config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=learner.metrics.registry

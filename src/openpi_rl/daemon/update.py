@@ -1,11 +1,12 @@
-"""The learner's jitted step, data-parallel over the local devices.
+"""The learner's jitted step, data-parallel over every device (all processes').
 
 One pure function of (weights, optimizer state, batch): values of every observation with the
 current critic, GAE over chunks, the library's fused PPO update (`rl.ppo.ppo_update`), then
 what the publish guard needs: the KL between the policy before and after the update on the
 batch, and whether everything came out finite. The batch is sharded along its segment axis
-over a 1-D `jax.sharding.Mesh` of all local devices, each minibatch along its sample axis;
-weights and optimizer state are replicated, so XLA all-reduces the gradients.
+over a 1-D `jax.sharding.Mesh` of all devices, each minibatch along its sample axis; weights
+and optimizer state are replicated or, past a size, sharded FSDP-style (sharding.py); XLA
+reduces the gradients across devices.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from openpi_rl.daemon.batch import ChunkBatch, chunk_gae
+from openpi_rl.daemon.sharding import (
+    AXIS,
+    process_columns,
+    put_batch,
+    put_global,
+    replicated_shardings,
+    share,
+    state_shardings,
+)
 from openpi_rl.rl.ppo import PPOBatch, PPOConfig, masked_mean, ppo_update
 from openpi_rl.rl.rl_api import Array
 
@@ -75,7 +85,7 @@ def learn_step(
     )
     constrain = None
     if mesh is not None and mesh.size > 1:
-        rows = NamedSharding(mesh, PartitionSpec("data"))
+        rows = NamedSharding(mesh, PartitionSpec(AXIS))
         constrain = lambda mb: jax.tree.map(  # noqa: E731
             lambda a: jax.lax.with_sharding_constraint(a, rows), mb
         )
@@ -102,33 +112,65 @@ def learn_step(
 
 
 class DataParallel:
-    """A 1-D mesh over `devices` (default: all local ones) and the jitted `learn_step` on it."""
+    """A 1-D mesh "data" over `devices` (default: every process's, `jax.devices()`) and the
+    jitted `learn_step` on it (sharding.py): the batch split along its segments; parameters and
+    optimizer state sharded FSDP-style, each array with at least `fsdp_min_size` elements split
+    across the devices (None: all replicated, plain data parallelism). XLA gathers weights where
+    they are used and reduces gradients across devices.
 
-    def __init__(self, config: PPOConfig, devices: Sequence[jax.Device] | None = None):
-        self.mesh = Mesh(np.array(list(devices or jax.local_devices())), ("data",))
+    With several processes (distributed.py) every process calls each method alike, with the
+    same state and its own share of the batch (`share`); results are global arrays."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        devices: Sequence[jax.Device] | None = None,
+        fsdp_min_size: int | None = None,
+    ):
+        self.mesh = Mesh(np.array(list(devices or jax.devices())), (AXIS,))
         self.config = config
+        self.fsdp_min_size = fsdp_min_size
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         if self.size > 1 and config.minibatch_size % self.size:
             raise ValueError(
                 f"ppo.minibatch_size: expected a multiple of the {self.size} devices, "
                 f"got {config.minibatch_size}"
             )
-        self._step = _jitted_learn_step(self.mesh)
+        # This process's devices in the mesh: its share of a batch is S x local / size columns.
+        self.local_size = sum(
+            d.process_index == jax.process_index() for d in self.mesh.devices.flat
+        )
 
     @property
     def size(self) -> int:
         return self.mesh.size
 
     def put_replicated(self, tree: Any) -> Any:
-        return jax.device_put(tree, self.replicated)
+        """`tree` whole on every device, as global arrays (every process passes the same)."""
+        return put_global(tree, replicated_shardings(self.mesh, tree))
+
+    def shardings(self, tree: Any) -> Any:
+        """Where each parameter / optimizer-state array of `tree` lies (FSDP, `leaf_spec`)."""
+        return state_shardings(self.mesh, tree, self.fsdp_min_size)
+
+    def put_state(self, tree: Any) -> Any:
+        """Parameters or optimizer state, sharded as `shardings` (every process passes the
+        same values; each keeps its devices' shards)."""
+        return put_global(tree, self.shardings(tree))
+
+    def columns(self, num_segments: int) -> slice:
+        """The columns of a [T, num_segments] batch this process feeds (all, alone)."""
+        return process_columns(self.mesh, num_segments)
+
+    def share(self, batch: ChunkBatch) -> ChunkBatch:
+        """This process's share of a whole batch: its `columns`."""
+        return share(batch, self.columns(batch.rewards.shape[1]))
 
     def put_batch(self, batch: ChunkBatch) -> ChunkBatch:
-        """Shard [T, S, ...] leaves along S and boot_obs [S, ...] along S."""
-        cols = NamedSharding(self.mesh, PartitionSpec(None, "data"))
-        rows = NamedSharding(self.mesh, PartitionSpec("data"))
-        boot = jax.device_put(batch.boot_obs, rows)
-        rest = jax.device_put(batch._replace(boot_obs={}), cols)
-        return rest._replace(boot_obs=boot)
+        """This process's share ([T, S_local, ...] leaves, boot_obs [S_local, ...]) as the
+        global batch of S = S_local x size / local_size columns, sharded along S."""
+        local = batch.rewards.shape[1]
+        return put_batch(self.mesh, batch, local * self.size // self.local_size)
 
     def __call__(
         self,
@@ -139,18 +181,29 @@ class DataParallel:
         rng: Array,
         batch: ChunkBatch,
     ) -> tuple[nnx.State, optax.OptState, dict[str, Array]]:
-        return self._step(
+        """`learn_step` on this process's share `batch` (one process: the whole batch). New
+        params and opt_state come out laid out as `shardings`, metrics replicated."""
+        layout = tuple(_flat(self.shardings(t)) for t in (params, opt_state))
+        step = _jitted_learn_step(self.mesh, *layout)
+        rng = self.put_replicated(rng)
+        return step(
             graphdef, params, rest, opt_state, rng, self.put_batch(batch), self.config, self.mesh
         )
 
 
+def _flat(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A tree of shardings as a hashable (treedef, leaves)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
 @functools.cache
-def _jitted_learn_step(mesh: Mesh) -> Any:
-    """One jitted `learn_step` per mesh, shared by every learner on it (tests build many), so
-    equal configs and shapes compile once. Weights and optimizer state come out replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+def _jitted_learn_step(mesh: Mesh, params_layout: tuple, opt_layout: tuple) -> Any:
+    """One jitted `learn_step` per mesh and state layout, shared by every learner on it (tests
+    build many), so equal configs and shapes compile once."""
+    out = tuple(jax.tree.unflatten(t, leaves) for t, leaves in (params_layout, opt_layout))
     return jax.jit(
         learn_step,
         static_argnames=("graphdef", "config", "mesh"),
-        out_shardings=(replicated, replicated, None),
+        out_shardings=(*out, NamedSharding(mesh, PartitionSpec())),
     )

@@ -5,8 +5,9 @@ Checks: the file parses and every key is known and well typed (per role); no two
 share a port and every port can be bound now; every directory a role writes (replay,
 checkpoints) exists and is writable, or can be created; each model builds and samples once
 (traced abstractly with `jax.eval_shape`, so a 2B model is checked in seconds without its
-memory); the server and the learner build the same policy. Exit status 0 when clean, 1 with
-problems (each on its own line, naming the key), 78 when the file cannot be read at all.
+memory); the server and the learner build the same policy; `[learn.distributed]` holds
+together (distributed.py). Exit status 0 when clean, 1 with problems (each on its own line,
+naming the key), 78 when the file cannot be read at all.
 
 For a model built on openpi's PaliGemma (`Pi0FASTOpenPIConfig`, or a config naming a
 `paligemma_variant`), an `info` line gives its parameter count and the
@@ -62,6 +63,7 @@ def check(path: str | Path) -> list[Finding]:
     findings += check_models(configs)
     findings += model_memory(configs, service.gpu)
     findings += check_curves(configs)
+    findings += check_distributed(configs)
     bridge = configs.get("bridge")
     if bridge is not None and not bridge.operators:
         findings.append(Finding("bridge.operators", "empty: no pendant can log in", "warning"))
@@ -198,6 +200,27 @@ def check_curves(configs: dict[str, Any]) -> list[Finding]:
             )
         ]
     return []
+
+
+def check_distributed(configs: dict[str, Any]) -> list[Finding]:
+    """`[learn.distributed]`: process id in range, coordinator as host:port (or the JAX_*
+    variables), a minibatch the devices divide (known with `local_device_count`), and one
+    process: the learner service does not run across processes yet (daemon/learner.py)."""
+    learn = configs.get("learn")
+    if learn is None:
+        return []
+    from openpi_rl.daemon.distributed import problems_of, resolve
+
+    found = problems_of(learn.distributed, os.environ, learn.ppo.minibatch_size)
+    findings = [Finding(key, message) for key, message in found]
+    if not found and resolve(learn.distributed, os.environ).num_processes > 1:
+        findings.append(
+            Finding(
+                "learn.distributed.num_processes",
+                "more than 1: the learner service runs as one process (using all its devices)",
+            )
+        )
+    return findings
 
 
 # -- models
