@@ -13,6 +13,10 @@ state and a prompt (about 301 KB as msgpack).
              validation, no replay, no metrics: what our server adds is noop over floor.
 - noop:      our PolicyServer with a no-op model (validation, replay logging, metrics on),
              driven by `PolicyClient`.
+- noop_pg:   (`--pg`) the same noop server with its replay on PostgreSQL: a throw-away
+             server (`LocalCluster`) with a real server's durability (fsync and
+             synchronous_commit on). `noop_pg_p99_over_noop`: its p99 over the SQLite
+             noop's, same run (goal <= 1.1).
 - pi0_fast:  our PolicyServer with `Pi0FASTConfig(variant="dummy")`.
 - ws:        our openpi WebSocket endpoint (the noop server) driven by the real
              openpi-client 0.1.2 from its own venv (.venv-openpi-client).
@@ -29,10 +33,12 @@ Cases run interleaved in blocks so the shared machine's noise falls on all alike
     python benchmarks/serve_latency.py            # full: 500 timed requests per case
     python benchmarks/serve_latency.py --quick    # smoke run: 50
     python benchmarks/serve_latency.py --profile  # + where the noop server's time goes
+    python benchmarks/serve_latency.py --pg --no-ws --no-fleet   # replay on SQLite vs PostgreSQL
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import multiprocessing as mp
@@ -72,6 +78,7 @@ class Args:
     ws: bool = True  # the openpi-client case (needs .venv-openpi-client)
     fleet: bool = True  # the 4-robot case
     profile: bool = False  # time the noop server's steps and cProfile its serving thread
+    pg: bool = False  # also the noop server with its replay on PostgreSQL (a LocalCluster)
     quick: bool = False  # 50 timed requests per case (fleet: 25 per robot)
 
 
@@ -194,7 +201,7 @@ def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, pro
     server = PolicyServer(
         ac,
         ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=max_batch),
-        ReplayConfig(path=Path(replay_dir)),
+        ReplayConfig(path=replay_dir),  # a directory, or a PostgreSQL database's URL
     )
     tune_serving_process()  # as `openpi-rl serve` does
     prof = None
@@ -561,6 +568,13 @@ def main(args: Args) -> dict:
     echo = Proc(_echo_server)
     floor = Proc(_reference_server, "noop")
     noop = Proc(_our_server, "noop", 8, f"{tmp.name}/noop", args.ws, args.profile)
+    cluster = noop_pg = None
+    if args.pg:  # a real server's durability: options=() keeps fsync and synchronous_commit on
+        from openpi_rl.replay.pg_cluster import LocalCluster
+
+        cluster = LocalCluster(options=()).start()
+        atexit.register(cluster.stop)  # pg_ctl daemonizes it: stop it even if a server fails
+        noop_pg = Proc(_our_server, "noop", 8, cluster.create_database(), False, False)
     pi0 = Proc(_our_server, "pi0_fast", 4, f"{tmp.name}/pi0", False, False)
     ref = Proc(_reference_server)
     robots = {
@@ -568,6 +582,8 @@ def main(args: Args) -> dict:
         "floor": ZMQRobot(floor.info["endpoint"], obs),
         "noop": ZMQRobot(noop.info["endpoint"], obs),
     }
+    if noop_pg is not None:
+        robots["noop_pg"] = ZMQRobot(noop_pg.info["endpoint"], obs)
     if args.ws:
         robots["ws"] = WSRobot(noop.info["ws_port"])
     robots["pi0_fast"] = ZMQRobot(pi0.info["endpoint"], obs)
@@ -582,9 +598,10 @@ def main(args: Args) -> dict:
         endpoints = {"fleet4": pi0.info["endpoint"], "fleet4_reference": ref.info["endpoint"]}
         fl = fleet(endpoints, args.robots, fleet_requests, args.warmup, max(1, block // 2))
 
-    stats = {
-        name: p.stop() for name, p in [("echo", echo), ("noop", noop), ("pi0", pi0), ("ref", ref)]
-    }
+    servers = [("echo", echo), ("noop", noop), ("noop_pg", noop_pg), ("pi0", pi0), ("ref", ref)]
+    stats = {name: p.stop() for name, p in servers if p is not None}
+    if cluster is not None:
+        cluster.stop()
     bound = None
     if args.fleet:  # alone on the machine's cores, after the servers have gone
         mb = Proc(_model_bound)
@@ -652,11 +669,21 @@ def main(args: Args) -> dict:
         "noop_over_floor": r(noop50 / pct(lat["floor"], 50)),
         "errors": int(errors),
     }
+    if "noop_pg" in lat:
+        pg99 = pct(lat["noop_pg"], 99)
+        out |= {
+            "noop_pg_p50_ms": r(pct(lat["noop_pg"], 50)),
+            "noop_pg_p99_ms": r(pg99),
+            "noop_pg_p99_over_noop": r(pg99 / noop99),
+            "noop_pg_p50_over_noop": r(pct(lat["noop_pg"], 50) / noop50),
+        }
     goals = {
         "noop p50 <= 1.25x echo p50": out["overhead_over_echo"] <= 1.25,
         "noop p99 <= 2x echo p99": out["p99_over_echo"] <= 2.0,
         "fleet4 p99 <= 0.5x reference p99": out["fleet4_p99_over_reference"] <= 0.5,
     }
+    if "noop_pg_p99_over_noop" in out:
+        goals["noop_pg p99 <= 1.1x noop (SQLite) p99"] = out["noop_pg_p99_over_noop"] <= 1.1
     print("\ngoals:", file=sys.stderr)
     for k, ok in goals.items():
         print(f"  {'met   ' if ok else 'MISSED'} {k}", file=sys.stderr)

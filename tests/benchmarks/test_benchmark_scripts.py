@@ -67,10 +67,10 @@ def test_robots_50hz_quick_every_reply_is_stored():
 
 @pytest.mark.slow
 def test_serve_latency_quick_reports_every_case():
-    figures = _last_json("serve_latency.py")
+    figures = _last_json("serve_latency.py", "--pg")
     assert figures["errors"] == 0
     keys = ("echo_p50_ms", "noop_p50_ms", "pi0_fast_p50_ms", "ws_p50_ms", "fleet4_p99_ms")
-    for key in (*keys, "fleet4_model_bound"):
+    for key in (*keys, "fleet4_model_bound", "noop_pg_p99_ms", "noop_pg_p99_over_noop"):
         assert figures[key] > 0, key
 
 
