@@ -1,8 +1,10 @@
 """The learner across processes: 2 processes x 2 CPU devices joined by `jax.distributed` make the
-same update as one device, and save / restore their sharded state with orbax together."""
+same update as one device, save / restore their sharded state with orbax together, and run
+`openpi-rl learn` as one learner (process 0 reading the replay and publishing)."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 from _sharded_update import CONFIG, MODEL, batch
 from flax import nnx
+from learner_helpers import Recorder, learner_config
 
-from openpi_rl.daemon import DataParallel
+from openpi_rl.daemon import DataParallel, Learner
 from openpi_rl.daemon.distributed import (
     DistributedConfig,
     DistributedConfigError,
@@ -25,8 +28,11 @@ from openpi_rl.daemon.distributed import (
 from openpi_rl.daemon.sharding import leaf_spec
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.rl.ppo import make_optimizer
+from openpi_rl.weights import restore_version
+from openpi_rl.weights.versions import verify_version
 
 SCRIPT = Path(__file__).parent / "_distributed_update.py"
+LEARNER = Path(__file__).parent / "_distributed_learner.py"
 TIMEOUT_S = 90  # a crashed peer leaves the other waiting in a collective: kill both by then
 
 
@@ -36,14 +42,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(out: Path) -> list[subprocess.CompletedProcess]:
-    """Both processes of the 2-process learner; both killed if either fails or overstays."""
+def _run_two(out: Path, script: Path = SCRIPT, *args: str) -> list[str]:
+    """Both processes (`script ID PORT OUT ARGS`); both killed if either fails or overstays.
+    Returns their logs."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(i), str(port), str(out)],
+            [sys.executable, str(script), str(i), str(port), str(out), *args],
             cwd=SCRIPT.parent,
             env=env,
             stdout=subprocess.PIPE,
@@ -65,7 +72,7 @@ def _run_two(out: Path) -> list[subprocess.CompletedProcess]:
     logs = [p.communicate()[0] for p in procs]
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{logs[i][-3000:]}"
-    return [json.loads(str(np.load(out / f"{i}.npz")["result"])) for i in (0, 1)]
+    return logs
 
 
 def _one_device_update() -> tuple[list[np.ndarray], dict[str, float]]:
@@ -80,7 +87,8 @@ def _one_device_update() -> tuple[list[np.ndarray], dict[str, float]]:
 
 
 def test_two_process_sharded_update_equals_single_process(tmp_path):
-    results = _run_two(tmp_path)
+    _run_two(tmp_path)
+    results = [json.loads(str(np.load(tmp_path / f"{i}.npz")["result"])) for i in (0, 1)]
     want, want_metrics = _one_device_update()
     arrays = [np.load(tmp_path / f"{i}.npz") for i in (0, 1)]
 
@@ -158,3 +166,40 @@ def test_config_problems_name_the_key(config, env, key, words):
     if key != "learn.ppo.minibatch_size":  # the learner's own check (DataParallel) names that
         with pytest.raises(DistributedConfigError, match=key.split(".")[-1]):
             resolve(config, env)
+
+
+def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
+    """`openpi-rl learn` as 2 processes on one replay: 2 published versions whose weights are a
+    1-device learner's on the same data; every process saved its shards, one manifest each."""
+    recorder = Recorder(tmp_path / "replay")
+    rng = np.random.default_rng(0)
+    for e in range(16):  # 8 segments per update: two updates' worth
+        recorder.episode("r0", f"e{e}", 3 + e % 4, rng)
+    recorder.close()
+    alone = tmp_path / "alone"
+    shutil.copytree(tmp_path / "replay", alone / "replay")
+
+    _run_two(tmp_path, LEARNER, "2")  # both exit 0: process 1 stops when process 0 does
+
+    learner = Learner(learner_config(alone), devices=jax.devices()[:1])
+    try:
+        assert [learner.step().version for _ in range(2)] == [1, 2]
+    finally:
+        learner.close()
+    for version in (1, 2):
+        path = tmp_path / "ckpt" / str(version)
+        verify_version(path, version)  # process 0's manifest covers both processes' files
+        assert len(list((path / "weights").glob("ocdbt.process_*"))) == 2
+        fresh = build_actor_critic(MODEL, (16, 16), 0)
+        got = jax.tree.leaves(restore_version(path, fresh))
+        want = jax.tree.leaves(restore_version(alone / "ckpt" / str(version), fresh))
+        diff = max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(got, want, strict=True)
+        )
+        assert diff <= 1e-5, (version, diff)
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [
+        0,
+        1,
+        2,
+    ]

@@ -208,7 +208,5 @@ def test_learn_distributed_is_checked(tmp_path, monkeypatch):
     found = {f.where: f.message for f in check(config) if f.severity == "problem"}
     assert "multiple of the 3 devices" in found.pop("learn.ppo.minibatch_size"), found
     assert not found
-    # Well formed but several processes: the learner service itself runs as one.
-    found = problems('coordinator_address = "10.0.0.1:1234"\nnum_processes = 2\n')
-    assert list(found) == [key + "num_processes"], found
+    assert problems('coordinator_address = "10.0.0.1:1234"\nnum_processes = 2\n') == {}
     assert problems("local_device_count = 2\nfsdp_min_size = 0\n") == {}

@@ -48,7 +48,8 @@ from openpi_rl.curves import CurvesConfigError
 from openpi_rl.daemon.batch import ChunkBatch, build_batch, usable_segments
 from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.curves import LearnerCurves
-from openpi_rl.daemon.distributed import DistributedConfigError, initialize, resolve
+from openpi_rl.daemon.distributed import DistributedConfigError, initialize
+from openpi_rl.daemon.lockstep import Lockstep, Turn
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
@@ -83,13 +84,16 @@ class Learner(CriticWarmup):
 
     def __init__(self, config: LearnerConfig, devices: list[jax.Device] | None = None):
         self.config = config
+        # Several processes (distributed.py): process 0 reads the replay, decides each turn and
+        # publishes; the others `follow` it through every update and save (lockstep.py).
+        self.lockstep = Lockstep()
+        self.primary = self.lockstep.primary
         self.metrics = LearnerMetrics()
-        self.metrics.watch_replay(config.replay_dir)
+        if self.primary:
+            self.metrics.watch_replay(config.replay_dir)
         self.ac = build_start(config.model, config.value_hidden, config.seed)
         self.obs_spec = config.model.obs_spec
         self.action_shape = (config.model.action_horizon, config.model.action_dim)
-        if jax.process_count() > 1:
-            raise DistributedConfigError(_ONE_PROCESS)
         self.dp = DataParallel(config.ppo, devices, config.distributed.fsdp_min_size)
         self.num_segments = math.ceil(config.batch_segments / self.dp.size) * self.dp.size
         self.finetune = resolve_finetune(self.ac, config.finetune)  # "full" or "lora"
@@ -119,18 +123,36 @@ class Learner(CriticWarmup):
         self.rollback_id = 0  # the newest operator rollback applied (kept in each version's meta)
         self.version = 0
         self.base: int | None = None  # "lora": the full version the next versions apply to
-        self.version, opt_state = self._resume(opt_state)
+        # Global arrays from here on, laid out over every device: what orbax saves from
+        # several processes, and what it restores into (each process reads its shards).
+        self._set_from(nnx.state(self.ac), opt_state)
+        self.version, opt_state = self._resume(self.opt_state)
         self.warmup = WarmupState(config.checkpoint_dir)
         self.critic_opt_state = self._resume_warmup()
         self._operator_mtime: int | None = None
         self.operator = OperatorState()
         self._set_from(nnx.state(self.ac), opt_state)
         self.key = jax.random.key(config.seed)
-        self.check_operator()
+        self._source: ReplaySource | None = None
+        # close() on run's own thread (a signal handler) sets only `_closing`, a plain flag
+        # `run` polls: `Event.set` there deadlocks if the signal landed while run's
+        # `Event.wait` held the event's lock. Other threads also set `_wake` (no wait).
+        self._closing = False
+        self._wake = threading.Event()
+        self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
+        self._run_ended = threading.Event()
+        self._closed = False
+        # The operator's rollback due at start: process 0 reads it, every process applies it.
+        if self.primary:
+            self._play(self.lockstep.send(Turn(rollback=self._rollback_due())))
+        else:
+            self._play(self.lockstep.receive())
         self.metrics.version.set(self.version)
+        if not self.primary:
+            return  # the replay, sockets, curves and metrics are process 0's
+
         # Before the sockets: W&B turned on without wandb installed stops here (EX_CONFIG).
         self.curves = LearnerCurves(config)
-
         endpoint = notice_endpoint(config.publish_endpoint, self.checkpoints.directory)
         self.publisher = Publisher(
             endpoint, config.heartbeat_s, curve_secret_key_file=config.publish_curve_secret_key_file
@@ -141,15 +163,6 @@ class Learner(CriticWarmup):
             config.server_endpoints, timeout_s=config.server_timeout_s,
             registry=self.metrics.registry,
         )  # fmt: skip
-        self._source: ReplaySource | None = None
-        # close() on run's own thread (a signal handler) sets only `_closing`, a plain flag
-        # `run` polls: `Event.set` there deadlocks if the signal landed while run's
-        # `Event.wait` held the event's lock. Other threads also set `_wake` (no wait).
-        self._closing = False
-        self._wake = threading.Event()
-        self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
-        self._run_ended = threading.Event()
-        self._closed = False
 
     def _resume(self, opt_state: Any) -> tuple[int, Any]:
         """(version number, optimiser state) to go on from; updates `self.ac` and counters.
@@ -205,45 +218,81 @@ class Learner(CriticWarmup):
         return path
 
     def _set_from(self, weights: nnx.State, opt_state: Any) -> None:
+        """Hold `weights` and `opt_state`, as global arrays laid out for the update (`self.ac`
+        too: its state is what versions save)."""
         nnx.update(self.ac, weights)
         _, params, rest = nnx.split(self.ac, self.trainable, ...)
         self.params, self.rest = self.dp.put_state(params), self.dp.put_replicated(rest)
         self.opt_state = self.dp.put_state(opt_state)
+        nnx.update(self.ac, self.params, self.rest)
 
     def check_operator(self) -> None:
         """Re-read the operator's state file when it changed (a stat per call); apply a
-        rollback not applied yet: train on from its target's weights and optimiser state."""
+        rollback not applied yet: train on from its target's weights and optimiser state.
+        Process 0's: the other processes apply the rollback it sends them."""
+        due = self._rollback_due()
+        if due is not None:
+            self._play(self.lockstep.send(Turn(rollback=due)))
+
+    def _rollback_due(self) -> tuple[int, int] | None:
+        """(target, rollback id) of an operator rollback not applied yet, when the operator's
+        state file changed; None otherwise."""
         path = state_path(self.checkpoints.directory)
         try:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
         if mtime == self._operator_mtime:
-            return
+            return None
         self._operator_mtime = mtime
         self.operator = load_state(self.checkpoints.directory)
         op = self.operator
         if op.rollback_target is None or op.rollback_id <= self.rollback_id:
-            return
-        self.rollback_id = op.rollback_id  # applied once, whatever comes of it
-        opt_like = jax.device_get(self.opt_state)
+            return None
+        return op.rollback_target, op.rollback_id
+
+    def _roll_back(self, target: int, rollback_id: int) -> None:
+        """Train on from version `target`'s weights and optimiser state (every process)."""
+        self.rollback_id = rollback_id  # applied once, whatever comes of it
         try:
+            # The live state as the target: restored arrays come laid out as the live ones.
             weights, opt_state, _ = self.checkpoints.restore(
-                op.rollback_target, nnx.state(self.ac), opt_like
+                target, nnx.state(self.ac), self.opt_state
             )
         except Exception as e:
             log.error(
-                "learner.rollback_unreadable", target=op.rollback_target, error=str(e),
-                version=self.version,
-            )  # fmt: skip
+                "learner.rollback_unreadable", target=target, error=str(e), version=self.version
+            )
             return
         self._set_from(weights, opt_state)
-        self._based_on(op.rollback_target)
+        self._based_on(target)
         self.metrics.rollbacks.inc()
         log.warning(
-            "learner.rolled_back", target=op.rollback_target, version=self.version,
-            next_version=self.version + 1, rollback_id=op.rollback_id,
+            "learner.rolled_back", target=target, version=self.version,
+            next_version=self.version + 1, rollback_id=rollback_id,
         )  # fmt: skip
+
+    def _play(self, turn: Turn) -> UpdateResult | None:
+        """What a turn does on every process: the rollback it names, then its update."""
+        if turn.rollback is not None:
+            self._roll_back(*turn.rollback)
+        if turn.batch is None:
+            return None
+        return self.update_on(turn.batch, turn.transitions)
+
+    def follow(self) -> int:
+        """A process other than 0: play process 0's turns until it stops (a `close()` here
+        waits for that: every update and save needs every process)."""
+        self._run_thread = threading.get_ident()
+        self._run_ended.clear()
+        try:
+            while not (turn := self.lockstep.receive()).stop:
+                self._play(turn)
+        finally:
+            self._release()
+            self._run_thread = None
+            self._run_ended.set()
+        return 0
 
     # -- one poll
 
@@ -272,12 +321,14 @@ class Learner(CriticWarmup):
         t0 = time.perf_counter()
         taken = self.take()
         if taken is None:
+            self.lockstep.send(Turn())  # the other processes wait for the next turn
             return None
         batch, segments = taken
         self.publisher.set_state("training")
         ids = [i for s in segments for i in s.ids]
         trained_on = self.version
-        result = self.update_on(batch, transitions=len(ids))
+        result = self._play(self.lockstep.send(Turn(batch=batch, transitions=len(ids))))
+        assert result is not None
         self._source.mark_consumed(ids)
         seconds = time.perf_counter() - t0
         self.metrics.update_seconds.observe(seconds)
@@ -333,7 +384,7 @@ class Learner(CriticWarmup):
             return refused or warm
         key = jax.random.fold_in(self.key, self.version)
         params, opt_state, metrics = self.dp(
-            self.graphdef, self.params, self.rest, self.opt_state, key, batch
+            self.graphdef, self.params, self.rest, self.opt_state, key, self.dp.share(batch)
         )
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         refused = self._guard(m, transitions)
@@ -348,7 +399,8 @@ class Learner(CriticWarmup):
         self.counters["updates"] += 1
         self._count("trained", transitions)  # before the save: the version's meta includes it
         path = self._save(self.version, self.opt_state, self._meta(m))
-        self.publisher.publish(self.version)
+        if self.primary:
+            self.publisher.publish(self.version)
         self.metrics.updates.inc()
         self.metrics.version.set(self.version)
         self.metrics.batch_reward.set(m["reward_mean"])
@@ -375,7 +427,8 @@ class Learner(CriticWarmup):
         self._count("refused", transitions)
         self.counters[f"refused_{reason}"] += 1
         self.metrics.refused.labels(reason=reason).inc()
-        self.publisher.set_state("refused")
+        if self.primary:
+            self.publisher.set_state("refused")
         log.warning(
             "learner.update_refused", reason=reason, version=self.version,
             loss=m["loss"], grad_norm=m["grad_norm"], update_kl=m["update_kl"],
@@ -414,9 +467,13 @@ class Learner(CriticWarmup):
 
     def run(self) -> int:
         """Poll and update until `close()` or `max_updates` published updates; then release
-        (what `close()` does) on its way out."""
+        (what `close()` does) on its way out. A process other than 0 follows process 0's turns
+        (`follow`) until it stops."""
         c = self.config
+        if not self.primary:
+            return self.follow()
         if self._closing:
+            self._release()
             return 0
         self._run_thread = threading.get_ident()
         self._run_ended.clear()
@@ -443,6 +500,7 @@ class Learner(CriticWarmup):
                     break
                 self.check_operator()
                 if self._paused():
+                    self.lockstep.send(Turn())  # the other processes wait for the next turn
                     self._wake.wait(0.1)
                     continue
                 result = self.step()
@@ -502,6 +560,11 @@ class Learner(CriticWarmup):
         if self._closed:
             return
         self._closed = True
+        if not self.primary:
+            self.checkpoints.close()
+            self.warmup.close()
+            return
+        self.lockstep.send(Turn(stop=True))  # the other processes return from `follow`
         self.publisher.set_state("stopping")
         self.servers.close()
         self.checkpoints.close()
@@ -513,27 +576,18 @@ class Learner(CriticWarmup):
         log.info("learner.stopped", version=self.version, **self.counters)
 
 
-# What a multi-process learner still needs (README "Learner across processes"): process 0
-# alone reading the replay and broadcasting each batch, publishing, writing manifests and
-# pruning; the others following its loop (pause, rollback, stop).
-_ONE_PROCESS = (
-    "learn.distributed.num_processes: the learner service runs as one process (its devices "
-    "all used); the sharded update itself runs across processes (daemon/update.py DataParallel)"
-)
-
-
 def learn(config: LearnerConfig) -> int:
     """`openpi-rl learn`: run a Learner until SIGTERM / Ctrl-C (finish the current update,
     close, exit 0), with Prometheus /metrics on `metrics_port`. A model config that does not
-    build exits EX_CONFIG (78), as does a `[learn.distributed]` asking for several processes."""
+    build exits EX_CONFIG (78), as does a `[learn.distributed]` that cannot work. Several
+    processes: each runs this; process 0 serves /metrics and publishes, the others follow it
+    and stop when it does."""
     try:
-        if resolve(config.distributed).num_processes > 1:
-            raise DistributedConfigError(_ONE_PROCESS)
-        initialize(config.distributed)  # before the first device use: CPU device count
+        initialize(config.distributed)  # before the first device use: join the other processes
         learner = Learner(config)
     except (ModelConfigError, CurvesConfigError, DistributedConfigError) as e:  # e.g. a
         return config_error("learn", str(e))  # tokenizer file missing, or wandb not installed
-    if config.metrics_port is not None:
+    if learner.primary and config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=learner.metrics.registry
         )

@@ -97,7 +97,9 @@ class CriticWarmup:
         key = jax.random.fold_in(self.key, 2**30 + done)
         graphdef, head, rest = nnx.split(self.ac, CRITIC, ...)
         head, rest = self.dp.put_replicated(head), self.dp.put_replicated(rest)
-        head, opt_state, metrics = self.dp(graphdef, head, rest, self.critic_opt_state, key, batch)
+        head, opt_state, metrics = self.dp(
+            graphdef, head, rest, self.critic_opt_state, key, self.dp.share(batch)
+        )
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         refused = self._guard(m, transitions)
         if refused is not None:

@@ -204,23 +204,14 @@ def check_curves(configs: dict[str, Any]) -> list[Finding]:
 
 def check_distributed(configs: dict[str, Any]) -> list[Finding]:
     """`[learn.distributed]`: process id in range, coordinator as host:port (or the JAX_*
-    variables), a minibatch the devices divide (known with `local_device_count`), and one
-    process: the learner service does not run across processes yet (daemon/learner.py)."""
+    variables), a minibatch the devices divide (known with `local_device_count`)."""
     learn = configs.get("learn")
     if learn is None:
         return []
-    from openpi_rl.daemon.distributed import problems_of, resolve
+    from openpi_rl.daemon.distributed import problems_of
 
     found = problems_of(learn.distributed, os.environ, learn.ppo.minibatch_size)
-    findings = [Finding(key, message) for key, message in found]
-    if not found and resolve(learn.distributed, os.environ).num_processes > 1:
-        findings.append(
-            Finding(
-                "learn.distributed.num_processes",
-                "more than 1: the learner service runs as one process (using all its devices)",
-            )
-        )
-    return findings
+    return [Finding(key, message) for key, message in found]
 
 
 # -- models

@@ -39,9 +39,11 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import structlog
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from openpi_rl.rl.actor_critic import ActorCritic
 from openpi_rl.weights.operator_state import atomic_write, load_state
@@ -269,7 +271,9 @@ def restore_weights(path: str | pathlib.Path, target: Any) -> Any:
 class VersionCheckpoints:
     """`CheckpointManager` over versions: `save` blocks until the version and its manifest are
     on disk. Keeps the newest `max_to_keep` versions and the operator's protected ones (None:
-    all)."""
+    all). Several learner processes (`jax.distributed`) call every method alike, on one shared
+    directory: each saves its shards of every (global) array, process 0 writes the manifests
+    and chooses what retention deletes."""
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = 10):
         self.directory = pathlib.Path(directory).absolute()
@@ -317,9 +321,13 @@ class VersionCheckpoints:
             force=True,
         )
         self.manager.wait_until_finished()
-        # After orbax's rename: the files are final.
-        digest = write_manifest(self.path(version), version, based)
-        self._hashes[version] = digest
+        # After orbax's rename: the files are final. Several learner processes: each saved its
+        # shards, process 0 alone writes the manifest, the others wait for it.
+        if jax.process_index() == 0:
+            self._hashes[version] = write_manifest(self.path(version), version, based)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"openpi_rl manifest {self.path(version)}")
+            self._hashes[version] = read_manifest(self.path(version))["sha256"]
         self._prune()
         return self.path(version)
 
@@ -350,11 +358,17 @@ class VersionCheckpoints:
                 continue  # unreadable: it cannot restore anyway
             if base is not None:
                 keep.add(base)
-        for version in versions:
-            if version not in keep:
-                self.manager.delete(version)
-                self._hashes.pop(version, None)
-                log.debug("checkpoints.deleted", version=version)
+        doomed = [v for v in versions if v not in keep]
+        if jax.process_count() > 1 and versions:
+            # orbax's delete is a collective: every process deletes what process 0 chose (the
+            # operator's pins are read at slightly different times).
+            chosen = np.array([v in doomed for v in versions], np.int32)
+            chosen = multihost_utils.broadcast_one_to_all(chosen)
+            doomed = [v for v, d in zip(versions, chosen, strict=True) if d]
+        for version in doomed:
+            self.manager.delete(version)
+            self._hashes.pop(version, None)
+            log.debug("checkpoints.deleted", version=version)
 
     def verify(self, version: int) -> str:
         """Raise CorruptVersion unless `version`'s files are the ones it was saved with."""
