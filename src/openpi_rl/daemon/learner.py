@@ -24,6 +24,10 @@ after its base (version 0) hold only those arrays and name the base (weights/ver
 first `critic_warmup_updates` updates train the value head alone and publish nothing
 (warmup.py).
 
+Several learner processes (`[learn.distributed]`, distributed.py) are one learner: process 0
+does all of the above but the update and the saves, which every process takes part in; the
+others `follow` the turns it sends them (lockstep.py): a rollback, a batch to train on, stop.
+
 This module owns the `Learner` process (resume, operator state, update, publish, run/close);
 its config is config.py's, the batch it trains on (which segments, how packed) batch.py's, the
 learning curves each learn step writes (TensorBoard, W&B) curves.py's.
@@ -56,7 +60,7 @@ from openpi_rl.daemon.update import DataParallel
 from openpi_rl.daemon.warmup import CriticWarmup, WarmupState
 from openpi_rl.models.choice import ModelConfigError
 from openpi_rl.models.finetune import resolve_finetune, trainable
-from openpi_rl.replay import ReplayFormatError
+from openpi_rl.replay import ReplayFormatError, store
 from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.sdnotify import Notifier, config_error
 from openpi_rl.weights.notices import Publisher, ServerWatch, notice_endpoint
@@ -479,7 +483,7 @@ class Learner(CriticWarmup):
         self._run_ended.clear()
         log.info(
             "learner.start", version=self.version, endpoint=self.publisher.endpoint,
-            replay_dir=str(Path(c.replay_dir).absolute()), devices=self.dp.size,
+            replay_dir=store.describe(c.replay_dir), devices=self.dp.size,
         )  # fmt: skip
         self.publisher.set_state("waiting")
         done = 0

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from openpi_rl.replay import schema
+from openpi_rl.replay import ReplayReader
+
+log = structlog.get_logger("openpi_rl.learner")
 
 
 class LearnerMetrics:
@@ -73,29 +75,35 @@ class LearnerMetrics:
 
     def watch_replay(self, replay_dir: str | Path) -> None:
         """Export the replay's size (`openpi_rl_replay_*`), read when Prometheus scrapes."""
-        self.registry.register(ReplaySize(Path(replay_dir)))
+        self.registry.register(ReplaySize(replay_dir))
 
 
 class ReplaySize(Collector):
-    """Rows and bytes of the replay store, from a read-only connection opened per scrape (the
-    learner's own connection belongs to its loop thread). A store not created yet reads 0."""
+    """Rows and bytes of the replay store, from a connection opened per scrape (the learner's
+    own connection belongs to its loop thread). A store not created yet, or a database that
+    cannot be reached, reads 0."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, location: str | Path):
+        self.location = location
 
     def describe(self) -> list:
         return []  # no scrape at registration: the store may not exist yet
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         rows, size = 0, 0
-        db = schema.db_path(self.root)
-        if db.exists():
-            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-                rows = conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
-            size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        try:
+            with contextlib.closing(ReplayReader(self.location)) as reader:
+                stats = reader.stats()
+                rows, size = stats.rows, stats.bytes_total
+        except FileNotFoundError:
+            pass  # no writer opened it yet
+        except Exception as e:  # a scrape must not fail: the rest of the learner's metrics count
+            log.warning("learner.replay_size_unreadable", error=f"{e!r:.200}")
         yield GaugeMetricFamily(
             "openpi_rl_replay_transitions", "Transitions stored in the replay", value=rows
         )
         yield GaugeMetricFamily(
-            "openpi_rl_replay_bytes", "Disk used by the replay (index and segments)", value=size
+            "openpi_rl_replay_bytes",
+            "Bytes the replay takes (SQLite: index and segments; PostgreSQL: its tables)",
+            value=size,
         )

@@ -18,21 +18,21 @@ it (`reward_events.transition_id`). Episode ends:
 An episode is complete when its last transition ends it (flag or event) or `episodes.ended`
 is set. Data served by a policy more than `max_policy_lag` versions older than the learner's
 is dropped (and marked consumed). The learner writes nothing here but the `consumed` flag,
-through its own small connection (WAL allows it next to the server's writer); it never opens
-a `ReplayWriter` on a live store, which would run segment recovery.
+through its own small connection (WAL allows it next to the server's writer; PostgreSQL, next to
+every server's); it never opens a `ReplayWriter` on a live store, which would run segment
+recovery. The replay is a directory or a postgresql:// URL (`replay.store`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from openpi_rl.replay import ReplayReader, TransitionRow, schema
+from openpi_rl.replay import ReplayReader, TransitionRow, store
 
 TERMINAL_KINDS = ("success", "failure")
 TIME_LIMIT_KINDS = ("end_episode",)
@@ -40,9 +40,11 @@ TIME_LIMIT_KINDS = ("end_episode",)
 _ROW_COLUMNS = ", ".join(f"t.{f.name}" for f in dataclasses.fields(TransitionRow))
 _EVENTS = f"""
     SELECT transition_id AS tid, sum(value) AS reward,
-           max(kind IN ({", ".join(repr(k) for k in TERMINAL_KINDS)})) AS terminal,
-           max(kind IN ({", ".join(repr(k) for k in TIME_LIMIT_KINDS)})) AS time_limit,
-           max(kind = 'success') AS success
+           max(CASE WHEN kind IN ({", ".join(repr(k) for k in TERMINAL_KINDS)}) THEN 1 ELSE 0 END)
+               AS terminal,
+           max(CASE WHEN kind IN ({", ".join(repr(k) for k in TIME_LIMIT_KINDS)}) THEN 1 ELSE 0 END)
+               AS time_limit,
+           max(CASE WHEN kind = 'success' THEN 1 ELSE 0 END) AS success
     FROM reward_events WHERE transition_id IS NOT NULL GROUP BY transition_id
 """
 # Unconsumed transitions with their event rewards and flags, grouped by episode, serving order.
@@ -143,17 +145,17 @@ def split_episode(
 
 
 class ReplaySource:
-    """Reads pending training data from a replay directory and marks it consumed."""
+    """Reads pending training data from a replay and marks it consumed."""
 
     def __init__(self, replay_dir: str | Path, reward_limit: float = 1e6):
-        self.root = Path(replay_dir)
+        self.root = replay_dir
         # A chunk's total reward is clipped into [-limit, limit]: the server clamps each report
         # and the bridge each event, but a sum of many (or a store written by an older
         # version, holding inf) must not turn GAE into NaN and refuse every update after it.
         self.reward_limit = reward_limit
         self.reader = ReplayReader(self.root)
-        self._ro = schema.connect_reader(self.root)
-        self._rw: sqlite3.Connection | None = None
+        self._ro = store.connect(self.root)
+        self._rw: store.Connection | None = None
 
     def collect(
         self,
@@ -215,10 +217,9 @@ class ReplaySource:
         if not ids:
             return 0
         if self._rw is None:
-            self._rw = sqlite3.connect(schema.db_path(self.root), isolation_level=None)
-            self._rw.execute("PRAGMA busy_timeout=10000")
+            self._rw = store.connect(self.root, write=True)
         conn, n = self._rw, 0
-        conn.execute("BEGIN IMMEDIATE")
+        store.begin_write(conn)
         try:
             for k in range(0, len(ids), 500):
                 part = ids[k : k + 500]

@@ -53,8 +53,9 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ExportLeRobotArgs:
-    replay: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
-    """Replay directory to read (a live one too: reading does not disturb the server)."""
+    replay: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
+    """Replay directory or postgresql:// URL to read (a live one too: reading does not disturb
+    the server)."""
     out: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """New directory for the LeRobot dataset (must not exist)."""
     robot: str | None = None
@@ -101,9 +102,11 @@ def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
     flt = ExportFilter(
         args.robot, args.min_version, args.max_version, args.success_only, args.takeovers_only
     )
-    if not schema.db_path(args.replay).exists():
-        raise SystemExit(f"{args.replay}: no replay database ({schema.DB_NAME})")
-    with ReplayReader(args.replay) as reader:
+    try:
+        reader = ReplayReader(args.replay)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    with reader:
         bar, advance = _progress("export")
         try:
             with bar:
@@ -122,9 +125,10 @@ def export_lerobot_main(argv: Sequence[str] | None = None) -> int:
 class ImportLeRobotArgs:
     dataset: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="DATASET")]
     """LeRobot dataset directory (format v3.0)."""
-    replay: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
+    replay: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="REPLAY")]
     """Replay directory to append to (created if missing; stop the server that writes it, or
-    import into a new one and point the learner's replay_dir at it)."""
+    import into a new one and point the learner's replay_dir at it), or a postgresql:// URL
+    (servers may keep writing it: each writer has its own ids)."""
     policy_version: int | None = None
     """Version stamped on the rows; default: the newest in REPLAY (0 if empty), so the learner's
     policy-lag filter keeps them."""

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from openpi_rl.replay import lerobot_format as fmt
-from openpi_rl.replay import records
+from openpi_rl.replay import postgres, records
 from openpi_rl.replay.reader import ReplayReader
-from openpi_rl.replay.writer import ReplayConfig, ReplayWriter
+from openpi_rl.replay.writer import ReplayConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ImportResult:
     episodes: int
     rows: int
     policy_version: int | None  # None: each row keeps the dataset's policy_version
-    path: Path
+    path: Path | str  # the replay: a directory or a postgresql:// URL
 
 
 def _read_tables(root: Path, sub: str) -> pa.Table:
@@ -81,11 +81,13 @@ class _VideoReader:
         return self._last[1]
 
 
-def _target_layout(replay: Path) -> tuple[int, np.ndarray | None]:
+def _target_layout(replay: Path | str) -> tuple[int, np.ndarray | None]:
     """(newest policy version stored, 0 if none; a stored row's policy_actions, or None)."""
-    if not (replay / "replay.sqlite").exists():
+    try:
+        reader = ReplayReader(replay)
+    except FileNotFoundError:  # a new replay
         return 0, None
-    with ReplayReader(replay) as reader:
+    with reader:
         newest = reader.newest_policy_version()
         rows = reader.transitions(limit=1)
     return (newest or 0), (rows[0].policy_actions if rows else None)
@@ -93,7 +95,7 @@ def _target_layout(replay: Path) -> tuple[int, np.ndarray | None]:
 
 def import_lerobot(
     dataset: Path,
-    replay: Path,
+    replay: Path | str,
     policy_version: int | None = None,
     keep_versions: bool = False,
     robot_id: str | None = None,
@@ -110,7 +112,8 @@ def import_lerobot(
     `episode_prefix` + the dataset's `source_episode_id` (else its episode index).
     progress(frames, total): called after each episode's frames are queued.
     """
-    dataset, replay = Path(dataset), Path(replay)
+    dataset = Path(dataset)
+    replay = replay if postgres.is_url(replay) else Path(replay)
     info = read_info(dataset)
     fps = int(info["fps"])
     features: dict[str, dict] = info["features"]
@@ -158,7 +161,8 @@ def import_lerobot(
         raise ValueError(f"{dataset}: keep_versions, but the data has no 'policy_version'")
     row_of = {int(i): r for r, i in enumerate(index)}
 
-    replay.mkdir(parents=True, exist_ok=True)
+    if isinstance(replay, Path):
+        replay.mkdir(parents=True, exist_ok=True)
     newest, stored_pa = _target_layout(replay)
     version = None if keep_versions else (newest if policy_version is None else policy_version)
     pa_zeros = None
@@ -178,7 +182,7 @@ def import_lerobot(
         return cameras[feature].frame(i)
 
     # A bulk load: wait for the writer's queue rather than refuse (the server's 0.1 s).
-    writer = ReplayWriter(ReplayConfig(path=replay, enqueue_timeout_s=60.0))
+    writer = ReplayConfig(path=replay, enqueue_timeout_s=60.0).create()
     rows_written = 0
     try:
         for ep in episodes:

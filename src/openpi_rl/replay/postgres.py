@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from openpi_rl.replay import schema
 from openpi_rl.secret import mask_url
@@ -130,6 +129,10 @@ class Connection:
         self.url = url
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self.raw.closed and sql.lstrip()[:6].upper() in ("SELECT", "BEGIN"):
+            # Lost earlier (the server restarted): a statement that starts something anew may
+            # reconnect; one in the middle of a transaction may not (its transaction is gone).
+            self.raw = connect(self.url).raw
         return self.raw.execute(_to_pyformat(sql), tuple(params) or None)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -235,9 +238,3 @@ def relation_bytes(conn: Connection) -> int:
         " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
     ).fetchone()
     return int(row[0])
-
-
-def host_of(url: str) -> str:
-    """Where the database is, for messages: host (or socket directory) and database name."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}{parts.path}"

@@ -11,8 +11,9 @@ episode (one in which a rollback went back to its first version mid-way still co
 
 from __future__ import annotations
 
-import sqlite3
 from typing import NamedTuple
+
+from openpi_rl.replay.store import Connection
 
 _PER_VERSION = """
 WITH recent AS (
@@ -43,9 +44,7 @@ class VersionReturn(NamedTuple):
     mean_return: float
 
 
-def mean_return_per_version(
-    conn: sqlite3.Connection, last_episodes: int = 10_000
-) -> list[VersionReturn]:
+def mean_return_per_version(conn: Connection, last_episodes: int = 10_000) -> list[VersionReturn]:
     """Mean return per policy version over the `last_episodes` ended episodes (newest by their
     last transition), versions ascending; a version with no such episode is absent.
 

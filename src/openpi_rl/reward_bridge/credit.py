@@ -11,9 +11,10 @@ carrying success/failure as terminal and one carrying end_episode as truncated.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol
+
+from openpi_rl.replay.store import Connection
 
 KINDS = ("step_reward", "success", "failure", "end_episode")
 VERDICTS = ("success", "failure", "end_episode")
@@ -49,7 +50,7 @@ class Credit(NamedTuple):
 
 
 class CreditRule(Protocol):
-    def __call__(self, conn: sqlite3.Connection, event: Feedback) -> Credit: ...
+    def __call__(self, conn: Connection, event: Feedback) -> Credit: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ class StepRewardRule:
     max_gap_s: float = 30.0
     """A transition older than this at press time was not live (the robot had stopped)."""
 
-    def __call__(self, conn: sqlite3.Connection, event: Feedback) -> Credit:
+    def __call__(self, conn: Connection, event: Feedback) -> Credit:
         t = event.t - self.press_latency_s
         sql = "SELECT id, episode_id, t_wall FROM transitions WHERE robot_id = ? AND t_wall <= ?"
         args: tuple = (event.robot_id, t)
@@ -79,7 +80,7 @@ class VerdictRule:
     that was running at the press, and the episode is closed. One verdict per episode: a later
     one is stored unattached (`episode_closed`), so a double press cannot count twice."""
 
-    def __call__(self, conn: sqlite3.Connection, event: Feedback) -> Credit:
+    def __call__(self, conn: Connection, event: Feedback) -> Credit:
         episode = event.episode_id
         if episode is None:
             row = conn.execute(
@@ -106,7 +107,7 @@ class VerdictRule:
         return Credit(last[0], episode, ATTACHED, close_episode=True)
 
 
-def _why_absent(conn: sqlite3.Connection, event: Feedback) -> str:
+def _why_absent(conn: Connection, event: Feedback) -> str:
     known = conn.execute(
         "SELECT 1 FROM transitions WHERE robot_id = ? LIMIT 1", (event.robot_id,)
     ).fetchone()

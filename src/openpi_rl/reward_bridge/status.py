@@ -18,18 +18,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from openpi_rl.replay import CorruptRecord, MissingRecord, ReplayReader, schema
+from openpi_rl.replay import CorruptRecord, MissingRecord, ReplayReader, store
 from openpi_rl.replay.returns import mean_return_per_version
 from openpi_rl.reward_bridge.frames import frame_message
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from openpi_rl.replay import ReplayEventsWriter
     from openpi_rl.reward_bridge.config import BridgeConfig
     from openpi_rl.reward_bridge.credit import CreditRule
@@ -50,7 +47,7 @@ class LiveStatus:
     writer: ReplayEventsWriter
     _status: dict[str, dict[str, Any]]
     _db: concurrent.futures.ThreadPoolExecutor  # the reader's one thread
-    _reader: sqlite3.Connection | None
+    _reader: store.Connection | None
     _replay: ReplayReader | None  # observations for frames, on the reader's thread too
     _pendants: dict[Any, str | None]  # connection -> robot shown
     _frames: dict[str, dict[str, Any]]  # robot -> its newest frame message (cache)
@@ -106,7 +103,7 @@ class LiveStatus:
 
     def _read_returns(self) -> list[dict[str, Any]]:
         if self._reader is None:
-            self._reader = schema.connect_reader(Path(self.config.replay_dir))
+            self._reader = store.connect(self.config.replay_dir)
         return [
             r._asdict() for r in mean_return_per_version(self._reader, self.config.returns_episodes)
         ]
@@ -160,7 +157,7 @@ class LiveStatus:
 
     def _read_status(self) -> dict[str, dict[str, Any]]:
         if self._reader is None:
-            self._reader = schema.connect_reader(Path(self.config.replay_dir))
+            self._reader = store.connect(self.config.replay_dir)
         q = self._reader.execute
         robots = {r for (r,) in q("SELECT DISTINCT robot_id FROM episodes")}
         out = {}

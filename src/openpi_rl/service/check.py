@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from openpi_rl.replay.postgres import connect
+from openpi_rl.replay.store import is_postgres
+from openpi_rl.secret import mask_url
 from openpi_rl.service.config import EX_CONFIG, ROLES, GpuConfig, ServiceFile
 from openpi_rl.service.gpu import gpu_memory
 
@@ -60,6 +63,7 @@ def check(path: str | Path) -> list[Finding]:
             findings.append(Finding(role, str(e)))
     findings += check_ports(_listeners(service, configs))
     findings += check_dirs(_directories(configs))
+    findings += check_replay_db(configs)
     findings += check_models(configs)
     findings += model_memory(configs, service.gpu)
     findings += check_curves(configs)
@@ -152,12 +156,28 @@ def _directories(configs: dict[str, Any]) -> list[tuple[str, Path]]:
         cfg = configs.get(role)
         for key in ("replay_dir", "checkpoint_dir"):
             value = getattr(cfg, key, None)
-            if value:
+            if value and not is_postgres(value):  # a database is checked by check_replay_db
                 out.append((f"{role}.{key}", Path(value)))
         curves_dir = getattr(getattr(cfg, "curves", None), "dir", None)
         if curves_dir:
             out.append((f"{role}.curves.dir", Path(curves_dir)))
     return out
+
+
+def check_replay_db(configs: dict[str, Any], timeout_s: float = 3.0) -> list[Finding]:
+    """A postgresql:// replay must be reachable (each role connects to it at start)."""
+    findings, seen = [], set()
+    for role in ROLES:
+        url = getattr(configs.get(role), "replay_dir", None)
+        if not url or not is_postgres(url) or url in seen:
+            continue
+        seen.add(url)
+        try:
+            connect(url, timeout_s).close()
+        except Exception as e:  # psycopg's errors say what is wrong (host, auth, database)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            findings.append(Finding(f"{role}.replay_dir", f"{mask_url(url)}: {msg}"))
+    return findings
 
 
 def check_dirs(dirs: list[tuple[str, Path]]) -> list[Finding]:
