@@ -25,6 +25,7 @@ from openpi_rl.daemon.distributed import (
     problems_of,
     resolve,
 )
+from openpi_rl.daemon.lockstep import pack, unpack
 from openpi_rl.daemon.sharding import leaf_spec
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.rl.ppo import make_optimizer
@@ -203,3 +204,12 @@ def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
         1,
         2,
     ]
+
+
+def test_a_turns_batch_travels_as_npz_bytes_unchanged():
+    ac = build_actor_critic(MODEL, (16, 16), 0)
+    b = batch(ac)
+    back = unpack(pack(b))
+    assert jax.tree.structure(back) == jax.tree.structure(b)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(b), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -66,5 +66,6 @@ class LearnerConfig:
     """Learning curves (daemon/curves.py): TensorBoard files in <checkpoint_dir>/tensorboard by
     default; W&B with `wandb = true`."""
     distributed: DistributedConfig = DistributedConfig()
-    """Devices and processes (`[learn.distributed]`, distributed.py): CPU devices per process,
-    the FSDP size threshold; the coordinator and process count of a multi-process update."""
+    """Devices and processes (`[learn.distributed]`, distributed.py): the coordinator, process
+    count and id of a learner run as several processes; CPU devices per process; the size from
+    which weights and optimizer state are sharded across devices."""

@@ -3,7 +3,9 @@
 Every learner process runs the same program on its own devices; `jax.distributed` joins them
 into one set of global devices (`jax.devices()`), over which update.py lays one mesh (data
 parallel, parameters and optimizer state sharded: sharding.py). Process 0 runs the coordinator
-at `coordinator_address`; the others connect to it.
+at `coordinator_address`; the others connect to it. As a learner, process 0 reads the replay,
+publishes and decides each turn; the others follow it (lockstep.py). Every process must see
+the same checkpoint directory (each saves its shards of every version there).
 
 Where the settings come from: the config's `coordinator_address`, `num_processes` and
 `process_id` when `coordinator_address` is set; otherwise, when the environment has
