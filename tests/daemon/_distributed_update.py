@@ -19,7 +19,7 @@ pid, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 cluster = initialize(
     DistributedConfig(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-        local_device_count=2, initialization_timeout_s=30, heartbeat_timeout_s=10,
+        local_device_count=2, initialization_timeout_s=60, heartbeat_timeout_s=30,
         fsdp_min_size=0,
     )
 )  # fmt: skip

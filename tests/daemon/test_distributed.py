@@ -4,7 +4,6 @@ same update as one device, save / restore their sharded state with orbax togethe
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,11 +29,12 @@ from openpi_rl.daemon.sharding import leaf_spec
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.rl.ppo import make_optimizer
 from openpi_rl.weights import restore_version
+from openpi_rl.weights.operator_state import OperatorState, save_state
 from openpi_rl.weights.versions import verify_version
 
 SCRIPT = Path(__file__).parent / "_distributed_update.py"
 LEARNER = Path(__file__).parent / "_distributed_learner.py"
-TIMEOUT_S = 90  # a crashed peer leaves the other waiting in a collective: kill both by then
+TIMEOUT_S = 150  # a crashed peer leaves the other waiting in a collective: kill both by then
 
 
 def _free_port() -> int:
@@ -169,19 +169,31 @@ def test_config_problems_name_the_key(config, env, key, words):
             resolve(config, env)
 
 
+def _record(replays: list[Path], episodes: range) -> None:
+    """The same episodes (same observations, actions, rewards) into each replay."""
+    for root in replays:
+        recorder = Recorder(root)
+        rng = np.random.default_rng(episodes.start)
+        for e in episodes:
+            recorder.episode("r0", f"e{e}", 3 + e % 4, rng)
+        recorder.close()
+
+
+def _weights_diff(a: Path, b: Path) -> float:
+    fresh = build_actor_critic(MODEL, (16, 16), 0)
+    got, want = (jax.tree.leaves(restore_version(p, fresh)) for p in (a, b))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(got, want, strict=True)
+    )
+
+
 def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
-    """`openpi-rl learn` as 2 processes on one replay: 2 published versions whose weights are a
-    1-device learner's on the same data; every process saved its shards, one manifest each."""
-    recorder = Recorder(tmp_path / "replay")
-    rng = np.random.default_rng(0)
-    for e in range(16):  # 8 segments per update: two updates' worth
-        recorder.episode("r0", f"e{e}", 3 + e % 4, rng)
-    recorder.close()
+    """`openpi-rl learn` as 2 processes on one replay: the versions a 1-device learner publishes
+    on the same data, every process saving its shards under process 0's one manifest; both
+    restarted, they resume and apply the operator's rollback together."""
     alone = tmp_path / "alone"
-    shutil.copytree(tmp_path / "replay", alone / "replay")
-
+    _record([tmp_path / "replay", alone / "replay"], range(16))  # 8 segments per update: 2
     _run_two(tmp_path, LEARNER, "2")  # both exit 0: process 1 stops when process 0 does
-
     learner = Learner(learner_config(alone), devices=jax.devices()[:1])
     try:
         assert [learner.step().version for _ in range(2)] == [1, 2]
@@ -191,19 +203,21 @@ def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
         path = tmp_path / "ckpt" / str(version)
         verify_version(path, version)  # process 0's manifest covers both processes' files
         assert len(list((path / "weights").glob("ocdbt.process_*"))) == 2
-        fresh = build_actor_critic(MODEL, (16, 16), 0)
-        got = jax.tree.leaves(restore_version(path, fresh))
-        want = jax.tree.leaves(restore_version(alone / "ckpt" / str(version), fresh))
-        diff = max(
-            float(np.abs(np.asarray(a) - np.asarray(b)).max())
-            for a, b in zip(got, want, strict=True)
-        )
-        assert diff <= 1e-5, (version, diff)
-    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [
-        0,
-        1,
-        2,
-    ]
+        assert _weights_diff(path, alone / "ckpt" / str(version)) <= 1e-5
+
+    # Restarted after a rollback to version 1: version 3 trains on from version 1's state.
+    for root in (tmp_path, alone):
+        save_state(root / "ckpt", OperatorState(rollback_target=1, rollback_id=1))
+    _record([tmp_path / "replay", alone / "replay"], range(16, 24))
+    _run_two(tmp_path, LEARNER, "1")
+    learner = Learner(learner_config(alone), devices=jax.devices()[:1])
+    try:
+        assert learner.rollback_id == 1  # applied at start: it trains on from version 1
+        assert learner.step().version == 3
+    finally:
+        learner.close()
+    # Trained on from version 2 instead, the weights would be far apart.
+    assert _weights_diff(tmp_path / "ckpt" / "3", alone / "ckpt" / "3") <= 1e-5
 
 
 def test_a_turns_batch_travels_as_npz_bytes_unchanged():
