@@ -289,8 +289,17 @@ class Learner(CriticWarmup):
         waits for that: every update and save needs every process)."""
         self._run_thread = threading.get_ident()
         self._run_ended.clear()
+        log.info(
+            "learner.following", process=jax.process_index(), processes=jax.process_count(),
+            version=self.version, devices=self.dp.size, local_devices=self.dp.local_size,
+        )  # fmt: skip
+        # READY=1 once joined and resumed; WATCHDOG=1 per turn (process 0 sends one at least
+        # every poll interval, and one per update: the watchdog limit must cover an update).
+        notifier = Notifier()
+        notifier.ready(status=f"following process 0, version {self.version}")
         try:
             while not (turn := self.lockstep.receive()).stop:
+                notifier.watchdog()
                 self._play(turn)
         finally:
             self._release()
