@@ -1,6 +1,8 @@
 """One bad item never stops the replay writer (issue 12): ids it cannot hold are refused before
 they are queued, an item the store refuses is rolled back alone while its batch commits, a
-report lands only on its own robot's transition, and a second owner of a directory is refused."""
+report lands only on its own robot's transition, and a second owner of a directory is refused.
+Each runs on both backends (`replay_location`: a directory, a PostgreSQL database) but the last:
+a PostgreSQL replay has many writers by design (tests/replay/test_postgres.py)."""
 
 import multiprocessing
 import sqlite3
@@ -25,30 +27,51 @@ def _append(w: ReplayWriter, robot: str, i: int) -> int:
 
 
 @pytest.mark.parametrize("tid", [2**63, -1, 0, 2**70])
-def test_an_id_sqlite_cannot_hold_is_refused_at_the_call_and_the_writer_goes_on(tmp_path, tid):
-    with ReplayWriter(ReplayConfig(path=tmp_path)) as w:
+def test_an_id_the_store_cannot_hold_is_refused_at_the_call_and_the_writer_goes_on(
+    replay_location, tid
+):
+    with ReplayConfig(path=replay_location).create() as w:
         ok = _append(w, "r0", 0)
         with pytest.raises(ValueError, match="transition_id"):
             w.report(tid, 1.0, done=False, truncated=False)
         assert w.report(ok, 2.0, done=True, truncated=False).result(10) is True
-    with ReplayReader(tmp_path) as r:
+    with ReplayReader(replay_location) as r:
         (row,) = r.transitions()
         assert (row.reward, row.done) == (2.0, True)
 
 
-def test_an_item_the_store_refuses_is_rolled_back_alone_and_counted(tmp_path):
-    with ReplayWriter(ReplayConfig(path=tmp_path)) as w:
-        _append(w, "r0", 0)
-        w.flush()
-    # A constraint the store enforces (here a trigger): SQLite refuses one row of a batch.
-    conn = sqlite3.connect(tmp_path / "replay.sqlite")
+def _poison(location: str) -> None:
+    """A constraint the store enforces (a trigger): the store refuses rows of robot 'poison'."""
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.robot_id = 'poison' THEN RAISE EXCEPTION 'poisoned row'"
+                " USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$"
+            )
+            conn.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON transitions"
+                " FOR EACH ROW EXECUTE FUNCTION poison()"
+            )
+        return
+    conn = sqlite3.connect(f"{location}/replay.sqlite")
     conn.execute(
         "CREATE TRIGGER poison BEFORE INSERT ON transitions WHEN NEW.robot_id = 'poison'"
         " BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
     )
     conn.commit()
     conn.close()
-    with ReplayWriter(ReplayConfig(path=tmp_path, commit_interval_s=0.5)) as w:
+
+
+def test_an_item_the_store_refuses_is_rolled_back_alone_and_counted(replay_location):
+    loc = replay_location
+    with ReplayConfig(path=loc).create() as w:
+        _append(w, "r0", 0)
+        w.flush()
+    _poison(loc)
+    with ReplayConfig(path=loc, commit_interval_s=0.5).create() as w:
         good = [_append(w, "r1", 1), _append(w, "poison", 2), _append(w, "r1", 3)]
         fut = w.report(good[0], 1.0, done=False, truncated=False)  # same batch as the poison
         assert fut.result(10) is True
@@ -57,29 +80,30 @@ def test_an_item_the_store_refuses_is_rolled_back_alone_and_counted(tmp_path):
         assert w.counters()["transitions_committed"] == 2
         later = _append(w, "r1", 4)  # the writer is alive
         w.flush()
-    with ReplayReader(tmp_path) as r:
+    with ReplayReader(loc) as r:
         ids = sorted(row.id for row in r.transitions())
         assert ids == sorted([ids[0], good[0], good[2], later])
         assert r.transitions(robot_id="r1")[0].reward == 1.0
         assert event > 0
+        assert r.integrity_check() == "ok"  # the refused row's observation went with it
 
 
-def test_a_report_from_another_robot_matches_nothing(tmp_path):
-    with ReplayWriter(ReplayConfig(path=tmp_path)) as w:
+def test_a_report_from_another_robot_matches_nothing(replay_location):
+    with ReplayConfig(path=replay_location).create() as w:
         tid = _append(w, "arm-1", 0)
         assert w.report(tid, 5.0, True, False, robot_id="arm-2").result(10) is False
         assert w.report(tid, 1.0, False, False, robot_id="arm-1").result(10) is True
         assert w.counters()["reports_missing"] == 1
-    with ReplayReader(tmp_path) as r:
+    with ReplayReader(replay_location) as r:
         (row,) = r.transitions()
         assert (row.reward, row.done) == (1.0, False)
 
 
-def test_a_refused_event_fails_its_waiter_only(tmp_path):
-    with ReplayWriter(ReplayConfig(path=tmp_path)) as w:
+def test_a_refused_event_fails_its_waiter_only(replay_location):
+    with ReplayConfig(path=replay_location).create() as w:
         tid = _append(w, "r0", 0)
         w.flush()
-        # An int SQLite cannot bind reaches the commit (the bridge resolves ids itself).
+        # An int the store cannot hold reaches the commit (the bridge resolves ids itself).
         bad = w.submit_reward_event("r0", "step", 1.0, transition_id=2**64)
         good = w.submit_reward_event("r0", "step", 1.0, transition_id=tid)
         with pytest.raises(ItemRefused):

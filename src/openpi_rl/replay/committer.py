@@ -200,9 +200,15 @@ class Committer:
                 already = True
             else:
                 already, self._closed = False, True
-        if not already and self._threads[0].is_alive():
-            self._q.put((STOP,))
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not already and self._threads[0].is_alive():
+            try:  # a full queue that does not drain (the store is down) must not hang close
+                self._q.put((STOP,), timeout=timeout)
+            except queue.Full:
+                raise TimeoutError(
+                    f"replay writer for {self.where}: {self._q.qsize()} items still queued after "
+                    f"{timeout} s (is the store reachable?)"
+                ) from None
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():

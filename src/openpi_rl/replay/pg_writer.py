@@ -267,7 +267,7 @@ def apply_retention(conn: postgres.Connection, max_rows: int | None, max_bytes: 
             conn.execute("COMMIT")
             return 0
         rows, stored = conn.execute(
-            "SELECT count(*), coalesce(sum(len), 0) FROM transitions"
+            "SELECT count(*), coalesce(sum(len), 0)::bigint FROM transitions"
         ).fetchone()
         cut = 0
         if max_rows is not None and rows > max_rows:
