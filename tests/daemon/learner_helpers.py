@@ -12,7 +12,7 @@ from flax import nnx
 from openpi_rl.daemon import LearnerConfig
 from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.models.choice import build_actor_critic
-from openpi_rl.replay import ReplayConfig, ReplayWriter, records
+from openpi_rl.replay import ReplayConfig, records
 from openpi_rl.rl import PPOConfig
 
 MODEL = GaussianMLPConfig(obs_dim=3, action_dim=2, action_horizon=2, hidden=(16, 16))
@@ -40,7 +40,8 @@ class Recorder:
     """Serves chunks from an ActorCritic and records them as the policy server does."""
 
     def __init__(self, root, ac=None, seed: int = 0):
-        self.writer = ReplayWriter(ReplayConfig(path=root, commit_interval_s=0.01))
+        self.location = str(root)  # a directory or a postgresql:// URL
+        self.writer = ReplayConfig(path=root, commit_interval_s=0.01).create()
         self.ac = ac if ac is not None else build_actor_critic(MODEL, (16, 16), 0)
         self.key = jax.random.key(seed)
         self.count = 0

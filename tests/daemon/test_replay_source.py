@@ -5,6 +5,7 @@ import sqlite3
 import time
 
 import numpy as np
+import pytest
 from learner_helpers import MODEL, learner_config
 
 from openpi_rl.daemon import Learner, ReplaySource, build_batch, split_episode
@@ -17,7 +18,8 @@ def _events(rec, robot, *pairs):
         rec.writer.add_reward_event(robot, kind, value, transition_id=tid, wait=True)
 
 
-def test_segments_and_batch_from_several_robots(tmp_path, recorder):
+@pytest.mark.parametrize("recorder", ["sqlite", "postgres"], indirect=True)
+def test_segments_and_batch_from_several_robots(recorder):
     rng = np.random.default_rng(0)
     a = recorder.episode("arm-1", "a", 4, rng, end=None)  # closed by a success verdict
     recorder.episode("arm-1", "b", 3, rng, end="done")
@@ -32,7 +34,7 @@ def test_segments_and_batch_from_several_robots(tmp_path, recorder):
     _events(recorder, "arm-3", (e[2], "end_episode", 0.0))
     recorder.writer.flush()
 
-    source = ReplaySource(tmp_path / "replay")
+    source = ReplaySource(recorder.location)
     got = source.collect(min_version=0, segment_length=8)
     by_episode = {}
     for seg in got.segments:
@@ -96,11 +98,12 @@ def test_split_episode_drops_stale_prefix_and_waits_for_settled_steps(recorder, 
     source.close()
 
 
+@pytest.mark.parametrize("recorder", ["sqlite", "postgres"], indirect=True)
 def test_learner_marks_consumed_and_drops_stale_data_counted(tmp_path, recorder):
     rng = np.random.default_rng(2)
     first = recorder.episode("r", "a", 5, rng, version=0)
     recorder.writer.flush()
-    learner = Learner(learner_config(tmp_path, max_policy_lag=0))
+    learner = Learner(learner_config(tmp_path, max_policy_lag=0, replay_dir=recorder.location))
     try:
         assert learner.step().version == 1
         stale = recorder.episode("r", "b", 4, rng, version=0)  # served by version 0: stale now
@@ -111,7 +114,7 @@ def test_learner_marks_consumed_and_drops_stale_data_counted(tmp_path, recorder)
         assert result.published and result.transitions == len(fresh)
         assert learner.counters["transitions_stale"] == len(stale)
         assert learner.counters["transitions_trained"] == len(first) + len(fresh)
-        with ReplayReader(tmp_path / "replay") as reader:
+        with ReplayReader(recorder.location) as reader:
             consumed = {r.id: r.consumed for r in reader.transitions()}
         assert all(consumed[i] for i in first + stale + fresh)
         assert not any(consumed[i] for i in tail)

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from openpi_rl.replay import ReplayConfig, ReplayWriter, schema
+from openpi_rl.replay import ReplayConfig, ReplayWriter, store
 from openpi_rl.replay.returns import VersionReturn, mean_return_per_version
 
 
@@ -23,8 +23,10 @@ def _episode(w: ReplayWriter, robot: str, episode: str, versions: list[int], rew
     return ids
 
 
-def test_one_mean_per_version_over_ended_single_version_episodes_with_their_events(tmp_path):
-    with ReplayWriter(ReplayConfig(path=tmp_path, commit_interval_s=0.01)) as w:
+def test_one_mean_per_version_over_ended_single_version_episodes_with_their_events(
+    replay_location,
+):
+    with ReplayConfig(path=replay_location, commit_interval_s=0.01).create() as w:
         _episode(w, "a", "e1", [1, 1], [1.0, 2.0])  # return 3
         _episode(w, "b", "e2", [1, 1, 1], [0.0, 0.0, 1.0])  # return 1
         ids = _episode(w, "a", "e3", [2, 2], [1.0, 1.0])  # return 2, +5 and -1 from operators
@@ -34,7 +36,7 @@ def test_one_mean_per_version_over_ended_single_version_episodes_with_their_even
             w.submit_reward_event("a", "step_reward", value, "ana", time.time(), f"k{key}", tid)
         w.submit_reward_event("a", "step_reward", 100.0, "ana", time.time(), "unattached")
         w.flush()
-        conn = schema.connect_reader(tmp_path)
+        conn = store.connect(replay_location)
         try:
             got = mean_return_per_version(conn)
             assert got == [VersionReturn(1, 2, 2.0), VersionReturn(2, 1, 6.0)]
