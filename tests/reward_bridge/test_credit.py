@@ -1,29 +1,36 @@
-"""Credit assignment against a real SQLite replay: rules run inside the event's commit, through
-an events-only writer opened next to the owner's writer (as the bridge runs beside a server)."""
+"""Credit assignment against a real replay, on both backends: rules run inside the event's
+commit, through an events-only writer opened next to the owner's writer (as the bridge runs
+beside a server)."""
 
-import sqlite3
+import contextlib
 
 import pytest
 
-from openpi_rl.replay import ReplayEventsConfig, ReplayEventsWriter
+from openpi_rl.replay import ReplayConfig, ReplayEventsConfig, store
 from openpi_rl.reward_bridge import Credit, Feedback, StepRewardRule, default_rules
 from openpi_rl.reward_bridge.credit import resolver
 from tests.reward_bridge.conftest import add_transitions
 
 
 @pytest.fixture
+def replay(replay_location):
+    with ReplayConfig(path=replay_location, commit_interval_s=0.01).create() as w:
+        yield w
+
+
+@pytest.fixture
 def events(replay):
-    with ReplayEventsWriter(ReplayEventsConfig(path=replay.root)) as w:
+    with ReplayEventsConfig(path=replay.root).create() as w:
         yield w
 
 
 def _t_wall(replay, tid: int) -> float:
-    with sqlite3.connect(replay.root / "replay.sqlite") as conn:
+    with contextlib.closing(store.connect(replay.root)) as conn:
         return conn.execute("SELECT t_wall FROM transitions WHERE id = ?", (tid,)).fetchone()[0]
 
 
 def _ended(replay, robot: str, episode: str) -> int:
-    with sqlite3.connect(replay.root / "replay.sqlite") as conn:
+    with contextlib.closing(store.connect(replay.root)) as conn:
         sql = "SELECT ended FROM episodes WHERE robot_id = ? AND episode_id = ?"
         return conn.execute(sql, (robot, episode)).fetchone()[0]
 
@@ -70,7 +77,7 @@ def test_unknown_robot_and_episode_are_stored_and_named(replay, events):
     lost = _submit(events, rules, "failure", 1e10, episode="ep-404")
     assert (lost.transition_id, lost.episode_id, lost.status) == (None, "ep-404", "unknown_episode")
     events.flush()
-    with sqlite3.connect(replay.root / "replay.sqlite") as conn:
+    with contextlib.closing(store.connect(replay.root)) as conn:
         assert conn.execute("SELECT count(*) FROM reward_events").fetchone()[0] == 2
 
 
