@@ -210,3 +210,23 @@ def test_learn_distributed_is_checked(tmp_path, monkeypatch):
     assert not found
     assert problems('coordinator_address = "10.0.0.1:1234"\nnum_processes = 2\n') == {}
     assert problems("local_device_count = 2\nfsdp_min_size = 0\n") == {}
+
+
+def test_a_replay_database_must_be_reachable(tmp_path, pg_url):
+    from openpi_rl.service.check import check
+
+    config = tmp_path / "openpi-rl.toml"
+
+    def problems(replay: str) -> dict[str, str]:
+        text = re.sub(
+            r'(?m)^replay_dir = "[^"]*"', f'replay_dir = "{replay}"', example_on(tmp_path)
+        )
+        config.write_text(text)
+        return {f.where: f.message for f in check(config) if f.severity == "problem"}
+
+    assert problems(pg_url) == {}  # a database: no directory to check, and it connects
+    missing = pg_url.replace("/replay_", "/no_such_db_")
+    found = problems(missing.replace("postgres@", "postgres:hunter2@"))
+    assert list(found) == ["serve.replay_dir"], found  # named once, under the first role
+    assert "no_such_db_" in found["serve.replay_dir"] and "hunter2" not in found["serve.replay_dir"]
+    assert not (tmp_path / "var" / "replay").exists()
