@@ -484,19 +484,23 @@ class ZMQRobot:
 
 
 def interleaved(robots: dict, requests: int, warmup: int, block: int) -> dict:
-    """Warm each robot up, then time `requests` per robot in alternating blocks."""
+    """Warm each robot up, then time `requests` per robot in alternating blocks. The order
+    rotates from block to block: a server commits its replay rows up to `commit_interval_s`
+    after its block, during the next case's, so each case follows each other as often."""
     lat: dict[str, list[float]] = {name: [] for name in robots}
     errors = 0
     for robot in robots.values():
         errors += robot.run(warmup)[1]
-    done = 0
+    names = list(robots)
+    done = k = 0
     while done < requests:
         n = min(block, requests - done)
-        for name, robot in robots.items():
-            ms, e = robot.run(n)
+        for name in names[k:] + names[:k]:
+            ms, e = robots[name].run(n)
             lat[name] += ms
             errors += e
         done += n
+        k = (k + 1) % len(names)
     return {"lat": lat, "errors": errors}
 
 
