@@ -138,6 +138,7 @@ class Learner(CriticWarmup):
         self._set_from(nnx.state(self.ac), opt_state)
         self.key = jax.random.key(config.seed)
         self._source: ReplaySource | None = None
+        self._unmarked: list[int] = []  # trained on, not marked consumed yet (database away)
         # close() on run's own thread (a signal handler) sets only `_closing`, a plain flag
         # `run` polls: `Event.set` there deadlocks if the signal landed while run's
         # `Event.wait` held the event's lock. Other threads also set `_wake` (no wait).
@@ -332,7 +333,14 @@ class Learner(CriticWarmup):
         """Read the replay; when enough data is ready, run one update on it (published or
         refused) and mark that data consumed. None: not enough data yet."""
         t0 = time.perf_counter()
-        taken = self.take()
+        try:
+            self._mark_trained()  # before the next collect, or that data would train again
+            taken = self.take()
+        except store.unavailable_errors() as e:
+            # The replay's database is away (restarting, the network): wait a turn and read
+            # again; its connections reconnect on their next query.
+            log.warning("learner.replay_unavailable", error=f"{e!r:.300}")
+            taken = None
         if taken is None:
             self.lockstep.send(Turn())  # the other processes wait for the next turn
             return None
@@ -342,7 +350,11 @@ class Learner(CriticWarmup):
         trained_on = self.version
         result = self._play(self.lockstep.send(Turn(batch=batch, transitions=len(ids))))
         assert result is not None
-        self._source.mark_consumed(ids)
+        self._unmarked = ids
+        try:
+            self._mark_trained()
+        except store.unavailable_errors() as e:  # marked on the next turn
+            log.warning("learner.replay_unavailable", error=f"{e!r:.300}")
         seconds = time.perf_counter() - t0
         self.metrics.update_seconds.observe(seconds)
         self.curves.record(
@@ -350,6 +362,11 @@ class Learner(CriticWarmup):
         )
         self.publisher.set_state("waiting")
         return result
+
+    def _mark_trained(self) -> None:
+        if self._unmarked:
+            self._source.mark_consumed(self._unmarked)
+            self._unmarked = []
 
     @property
     def learn_steps(self) -> int:

@@ -129,11 +129,24 @@ class Connection:
         self.url = url
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        if self.raw.closed and sql.lstrip()[:6].upper() in ("SELECT", "BEGIN"):
+        import psycopg
+        from psycopg.pq import TransactionStatus
+
+        anew = sql.lstrip()[:6].upper() in ("SELECT", "BEGIN")
+        if self.raw.closed and anew:
             # Lost earlier (the server restarted): a statement that starts something anew may
             # reconnect; one in the middle of a transaction may not (its transaction is gone).
             self.raw = connect(self.url).raw
-        return self.raw.execute(_to_pyformat(sql), tuple(params) or None)
+        anew = anew and self.raw.info.transaction_status == TransactionStatus.IDLE
+        try:
+            return self.raw.execute(_to_pyformat(sql), tuple(params) or None)
+        except psycopg.OperationalError:
+            # A connection the server dropped since its last statement (a restart) fails the
+            # next one; outside a transaction, that one is sent again on a new connection.
+            if not (anew and self.raw.closed):
+                raise
+            self.raw = connect(self.url).raw
+            return self.raw.execute(_to_pyformat(sql), tuple(params) or None)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)

@@ -39,6 +39,15 @@ def begin_write(conn: Connection) -> None:
     conn.execute("BEGIN" if isinstance(conn, postgres.Connection) else "BEGIN IMMEDIATE")
 
 
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean the replay's database cannot be reached now (PostgreSQL restarting,
+    the network): a reader may wait and try again, as its connection reconnects on its next
+    SELECT or BEGIN (`postgres.Connection.execute`). A SQLite replay raises none of these."""
+    import psycopg
+
+    return (psycopg.OperationalError,)
+
+
 def is_postgres(location: str | Path | None) -> bool:
     """Whether `location` names a PostgreSQL replay (else a directory)."""
     return postgres.is_url(location)
