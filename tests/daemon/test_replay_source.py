@@ -155,3 +155,32 @@ def test_a_stored_infinite_reward_is_clipped_so_learning_never_stalls(tmp_path):
     conn.close()
     (seg,) = ReplaySource(tmp_path).collect(min_version=0, segment_length=8).segments
     assert [s.reward for s in seg.steps] == [0.0, 1e6, -1e6]
+
+
+def test_segments_come_oldest_first_across_servers_on_one_database(pg_url):
+    """Servers on one PostgreSQL replay number their rows from their own boot epochs, so ids do
+    not order them: the server that opened first would otherwise fill every batch while the
+    others' data goes stale. Here the one opened last serves first, and its episode comes first."""
+    opened_first = ReplayConfig(path=pg_url, commit_interval_s=0.01).create()  # the lower ids
+    opened_last = ReplayConfig(path=pg_url, commit_interval_s=0.01).create()
+    actions = np.zeros((2, 2), np.float32)
+    ids = {}
+    try:
+        for writer, robot in ((opened_last, "b0"), (opened_first, "a0")):
+            ids[robot] = [
+                writer.append_transition(robot, "e", t, 0, b"x", actions, None, 0.0, 0.0, t)
+                for t in range(3)
+            ]
+            writer.report(ids[robot][-1], 1.0, done=True, truncated=False)
+            writer.flush()
+            time.sleep(0.01)  # serving times apart
+    finally:
+        opened_first.close()
+        opened_last.close()
+    assert ids["a0"][0] < ids["b0"][0]
+    source = ReplaySource(pg_url)
+    try:
+        got = source.collect(min_version=0, segment_length=8)
+    finally:
+        source.close()
+    assert [(s.robot_id, s.ids) for s in got.segments] == [("b0", ids["b0"]), ("a0", ids["a0"])]

@@ -204,7 +204,10 @@ class ReplaySource:
             segs, stale = split_episode(steps, complete, min_version, segment_length, settled)
             out.segments += segs
             out.stale_ids += stale
-        out.segments.sort(key=lambda s: s.steps[0].row.id)
+        # Oldest first by the serving time: ids order one writer's rows only. Many servers on
+        # one PostgreSQL replay each number theirs from their own boot epoch, so by id the
+        # server that opened first would fill every batch and the others' data would go stale.
+        out.segments.sort(key=lambda s: (s.steps[0].row.t_wall, s.steps[0].row.id))
         return out
 
     def observation(self, row: TransitionRow) -> dict[str, np.ndarray]:
