@@ -355,6 +355,14 @@ class Learner(CriticWarmup):
             self._mark_trained()
         except store.unavailable_errors() as e:  # marked on the next turn
             log.warning("learner.replay_unavailable", error=f"{e!r:.300}")
+        # Which robots fed this update (a fleet: is every server's data trained?).
+        robots: dict[str, int] = {}
+        for s in segments:
+            robots[s.robot_id] = robots.get(s.robot_id, 0) + len(s)
+        log.info(
+            "learner.trained_on", version=result.version, published=result.published,
+            reason=result.reason, robots=robots,
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
         self.metrics.update_seconds.observe(seconds)
         self.curves.record(
