@@ -16,15 +16,29 @@ A cluster JAX detects by itself (Slurm, Open MPI, Kubernetes, Cloud TPU) is not 
 `initialize` must run before anything touches a JAX backend (`jax.devices()`, the first array):
 `jax.distributed.initialize` refuses afterwards, and `local_device_count` (CPU devices per
 process) is read only when the CPU backend starts.
+
+A process that dies (kill -9, a crash, its host lost) ends the others. Process 0 gone, its
+coordination service goes with it, and JAX's client in every other process aborts it at once
+(SIGABRT, "Terminating process because the JAX distributed service detected fatal errors").
+Another one gone, the collective process 0 waits in fails on the broken connection: it logs
+`learner.peer_lost` and exits EXIT_PEER_LOST (`peer_lost`) at once, and the processes left
+follow it. A peer frozen or cut off (no connection reset): the coordination service misses its
+heartbeats and JAX aborts every process after `heartbeat_timeout_s`. Restarted, the group
+resumes from the newest version that verifies (learner.py): a save cut short is not picked up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import structlog
 
 ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
     "JAX_COORDINATOR_ADDRESS",
@@ -32,6 +46,11 @@ ENV_ADDRESS, ENV_PROCESSES, ENV_PROCESS_ID = (
     "JAX_PROCESS_ID",
 )
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+# A process of the group is gone: restart them all (sysexits' EX_TEMPFAIL, "try again later";
+# the daemon and systemd's Restart=on-failure restart it, unlike EX_CONFIG).
+EXIT_PEER_LOST = os.EX_TEMPFAIL
+
+log = structlog.get_logger("openpi_rl.learner")
 
 
 class DistributedConfigError(ValueError):
@@ -181,11 +200,30 @@ def initialize(config: DistributedConfig, environ: Mapping[str, str] | None = No
     return cluster
 
 
+def peer_lost(error: object, process_id: int, **context: Any) -> NoReturn:
+    """A collective failed: a process of the group is gone. Log `learner.peer_lost` and end this
+    process with EXIT_PEER_LOST, now. `os._exit`, not `sys.exit`: a normal exit waits in
+    jax.distributed's shutdown barrier for the dead peer until the heartbeat timeout, then JAX
+    aborts the process (SIGABRT); and nothing of the group's is left to finish (a version
+    counts once its manifest is written; data not marked consumed yet trains once more)."""
+    log.error(
+        "learner.peer_lost", process=process_id, error=str(error).strip()[:500],
+        exit_status=EXIT_PEER_LOST, **context,
+        hint="restart every learner process: they resume from the newest complete version",
+    )  # fmt: skip
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_PEER_LOST)
+
+
 __all__ = [
+    "EXIT_PEER_LOST",
     "Cluster",
     "DistributedConfig",
     "DistributedConfigError",
     "initialize",
+    "peer_lost",
     "problems_of",
     "resolve",
 ]

@@ -52,7 +52,7 @@ from openpi_rl.curves import CurvesConfigError
 from openpi_rl.daemon.batch import ChunkBatch, build_batch, usable_segments
 from openpi_rl.daemon.config import LearnerConfig
 from openpi_rl.daemon.curves import LearnerCurves
-from openpi_rl.daemon.distributed import DistributedConfigError, initialize
+from openpi_rl.daemon.distributed import DistributedConfigError, initialize, peer_lost
 from openpi_rl.daemon.lockstep import Lockstep, Turn
 from openpi_rl.daemon.metrics import LearnerMetrics
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
@@ -147,6 +147,8 @@ class Learner(CriticWarmup):
         self._run_thread: int | None = None  # run's thread while it runs: it releases on exit
         self._run_ended = threading.Event()
         self._closed = False
+        # Several processes and one is gone: release only this process's own parts (`_release`).
+        self._group_lost = False
         # The operator's rollback due at start: process 0 reads it, every process applies it.
         if self.primary:
             self._play(self.lockstep.send(Turn(rollback=self._rollback_due())))
@@ -302,6 +304,9 @@ class Learner(CriticWarmup):
             while not (turn := self.lockstep.receive()).stop:
                 notifier.watchdog()
                 self._play(turn)
+        except jax.errors.JaxRuntimeError:
+            self._group_lost = True  # a collective failed: process 0 is gone (`learn` exits)
+            raise
         finally:
             self._release()
             self._run_thread = None
@@ -546,6 +551,10 @@ class Learner(CriticWarmup):
                     self._wake.wait(min(c.poll_interval_s, 0.25))
                 elif result.published:
                     done += 1
+        except jax.errors.JaxRuntimeError:
+            # A collective failed (the stop turn would too, or hang): another process is gone.
+            self._group_lost = self.lockstep.processes > 1
+            raise
         finally:
             self._release()
             self._run_thread = None
@@ -598,15 +607,21 @@ class Learner(CriticWarmup):
         if self._closed:
             return
         self._closed = True
+        # A lost group: no stop turn, and no wait for a save that needs the dead process (each
+        # would fail or hang till the heartbeat timeout); what it left is skipped on resume.
+        lost = self._group_lost
         if not self.primary:
+            if not lost:
+                self.checkpoints.close()
+                self.warmup.close()
+            return
+        if not lost:
+            self.lockstep.send(Turn(stop=True))  # the other processes return from `follow`
+        self.publisher.set_state("failed" if lost else "stopping")
+        self.servers.close()
+        if not lost:
             self.checkpoints.close()
             self.warmup.close()
-            return
-        self.lockstep.send(Turn(stop=True))  # the other processes return from `follow`
-        self.publisher.set_state("stopping")
-        self.servers.close()
-        self.checkpoints.close()
-        self.warmup.close()
         self.publisher.close()
         if self._source is not None:
             self._source.close()
@@ -620,11 +635,16 @@ def learn(config: LearnerConfig) -> int:
     build exits EX_CONFIG (78), as does a `[learn.distributed]` that cannot work. Several
     processes: each runs this; process 0 serves /metrics and publishes, the others follow it
     and stop when it does."""
+    cluster = None
     try:
-        initialize(config.distributed)  # before the first device use: join the other processes
+        cluster = initialize(config.distributed)  # before the first device use: join the others
         learner = Learner(config)
     except (ModelConfigError, CurvesConfigError, DistributedConfigError) as e:  # e.g. a
         return config_error("learn", str(e))  # tokenizer file missing, or wandb not installed
+    except jax.errors.JaxRuntimeError as e:  # a collective of the start (resume, rollback)
+        if cluster is None or cluster.num_processes < 2:
+            raise
+        peer_lost(e, cluster.process_id, stage="start")
     if learner.primary and config.metrics_port is not None:
         start_http_server(
             config.metrics_port, config.metrics_host, registry=learner.metrics.registry
@@ -632,4 +652,10 @@ def learn(config: LearnerConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: learner.close())
-    return learner.run()
+    try:
+        return learner.run()
+    except jax.errors.JaxRuntimeError as e:
+        if learner.lockstep.processes < 2:
+            raise
+        # Exit now, EXIT_PEER_LOST: a plain exit would wait for the dead process (distributed.py).
+        peer_lost(e, jax.process_index(), version=learner.version)
