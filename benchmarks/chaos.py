@@ -4,6 +4,8 @@ after every kill that no guarantee about the data broke (DESIGN.md, guarantee 2)
     python benchmarks/chaos.py              # 100 kills, 3-6 s apart after each recovery, then
                                             # 5 kills of the daemon itself
     python benchmarks/chaos.py --quick      # 5 kills and 1 of the daemon (smoke)
+    python benchmarks/chaos.py --backend postgres --quick   # the replay in PostgreSQL, whose
+                                            # postmaster is killed too
 
 The workload is the demo's: `openpi-rl daemon` (policy server, reward bridge, learner as its
 children), 4 simulated MuJoCo robots on `PolicyClient`s and a simulated operator at the
@@ -11,7 +13,8 @@ pendant's WebSocket. A seeded RNG picks the victim (server, bridge and learner i
 rounds, so any three kills in a row hit each role once) and the moment; the daemon restarts it.
 After each kill, once every role is ready again:
 
-- the store: `PRAGMA integrity_check` on a read-only connection says ok;
+- the store: `ReplayReader.integrity_check()` says ok (SQLite: `PRAGMA integrity_check`;
+  PostgreSQL: every transition has its observation);
 - acknowledged reward events: every idempotency key the bridge acknowledged to the operator is
   in `reward_events` exactly once;
 - transitions: every transition id replied to a robot is unique and stored, except those a
@@ -40,6 +43,23 @@ server kill).
 
 Robot requests that fail while the server restarts are counted as `robot_failures`: the
 guarantees are about data, not availability. The last line is one JSON object.
+
+`--backend postgres` puts the replay in a throw-away PostgreSQL server (`LocalCluster`, with a
+real server's durability: its default options, fsync on) and adds the database to the victims:
+`kill -9` of the postmaster, then, after an outage of `--pg-outage-min-s`..`--pg-outage-max-s`,
+its restart (crash recovery), as an operator's systemd would. The roles are not restarted: their
+writers keep what they were handed, reconnect and commit it. So after a database kill:
+- no role was restarted (`roles_restarted_by_db_kill`), and the server kept answering robots'
+  requests for actions throughout (`db_outage_infer_timeouts`: none got no answer within the
+  client's timeout and retries); once its bounded queue is full it answers `overloaded`
+  (`db_outage_overloaded`). A report is acknowledged once committed, so one sent during the
+  outage is answered after it, often past the robot's timeout (`db_outage_report_timeouts`);
+- every transition a server replied is stored: those not yet committed at the kill
+  (`db_pending_at_kill`) and those replied during the outage (`db_outage_replies`) included
+  (`db_held_replies_lost`): no commit-interval allowance, since no server died;
+- and the checks above, once every role is ready and a report on a transition replied after
+  the restart is acknowledged (the writer commits in order: whatever it was handed before has
+  landed by then).
 """
 
 from __future__ import annotations
@@ -59,17 +79,20 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
 
 from openpi_rl.demo import DaemonProcess, Episode, OperatorPolicy, SimOperator, write_demo_config
+from openpi_rl.replay import store
 from openpi_rl.replay.writer import SEQ_BITS
 from openpi_rl.service.config import ServiceFile
 from openpi_rl.train.envs import EnvBatch
 from openpi_rl_client import PolicyClient, protocol
 
 ROLES = ("serve", "bridge", "learn")
+DATABASE = "postgres"  # the victim that is the PostgreSQL server (--backend postgres)
 # SIGUSR1: finish the kill in progress, then stop and report on the kills done so far.
 _FINISH = threading.Event()
 
@@ -82,6 +105,10 @@ class Args:
     interval_max_s: float = 6.0
     """... and at most."""
     robots: int = 4
+    infer_only_robots: int | None = None
+    """Robots that never report (openpi's clients do not): they ask for actions at `hz` without
+    waiting on a report's acknowledgement, so a database outage holds their transitions in the
+    server's memory. None: 2 with `--backend postgres`, 0 with sqlite."""
     hz: float = 20.0
     """Chunks per second per robot."""
     seed: int = 0
@@ -96,6 +123,12 @@ class Args:
     restart_beside_orphans: bool = False
     """Start the new daemon while the killed one's children still run (as by hand, outside
     systemd), watch it 3 x `orphan_watch_s`, then SIGKILL the orphans."""
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    """Where the replay lives. postgres: a throw-away PostgreSQL server, itself a victim."""
+    pg_outage_min_s: float = 1.0
+    """A killed postmaster is restarted this long after its kill at least..."""
+    pg_outage_max_s: float = 3.0
+    """... and at most."""
     quick: bool = False
     """5 kills, 1 of the daemon."""
     workdir: str | None = None
@@ -116,19 +149,37 @@ class Reply:
 class Robots:
     """Simulated robots (threads) that record every reply; failures counted, never fatal."""
 
-    def __init__(self, endpoint: str, n: int, hz: float, seed: int, rescale: bool, operator):
+    def __init__(
+        self,
+        endpoint: str,
+        n: int,
+        hz: float,
+        seed: int,
+        rescale: bool,
+        operator,
+        infer_only: int = 0,
+    ):
+        """`n` robots that report each chunk (their operator judges them) and `infer_only`
+        ones that never report."""
         self.endpoint, self.hz, self.rescale, self.operator = endpoint, hz, rescale, operator
         self.replies: list[Reply] = []
-        # (transition id, reward, done, truncated) of every report answered {"ok": true}
-        self.acked: list[tuple[int, float, bool, bool]] = []
+        # (transition id, reward, done, truncated, its reply's time) of every report answered
+        # {"ok": true}
+        self.acked: list[tuple[int, float, bool, bool, float]] = []
         self.failures = 0
+        self.errors: list[tuple[float, str]] = []  # (time, "infer|report CODE|timeout")
         self.latencies_ms: list[float] = []
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self.threads = [
-            threading.Thread(target=self._run, args=(f"sim-{i}", seed + 1000 * i), daemon=True)
+            threading.Thread(target=self._run, args=(f"sim-{i}", seed + 1000 * i, True))
             for i in range(n)
+        ] + [
+            threading.Thread(target=self._run, args=(f"infer-{i}", seed + 1000 * (n + i), False))
+            for i in range(infer_only)
         ]
+        for t in self.threads:
+            t.daemon = True
 
     def start(self) -> Robots:
         for t in self.threads:
@@ -144,11 +195,24 @@ class Robots:
         with self._lock:
             return list(self.replies)
 
-    def acked_reports(self) -> list[tuple[int, float, bool, bool]]:
+    def acked_reports(self) -> list[tuple[int, float, bool, bool, float]]:
         with self._lock:
             return list(self.acked)
 
-    def _run(self, robot_id: str, seed: int) -> None:
+    def failed(self, kind: str, e: Exception) -> None:
+        code = e.code if isinstance(e, protocol.ProtocolError) else "timeout"
+        with self._lock:
+            self.failures += 1
+            self.errors.append((time.monotonic(), f"{kind} {code}"))
+
+    def errors_between(self, t0: float, t1: float) -> dict[str, int]:
+        """Failed requests between two times by message and code ("infer overloaded"; "report
+        timeout": no answer within the client's timeout and retries)."""
+        with self._lock:
+            codes = [code for t, code in self.errors if t0 <= t < t1]
+        return {c: codes.count(c) for c in sorted(set(codes))}
+
+    def _run(self, robot_id: str, seed: int, report: bool) -> None:
         env = EnvBatch("InvertedPendulum-v5", 1, seed)
         period, next_tick = 1.0 / self.hz, time.monotonic()
         episode = f"{robot_id}-{uuid.uuid4().hex[:12]}"
@@ -161,9 +225,8 @@ class Robots:
                     t0 = time.perf_counter()
                     try:
                         out = client.infer({"state": env.obs[0]}, episode_id=episode)
-                    except (TimeoutError, protocol.ProtocolError):
-                        with self._lock:
-                            self.failures += 1
+                    except (TimeoutError, protocol.ProtocolError) as e:
+                        self.failed("infer", e)
                         continue
                     now = time.monotonic()
                     with self._lock:
@@ -174,17 +237,20 @@ class Robots:
                     step, _ = env.step(out.actions[None], rescale=self.rescale)
                     term, trunc = bool(step.terminated[0]), bool(step.truncated[0])
                     reward = float(step.rewards[0])
+                    if not report:  # the env resets itself at an episode's end
+                        if step.finished:
+                            episode = f"{robot_id}-{uuid.uuid4().hex[:12]}"
+                        continue
                     try:
                         ack = client.report(
                             out.transition_id, reward=reward, done=term, truncated=trunc
                         )
-                    except (TimeoutError, protocol.ProtocolError):
-                        with self._lock:
-                            self.failures += 1
+                    except (TimeoutError, protocol.ProtocolError) as e:
+                        self.failed("report", e)
                     else:
                         if ack.get("ok") is True:
                             with self._lock:
-                                self.acked.append((out.transition_id, reward, term, trunc))
+                                self.acked.append((out.transition_id, reward, term, trunc, now))
                     served += 1
                     if self.operator is not None and (step.finished or served % 20 == 0):
                         # The operator judges the robot every second or so (a failure press on
@@ -203,11 +269,21 @@ class Service:
     """The daemon plus what the checks need: its children's pids, readiness, paths."""
 
     def __init__(
-        self, workdir: Path, robots: int, seed: int, daemon_extra: str = "", serve_extra: str = ""
+        self,
+        workdir: Path,
+        robots: int,
+        seed: int,
+        daemon_extra: str = "",
+        serve_extra: str = "",
+        replay_url: str | None = None,
     ):
+        """`replay_url`: a PostgreSQL database for the replay (else a directory in `workdir`)."""
         token = secrets.token_urlsafe(16)
         path = write_demo_config(workdir, robots, token, seed, pendant_port=0)
         text = path.read_text()
+        if replay_url is not None:
+            line = f'replay_dir = "{workdir / "replay"}"\n'
+            text = text.replace(line, f"replay_dir = {json.dumps(replay_url)}\n", 1)
         # Restart at once: kills seconds apart would otherwise climb the crash back-off.
         extra = "restart_backoff_s = 0.2\nrestart_backoff_max_s = 1.0\n" + daemon_extra
         text = text.replace("[daemon]\n", "[daemon]\n" + extra, 1)
@@ -217,7 +293,7 @@ class Service:
         self.learn = self.file.role_config("learn")
         self.daemon = DaemonProcess(path, workdir / "service.log")
         self.service = self.daemon.service
-        self.replay_dir = Path(self.serve.replay_dir)
+        self.replay_dir = self.serve.replay_dir  # a directory or a postgresql:// URL
         self.checkpoint_dir = Path(self.learn.checkpoint_dir)
         self.healthz = self.service.pendant_ws.replace("ws://", "http://").replace(
             "/pendant", "/healthz"
@@ -318,10 +394,8 @@ class Checker:
         with ReplayReader(self.svc.replay_dir) as r:
             return r.integrity_check()
 
-    def _db(self):
-        from openpi_rl.replay import schema
-
-        return schema.connect_reader(self.svc.replay_dir)
+    def _db(self) -> store.Connection:
+        return store.connect(self.svc.replay_dir)
 
     def events(self, acks: list[dict]) -> tuple[int, int]:
         """(acked keys missing from reward_events, acked keys stored more than once)."""
@@ -342,11 +416,11 @@ class Checker:
             conn.close()
         return sum(1 for k in keys if k not in counts), sum(1 for n in counts.values() if n > 1)
 
-    def reports(self, acked: list[tuple[int, float, bool, bool]]) -> tuple[int, int]:
+    def reports(self, acked: list[tuple[int, float, bool, bool, float]]) -> tuple[int, int]:
         """(acknowledged reports whose transition is missing, ones whose transition differs:
         its reward is not the sum of the acknowledged rewards, or a flag reported is unset)."""
         want: dict[int, list] = {}
-        for tid, reward, done, trunc in acked:
+        for tid, reward, done, trunc, _ in acked:
             w = want.setdefault(tid, [0.0, False, False])
             w[0] += reward
             w[1] |= done
@@ -378,17 +452,9 @@ class Checker:
                     print(f"  report of {tid}: acked {(reward, done, trunc)}, stored {row}")
         return lost, altered
 
-    def transitions(self, replies: list[Reply], upto: float) -> tuple[int, int, int]:
-        """Account for the replies that arrived before `upto` and were not yet checked:
-        (replies checked, lost within a killed server's commit interval, lost otherwise)."""
-        new = [r for r in replies[self.checked_upto :] if r.t < upto]
-        self.checked_upto += len(new)
-        for r in new:
-            if r.transition_id in self.seen_ids:
-                self.duplicated += 1
-            self.seen_ids.add(r.transition_id)
+    def stored(self, ids: list[int]) -> set[int]:
+        """Those of `ids` whose transition is in the replay."""
         stored: set[int] = set()
-        ids = [r.transition_id for r in new]
         conn = self._db()
         try:
             for i in range(0, len(ids), 500):
@@ -400,6 +466,18 @@ class Checker:
                 )
         finally:
             conn.close()
+        return stored
+
+    def transitions(self, replies: list[Reply], upto: float) -> tuple[int, int, int]:
+        """Account for the replies that arrived before `upto` and were not yet checked:
+        (replies checked, lost within a killed server's commit interval, lost otherwise)."""
+        new = [r for r in replies[self.checked_upto :] if r.t < upto]
+        self.checked_upto += len(new)
+        for r in new:
+            if r.transition_id in self.seen_ids:
+                self.duplicated += 1
+            self.seen_ids.add(r.transition_id)
+        stored = self.stored([r.transition_id for r in new])
         in_window = outside = 0
         for r in new:
             if r.transition_id in stored:
@@ -444,6 +522,59 @@ def first_reply_after(robots: Robots, epoch: int, timeout_s: float) -> Reply | N
 
 
 # -- the run
+
+
+@dataclasses.dataclass
+class DbOutage:
+    """One `kill -9` of the postmaster, its restart, and what robots saw meanwhile."""
+
+    pid: int | None
+    outage_s: float  # from the kill to the restarted server accepting connections
+    recovered_s: float | None  # from the restart until robots' reports are acknowledged again
+    upto: float  # every reply that arrived before this was handed over before an acked report
+    pending: set[int]  # ids replied but not in the database just before the kill
+    held: set[int]  # those and the ids replied since (the outage's: in the writer's memory only)
+    errors: dict[str, int]  # failed requests by code from the kill until recovered
+    restarted: list[str]  # roles the daemon restarted meanwhile (none expected)
+
+
+def kill_database(
+    svc: Service, cluster, robots: Robots, checker: Checker, outage_s: float, timeout_s: float
+) -> DbOutage:
+    """`kill -9` of the postmaster; `outage_s` later its restart (crash recovery); then wait
+    until every role is ready and a report replied after the restart is acknowledged."""
+    pids = svc.children()
+    pid = cluster.postmaster_pid()
+    t_look = time.monotonic()
+    recent = [r.transition_id for r in robots.snapshot()[-50:]]
+    pending = set(recent) - checker.stored(recent)  # not committed a moment before the kill
+    t_kill = time.monotonic()
+    cluster.kill()
+    time.sleep(max(0.0, outage_s - (time.monotonic() - t_kill)))
+    cluster.restart()
+    t_up = time.monotonic()
+    recovered_s = None
+    upto = t_kill
+    while time.monotonic() - t_up < timeout_s and svc.daemon.proc.poll() is None:
+        # The writer commits in order: once a report on a transition replied at `t` is
+        # acknowledged, every row handed over before `t` is committed.
+        after = [a[4] for a in robots.acked_reports()[-500:] if a[4] >= t_up]
+        if after and all(svc.ready(r) for r in ROLES):
+            recovered_s, upto = time.monotonic() - t_up, min(after)
+            break
+        time.sleep(0.1)
+    t_end = time.monotonic()
+    now = svc.children()
+    return DbOutage(
+        pid=pid,
+        outage_s=t_up - t_kill,
+        recovered_s=recovered_s,
+        upto=upto,
+        pending=pending,
+        held=pending | {r.transition_id for r in robots.snapshot() if t_look <= r.t < t_up},
+        errors=robots.errors_between(t_kill, t_end),
+        restarted=sorted(r for r in ROLES if now.get(r) != pids.get(r)),
+    )
 
 
 def kill_daemon(
@@ -537,12 +668,36 @@ def kill_daemon(
 
 
 def run(args: Args) -> dict:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="openpi-rl-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.backend == "sqlite":
+        figures = run_service(args, workdir, None)
+    else:
+        from openpi_rl.replay.pg_cluster import LocalCluster
+
+        # options=(): PostgreSQL's defaults (fsync on), the durability of a real server.
+        cluster = LocalCluster(options=()).start()
+        print(f"chaos: PostgreSQL in {cluster.root}", file=sys.stderr, flush=True)
+        try:
+            figures = run_service(args, workdir, cluster)
+        finally:
+            cluster.stop()
+    if args.workdir is None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"chaos: work directory {workdir}", file=sys.stderr)
+    return figures
+
+
+def run_service(args: Args, workdir: Path, cluster) -> dict:
+    """The kills and checks on a service whose replay is in `workdir` or, given a `LocalCluster`,
+    in a database of it (then its postmaster is a victim too)."""
     kills = 5 if args.quick and args.kills == Args.kills else args.kills
     daemon_kills = 1 if args.quick and args.daemon_kills == Args.daemon_kills else args.daemon_kills
     rng = random.Random(args.seed)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="openpi-rl-chaos-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    svc = Service(workdir, args.robots, args.seed)
+    url = None if cluster is None else cluster.create_database("replay")
+    victims = ROLES if cluster is None else (*ROLES, DATABASE)
+    svc = Service(workdir, args.robots, args.seed, replay_url=url)
     t_start = time.monotonic()
     print(f"chaos: starting the service in {workdir}", file=sys.stderr, flush=True)
     svc.start()
@@ -551,9 +706,15 @@ def run(args: Args) -> dict:
     operator = SimOperator(s.pendant_ws, s.operator_token, OperatorPolicy(press_hz=4.0))
     operator.start()
     rescale = bool(getattr(s.model, "normalized_actions", False))
-    robots = Robots(s.endpoint, args.robots, args.hz, args.seed, rescale, operator).start()
+    infer_only = args.infer_only_robots
+    if infer_only is None:
+        infer_only = 0 if cluster is None else 2
+    robots = Robots(
+        s.endpoint, args.robots, args.hz, args.seed, rescale, operator, infer_only
+    ).start()
     survived = acked_lost = unrestorable = 0
-    by_role = dict.fromkeys(ROLES, 0)
+    by_role = dict.fromkeys(victims, 0)
+    outages: list[DbOutage] = []
     order: list[str] = []
     daemon_rc = None
     done = 0
@@ -565,13 +726,13 @@ def run(args: Args) -> dict:
                 kills = done
                 break
             if not order:
-                order = list(ROLES)
+                order = list(victims)
                 rng.shuffle(order)
             role = order.pop()
             if _FINISH.wait(rng.uniform(args.interval_min_s, args.interval_max_s)):
                 continue  # stopping: reported at the top of the loop
             pids = svc.children()
-            if role not in pids:
+            if role != DATABASE and role not in pids:
                 print(f"kill {i + 1}: no {role} process to kill", flush=True)
                 break
             newest_before = newest_version(svc.checkpoint_dir)
@@ -579,13 +740,23 @@ def run(args: Args) -> dict:
             if role == "serve":
                 last = robots.snapshot()[-1:]
                 epoch = last[0].transition_id >> SEQ_BITS if last else None
-            t_kill = time.monotonic()
-            os.kill(pids[role], signal.SIGKILL)
-            if epoch is not None:
-                checker.server_kills[epoch] = t_kill
-            by_role[role] += 1
-            recovered_s = svc.wait_recovered(role, pids[role], args.recover_timeout_s)
             problems = []
+            by_role[role] += 1
+            if role == DATABASE:
+                outage_s = rng.uniform(args.pg_outage_min_s, args.pg_outage_max_s)
+                db = kill_database(svc, cluster, robots, checker, outage_s, args.recover_timeout_s)
+                outages.append(db)
+                pid, recovered_s, upto = db.pid, db.recovered_s, db.upto
+                if db.restarted:
+                    problems.append(f"roles restarted during the outage {db.restarted}")
+                if db.errors.get("infer timeout"):
+                    problems.append(f"infer requests unanswered {db.errors['infer timeout']}")
+            else:
+                pid, upto = pids[role], time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                if epoch is not None:
+                    checker.server_kills[epoch] = upto
+                recovered_s = svc.wait_recovered(role, pid, args.recover_timeout_s)
             if recovered_s is None:
                 problems.append("not recovered")
             integrity = checker.integrity()
@@ -595,19 +766,26 @@ def run(args: Args) -> dict:
             acked_lost = lost  # cumulative over every key acked so far
             if lost or dup:
                 problems.append(f"acked events lost {lost}, stored twice {dup}")
-            n, in_window, outside = checker.transitions(robots.snapshot(), t_kill)
+            n, in_window, outside = checker.transitions(robots.snapshot(), upto)
             if outside:
                 problems.append(f"transitions lost outside a commit interval {outside}")
             r_lost, r_altered = checker.reports(robots.acked_reports())
             if r_lost or r_altered:
                 problems.append(f"acked reports lost {r_lost}, altered {r_altered}")
             line = (
-                f"kill {i + 1:3d}/{kills} {role:6s} pid {pids[role]}: recovered "
+                f"kill {i + 1:3d}/{kills} {role:8s} pid {pid}: recovered "
                 f"{'-' if recovered_s is None else f'{recovered_s:.1f} s'} | integrity "
                 f"{integrity} | acked events {len(operator.acks)} lost {lost} | acked reports "
                 f"lost {r_lost} | replies checked {n}, lost in window {in_window}, outside "
                 f"{outside}"
             )
+            if role == DATABASE:
+                line += (
+                    f" | down {db.outage_s:.1f} s, replies not yet committed at the kill "
+                    f"{len(db.pending)}, served meanwhile {len(db.held - db.pending)}, of these "
+                    f"lost {len(db.held & set(checker.lost_outside))}, "
+                    f"failed requests {db.errors or 0}, roles restarted {db.restarted or 0}"
+                )
             if role == "learn":
                 v, ok = checker.checkpoint()
                 unrestorable += not ok
@@ -679,6 +857,35 @@ def run(args: Args) -> dict:
         "daemon_rc": daemon_rc,
         "wall_s": round(t_end - t_start, 1),
     }
+    if cluster is not None:
+        errors = [db.errors for db in outages]
+        rec = [db.recovered_s for db in outages]
+        figures |= {
+            "backend": "postgres",
+            "db_outages": len(outages),
+            "db_outage_s": [round(db.outage_s, 2) for db in outages],
+            "db_recovered_max_s": (
+                None if not rec or None in rec else round(max(rec), 1)  # type: ignore[type-var]
+            ),
+            "db_pending_at_kill": sum(len(db.pending) for db in outages),
+            "db_outage_replies": sum(len(db.held - db.pending) for db in outages),
+            # Both kinds only in the writer's memory while the database was away: none may be lost.
+            "db_held_replies_lost": len(
+                set().union(*(db.held for db in outages)) & set(checker.lost_outside)
+            ),
+            "db_outage_overloaded": sum(
+                n for e in errors for c, n in e.items() if c.endswith(" overloaded")
+            ),
+            "db_outage_infer_timeouts": sum(e.get("infer timeout", 0) for e in errors),
+            "db_outage_report_timeouts": sum(e.get("report timeout", 0) for e in errors),
+            "db_outage_other_errors": sum(
+                n
+                for e in errors
+                for c, n in e.items()
+                if not c.endswith((" overloaded", " timeout"))
+            ),
+            "roles_restarted_by_db_kill": sum(len(db.restarted) for db in outages),
+        }
     print(
         f"chaos: kills survived {survived}/{kills}, acknowledged events lost {acked_lost} "
         f"(of {figures['acked_events']}), transitions duplicated {checker.duplicated}, "
@@ -694,10 +901,19 @@ def run(args: Args) -> dict:
         f"daemon exit {daemon_rc}; {figures['wall_s']} s",
         flush=True,
     )
-    if args.workdir is None and not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        print(f"chaos: work directory {workdir}", file=sys.stderr)
+    if cluster is not None:
+        print(
+            f"chaos: PostgreSQL killed {len(outages)} times (down "
+            f"{', '.join(f'{x:.1f}' for x in figures['db_outage_s'])} s): robots served "
+            f"{figures['db_outage_replies']} replies during the outages (and "
+            f"{figures['db_pending_at_kill']} replied but not yet committed at a kill): "
+            f"{figures['db_held_replies_lost']} of them lost; answered "
+            f"overloaded {figures['db_outage_overloaded']}, infer requests unanswered "
+            f"{figures['db_outage_infer_timeouts']}, reports acknowledged too late for the "
+            f"client's timeout {figures['db_outage_report_timeouts']}; roles restarted "
+            f"{figures['roles_restarted_by_db_kill']}",
+            flush=True,
+        )
     return figures
 
 
