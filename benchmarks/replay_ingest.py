@@ -17,8 +17,10 @@ into a throw-away server (`LocalCluster`, in the system temp dir) with a real se
 durability (fsync on, synchronous_commit on: every commit waits for its WAL on disk), interleaved
 with the SQLite ingest (`ingest`, and `ingest_fsync`, whose fsync every 50 ms is the nearer
 durability) in each round; `pg_over_sqlite` is PG's MB/s over SQLite's default configuration's,
-per round (goal >= 0.5). `--pg-fast` adds a second server with the tests' settings (fsync,
-synchronous_commit and full_page_writes off). `--backend both`: the disk references as well.
+per round (goal >= 0.5). `pg_segments` is the same server with the writer's observation records
+in segment files beside it (`ReplayConfig.observations_dir`, in the scratch directory): the
+database holds the index rows only, as SQLite does. `--pg-fast` adds a second server with the
+tests' settings (fsync and full_page_writes off). `--backend both`: the disk references as well.
 
     python benchmarks/replay_ingest.py            # 2000 rows (300 MB) x 5 rounds
     python benchmarks/replay_ingest.py --quick    # smoke run
@@ -65,7 +67,8 @@ class Args:
 # Ratios printed per round: (trial, reference) -> the trial's MB/s over the reference's.
 RATIOS = (
     ("ingest", "disk"), ("ingest_fsync", "disk"),
-    ("pg", "ingest"), ("pg", "ingest_fsync"), ("pg_fast", "ingest"),
+    ("pg", "ingest"), ("pg", "ingest_fsync"), ("pg_segments", "ingest"),
+    ("pg_segments", "ingest_fsync"), ("pg_fast", "ingest"),
 )  # fmt: skip
 
 
@@ -75,8 +78,8 @@ def trials(args: Args) -> tuple[str, ...]:
     if args.backend == "sqlite":
         return SQLITE_TRIALS
     if args.backend == "postgres":
-        return ("ingest", "pg", "ingest_fsync", *pg_fast)
-    return ("disk", "ingest", "pg", "disk_fsync", "ingest_fsync", *pg_fast)
+        return ("ingest", "pg", "ingest_fsync", "pg_segments", *pg_fast)
+    return ("disk", "ingest", "pg", "disk_fsync", "ingest_fsync", "pg_segments", *pg_fast)
 
 
 def disk_reference(root: Path, obs: bytes, rows: int, fsync_interval_s: float | None) -> float:
@@ -97,10 +100,15 @@ def disk_reference(root: Path, obs: bytes, rows: int, fsync_interval_s: float | 
     return dt
 
 
-def ingest(location: str, obs: bytes, rows: int, fsync: float | None) -> tuple[float, list[float]]:
+def ingest(
+    location: str, obs: bytes, rows: int, fsync: float | None, observations_dir: Path | None = None
+) -> tuple[float, list[float]]:
     """Seconds from the first append until all rows are committed, and each append's latency,
-    into a new replay at `location` (a directory, or a PostgreSQL database's URL)."""
-    writer = ReplayConfig(path=location, fsync_interval_s=fsync).create()
+    into a new replay at `location` (a directory, or a PostgreSQL database's URL; with
+    `observations_dir`, its records in segment files there)."""
+    writer = ReplayConfig(
+        path=location, fsync_interval_s=fsync, observations_dir=observations_dir
+    ).create()
     actions = np.zeros((50, 32), np.float32)
     lat = []
     t = time.perf_counter()
@@ -166,9 +174,13 @@ def main(args: Args) -> None:
                 if name.startswith("disk"):
                     times[name].append(disk_reference(root, obs, rows, fsync))
                 elif name.startswith("pg"):
-                    url = clusters[name].create_database(f"ingest_{r}")
-                    dt, lat_r = ingest(url, obs, rows, None)
-                    drop_database(clusters[name], f"ingest_{r}")
+                    cluster = clusters["pg" if name == "pg_segments" else name]
+                    url = cluster.create_database(f"ingest_{name}_{r}")
+                    obs_dir = root / "pg_observations" if name == "pg_segments" else None
+                    dt, lat_r = ingest(url, obs, rows, None, obs_dir)
+                    drop_database(cluster, f"ingest_{name}_{r}")
+                    if obs_dir is not None:
+                        shutil.rmtree(obs_dir)
                     times[name].append(dt)
                     lat[name] += lat_r
                 else:
@@ -213,7 +225,7 @@ def main(args: Args) -> None:
             "fsync_ingest_over_disk_fsync": ratio("disk_fsync", "ingest_fsync"),
             "ingest_over_disk_rounds": rounds_of("disk", "ingest"),
         }
-    for pg in ("pg", "pg_fast"):
+    for pg in ("pg", "pg_segments", "pg_fast"):
         if pg in times:
             out |= {
                 f"{pg}_rows_per_s": rows / med[pg],

@@ -140,3 +140,47 @@ def test_retention_deletes_the_oldest_rows_by_wall_time_past_the_caps(pg_url):
         rows = r.transitions()
         assert len(rows) == 45 and sum(x.len for x in rows) == 45_000  # 90 % of the cap
         assert [x.step for x in rows] == list(range(106, 151))  # the newest kept
+
+
+def test_observation_records_in_segment_files_beside_the_database(pg_url, tmp_path):
+    obs_dir = tmp_path / "shared" / "observations"
+    cfg = ReplayConfig(
+        path=pg_url, observations_dir=obs_dir, segment_max_bytes=10_000, commit_interval_s=0.01
+    )
+    with cfg.create() as first:
+        a = [_append(first, i, robot="arm-a") for i in range(30)]
+    second = cfg.create()  # a second server's writer, on its own files
+    b = [_append(second, i, robot="arm-b", size=3000) for i in range(10)]
+    second.flush()
+    with ReplayReader(pg_url) as r:
+        rows = {row.id: row for row in r.transitions()}
+        assert sorted(rows) == sorted(a + b)
+        for i, tid in enumerate(a):
+            assert r.observation_bytes(rows[tid]) == np.random.default_rng(i).bytes(1000)
+        assert r.observation_bytes(rows[b[3]]) == np.random.default_rng(3).bytes(3000)
+        assert all(rows[t].seg > 0 for t in a + b)  # not in the observations table
+        stats = r.stats()
+        assert stats.bytes_segments >= 30 * 1000 + 10 * 3000 and r.integrity_check() == "ok"
+    first_dir = obs_dir / f"writer-{a[0] >> SEQ_BITS}"
+    assert len(list(first_dir.glob("*.seg"))) == 4  # 10 kB files: 9 records each
+
+    # Retention: the first writer (closed) loses all its rows, so its files and directory go;
+    # the live second writer keeps the file it writes.
+    second.close()
+    cfg = ReplayConfig(
+        path=pg_url, observations_dir=obs_dir, retention_max_rows=5, segment_max_bytes=10_000
+    )
+    with cfg.create() as third:
+        c = [_append(third, i, robot="arm-c") for i in range(3)]
+    counters = third.counters()  # closed: the retention after its commit is done
+    assert counters["retention_rows_deleted"] == 40 + 3 - 4
+    assert not first_dir.exists()
+    with ReplayReader(pg_url) as r:
+        kept = r.transitions()
+        assert [x.id for x in kept] == b[-1:] + c
+        for x in kept:
+            r.observation_bytes(x)  # every kept row's file is still there
+        # The second writer's files before its last row's are gone.
+        assert [p.name for p in (obs_dir / f"writer-{b[0] >> SEQ_BITS}").glob("*.seg")] == [
+            f"{kept[0].seg:08d}.seg"
+        ]

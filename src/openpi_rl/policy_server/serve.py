@@ -50,6 +50,10 @@ class ServeConfig:
     """Keep the replay directory's bytes on disk at most this (several times
     `segment_max_bytes`); the oldest transitions go first. None: no cap."""
     segment_max_bytes: int = 256 * 2**20
+    observations_dir: str | None = None
+    """With a postgresql:// replay_dir: observation records go to segment files under this
+    directory (one subdirectory per server run) instead of the database, several times faster;
+    every reader (learner, bridge) must see it at the same path (a shared filesystem)."""
     """Observation bytes per segment file; retention deletes whole segments."""
     value_hidden: tuple[int, ...] = (64, 64)
     """Hidden widths of the value head's MLP (the learner's must match)."""
@@ -88,6 +92,7 @@ def build_server(config: ServeConfig) -> PolicyServer:
             retention_max_rows=config.retention_max_rows,
             retention_max_bytes=config.retention_max_bytes,
             segment_max_bytes=config.segment_max_bytes,
+            observations_dir=config.observations_dir,
         )
         if config.replay_dir
         else None

@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from openpi_rl.replay import postgres
-from openpi_rl.replay.committer import COUNTERS, Committer
+from openpi_rl.replay.committer import COUNTERS, SEQ_BITS, Committer
 from openpi_rl.replay.pipeline import (
     APPEND,
     ROW,
@@ -40,7 +41,13 @@ from openpi_rl.replay.pipeline import (
     write_batch,
     write_isolated,
 )
-from openpi_rl.replay.segments import crc32
+from openpi_rl.replay.segments import (
+    HEADER_SIZE,
+    SegmentWriter,
+    crc32,
+    list_segments,
+    segment_path,
+)
 from openpi_rl.replay.transitions import TransitionsCommitter
 
 log = structlog.get_logger("openpi_rl.replay")
@@ -94,6 +101,7 @@ class PgCommits:
             try:
                 if self._conn is None:
                     self._conn = postgres.connect(self._url, self._connect_timeout_s)
+                    self._connected()
                     self._counters["db_reconnects"] += 1
                     log.info("replay.db_reconnected", url=postgres.describe(self._url))
                 if uncertain and self._landed(seq):
@@ -130,6 +138,7 @@ class PgCommits:
 
     def _write(self, batch: Batch, seq: int, isolate: bool) -> None:
         conn = self._conn
+        self._sync_files()
         conn.execute("BEGIN")
         try:
             if isolate:
@@ -186,6 +195,9 @@ class PgCommits:
                 "DELETE FROM commits WHERE writer = ? AND batch < ?", (self.boot_epoch, seq)
             )
 
+    def _connected(self) -> None:
+        """On a new connection after a lost one: what the writer's session holds."""
+
     def _drop(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # already broken
@@ -193,7 +205,8 @@ class PgCommits:
             self._conn = None
 
     def _sync_files(self) -> None:
-        """Durability is the server's (`synchronous_commit`): nothing to sync here."""
+        """Before a commit: sync what its rows point at outside the database (the database's
+        own durability is the server's `synchronous_commit`)."""
 
 
 class PgReplayWriter(PgCommits, TransitionsCommitter):
@@ -205,11 +218,18 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
         conn = self._open(url, config.busy_timeout_s)
         counters = (
             *("transitions_committed", "bytes_committed", "reports_missing", *COUNTERS),
-            *("retention_rows_deleted", *PG_COUNTERS),
+            *("retention_rows_deleted", "retention_segments_deleted", *PG_COUNTERS),
         )
         super().__init__(config, url, conn, counters, where=postgres.describe(url))
         self.recovery = None  # nothing to recover: rows and bytes commit together
         self._last_retention = 0.0
+        # Observation records in this writer's own segment files, or in the observations table.
+        self._segments: WriterSegments | None = None
+        if config.observations_dir is not None:
+            self._segments = WriterSegments(
+                Path(config.observations_dir), self.boot_epoch, config.segment_max_bytes
+            )
+            self._segments.register(conn)
         self._threads = [threading.Thread(target=self._run, name="replay-writer", daemon=True)]
         self._threads[0].start()
         log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch)
@@ -218,8 +238,27 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
         if item[0] != APPEND:
             return batch.add(item)
         head, obs, tail = encode_append(item)
+        if self._segments is not None:  # the bytes are in the OS before the row commits
+            batch.add((ROW, None, (*head, *self._segments.append(obs), *tail)))
+            return None
         batch.add((ROW, None, (*head, 0, 0, len(obs), crc32(obs), *tail)))
         batch.observations.append((head[0], obs))
+        return None
+
+    def _connected(self) -> None:
+        if self._segments is not None:
+            self._segments.register(self._conn)
+
+    def _sync_files(self) -> None:
+        if self._segments is not None and self.config.fsync_interval_s is not None:
+            now = time.monotonic()
+            if now - self._last_sync >= self.config.fsync_interval_s:
+                self._segments.sync()
+                self._last_sync = now
+
+    def _close_files(self, deadline: float | None, timeout: float | None) -> None:
+        if self._segments is not None:
+            self._segments.close()
 
     def _count_committed(self, batch: Batch) -> None:
         committed = len(batch.rows) - batch.refused_rows
@@ -235,8 +274,12 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
         if now - self._last_retention < RETENTION_EVERY_S:
             return
         self._last_retention = now
-        deleted = apply_retention(self._conn, c.retention_max_rows, c.retention_max_bytes)
+        current = None if self._segments is None else (self.boot_epoch, self._segments.current)
+        deleted, files = apply_retention(
+            self._conn, c.retention_max_rows, c.retention_max_bytes, current
+        )
         self._counters["retention_rows_deleted"] += deleted
+        self._counters["retention_segments_deleted"] += files
 
 
 class PgEventsWriter(PgCommits, Committer):
@@ -252,20 +295,75 @@ class PgEventsWriter(PgCommits, Committer):
         log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch, events_only=True)
 
 
+class WriterSegments:
+    """A PostgreSQL writer's observation records in append-only segment files of its own,
+    `<observations_dir>/writer-<boot epoch>/` (`segments.py`'s format; no other writer appends
+    there, and a new boot is a new directory, so no recovery is needed: a torn tail is bytes no
+    committed row points at). Used from the commit thread only."""
+
+    def __init__(self, root: Path, epoch: int, max_bytes: int):
+        self.epoch = epoch
+        self.dir = root.absolute() / f"writer-{epoch}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.current = 1
+        self._seg: SegmentWriter | None = None
+
+    def register(self, conn: postgres.Connection) -> None:
+        """Name the directory in `meta` (readers find records by the epoch in a row's id) and
+        hold this writer's lock on the session (retention: a writer that holds it is alive)."""
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (f"{postgres.OBS_DIR_KEY}{self.epoch}", str(self.dir)),
+        )
+        conn.execute("SELECT pg_advisory_lock(?, ?)", (postgres.LOCK_WRITERS, self.epoch))
+
+    def append(self, payload: bytes) -> tuple[int, int, int, int]:
+        """(seg, off, len, crc) of the record, written to the OS."""
+        seg = self._seg
+        if (
+            seg is not None
+            and seg.size > 0
+            and seg.size + HEADER_SIZE + len(payload) > self.max_bytes
+        ):
+            seg.close()
+            self.current += 1
+            seg = None
+        if seg is None:
+            seg = self._seg = SegmentWriter(self.dir, self.current)
+        return (seg.seg, *seg.append(payload))
+
+    def sync(self) -> None:
+        if self._seg is not None:
+            self._seg.sync()
+
+    def close(self) -> None:
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+
+
 LOW_WATER = 0.9
 
 
-def apply_retention(conn: postgres.Connection, max_rows: int | None, max_bytes: int | None) -> int:
+def apply_retention(
+    conn: postgres.Connection,
+    max_rows: int | None,
+    max_bytes: int | None,
+    current: tuple[int, int] | None = None,
+) -> tuple[int, int]:
     """Delete the oldest transitions (by wall time; their observations go with them) past
-    `max_rows` rows or `max_bytes` stored observation bytes, down to `LOW_WATER` of the cap, and
-    the episodes left without a transition. One writer at a time (advisory lock; the others skip
-    this round). Returns the rows deleted."""
+    `max_rows` rows or `max_bytes` stored observation bytes, down to `LOW_WATER` of the cap, the
+    episodes left without a transition, and the segment files no row points into any more
+    (`current`: this writer's (epoch, segment being written), never deleted). One writer at a
+    time (advisory lock; the others skip this round). Returns (rows, files) deleted."""
     conn.execute("BEGIN")
     try:
         got = conn.execute("SELECT pg_try_advisory_xact_lock(?)", (postgres.LOCK_RETENTION,))
         if not got.fetchone()[0]:
             conn.execute("COMMIT")
-            return 0
+            return 0, 0
         rows, stored = conn.execute(
             "SELECT count(*), coalesce(sum(len), 0)::bigint FROM transitions"
         ).fetchone()
@@ -297,6 +395,42 @@ def apply_retention(conn: postgres.Connection, max_rows: int | None, max_bytes: 
         if not conn.closed and conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    files = _delete_segments(conn, current) if deleted else 0
     if deleted:
-        log.info("replay.retention", rows_deleted=deleted, rows_before=rows, bytes_before=stored)
+        log.info(
+            "replay.retention", rows_deleted=deleted, rows_before=rows, bytes_before=stored,
+            segment_files_deleted=files,
+        )  # fmt: skip
+    return deleted, files
+
+
+def _delete_segments(conn: postgres.Connection, current: tuple[int, int] | None) -> int:
+    """Delete each writer's segment files below the lowest segment its remaining rows point
+    into (a writer only ever appends to its newest file, which is at or past that one). A
+    writer with no row left: this one's files below the one it writes; another's, all of them
+    once it is gone (its lock is free), with its directory."""
+    deleted = 0
+    for epoch, seg_dir in postgres.writer_dirs(conn).items():
+        lo, hi = epoch << SEQ_BITS, (epoch + 1) << SEQ_BITS
+        low = conn.execute(
+            "SELECT min(seg) FROM transitions WHERE id >= ? AND id < ? AND seg > 0", (lo, hi)
+        ).fetchone()[0]
+        gone = False
+        if low is None and current is not None and current[0] == epoch:
+            low = current[1]
+        elif low is None:
+            took = conn.execute("SELECT pg_try_advisory_lock(?, ?)", (postgres.LOCK_WRITERS, epoch))
+            if not took.fetchone()[0]:
+                continue  # alive, and its rows are not committed yet
+            conn.execute("SELECT pg_advisory_unlock(?, ?)", (postgres.LOCK_WRITERS, epoch))
+            gone, low = True, None
+        for n in list_segments(seg_dir):
+            if low is None or n < low:
+                with contextlib.suppress(FileNotFoundError):
+                    segment_path(seg_dir, n).unlink()
+                    deleted += 1
+        if gone:
+            with contextlib.suppress(OSError):
+                seg_dir.rmdir()
+            conn.execute("DELETE FROM meta WHERE key = ?", (f"{postgres.OBS_DIR_KEY}{epoch}",))
     return deleted

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from openpi_rl.replay import schema
@@ -27,6 +28,11 @@ SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory locks: schema creation and migration; retention (one writer at a time runs it).
 LOCK_SCHEMA = 0x6F70_6931  # "opi1"
 LOCK_RETENTION = 0x6F70_6932
+# pg_advisory_lock(LOCK_WRITERS, boot epoch): held by a live writer's session, so retention can
+# tell a writer that is gone (its segment files may go once none of its rows is left).
+LOCK_WRITERS = 0x6F70_6933
+# meta key of a writer's segment directory (`ReplayConfig.observations_dir`), by boot epoch.
+OBS_DIR_KEY = "observations_dir/"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -241,6 +247,15 @@ def next_boot_epoch(conn: Connection) -> int:
         " SET value = (meta.value::bigint + 1)::text RETURNING value"
     ).fetchone()
     return int(row[0])
+
+
+def writer_dirs(conn: Connection) -> dict[int, Path]:
+    """Boot epoch -> segment directory of each writer that keeps its observation records in
+    segment files (`ReplayConfig.observations_dir`)."""
+    rows = conn.execute(
+        "SELECT key, value FROM meta WHERE key LIKE ?", (OBS_DIR_KEY + "%",)
+    ).fetchall()
+    return {int(k[len(OBS_DIR_KEY) :]): Path(v) for k, v in rows}
 
 
 def relation_bytes(conn: Connection) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from openpi_rl.replay import postgres, records, schema
+from openpi_rl.replay.committer import SEQ_BITS
 from openpi_rl.replay.records import StoredObservation
 from openpi_rl.replay.segments import (
     CorruptRecord,
@@ -112,7 +113,8 @@ class ReplayReader:
         )
         # Rows up to this id were written before the record format (format 2: requests).
         self._legacy_max_id = schema.legacy_max_id(self._conn)
-        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()  # seg -> fd
+        self._fds: collections.OrderedDict[Path, int] = collections.OrderedDict()  # file -> fd
+        self._writer_dirs: dict[int, Path] = {}  # PostgreSQL: boot epoch -> segment directory
 
     def count(self) -> int:
         return self._conn.execute("SELECT count(*) FROM transitions").fetchone()[0]
@@ -214,7 +216,7 @@ class ReplayReader:
     def observation_bytes(self, row: TransitionRow) -> bytes:
         """The row's observation record (`records.py`) as stored, verified against its crc32
         (`CorruptRecord` if not); `MissingRecord` if retention deleted its segment (or row)."""
-        if self.postgres:
+        if self.postgres and row.seg == 0:  # in the observations table
             found = self._conn.execute(
                 "SELECT bytes FROM observations WHERE id = ?", (row.id,)
             ).fetchone()
@@ -227,19 +229,34 @@ class ReplayReader:
                     f"its row ({row.len} bytes, crc32 {row.crc})"
                 )
             return payload
-        fd = self._fds.get(row.seg)
+        path = self._segment_file(row)
+        fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = os.open(segment_path(self._seg_dir, row.seg), os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError as e:
-                raise MissingRecord(f"transition {row.id}: segment {row.seg} is gone") from e
+                raise MissingRecord(f"transition {row.id}: segment {path} is gone") from e
             self._close_deleted_segments()
-            self._fds[row.seg] = fd
+            self._fds[path] = fd
             while len(self._fds) > MAX_OPEN_SEGMENTS:
                 os.close(self._fds.popitem(last=False)[1])
         else:
-            self._fds.move_to_end(row.seg)
+            self._fds.move_to_end(path)
         return read_payload(fd, row.off, row.len, row.crc, where=f"transition {row.id}")
+
+    def _segment_file(self, row: TransitionRow) -> Path:
+        """Where a row's record is: its segment in the directory, or (PostgreSQL with
+        `observations_dir`) in the segment directory of the writer that stored it, named by
+        the boot epoch in the row's id."""
+        if not self.postgres:
+            return segment_path(self._seg_dir, row.seg)
+        epoch = row.id >> SEQ_BITS
+        if epoch not in self._writer_dirs:
+            self._writer_dirs = postgres.writer_dirs(self._conn)
+        seg_dir = self._writer_dirs.get(epoch)
+        if seg_dir is None:
+            raise MissingRecord(f"transition {row.id}: its writer's segment directory is gone")
+        return segment_path(seg_dir, row.seg)
 
     def _close_deleted_segments(self) -> None:
         """An open file that retention unlinked still takes its bytes on disk: close it."""
@@ -256,8 +273,17 @@ class ReplayReader:
         per_robot = dict(
             q("SELECT robot_id, count(*) FROM transitions GROUP BY robot_id").fetchall()
         )
-        if self.postgres:  # everything is in the database's tables, observations included
-            bytes_db, bytes_segments, segs = postgres.relation_bytes(self._conn), 0, []
+        if self.postgres:  # the database's tables, and the writers' segments if any
+            bytes_db = postgres.relation_bytes(self._conn)
+            files = [
+                segment_path(d, n)
+                for d in postgres.writer_dirs(self._conn).values()
+                for n in list_segments(d)
+            ]
+            segs, bytes_segments = files, 0
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):  # retention may delete it meanwhile
+                    bytes_segments += f.stat().st_size
         else:
             db = schema.db_path(Path(self.root))
             bytes_db = sum(
@@ -290,7 +316,7 @@ class ReplayReader:
         if not self.postgres:
             return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
         missing = self._conn.execute(
-            "SELECT count(*) FROM transitions t WHERE NOT EXISTS"
+            "SELECT count(*) FROM transitions t WHERE t.seg = 0 AND NOT EXISTS"
             " (SELECT 1 FROM observations o WHERE o.id = t.id)"
         ).fetchone()[0]
         return "ok" if missing == 0 else f"{missing} transitions without an observation"

@@ -99,6 +99,11 @@ class ReplayConfig:
     busy_timeout_s: float = 5.0
     """How long one commit waits for another process's write lock; past it the commit is
     rolled back and retried (counted as `commit_retries`), never dropped."""
+    observations_dir: Path | str | None = None
+    """A PostgreSQL replay's observation records in segment files under this directory (in
+    `writer-<boot epoch>/`, one per writer) instead of its `observations` table: several times
+    the ingest rate. Every reader must see it at the same path (a shared filesystem, as
+    `checkpoint_dir`). Ignored for a directory replay (its segments are in it)."""
 
     def create(self) -> ReplayWriter | PgReplayWriter:
         """The writer for this location: SQLite for a directory, PostgreSQL for a URL."""
