@@ -374,3 +374,20 @@ def test_a_running_learner_trains_on_from_an_operator_rollback(tmp_path, recorde
         assert meta["rollback_id"] == 1  # version 3 records the rollback it applied
     finally:
         learner.close()
+
+
+def test_short_episodes_fill_a_batch_below_min_transitions_and_train(tmp_path, recorder):
+    """Episodes shorter than a segment: a batch's columns hold fewer chunks than
+    `min_transitions` however much is pending. Once that much is pending, the learner trains
+    on full columns instead of waiting for ever."""
+    learner = Learner(learner_config(tmp_path, batch_segments=4, min_transitions=16))
+    rng = np.random.default_rng(0)
+    try:
+        for e in range(10):  # 10 episodes of 2 chunks: 20 pending, 4 columns of 2 per batch
+            recorder.episode("r", f"e{e}", 2, rng)
+        recorder.writer.flush()
+        result = learner.step()
+        assert result is not None and result.published, result
+        assert result.transitions == 4 * 2
+    finally:
+        learner.close()

@@ -403,9 +403,11 @@ class Learner(CriticWarmup):
             n = source.mark_consumed(collected.stale_ids)
             self._count("stale", n)
             log.info("learner.dropped_stale", transitions=n, min_version=self.min_version)
-        segments = collected.segments[: self.num_segments]
-        if sum(len(s) for s in segments) < c.min_transitions:
+        # Counted over everything pending, not the batch: columns of short episodes may hold
+        # fewer than `min_transitions` chunks however much waits, and the learner would wait on.
+        if sum(len(s) for s in collected.segments) < c.min_transitions:
             return None
+        segments = collected.segments[: self.num_segments]
         used, skipped, observation = usable_segments(source, segments, self.obs_spec)
         if skipped:
             self._count("skipped", source.mark_consumed(skipped))
