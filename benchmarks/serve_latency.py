@@ -15,8 +15,9 @@ state and a prompt (about 301 KB as msgpack).
              driven by `PolicyClient`.
 - noop_pg:   (`--pg`) the same noop server with its replay on PostgreSQL: a throw-away
              server (`LocalCluster`) with a real server's durability (fsync and
-             synchronous_commit on). `noop_pg_p99_over_noop`: its p99 over the SQLite
-             noop's, same run (goal <= 1.1).
+             synchronous_commit on); observation records in segment files beside it
+             (`--pg-records segments`, the default) or in its table (`table`).
+             `noop_pg_p99_over_noop`: its p99 over the SQLite noop's, same run (goal <= 1.1).
 - pi0_fast:  our PolicyServer with `Pi0FASTConfig(variant="dummy")`.
 - ws:        our openpi WebSocket endpoint (the noop server) driven by the real
              openpi-client 0.1.2 from its own venv (.venv-openpi-client).
@@ -49,6 +50,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -79,6 +81,9 @@ class Args:
     fleet: bool = True  # the 4-robot case
     profile: bool = False  # time the noop server's steps and cProfile its serving thread
     pg: bool = False  # also the noop server with its replay on PostgreSQL (a LocalCluster)
+    pg_records: Literal["segments", "table"] = "segments"
+    """noop_pg's observation records: segment files beside the database (observations_dir, the
+    fleet's fast setting) or the database's observations table."""
     quick: bool = False  # 50 timed requests per case (fleet: 25 per robot)
 
 
@@ -187,7 +192,10 @@ def _error_count(metrics) -> int:
     return total
 
 
-def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, profile: bool):
+def _our_server(
+    conn, model: str, max_batch: int, replay_dir: str, ws: bool, profile: bool,
+    observations_dir: str | None = None,
+):  # fmt: skip
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import structlog
 
@@ -201,7 +209,8 @@ def _our_server(conn, model: str, max_batch: int, replay_dir: str, ws: bool, pro
     server = PolicyServer(
         ac,
         ServeOptions(endpoint="tcp://127.0.0.1:*", max_batch=max_batch),
-        ReplayConfig(path=replay_dir),  # a directory, or a PostgreSQL database's URL
+        # a directory, or a PostgreSQL database's URL (its records beside it, or in it)
+        ReplayConfig(path=replay_dir, observations_dir=observations_dir),
     )
     tune_serving_process()  # as `openpi-rl serve` does
     prof = None
@@ -578,7 +587,8 @@ def main(args: Args) -> dict:
 
         cluster = LocalCluster(options=()).start()
         atexit.register(cluster.stop)  # pg_ctl daemonizes it: stop it even if a server fails
-        noop_pg = Proc(_our_server, "noop", 8, cluster.create_database(), False, False)
+        obs_dir = f"{tmp.name}/pg_observations" if args.pg_records == "segments" else None
+        noop_pg = Proc(_our_server, "noop", 8, cluster.create_database(), False, False, obs_dir)
     pi0 = Proc(_our_server, "pi0_fast", 4, f"{tmp.name}/pi0", False, False)
     ref = Proc(_reference_server)
     robots = {
@@ -680,6 +690,7 @@ def main(args: Args) -> dict:
             "noop_pg_p99_ms": r(pg99),
             "noop_pg_p99_over_noop": r(pg99 / noop99),
             "noop_pg_p50_over_noop": r(pct(lat["noop_pg"], 50) / noop50),
+            "noop_pg_records": args.pg_records,
         }
     goals = {
         "noop p50 <= 1.25x echo p50": out["overhead_over_echo"] <= 1.25,
