@@ -25,8 +25,8 @@ from openpi_rl.weights import restore_version
 from openpi_rl.weights.versions import CorruptVersion, verify_version
 
 LEARNER = Path(__file__).parent / "_distributed_learner.py"
-TIMEOUT_S = 10  # the processes' heartbeat timeout (a peer silent this long stops the others)
-STOP_S = TIMEOUT_S + 10  # a survivor must have exited by then (at worst: the heartbeat timeout)
+TIMEOUT_S = 15  # the processes' heartbeat timeout (a peer silent this long stops the others)
+STOP_S = TIMEOUT_S + 5  # a survivor must have exited by then (at worst: the heartbeat timeout)
 PHASE_S = 120  # a phase's processes start, join, compile and publish by then (loaded CI)
 TMP = ".orbax-checkpoint-tmp"  # orbax's name for a version being written
 
@@ -53,7 +53,7 @@ class Group:
                     self.procs.append(
                         subprocess.Popen(
                             [sys.executable, str(LEARNER), *args],
-                            cwd=LEARNER.parent,
+                            cwd=root,  # where a core dump of JAX's abort would land
                             env=env,
                             stdout=out,
                             stderr=subprocess.STDOUT,
