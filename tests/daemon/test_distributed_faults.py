@@ -22,7 +22,7 @@ from openpi_rl.daemon import Learner
 from openpi_rl.daemon.distributed import EXIT_PEER_LOST
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.weights import restore_version
-from openpi_rl.weights.versions import CorruptVersion, verify_version
+from openpi_rl.weights.versions import MANIFEST, CorruptVersion, verify_version
 
 LEARNER = Path(__file__).parent / "_distributed_learner.py"
 TIMEOUT_S = 15  # the processes' heartbeat timeout (a peer silent this long stops the others)
@@ -170,7 +170,7 @@ def test_a_killed_learner_process_stops_the_other_and_the_group_resumes(tmp_path
     _record(tmp_path, range(16), version=0)  # 8 segments per update: 2 updates
     group = Group(tmp_path, "first", updates=0)
     try:
-        group.until(lambda: 1 in _complete(ckpt), "version 1")
+        group.until(lambda: (ckpt / "1" / MANIFEST).exists(), "version 1")
         rc, seconds, log, cut = _kill_mid_save(group, ckpt, victim=1)
     finally:
         group.kill()
@@ -185,7 +185,8 @@ def test_a_killed_learner_process_stops_the_other_and_the_group_resumes(tmp_path
     _record(tmp_path, range(16, 32), version=listed[-1])
     group = Group(tmp_path, "second", updates=0)
     try:
-        group.until(lambda: max(_complete(ckpt)) > listed[-1], "a version after the restart")
+        after = ckpt / str(listed[-1] + 1) / MANIFEST  # written once the version is complete
+        group.until(after.exists, "a version after the restart")
         resumed = _resumed(group.log(0))
         rc, seconds, log, cut = _kill_mid_save(group, ckpt, victim=0)
     finally:
