@@ -636,7 +636,8 @@ def learn(config: LearnerConfig) -> int:
     close, exit 0), with Prometheus /metrics on `metrics_port`. A model config that does not
     build exits EX_CONFIG (78), as does a `[learn.distributed]` that cannot work. Several
     processes: each runs this; process 0 serves /metrics and publishes, the others follow it
-    and stop when it does."""
+    and stop when it does; when one dies, the others exit EXIT_PEER_LOST (75) at once
+    (distributed.py)."""
     cluster = None
     try:
         cluster = initialize(config.distributed)  # before the first device use: join the others
