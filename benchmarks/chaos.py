@@ -9,8 +9,9 @@ after every kill that no guarantee about the data broke (DESIGN.md, guarantee 2)
 
 The workload is the demo's: `openpi-rl daemon` (policy server, reward bridge, learner as its
 children), 4 simulated MuJoCo robots on `PolicyClient`s and a simulated operator at the
-pendant's WebSocket. A seeded RNG picks the victim (server, bridge and learner in shuffled
-rounds, so any three kills in a row hit each role once) and the moment; the daemon restarts it.
+pendant's WebSocket. A seeded RNG picks the victim (server, bridge and learner, and PostgreSQL
+with `--backend postgres`, in shuffled rounds that hit each once) and the moment; the daemon
+restarts a role.
 After each kill, once every role is ready again:
 
 - the store: `ReplayReader.integrity_check()` says ok (SQLite: `PRAGMA integrity_check`;
