@@ -75,8 +75,8 @@ class LiveStatus:
         while True:
             try:
                 status = await loop.run_in_executor(self._db, self._read_status)
-            except Exception:  # a locked or missing database must not stop the bridge
-                log.exception("bridge.status_failed")
+            except Exception as e:  # a locked, missing or unreachable database must not stop it
+                _log_read_failure("bridge.status_failed", e)
                 status = self._status
             self._status = status
             now = time.monotonic()
@@ -94,8 +94,8 @@ class LiveStatus:
     async def _push_returns(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             returns = await loop.run_in_executor(self._db, self._read_returns)
-        except Exception:  # as for the status: keep the last chart
-            log.exception("bridge.returns_failed")
+        except Exception as e:  # as for the status: keep the last chart
+            _log_read_failure("bridge.returns_failed", e)
             return
         if returns != self._returns:
             self._returns = returns
@@ -185,3 +185,12 @@ class LiveStatus:
                 "recent": [dict(zip(keys, r, strict=True)) for r in recent],
             }
         return out
+
+
+def _log_read_failure(event: str, error: Exception) -> None:
+    """A database away for a while (PostgreSQL restarting: its reader reconnects on the next
+    poll) is a warning; anything else, with its traceback, an error."""
+    if isinstance(error, store.unavailable_errors()):
+        log.warning(event, error=f"{error!r:.200}")
+    else:
+        log.error(event, exc_info=error)
