@@ -85,11 +85,12 @@ server_endpoints = {json.dumps(servers)}
 metrics_port = {metrics_port}
 segment_length = 8
 batch_segments = 16
-min_transitions = 64
+min_transitions = 128   # a full batch (16 columns of 8), as offline
 settle_s = 0.0
 poll_interval_s = 0.1
 heartbeat_s = 0.2
 max_kl = 1e9
+max_policy_lag = 0   # on-policy: the robots serve faster than this learner trains
 max_updates = {updates}
 {_MODEL_TOML}
 [ppo]
@@ -97,7 +98,7 @@ lr = 3e-2
 train_iters = 4
 minibatch_size = 32
 entropy_coef = 0.0
-gamma = 0.9
+gamma = 0.0   # the reward is the chunk's own (a bandit): 0.9 adds the later chunks' noise
 
 [distributed]
 coordinator_address = "{coordinator}"

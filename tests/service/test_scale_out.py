@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 from scale_out_helpers import HIDDEN, MODEL, TARGET, Fleet, Robots, health, wait_for
@@ -131,13 +130,14 @@ def test_two_servers_a_bridge_and_a_two_process_learner_learn_on_one_postgres(tm
 
     # Learning happened: the greedy action is nearer the rewarded target than version 0's.
     obs = np.random.default_rng(7).standard_normal((256, MODEL["obs_dim"])).astype(np.float32)
-    with jax.default_device(jax.devices("cpu")[0]):
-        before, after = (_greedy_distance(fleet, v, obs) for v in (0, UPDATES))
+    distance = [_greedy_distance(fleet, v, obs) for v in range(UPDATES + 1)]
+    before, after = distance[0], distance[-1]
     per_server = {s: len(ids) for s, ids in served.items()}
     seconds = time.monotonic() - t_start
     print(
         f"versions {UPDATES} (both servers' data in {both}); transitions per server "
-        f"{per_server}, consumed {dict(consumed)}; |greedy - target| v0 {before:.3f} -> "
-        f"v{UPDATES} {after:.3f}; {seconds:.1f} s"
+        f"{per_server}, consumed (trained or stale) {dict(consumed)}; |greedy - target| per "
+        f"version {[round(d, 3) for d in distance]}; {seconds:.1f} s"
     )
-    assert after < before - 0.05, (before, after)
+    # Version 4: 0.11-0.17 here in 3 runs; offline on one device, 5 seeds: 0.08-0.16.
+    assert after < before - 0.15, (before, after)
