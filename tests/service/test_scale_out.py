@@ -36,8 +36,8 @@ def test_two_servers_a_bridge_and_a_two_process_learner_learn_on_one_postgres(tm
     fleet = Fleet(tmp_path, pg_url, UPDATES)
     robots: dict[str, Robots] = {}
     acks: dict[str, list[dict]] = {}
-    fleet.start()
     try:
+        fleet.start()
         for endpoint in fleet.endpoints.values():
             fleet.until(lambda e=endpoint: (health(e) or {}).get("status") == "ready", 90)
         fleet.until(fleet.bridge_up, 60)
