@@ -1,5 +1,6 @@
 """Mean return per policy version from a real store: what the pendant's chart plots."""
 
+import contextlib
 import time
 
 import numpy as np
@@ -47,3 +48,17 @@ def test_one_mean_per_version_over_ended_single_version_episodes_with_their_even
                 mean_return_per_version(conn, last_episodes=0)
         finally:
             conn.close()
+
+
+def test_the_newest_episodes_are_newest_by_time_when_servers_share_a_database(pg_url):
+    """Ids order by writer (boot epoch), not time: the window must follow serving time."""
+    first = ReplayConfig(path=pg_url, commit_interval_s=0.01).create()  # boot epoch 1
+    second = ReplayConfig(path=pg_url, commit_interval_s=0.01).create()  # epoch 2: larger ids
+    try:
+        _episode(second, "b", "old", [1], [1.0])
+        _episode(first, "a", "new", [2], [5.0])  # later, but with smaller ids
+        with contextlib.closing(store.connect(pg_url)) as conn:
+            assert mean_return_per_version(conn, last_episodes=1) == [VersionReturn(2, 1, 5.0)]
+    finally:
+        first.close()
+        second.close()

@@ -17,8 +17,9 @@ from openpi_rl.replay.store import Connection
 
 _PER_VERSION = """
 WITH recent AS (
-    SELECT robot_id, episode_id, first_transition, last_transition, ep_return FROM episodes
-    WHERE ended = 1 ORDER BY last_transition DESC LIMIT ?
+    SELECT ep.robot_id, ep.episode_id, ep.first_transition, ep.last_transition, ep.ep_return
+    FROM episodes ep JOIN transitions lt ON lt.id = ep.last_transition
+    WHERE ep.ended = 1 ORDER BY lt.t_wall DESC, lt.id DESC LIMIT ?
 ), events AS (
     SELECT t.robot_id, t.episode_id, sum(e.value) AS value
     FROM reward_events e JOIN transitions t ON t.id = e.transition_id
@@ -46,9 +47,10 @@ class VersionReturn(NamedTuple):
 
 def mean_return_per_version(conn: Connection, last_episodes: int = 10_000) -> list[VersionReturn]:
     """Mean return per policy version over the `last_episodes` ended episodes (newest by their
-    last transition), versions ascending; a version with no such episode is absent.
+    last transition's serving time: ids order by server when several share a PostgreSQL
+    replay), versions ascending; a version with no such episode is absent.
 
-    `conn`: a connection to the store's database (`schema.connect_reader`). The cost grows
+    `conn`: a connection to the store's database (`replay.store.connect`). The cost grows
     with the number of episodes and the events on them, not with their transitions."""
     if last_episodes < 1:
         raise ValueError(f"last_episodes: expected a positive count, got {last_episodes}")
