@@ -17,6 +17,7 @@ written once. psycopg is imported here only, when a URL is opened.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,19 @@ def describe(url: str) -> str:
     return mask_url(url)
 
 
+COPY_MAX_BYTES = 16 << 10
+_PLAIN_INSERT = re.compile(
+    r"\s*INSERT\s+INTO\s+(\w+)\s*(\([^()]*\))\s*VALUES\s*\([?,\s]*\)\s*", re.IGNORECASE
+)
+
+
+@functools.cache
+def _copy_of(sql: str) -> str | None:
+    """`COPY t (cols) FROM STDIN` for a plain single-row INSERT (no ON CONFLICT, RETURNING...)."""
+    m = _PLAIN_INSERT.fullmatch(sql)
+    return None if m is None else f"COPY {m[1]} {m[2]} FROM STDIN"
+
+
 @functools.cache
 def _to_pyformat(sql: str) -> str:
     """SQLite's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
@@ -155,10 +169,22 @@ class Connection:
             return self.raw.execute(_to_pyformat(sql), tuple(params) or None)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """A plain `INSERT INTO t (cols) VALUES (?, ...)` of small rows runs as one COPY (psycopg
+        formats the rows in C, one round trip: little GIL time taken from the serving thread);
+        anything else row by row, pipelined: an upsert, and rows holding large byte strings
+        (observation records), which COPY's text format would send hex-escaped."""
         rows = list(rows)
-        if rows:
-            with self.raw.cursor() as cur:
+        if not rows:
+            return
+        large = max((len(v) for v in rows[0] if isinstance(v, bytes)), default=0) > COPY_MAX_BYTES
+        copy = None if large else _copy_of(sql)
+        with self.raw.cursor() as cur:
+            if copy is None:
                 cur.executemany(_to_pyformat(sql), rows)
+                return
+            with cur.copy(copy) as out:
+                for row in rows:
+                    out.write_row(row)
 
     @property
     def in_transaction(self) -> bool:
