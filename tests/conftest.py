@@ -62,10 +62,9 @@ def lerobot_python() -> str:
     return str(python)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
-    """A throw-away PostgreSQL server for the session (Debian's `postgresql`, which `make test`
-    installs; as root it runs as `nobody`), on a Unix socket in a temporary directory."""
+def _pg_cluster():
+    """A throw-away PostgreSQL server (Debian's `postgresql`, which `make test` installs; as
+    root it runs as `nobody`), on a Unix socket in a temporary directory; stopped after."""
     from openpi_rl.replay.pg_cluster import ClusterUnavailable, LocalCluster
 
     try:
@@ -74,6 +73,18 @@ def pg_cluster():
         pytest.skip(str(e))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """The session's PostgreSQL server (`pg_url` makes a database on it per test)."""
+    yield from _pg_cluster()
+
+
+@pytest.fixture
+def own_cluster():
+    """A PostgreSQL server of the test's own: one it may kill and restart."""
+    yield from _pg_cluster()
 
 
 @pytest.fixture

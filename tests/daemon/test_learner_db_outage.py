@@ -3,23 +3,10 @@ then crash recovery, as systemd would restart it): no exception while the databa
 once it is back the learner reconnects and trains on, each chunk once."""
 
 import numpy as np
-import pytest
 from learner_helpers import Recorder, learner_config
 
 from openpi_rl.daemon import Learner
 from openpi_rl.replay import ReplayReader
-from openpi_rl.replay.pg_cluster import ClusterUnavailable, LocalCluster
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of the test's own: it gets killed."""
-    try:
-        cluster = LocalCluster().start()
-    except ClusterUnavailable as e:
-        pytest.skip(str(e))
-    yield cluster
-    cluster.stop()
 
 
 def test_a_learner_waits_out_a_killed_database_and_trains_on_after_its_restart(

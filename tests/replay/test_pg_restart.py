@@ -7,18 +7,6 @@ import psycopg
 import pytest
 
 from openpi_rl.replay import ReplayConfig, ReplayReader, store
-from openpi_rl.replay.pg_cluster import ClusterUnavailable, LocalCluster
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of the test's own: it gets killed."""
-    try:
-        cluster = LocalCluster().start()
-    except ClusterUnavailable as e:
-        pytest.skip(str(e))
-    yield cluster
-    cluster.stop()
 
 
 def test_a_reader_opened_before_a_restart_reads_after_it(own_cluster):

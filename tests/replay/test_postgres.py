@@ -9,11 +9,9 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 from openpi_rl.replay import ReplayConfig, ReplayEventsConfig, ReplayFull, ReplayReader
 from openpi_rl.replay.committer import SEQ_BITS
-from openpi_rl.replay.pg_cluster import ClusterUnavailable, LocalCluster
 
 
 def _append(w, i: int, robot: str = "r0", size: int = 1000) -> int:
@@ -59,17 +57,6 @@ def test_many_writers_on_one_database_never_collide(pg_url):
             assert [x.id for x in rows] == out["ids"]
             assert r.observation_bytes(rows[7]) == bytes([7]) * 500
         assert r.integrity_check() == "ok"
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of the test's own: it gets killed."""
-    try:
-        cluster = LocalCluster().start()
-    except ClusterUnavailable as e:
-        pytest.skip(str(e))
-    yield cluster
-    cluster.stop()
 
 
 def test_a_writer_rides_out_a_killed_database_and_loses_nothing_it_acknowledged(own_cluster):

@@ -65,7 +65,7 @@ class DistributedConfig:
     coordinator_address: str | None = None
     """host:port of process 0's coordinator (the same on every process); None: the environment
     (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), else one process."""
-    num_processes: int = 1
+    num_processes: int = 1  # processes in the group, the same on every one of them
     process_id: int = 0  # in [0, num_processes); process 0 publishes versions
     local_device_count: int | None = None
     """CPU devices this process makes (a CPU-only host, tests); None: the platform's devices."""

@@ -50,11 +50,11 @@ class ServeConfig:
     """Keep the replay directory's bytes on disk at most this (several times
     `segment_max_bytes`); the oldest transitions go first. None: no cap."""
     segment_max_bytes: int = 256 * 2**20
+    """Observation bytes per segment file; retention deletes whole segments."""
     observations_dir: str | None = None
     """With a postgresql:// replay_dir: observation records go to segment files under this
     directory (one subdirectory per server run) instead of the database, several times faster;
     every reader (learner, bridge) must see it at the same path (a shared filesystem)."""
-    """Observation bytes per segment file; retention deletes whole segments."""
     value_hidden: tuple[int, ...] = (64, 64)
     """Hidden widths of the value head's MLP (the learner's must match)."""
     metrics_host: str = "127.0.0.1"  # where Prometheus /metrics listens

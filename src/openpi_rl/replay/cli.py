@@ -19,7 +19,7 @@ from openpi_rl.replay.writer import ReplayConfig, ReplayWriter
 
 @dataclasses.dataclass(frozen=True)
 class StatsArgs:
-    path: Annotated[str, tyro.conf.Positional]
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
     """Replay directory (holds replay.sqlite and segments/), or its postgresql:// URL."""
 
 
