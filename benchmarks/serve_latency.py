@@ -44,6 +44,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -493,23 +494,26 @@ class ZMQRobot:
 
 
 def interleaved(robots: dict, requests: int, warmup: int, block: int) -> dict:
-    """Warm each robot up, then time `requests` per robot in alternating blocks. The order
-    rotates from block to block: a server commits its replay rows up to `commit_interval_s`
-    after its block, during the next case's, so each case follows each other as often."""
+    """Warm each robot up, then time `requests` per robot in alternating blocks, in a new
+    random order (seeded) each round. A server commits its replay rows up to
+    `commit_interval_s` after its block, during the next case's: shuffled, each case follows
+    each other alike often. (A rotation would not do: it keeps every case's predecessor, and
+    noop_pg's blocks always took the SQLite noop server's commits.)"""
     lat: dict[str, list[float]] = {name: [] for name in robots}
     errors = 0
     for robot in robots.values():
         errors += robot.run(warmup)[1]
     names = list(robots)
-    done = k = 0
+    rng = random.Random(0)
+    done = 0
     while done < requests:
         n = min(block, requests - done)
-        for name in names[k:] + names[:k]:
+        rng.shuffle(names)
+        for name in names:
             ms, e = robots[name].run(n)
             lat[name] += ms
             errors += e
         done += n
-        k = (k + 1) % len(names)
     return {"lat": lat, "errors": errors}
 
 

@@ -2,12 +2,13 @@
 (a reward bridge's), chosen by `ReplayConfig.create()` / `ReplayEventsConfig.create()` when the
 location is a `postgresql://` URL.
 
-They keep the SQLite writers' caller side and guarantees (`committer.py`, `transitions.py`): the
-reply never waits for the database; an item is stored once its batch commits; an event passed
-with `wait=True` is acknowledged only after that. What differs:
-- Observation records go into the `observations` table in the same transaction as their rows
-  (no segment files, so no segment stage, recovery or owner lock). Any number of writers share
-  the database: each has its own boot epoch, so ids never collide.
+They keep the SQLite writers' caller side, stages and guarantees (`committer.py`,
+`transitions.py`): the reply never waits for the database; an item is stored once its batch
+commits; an event passed with `wait=True` is acknowledged only after that. What differs:
+- Observation records go, on the stage, into this writer's own segment files beside the database
+  (`observations_dir`; a new directory per boot, so no recovery and no owner lock), or into the
+  `observations` table in the same transaction as their rows. Any number of writers share the
+  database: each has its own boot epoch, so ids never collide.
 - The database may go away (restarted, unreachable). The commit stage then keeps its batch,
   reconnects with backoff (counted: `db_reconnects`) and commits it again; meanwhile the bounded
   queue fills and callers get `ReplayFull` (the server answers robots `overloaded`), so memory
@@ -45,6 +46,7 @@ from openpi_rl.replay.segments import (
     HEADER_SIZE,
     SegmentWriter,
     crc32,
+    sync_segments,
 )
 from openpi_rl.replay.transitions import TransitionsCommitter
 
@@ -211,6 +213,10 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
     """A policy server's writer of transitions, reports and events into a PostgreSQL replay.
     Thread-safe to call; `close()` flushes. Built by `ReplayConfig.create()`."""
 
+    # The stage runs ahead of one commit, no more: while the database is away, what the writer
+    # holds stays about `max_queue` (with the records in the table, that is their bytes).
+    STAGED_CHUNKS = 2
+
     def __init__(self, config: Any):
         url = str(config.path)
         conn = self._open(url, config.busy_timeout_s)
@@ -219,42 +225,67 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
             *("retention_rows_deleted", "retention_segments_deleted", *PG_COUNTERS),
         )
         super().__init__(config, url, conn, counters, where=postgres.describe(url))
-        self.recovery = None  # nothing to recover: rows and bytes commit together
+        self.recovery = None  # nothing to recover: a torn tail is bytes no committed row points at
         self._last_retention = 0.0
-        # Observation records in this writer's own segment files, or in the observations table.
+        # Observation records in this writer's own segment files (appended by the stage), or in
+        # the observations table (in the rows' transaction).
         self._segments: WriterSegments | None = None
+        syncing = config.fsync_interval_s is not None
         if config.observations_dir is not None:
             self._segments = WriterSegments(
-                Path(config.observations_dir), self.boot_epoch, config.segment_max_bytes
+                Path(config.observations_dir), self.boot_epoch, config.segment_max_bytes, syncing
             )
             self._segments.register(conn)
-        self._threads = [threading.Thread(target=self._run, name="replay-writer", daemon=True)]
-        self._threads[0].start()
+        # Commit stage: the newest segment its rows point into (retention keeps it and later
+        # ones: the stage appends there) and, with fsync, the files it still has to sync.
+        self._last_seg = 1
+        self._unsynced: dict[int, SegmentWriter] = {}
+        self._threads = [
+            threading.Thread(target=self._run_stage, name="replay-stage", daemon=True),
+            threading.Thread(target=self._run, name="replay-writer", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
         log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch)
 
-    def _stage(self, item: tuple, batch: Batch) -> None:
+    def _prepare(self, item: tuple) -> tuple:
+        """On the stage: an append's observation record into this writer's segment file (in the
+        OS before its row commits), or kept with its row for the observations table."""
         if item[0] != APPEND:
-            return batch.add(item)
+            return item
         head, obs, tail = encode_append(item)
-        if self._segments is not None:  # the bytes are in the OS before the row commits
-            batch.add((ROW, None, (*head, *self._segments.append(obs), *tail)))
-            return None
-        batch.add((ROW, None, (*head, 0, 0, len(obs), crc32(obs), *tail)))
-        batch.observations.append((head[0], obs))
-        return None
+        if self._segments is None:
+            return (ROW, obs, (*head, 0, 0, len(obs), crc32(obs), *tail))
+        seg, off, length, crc = self._segments.append(obs)
+        return (ROW, seg, (*head, seg.seg, off, length, crc, *tail))
+
+    def _stage(self, item: tuple, batch: Batch) -> None:
+        batch.add(item)
+        if item[0] != ROW:
+            return
+        _, held, row = item
+        if self._segments is None:  # the record goes in the row's transaction
+            batch.observations.append((row[0], held))
+            return
+        self._last_seg = row[7]
+        if self.config.fsync_interval_s is not None:
+            self._unsynced[row[7]] = held
 
     def _connected(self) -> None:
         if self._segments is not None:
             self._segments.register(self._conn)
 
     def _sync_files(self) -> None:
-        if self._segments is not None and self.config.fsync_interval_s is not None:
+        if self._unsynced and self.config.fsync_interval_s is not None:
             now = time.monotonic()
             if now - self._last_sync >= self.config.fsync_interval_s:
-                self._segments.sync()
+                sync_segments(self._unsynced)
                 self._last_sync = now
 
     def _close_files(self, deadline: float | None, timeout: float | None) -> None:
+        for seg in self._unsynced.values():
+            seg.close()
+        self._unsynced.clear()
         if self._segments is not None:
             self._segments.close()
 
@@ -272,7 +303,7 @@ class PgReplayWriter(PgCommits, TransitionsCommitter):
         if now - self._last_retention < RETENTION_EVERY_S:
             return
         self._last_retention = now
-        current = None if self._segments is None else (self.boot_epoch, self._segments.current)
+        current = None if self._segments is None else (self.boot_epoch, self._last_seg)
         deleted, files = apply_retention(
             self._conn, c.retention_max_rows, c.retention_max_bytes, current
         )
@@ -297,14 +328,16 @@ class WriterSegments:
     """A PostgreSQL writer's observation records in append-only segment files of its own,
     `<observations_dir>/writer-<boot epoch>/` (`segments.py`'s format; no other writer appends
     there, and a new boot is a new directory, so no recovery is needed: a torn tail is bytes no
-    committed row points at). Used from the commit thread only."""
+    committed row points at). Appended to by the writer's stage; with `syncing`, a retired file
+    stays open for the commit stage to sync and close (`sync_segments`)."""
 
-    def __init__(self, root: Path, epoch: int, max_bytes: int):
+    def __init__(self, root: Path, epoch: int, max_bytes: int, syncing: bool = False):
         self.epoch = epoch
         self.dir = root.absolute() / f"writer-{epoch}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
-        self.current = 1
+        self.syncing = syncing
+        self._next = 1
         self._seg: SegmentWriter | None = None
 
     def register(self, conn: postgres.Connection) -> None:
@@ -317,24 +350,24 @@ class WriterSegments:
         )
         conn.execute("SELECT pg_advisory_lock(?, ?)", (postgres.LOCK_WRITERS, self.epoch))
 
-    def append(self, payload: bytes) -> tuple[int, int, int, int]:
-        """(seg, off, len, crc) of the record, written to the OS."""
+    def append(self, payload: bytes) -> tuple[SegmentWriter, int, int, int]:
+        """(the segment's writer, off, len, crc) of the record, written to the OS."""
         seg = self._seg
         if (
             seg is not None
             and seg.size > 0
             and seg.size + HEADER_SIZE + len(payload) > self.max_bytes
         ):
-            seg.close()
-            self.current += 1
+            if not self.syncing:  # otherwise the commit stage closes it after its sync
+                seg.close()
             seg = None
         if seg is None:
-            seg = self._seg = SegmentWriter(self.dir, self.current)
-        return (seg.seg, *seg.append(payload))
-
-    def sync(self) -> None:
-        if self._seg is not None:
-            self._seg.sync()
+            seg = self._seg = SegmentWriter(self.dir, self._next)
+            self._next += 1
+        off, length, crc = seg.append(payload)
+        if self.syncing:
+            seg.start_writeback()
+        return seg, off, length, crc
 
     def close(self) -> None:
         if self._seg is not None:

@@ -160,6 +160,17 @@ class SegmentWriter:
             os.close(fd)
 
 
+def sync_segments(unsynced: dict[int, SegmentWriter]) -> None:
+    """fdatasync each segment in `unsynced` (number -> its writer, the files rows about to commit
+    point into); close and forget all but the newest: the stage that appends moved on from them
+    (it leaves a retired file open when its writer syncs, for this)."""
+    newest = max(unsynced, default=None)
+    for seg_id in list(unsynced):
+        unsynced[seg_id].sync()
+        if seg_id != newest:
+            unsynced.pop(seg_id).close()
+
+
 def read_payload(fd: int, off: int, length: int, crc: int, where: str = "") -> bytes:
     """Read and verify the payload at `off` (the header before it is checked too)."""
     if off < HEADER_SIZE:

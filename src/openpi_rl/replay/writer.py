@@ -1,9 +1,9 @@
 """`ReplayWriter`: the transitions writer, owner of a replay directory (the policy server's).
 
 Callers (the policy server's loop) get an id back at once and the row goes on a bounded queue.
-The segment stage (`replay-segments`) checksums each observation and appends it to the current
-segment file (unbuffered: the bytes are in the OS when the write returns), then hands the row,
-now pointing at its bytes, to the commit stage (`replay-writer`, the `Committer`'s in
+The stage (`replay-stage`, `transitions.py`'s loop) checksums each observation and appends it to
+the current segment file (unbuffered: the bytes are in the OS when the write returns), then hands
+the row, now pointing at its bytes, to the commit stage (`replay-writer`, the `Committer`'s in
 `committer.py`), which commits the SQLite transaction holding those rows every
 `commit_interval_s` (guarantee 2: a `kill -9` loses at most the rows of one commit interval; an
 event passed with `wait=True` is acknowledged only after its commit). With `fsync_interval_s`,
@@ -14,9 +14,9 @@ earlier rows instead of adding to it. WAL checkpoints run on a third thread
 (`replay-checkpoint`, `checkpoint.py`), off the commit path, and keep the WAL within
 `DiskBudget.wal_bytes`; retention (`retention.py`) keeps the whole directory under
 `retention_max_bytes`. The items the stages pass each other, the batch a commit gathers and the
-SQL that writes it are in `pipeline.py`; this module owns the segment stage, the files and the
-directory's owner lock. Reward events from another process (the reward bridge) go through
-`ReplayEventsWriter` (`events_writer.py`), which writes beside this one.
+SQL that writes it are in `pipeline.py`; this module owns what the stage does to an append, the
+files and the directory's owner lock. Reward events from another process (the reward bridge) go
+through `ReplayEventsWriter` (`events_writer.py`), which writes beside this one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
-import queue
 import threading
 import time
 from pathlib import Path
@@ -40,13 +39,9 @@ from openpi_rl.replay.committer import ReplayClosed as ReplayClosed
 from openpi_rl.replay.committer import ReplayFull as ReplayFull
 from openpi_rl.replay.pipeline import (
     APPEND,
-    CHUNK,
     ROW,
-    STOP,
     Batch,
     encode_append,
-    fail_waiters,
-    take,
 )
 from openpi_rl.replay.pipeline import Credit as Credit  # re-exported: the writer's API
 from openpi_rl.replay.pipeline import Resolve as Resolve
@@ -57,6 +52,7 @@ from openpi_rl.replay.segments import (
     SegmentWriter,
     list_segments,
     segment_path,
+    sync_segments,
 )
 from openpi_rl.replay.transitions import TransitionsCommitter
 
@@ -181,15 +177,12 @@ class ReplayWriter(TransitionsCommitter):
             counters=self._counters,
         )
 
-        # Segment stage -> commit stage: lists of items, in caller order (a report or event never
-        # overtakes the append it refers to).
-        self._staged: queue.Queue = queue.Queue(maxsize=max(2, config.max_queue // CHUNK))
         # WAL checkpoints (copying pages into the database file, with two fsyncs) run on their own
         # thread and connection, not inside a commit.
         conn.execute("PRAGMA wal_autocheckpoint=0")
         self._checkpointer = WalCheckpointer(root, self._budget.wal_bytes)
         self._threads = [
-            threading.Thread(target=self._run_segments, name="replay-segments", daemon=True),
+            threading.Thread(target=self._run_stage, name="replay-stage", daemon=True),
             threading.Thread(target=self._run, name="replay-writer", daemon=True),
         ]
         for t in self._threads:
@@ -203,10 +196,6 @@ class ReplayWriter(TransitionsCommitter):
             torn_bytes=self.recovery.torn_bytes,
             rows_deleted=self.recovery.rows_deleted,
         )
-
-    def queue_depth(self) -> int:
-        """Items handed to the writer and not yet taken into a commit."""
-        return super().queue_depth() + sum(map(len, list(self._staged.queue)))
 
     def counters(self) -> dict[str, int]:
         """Totals since open, for metrics (`openpi_rl_replay_<name>_total`)."""
@@ -234,40 +223,9 @@ class ReplayWriter(TransitionsCommitter):
         self._seg = None
         self._unsynced.clear()
 
-    # ---- segment stage (thread replay-segments) ----------------------------------------------
+    # ---- stage (thread replay-stage): the appends' bytes into segment files ------------------
 
-    def _run_segments(self) -> None:
-        """Take the callers' items in chunks, write the appends' bytes, pass everything on in
-        order to the commit stage; end by passing a stop marker on."""
-        staged = self._staged
-        items: list[tuple] = []
-        out: list[tuple] = []
-        try:
-            while True:
-                items = take(self._q, None)
-                if self._error is not None:  # the commit stage failed: stop writing bytes
-                    break
-                out = []  # filled item by item: on a failure it holds what was written
-                for item in items:
-                    out.append(self._write_segment(item))
-                staged.put(out)
-                out = []
-                if items[-1][0] == STOP:
-                    return
-        except BaseException as exc:
-            log.exception("replay.segments_failed", path=str(self.root))
-            self._fail(exc)
-            staged.put(out)  # what was written before the failure still commits
-            items = items[len(out) :]
-        # Failed (here or in the commit stage), so nothing more is accepted (`_put` checks under
-        # the lock `_fail` took): fail whoever still waits in the queue.
-        failed = ReplayClosed(f"replay writer failed: {self._error!r}")
-        while items:
-            fail_waiters(items, failed)
-            items = take(self._q, 0)
-        staged.put([(STOP,)])
-
-    def _write_segment(self, item: tuple) -> tuple:
+    def _prepare(self, item: tuple) -> tuple:
         """An append's observation bytes into the segment; returns the row that points at them."""
         if item[0] != APPEND:
             return item
@@ -297,19 +255,6 @@ class ReplayWriter(TransitionsCommitter):
 
     # ---- commit stage (thread replay-writer, the Committer's loop) ---------------------------
 
-    def _take(self, timeout: float | None) -> list[tuple]:
-        """A chunk as the segment stage took it (at most CHUNK items)."""
-        try:
-            return self._staged.get(timeout=timeout)
-        except queue.Empty:
-            return []
-
-    def _fail_rest(self, failed: ReplayClosed, stopped: bool) -> None:
-        while not stopped:  # until the segment stage stops: it may hold more waiters
-            items = self._staged.get()
-            fail_waiters(items, failed)
-            stopped = any(item[0] == STOP for item in items)
-
     def _stage(self, item: tuple, batch: Batch) -> None:
         batch.add(item)
         if item[0] == ROW:  # the segment's size as far as committed rows reach, and its sync
@@ -331,11 +276,7 @@ class ReplayWriter(TransitionsCommitter):
         """fdatasync every segment the committed and staged rows point into; close the retired.
         Segment bytes are in the OS already (appended before their rows got here); on the disk
         before the WAL commit that makes their rows durable."""
-        newest = max(self._unsynced, default=None)
-        for seg_id in list(self._unsynced):
-            self._unsynced[seg_id].sync()
-            if seg_id != newest:  # the segment stage moved on: nothing more is written to it
-                self._unsynced.pop(seg_id).close()
+        sync_segments(self._unsynced)
 
     def _count_committed(self, batch: Batch) -> None:
         committed = len(batch.rows) - batch.refused_rows
