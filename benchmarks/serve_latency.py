@@ -18,6 +18,8 @@ state and a prompt (about 301 KB as msgpack).
              synchronous_commit on); observation records in segment files beside it
              (`--pg-records segments`, the default) or in its table (`table`).
              `noop_pg_p99_over_noop`: its p99 over the SQLite noop's, same run (goal <= 1.1).
+             The database's processes run in a cpu cgroup at a tenth of the servers' weight
+             (`--pg-cpu-weight`), as the shipped units have a postgresql unit beside a server.
 - pi0_fast:  our PolicyServer with `Pi0FASTConfig(variant="dummy")`.
 - ws:        our openpi WebSocket endpoint (the noop server) driven by the real
              openpi-client 0.1.2 from its own venv (.venv-openpi-client).
@@ -85,7 +87,53 @@ class Args:
     pg_records: Literal["segments", "table"] = "segments"
     """noop_pg's observation records: segment files beside the database (observations_dir, the
     fleet's fast setting) or the database's observations table."""
+    pg_cpu_weight: float = 0.1
+    """The database's CPU weight relative to the policy server's, as a cpu cgroup holding all
+    of its processes (0: left as started). 0.1 is what the shipped units give them on a shared
+    host: the policy server's `CPUWeight=1000` against the default 100 of Debian's postgresql
+    unit. Left as started, each PostgreSQL process is its own session (setsid), so each weighs
+    as much as the benchmark's session (robot and servers) together."""
     quick: bool = False  # 50 timed requests per case (fleet: 25 per robot)
+
+
+CPU_GROUP_V1 = Path("/sys/fs/cgroup/cpu/openpi-bench-postgresql")  # cgroup v1's cpu hierarchy
+CPU_GROUP_V2 = Path("/sys/fs/cgroup/openpi-bench-postgresql")
+
+
+def _weigh_cluster(cluster, weight: float) -> str:
+    """Put the cluster's postmaster and its children (the backends it forks later inherit the
+    group) in a cpu cgroup weighing `weight` of a default one; says what it did."""
+    if weight <= 0:
+        return "database processes left as started"
+    pm = cluster.postmaster_pid()
+    pids = [pm] + [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == pm]
+    group, knob, value = (
+        (CPU_GROUP_V1, "cpu.shares", round(1024 * weight))
+        if (CPU_GROUP_V1.parent / "cpu.shares").exists()
+        else (CPU_GROUP_V2, "cpu.weight", round(100 * weight))
+    )
+    try:
+        group.mkdir(exist_ok=True)
+        (group / knob).write_text(str(max(value, 2)))
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+    except OSError as e:
+        return f"database processes left as started (cpu cgroup: {e})"
+    return f"database processes in {group} ({knob}={value}: {weight:g} of the servers' weight)"
+
+
+def _unweigh_cluster() -> None:
+    """Remove the cgroup `_weigh_cluster` made, once its processes are gone."""
+    for group in (CPU_GROUP_V1, CPU_GROUP_V2):
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def observation(seed: int = 0) -> dict[str, np.ndarray]:
@@ -585,12 +633,14 @@ def main(args: Args) -> dict:
     echo = Proc(_echo_server)
     floor = Proc(_reference_server, "noop")
     noop = Proc(_our_server, "noop", 8, f"{tmp.name}/noop", args.ws, args.profile)
-    cluster = noop_pg = None
+    cluster = noop_pg = cpu_note = None
     if args.pg:  # a real server's durability: options=() keeps fsync and synchronous_commit on
         from openpi_rl.replay.pg_cluster import LocalCluster
 
         cluster = LocalCluster(options=()).start()
         atexit.register(cluster.stop)  # pg_ctl daemonizes it: stop it even if a server fails
+        cpu_note = _weigh_cluster(cluster, args.pg_cpu_weight)
+        print(cpu_note, file=sys.stderr)
         obs_dir = f"{tmp.name}/pg_observations" if args.pg_records == "segments" else None
         noop_pg = Proc(_our_server, "noop", 8, cluster.create_database(), False, False, obs_dir)
     pi0 = Proc(_our_server, "pi0_fast", 4, f"{tmp.name}/pi0", False, False)
@@ -620,6 +670,7 @@ def main(args: Args) -> dict:
     stats = {name: p.stop() for name, p in servers if p is not None}
     if cluster is not None:
         cluster.stop()
+        _unweigh_cluster()
     bound = None
     if args.fleet:  # alone on the machine's cores, after the servers have gone
         mb = Proc(_model_bound)
@@ -695,6 +746,7 @@ def main(args: Args) -> dict:
             "noop_pg_p99_over_noop": r(pg99 / noop99),
             "noop_pg_p50_over_noop": r(pct(lat["noop_pg"], 50) / noop50),
             "noop_pg_records": args.pg_records,
+            "noop_pg_cpu": cpu_note,
         }
     goals = {
         "noop p50 <= 1.25x echo p50": out["overhead_over_echo"] <= 1.25,
