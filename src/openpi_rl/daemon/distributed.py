@@ -24,7 +24,7 @@ Another one gone, the collective process 0 waits in fails on the broken connecti
 `learner.peer_lost` and exits EXIT_PEER_LOST (`peer_lost`) at once, and the processes left
 follow it. A peer frozen or cut off (no connection reset): the coordination service misses its
 heartbeats and JAX aborts every process after `heartbeat_timeout_s`. Restarted, the group
-resumes from the newest version that verifies (learner.py): a save cut short is not picked up.
+resumes from the newest version that verifies (versions_io.py): a save cut short is not picked up.
 """
 
 from __future__ import annotations

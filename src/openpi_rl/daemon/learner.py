@@ -28,9 +28,13 @@ Several learner processes (`[learn.distributed]`, distributed.py) are one learne
 does all of the above but the update and the saves, which every process takes part in; the
 others `follow` the turns it sends them (lockstep.py): a rollback, a batch to train on, stop.
 
-This module owns the `Learner` process (resume, operator state, update, publish, run/close);
-its config is config.py's, the batch it trains on (which segments, how packed) batch.py's, the
-learning curves each learn step writes (TensorBoard, W&B) curves.py's.
+This module owns the `Learner` (its start, one poll of the replay, the update with its guard,
+publishing, the turn every process plays) and `learn()`, the command's entry point. The other
+roles of the one `Learner` are mixins in their own modules: resuming and saving versions
+versions_io.py's, the operator's rollbacks and pauses operator_decisions.py's, the process
+loop (`run`, the other processes' `follow`, `close`) process.py's, the critic warm-up
+warmup.py's. Its config is config.py's, the batch it trains on (which segments, how packed)
+batch.py's, the learning curves each learn step writes (TensorBoard, W&B) curves.py's.
 """
 
 from __future__ import annotations
@@ -40,8 +44,6 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
 import jax
 import structlog
@@ -55,16 +57,19 @@ from openpi_rl.daemon.curves import LearnerCurves
 from openpi_rl.daemon.distributed import DistributedConfigError, initialize, peer_lost
 from openpi_rl.daemon.lockstep import Lockstep, Turn
 from openpi_rl.daemon.metrics import LearnerMetrics
+from openpi_rl.daemon.operator_decisions import OperatorDecisions
+from openpi_rl.daemon.process import LearnerProcess
 from openpi_rl.daemon.replay_source import ReplaySource, Segment
 from openpi_rl.daemon.update import DataParallel
+from openpi_rl.daemon.versions_io import VersionsIO
 from openpi_rl.daemon.warmup import CriticWarmup, WarmupState
 from openpi_rl.models.choice import ModelConfigError
 from openpi_rl.models.finetune import resolve_finetune, trainable
 from openpi_rl.replay import ReplayFormatError, store
 from openpi_rl.rl.ppo import make_optimizer
-from openpi_rl.sdnotify import Notifier, config_error
+from openpi_rl.sdnotify import config_error
 from openpi_rl.weights.notices import Publisher, ServerWatch, notice_endpoint
-from openpi_rl.weights.operator_state import OperatorState, load_state, state_path
+from openpi_rl.weights.operator_state import OperatorState
 from openpi_rl.weights.start import build_start
 from openpi_rl.weights.versions import VersionCheckpoints
 
@@ -82,7 +87,7 @@ class UpdateResult:
     warmup: bool = False  # a critic warm-up update: value head only, saved aside, not published
 
 
-class Learner(CriticWarmup):
+class Learner(VersionsIO, OperatorDecisions, LearnerProcess, CriticWarmup):
     """Built from a LearnerConfig; `run()` blocks until `close()` (from any thread) or
     `max_updates`; `step()` is one poll (tests drive it directly)."""
 
@@ -171,114 +176,6 @@ class Learner(CriticWarmup):
             registry=self.metrics.registry,
         )  # fmt: skip
 
-    def _resume(self, opt_state: Any) -> tuple[int, Any]:
-        """(version number, optimiser state) to go on from; updates `self.ac` and counters.
-        The newest version that verifies and restores wins; a corrupt newer one is skipped
-        (logged, counted) and its number not reused. None on disk: version 0 is saved."""
-        versions = self.checkpoints.versions()
-        if not versions:
-            self._save(0, opt_state, self._meta())
-            return 0, opt_state  # what the server serves before any update
-        corrupt = 0
-        for version in reversed(versions):
-            try:
-                weights, restored, meta = self.checkpoints.restore(
-                    version, nnx.state(self.ac), opt_state
-                )
-            except Exception as e:  # CorruptVersion, or orbax could not read it
-                corrupt += 1
-                self.metrics.corrupt_versions.inc()
-                log.error(
-                    "learner.version_corrupt", version=version, error=str(e),
-                    path=str(self.checkpoints.path(version)),
-                )  # fmt: skip
-                continue
-            nnx.update(self.ac, weights)
-            self._based_on(version)
-            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
-            self.counters["corrupt_versions"] += corrupt
-            self.rollback_id = int(meta.get("rollback_id", 0))
-            log.info(
-                "learner.resumed", version=versions[-1], weights_of=version,
-                path=str(self.checkpoints.path(version)), skipped_corrupt=corrupt,
-            )  # fmt: skip
-            return versions[-1], restored
-        self.counters["corrupt_versions"] += corrupt
-        log.error("learner.no_version_restores", versions=versions, start="seed weights")
-        return versions[-1], opt_state
-
-    def _based_on(self, version: int) -> None:
-        """The learner now holds `version`'s weights: a LoRA learner's next versions are deltas
-        over that version's base (or over it, a full version)."""
-        if self.finetune == "lora":
-            base = self.checkpoints.base_of(version)
-            self.base = version if base is None else base
-
-    def _save(self, version: int, opt_state: Any, meta: dict[str, Any]) -> Path:
-        """Save `version`: with LoRA and a base on disk, only what trains (a delta)."""
-        if self.finetune == "lora" and self.base is not None and self.base != version:
-            weights = nnx.state(self.ac, self.trainable)
-            return self.checkpoints.save(version, weights, opt_state, meta, base=self.base)
-        path = self.checkpoints.save(version, nnx.state(self.ac), opt_state, meta)
-        if self.finetune == "lora":
-            self.base = version  # full weights on disk: the next versions apply to these
-        return path
-
-    def _set_from(self, weights: nnx.State, opt_state: Any) -> None:
-        """Hold `weights` and `opt_state`, as global arrays laid out for the update (`self.ac`
-        too: its state is what versions save)."""
-        nnx.update(self.ac, weights)
-        _, params, rest = nnx.split(self.ac, self.trainable, ...)
-        self.params, self.rest = self.dp.put_state(params), self.dp.put_replicated(rest)
-        self.opt_state = self.dp.put_state(opt_state)
-        nnx.update(self.ac, self.params, self.rest)
-
-    def check_operator(self) -> None:
-        """Re-read the operator's state file when it changed (a stat per call); apply a
-        rollback not applied yet: train on from its target's weights and optimiser state.
-        Process 0's: the other processes apply the rollback it sends them."""
-        due = self._rollback_due()
-        if due is not None:
-            self._play(self.lockstep.send(Turn(rollback=due)))
-
-    def _rollback_due(self) -> tuple[int, int] | None:
-        """(target, rollback id) of an operator rollback not applied yet, when the operator's
-        state file changed; None otherwise."""
-        path = state_path(self.checkpoints.directory)
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        if mtime == self._operator_mtime:
-            return None
-        self._operator_mtime = mtime
-        self.operator = load_state(self.checkpoints.directory)
-        op = self.operator
-        if op.rollback_target is None or op.rollback_id <= self.rollback_id:
-            return None
-        return op.rollback_target, op.rollback_id
-
-    def _roll_back(self, target: int, rollback_id: int) -> None:
-        """Train on from version `target`'s weights and optimiser state (every process)."""
-        self.rollback_id = rollback_id  # applied once, whatever comes of it
-        try:
-            # The live state as the target: restored arrays come laid out as the live ones.
-            weights, opt_state, _ = self.checkpoints.restore(
-                target, nnx.state(self.ac), self.opt_state
-            )
-        except Exception as e:
-            log.error(
-                "learner.rollback_unreadable", target=target, error=str(e), version=self.version
-            )
-            return
-        self._set_from(weights, opt_state)
-        self._based_on(target)
-        self.metrics.rollbacks.inc()
-        log.warning(
-            "learner.rolled_back", target=target, version=self.version,
-            next_version=self.version + 1, rollback_id=rollback_id,
-        )  # fmt: skip
-
     def _play(self, turn: Turn) -> UpdateResult | None:
         """What a turn does on every process: the rollback it names, then its update."""
         if turn.rollback is not None:
@@ -286,32 +183,6 @@ class Learner(CriticWarmup):
         if turn.batch is None:
             return None
         return self.update_on(turn.batch, turn.transitions)
-
-    def follow(self) -> int:
-        """A process other than 0: play process 0's turns until it stops (a `close()` here
-        waits for that: every update and save needs every process)."""
-        self._run_thread = threading.get_ident()
-        self._run_ended.clear()
-        log.info(
-            "learner.following", process=jax.process_index(), processes=jax.process_count(),
-            version=self.version, devices=self.dp.size, local_devices=self.dp.local_size,
-        )  # fmt: skip
-        # READY=1 once joined and resumed; WATCHDOG=1 per turn (process 0 sends one at least
-        # every poll interval, and one per update: the watchdog limit must cover an update).
-        notifier = Notifier()
-        notifier.ready(status=f"following process 0, version {self.version}")
-        try:
-            while not (turn := self.lockstep.receive()).stop:
-                notifier.watchdog()
-                self._play(turn)
-        except jax.errors.JaxRuntimeError:
-            self._group_lost = True  # a collective failed: process 0 is gone (`learn` exits)
-            raise
-        finally:
-            self._release()
-            self._run_thread = None
-            self._run_ended.set()
-        return 0
 
     # -- one poll
 
@@ -496,139 +367,6 @@ class Learner(CriticWarmup):
     def _count(self, fate: str, n: int) -> None:
         self.counters[f"transitions_{fate}"] += n
         self.metrics.transitions.labels(fate=fate).inc(n)
-
-    def _meta(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
-        finite = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
-        return {
-            "version": self.version,
-            "t_wall": time.time(),
-            "counters": dict(self.counters),
-            "rollback_id": self.rollback_id,
-            "metrics": finite,
-            "model": type(self.config.model).__name__,
-        }
-
-    # -- process
-
-    def run(self) -> int:
-        """Poll and update until `close()` or `max_updates` published updates; then release
-        (what `close()` does) on its way out. A process other than 0 follows process 0's turns
-        (`follow`) until it stops."""
-        c = self.config
-        if not self.primary:
-            return self.follow()
-        if self._closing:
-            self._release()
-            return 0
-        self._run_thread = threading.get_ident()
-        self._run_ended.clear()
-        log.info(
-            "learner.start", version=self.version, endpoint=self.publisher.endpoint,
-            replay_dir=store.describe(c.replay_dir), devices=self.dp.size,
-        )  # fmt: skip
-        self.publisher.set_state("waiting")
-        done = 0
-        # READY=1: version 0 is saved or the newest version restored. WATCHDOG=1 between steps
-        # only, so a stuck update silences it; the watchdog limit must cover one update.
-        notifier = Notifier()
-        notifier.ready(status=f"version {self.version}")
-        failed = None
-        try:
-            while not self._closing:
-                failed = self._dead_stage()
-                if failed is not None:
-                    log.error("learner.stage_failed", stage=failed, version=self.version)
-                    self.publisher.set_state("failed")
-                    break
-                notifier.watchdog()
-                if c.max_updates is not None and done >= c.max_updates:
-                    break
-                self.check_operator()
-                if self._paused():
-                    self.lockstep.send(Turn())  # the other processes wait for the next turn
-                    self._wake.wait(0.1)
-                    continue
-                result = self.step()
-                if result is None:
-                    self._wake.wait(min(c.poll_interval_s, 0.25))
-                elif result.published:
-                    done += 1
-        except jax.errors.JaxRuntimeError:
-            # A collective failed (the stop turn would too, or hang): another process is gone.
-            self._group_lost = self.lockstep.processes > 1
-            raise
-        finally:
-            self._release()
-            self._run_thread = None
-            self._run_ended.set()
-        return 0 if failed is None else 1  # non-zero: the supervisor restarts the learner
-
-    def _dead_stage(self) -> str | None:
-        """The learner's threads beside `run`: the heartbeat (servers follow it) and the
-        server watches (pauses come through them). One that died ends `run` with 1."""
-        if self.publisher.died():
-            return "heartbeat"
-        if self.servers.died():
-            return "server watch"
-        return None
-
-    @property
-    def paused(self) -> bool:
-        """Whether learning is paused now: by a server's operator or the persisted switch."""
-        return self.servers.paused or self.operator.learning_paused
-
-    def _paused(self) -> bool:
-        """An operator paused learning on a server (`openpi-rl admin pause-learning`): no new
-        update starts until it is resumed; the heartbeat's state says so. The persisted switch
-        counts too: a pause holds while the server is down or restarting."""
-        paused = self.paused
-        if paused != (self.publisher.state == "paused"):
-            self.publisher.set_state("paused" if paused else "waiting")
-            log.info(
-                "learner.paused" if paused else "learner.resumed_learning", version=self.version
-            )
-        return paused
-
-    def close(self) -> None:
-        """Stop `run` after the current step, finish pending checkpoint writes, close sockets
-        and the replay. Idempotent, from any thread: while `run` runs on another thread, it
-        returns once `run` has released everything. On `run`'s own thread (a signal handler)
-        it only sets a flag and takes no lock: `run` returns after the current step and
-        releases on its way out (a lock taken there could be the one the interrupted `run`
-        holds: a learner that never stops, killed at the timeout)."""
-        self._closing = True
-        running = self._run_thread
-        if running is not None:
-            if running != threading.get_ident():
-                self._wake.set()
-                self._run_ended.wait()
-            return
-        self._release()
-
-    def _release(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # A lost group: no stop turn, and no wait for a save that needs the dead process (each
-        # would fail or hang till the heartbeat timeout); what it left is skipped on resume.
-        lost = self._group_lost
-        if not self.primary:
-            if not lost:
-                self.checkpoints.close()
-                self.warmup.close()
-            return
-        if not lost:
-            self.lockstep.send(Turn(stop=True))  # the other processes return from `follow`
-        self.publisher.set_state("failed" if lost else "stopping")
-        self.servers.close()
-        if not lost:
-            self.checkpoints.close()
-            self.warmup.close()
-        self.publisher.close()
-        if self._source is not None:
-            self._source.close()
-        self.curves.close()
-        log.info("learner.stopped", version=self.version, **self.counters)
 
 
 def learn(config: LearnerConfig) -> int:
