@@ -4,6 +4,7 @@ msgpack-encoded as the robot's request, actions / log-probs / values from a real
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from openpi_rl.models import GaussianMLPConfig
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.replay import ReplayConfig, records
 from openpi_rl.rl import PPOConfig
+from openpi_rl.weights import restore_version
 
 MODEL = GaussianMLPConfig(obs_dim=3, action_dim=2, action_horizon=2, hidden=(16, 16))
 
@@ -86,3 +88,12 @@ class Recorder:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def versions_diff(a: Path, b: Path, model: GaussianMLPConfig = MODEL) -> float:
+    """The largest absolute difference between two saved versions' arrays."""
+    fresh = build_actor_critic(model, (16, 16), 0)
+    got, want = (jax.tree.leaves(restore_version(p, fresh)) for p in (a, b))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(got, want, strict=True)
+    )

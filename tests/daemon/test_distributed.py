@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _sharded_update import CONFIG, MODEL, batch
 from flax import nnx
-from learner_helpers import Recorder, learner_config
+from learner_helpers import Recorder, learner_config, versions_diff
 
 from openpi_rl.daemon import DataParallel, Learner
 from openpi_rl.daemon.distributed import (
@@ -28,7 +28,6 @@ from openpi_rl.daemon.lockstep import pack, unpack
 from openpi_rl.daemon.sharding import leaf_spec
 from openpi_rl.models.choice import build_actor_critic
 from openpi_rl.rl.ppo import make_optimizer
-from openpi_rl.weights import restore_version
 from openpi_rl.weights.operator_state import OperatorState, save_state
 from openpi_rl.weights.versions import verify_version
 
@@ -179,14 +178,6 @@ def _record(replays: list[Path], episodes: range) -> None:
         recorder.close()
 
 
-def _weights_diff(a: Path, b: Path) -> float:
-    fresh = build_actor_critic(MODEL, (16, 16), 0)
-    got, want = (jax.tree.leaves(restore_version(p, fresh)) for p in (a, b))
-    return max(
-        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(got, want, strict=True)
-    )
-
-
 def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
     """`openpi-rl learn` as 2 processes on one replay: the versions a 1-device learner publishes
     on the same data, every process saving its shards under process 0's one manifest; both
@@ -203,7 +194,7 @@ def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
         path = tmp_path / "ckpt" / str(version)
         verify_version(path, version)  # process 0's manifest covers both processes' files
         assert len(list((path / "weights").glob("ocdbt.process_*"))) == 2
-        assert _weights_diff(path, alone / "ckpt" / str(version)) <= 1e-5
+        assert versions_diff(path, alone / "ckpt" / str(version)) <= 1e-5
 
     # Restarted after a rollback to version 1: version 3 trains on from version 1's state.
     for root in (tmp_path, alone):
@@ -217,7 +208,7 @@ def test_two_process_learner_publishes_the_versions_one_process_would(tmp_path):
     finally:
         learner.close()
     # Trained on from version 2 instead, the weights would be far apart.
-    assert _weights_diff(tmp_path / "ckpt" / "3", alone / "ckpt" / "3") <= 1e-5
+    assert versions_diff(tmp_path / "ckpt" / "3", alone / "ckpt" / "3") <= 1e-5
 
 
 def test_a_turns_batch_travels_as_npz_bytes_unchanged():

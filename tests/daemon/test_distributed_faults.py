@@ -15,13 +15,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from _sharded_update import MODEL
-from learner_helpers import Recorder, learner_config
+from learner_helpers import Recorder, learner_config, versions_diff
 
 from openpi_rl.daemon import Learner
 from openpi_rl.daemon.distributed import EXIT_PEER_LOST
-from openpi_rl.models.choice import build_actor_critic
-from openpi_rl.weights import restore_version
 from openpi_rl.weights.versions import MANIFEST, CorruptVersion, verify_version
 
 LEARNER = Path(__file__).parent / "_distributed_learner.py"
@@ -149,14 +146,6 @@ def _kill_mid_save(group: Group, ckpt: Path, victim: int) -> tuple[int, float, s
     return rc, time.monotonic() - t0, group.log(1 - victim), cut
 
 
-def _weights_diff(a: Path, b: Path) -> float:
-    fresh = build_actor_critic(MODEL, (16, 16), 0)
-    got, want = (jax.tree.leaves(restore_version(p, fresh)) for p in (a, b))
-    return max(
-        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(got, want, strict=True)
-    )
-
-
 def test_a_killed_learner_process_stops_the_other_and_the_group_resumes(tmp_path):
     """Killed in turn: the follower (process 1), then, restarted, process 0; each time mid-save
     when the timing allows. The survivor exits by itself at once, nonzero, saying why; the
@@ -229,5 +218,5 @@ def test_a_killed_learner_process_stops_the_other_and_the_group_resumes(tmp_path
     finally:
         learner.close()
     new = str(listed[-1] + 1)
-    assert _weights_diff(ckpt / new, alone / "ckpt" / new) <= 1e-5
+    assert versions_diff(ckpt / new, alone / "ckpt" / new) <= 1e-5
     print("killed, survivor's seconds to exit, save cut:", stops, "phases:", phases)

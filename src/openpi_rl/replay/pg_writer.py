@@ -43,7 +43,7 @@ from openpi_rl.replay.pipeline import (
     write_isolated,
 )
 from openpi_rl.replay.segments import (
-    HEADER_SIZE,
+    SegmentAppender,
     SegmentWriter,
     crc32,
     sync_segments,
@@ -324,21 +324,17 @@ class PgEventsWriter(PgCommits, Committer):
         log.info("replay.open", path=self.where, boot_epoch=self.boot_epoch, events_only=True)
 
 
-class WriterSegments:
+class WriterSegments(SegmentAppender):
     """A PostgreSQL writer's observation records in append-only segment files of its own,
     `<observations_dir>/writer-<boot epoch>/` (`segments.py`'s format; no other writer appends
     there, and a new boot is a new directory, so no recovery is needed: a torn tail is bytes no
-    committed row points at). Appended to by the writer's stage; with `syncing`, a retired file
-    stays open for the commit stage to sync and close (`sync_segments`)."""
+    committed row points at). Appended to by the writer's stage."""
 
     def __init__(self, root: Path, epoch: int, max_bytes: int, syncing: bool = False):
         self.epoch = epoch
         self.dir = root.absolute() / f"writer-{epoch}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.syncing = syncing
-        self._next = 1
-        self._seg: SegmentWriter | None = None
+        super().__init__(self.dir, 1, max_bytes, syncing)
 
     def register(self, conn: postgres.Connection) -> None:
         """Name the directory in `meta` (readers find records by the epoch in a row's id) and
@@ -349,27 +345,3 @@ class WriterSegments:
             (f"{postgres.OBS_DIR_KEY}{self.epoch}", str(self.dir)),
         )
         conn.execute("SELECT pg_advisory_lock(?, ?)", (postgres.LOCK_WRITERS, self.epoch))
-
-    def append(self, payload: bytes) -> tuple[SegmentWriter, int, int, int]:
-        """(the segment's writer, off, len, crc) of the record, written to the OS."""
-        seg = self._seg
-        if (
-            seg is not None
-            and seg.size > 0
-            and seg.size + HEADER_SIZE + len(payload) > self.max_bytes
-        ):
-            if not self.syncing:  # otherwise the commit stage closes it after its sync
-                seg.close()
-            seg = None
-        if seg is None:
-            seg = self._seg = SegmentWriter(self.dir, self._next)
-            self._next += 1
-        off, length, crc = seg.append(payload)
-        if self.syncing:
-            seg.start_writeback()
-        return seg, off, length, crc
-
-    def close(self) -> None:
-        if self._seg is not None:
-            self._seg.close()
-            self._seg = None

@@ -160,6 +160,45 @@ class SegmentWriter:
             os.close(fd)
 
 
+class SegmentAppender:
+    """A writer's stage appending to its newest segment file in `seg_dir`, the next one started
+    once a record would pass `max_bytes` (opened lazily: an idle restart adds no file). With
+    `syncing`, a retired file stays open for the commit stage to sync and close
+    (`sync_segments`); without, nothing is pending (each record is in the OS on return) and it
+    is closed at once."""
+
+    def __init__(self, seg_dir: Path, first: int, max_bytes: int, syncing: bool):
+        self.seg_dir = seg_dir
+        self.max_bytes = max_bytes
+        self.syncing = syncing
+        self._next = first
+        self._seg: SegmentWriter | None = None
+
+    def append(self, payload: bytes) -> tuple[SegmentWriter, int, int, int]:
+        """(the segment's writer, payload offset, length, crc32) of the record, in the OS."""
+        seg = self._seg
+        if (
+            seg is not None
+            and seg.size > 0
+            and seg.size + HEADER_SIZE + len(payload) > self.max_bytes
+        ):
+            if not self.syncing:
+                seg.close()
+            seg = None
+        if seg is None:
+            seg = self._seg = SegmentWriter(self.seg_dir, self._next)
+            self._next += 1
+        off, length, crc = seg.append(payload)
+        if self.syncing:
+            seg.start_writeback()
+        return seg, off, length, crc
+
+    def close(self) -> None:
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+
+
 def sync_segments(unsynced: dict[int, SegmentWriter]) -> None:
     """fdatasync each segment in `unsynced` (number -> its writer, the files rows about to commit
     point into); close and forget all but the newest: the stage that appends moved on from them

@@ -8,8 +8,7 @@ writer, `writer.py`, and the PostgreSQL writer with `observations_dir`, `pg_writ
 to a segment file; the PostgreSQL writer without it keeps the bytes for the row's transaction),
 then passes the chunk on, in caller order, to the commit stage. So the encoding, the checksum
 and the copy into the page cache (~0.1 ms for 300 kB) overlap the commits of earlier rows
-instead of following them in bursts: the serving thread meets the writer's Python work (and its
-GIL) spread evenly, not after each commit.
+instead of waiting for them.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from openpi_rl.replay.pipeline import Resolve as Resolve
 from openpi_rl.replay.pipeline import RewardEventResult as RewardEventResult
 from openpi_rl.replay.recovery import RecoveryReport, recover
 from openpi_rl.replay.segments import (
-    HEADER_SIZE,
+    SegmentAppender,
     SegmentWriter,
     list_segments,
     segment_path,
@@ -140,9 +140,13 @@ class ReplayWriter(TransitionsCommitter):
         self.config: ReplayConfig = config
 
         segs = list_segments(self._seg_dir)
-        # Segment stage: the file being appended to, opened lazily (idle restarts add no files).
-        self._seg: SegmentWriter | None = None
-        self._next_seg = (segs[-1] + 1) if segs else 1
+        # Stage: the file being appended to.
+        self._appender = SegmentAppender(
+            self._seg_dir,
+            (segs[-1] + 1) if segs else 1,
+            config.segment_max_bytes,
+            syncing=config.fsync_interval_s is not None,
+        )
         # Commit stage: sizes of the segments as far as its rows reach (retention reads them) and,
         # with fsync, the files it still has to sync; it closes a retired one after its sync.
         self._seg_sizes = {s: segment_path(self._seg_dir, s).stat().st_size for s in segs}
@@ -217,10 +221,9 @@ class ReplayWriter(TransitionsCommitter):
             raise TimeoutError(
                 f"replay writer (replay-checkpoint) did not finish within {timeout} s"
             )
-        for seg in (self._seg, *self._unsynced.values()):
-            if seg is not None:
-                seg.close()
-        self._seg = None
+        self._appender.close()
+        for seg in self._unsynced.values():
+            seg.close()
         self._unsynced.clear()
 
     # ---- stage (thread replay-stage): the appends' bytes into segment files ------------------
@@ -230,28 +233,8 @@ class ReplayWriter(TransitionsCommitter):
         if item[0] != APPEND:
             return item
         head, obs, tail = encode_append(item)
-        seg = self._segment_for(len(obs))
-        off, length, crc = seg.append(obs)
-        if self.config.fsync_interval_s is not None:
-            seg.start_writeback()
+        seg, off, length, crc = self._appender.append(obs)
         return (ROW, seg, (*head, seg.seg, off, length, crc, *tail))
-
-    def _segment_for(self, payload_len: int) -> SegmentWriter:
-        seg = self._seg
-        full = (
-            seg is not None and seg.size + HEADER_SIZE + payload_len > self.config.segment_max_bytes
-        )
-        if seg is not None and seg.size > 0 and full:
-            # Without fsync nothing is pending: each append's bytes are in the OS on return. With
-            # it, the commit stage syncs the retired file before the commit that needs it, then
-            # closes it.
-            if self.config.fsync_interval_s is None:
-                seg.close()
-            seg = None
-        if seg is None:
-            seg = self._seg = SegmentWriter(self._seg_dir, self._next_seg)
-            self._next_seg += 1
-        return seg
 
     # ---- commit stage (thread replay-writer, the Committer's loop) ---------------------------
 
