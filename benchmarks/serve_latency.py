@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import contextlib
 
 from _common import print_json
+from _cpu_weight import unweigh_cluster, weigh_cluster
 
 from openpi_rl_client import PolicyClient, wire
 
@@ -94,46 +95,6 @@ class Args:
     unit. Left as started, each PostgreSQL process is its own session (setsid), so each weighs
     as much as the benchmark's session (robot and servers) together."""
     quick: bool = False  # 50 timed requests per case (fleet: 25 per robot)
-
-
-CPU_GROUP_V1 = Path("/sys/fs/cgroup/cpu/openpi-bench-postgresql")  # cgroup v1's cpu hierarchy
-CPU_GROUP_V2 = Path("/sys/fs/cgroup/openpi-bench-postgresql")
-
-
-def _weigh_cluster(cluster, weight: float) -> str:
-    """Put the cluster's postmaster and its children (the backends it forks later inherit the
-    group) in a cpu cgroup weighing `weight` of a default one; says what it did."""
-    if weight <= 0:
-        return "database processes left as started"
-    pm = cluster.postmaster_pid()
-    pids = [pm] + [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == pm]
-    group, knob, value = (
-        (CPU_GROUP_V1, "cpu.shares", round(1024 * weight))
-        if (CPU_GROUP_V1.parent / "cpu.shares").exists()
-        else (CPU_GROUP_V2, "cpu.weight", round(100 * weight))
-    )
-    try:
-        group.mkdir(exist_ok=True)
-        (group / knob).write_text(str(max(value, 2)))
-        for pid in pids:
-            (group / "cgroup.procs").write_text(str(pid))
-    except OSError as e:
-        return f"database processes left as started (cpu cgroup: {e})"
-    return f"database processes in {group} ({knob}={value}: {weight:g} of the servers' weight)"
-
-
-def _unweigh_cluster() -> None:
-    """Remove the cgroup `_weigh_cluster` made, once its processes are gone."""
-    for group in (CPU_GROUP_V1, CPU_GROUP_V2):
-        with contextlib.suppress(OSError):
-            group.rmdir()
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def observation(seed: int = 0) -> dict[str, np.ndarray]:
@@ -639,7 +600,7 @@ def main(args: Args) -> dict:
 
         cluster = LocalCluster(options=()).start()
         atexit.register(cluster.stop)  # pg_ctl daemonizes it: stop it even if a server fails
-        cpu_note = _weigh_cluster(cluster, args.pg_cpu_weight)
+        cpu_note = weigh_cluster(cluster, args.pg_cpu_weight)
         print(cpu_note, file=sys.stderr)
         obs_dir = f"{tmp.name}/pg_observations" if args.pg_records == "segments" else None
         noop_pg = Proc(_our_server, "noop", 8, cluster.create_database(), False, False, obs_dir)
@@ -670,7 +631,7 @@ def main(args: Args) -> dict:
     stats = {name: p.stop() for name, p in servers if p is not None}
     if cluster is not None:
         cluster.stop()
-        _unweigh_cluster()
+        unweigh_cluster()
     bound = None
     if args.fleet:  # alone on the machine's cores, after the servers have gone
         mb = Proc(_model_bound)
